@@ -1,0 +1,352 @@
+"""Reference (PyTorch) CIPS checkpoints -> cips_jax modules and variables.
+
+    gen, variables = convert.load_torch_checkpoint('churches.pt')           # g_ema
+    disc, dvariables = convert.load_torch_checkpoint('000100.pt', which='d')
+
+Checkpoints are read with `torch_pickle`, which rebuilds tensors and plain containers only and
+runs no other pickled code; torch is not needed. Accepted forms: the reference's training
+checkpoint (a dict with g, d, g_ema, g_optim, d_optim) and a bare state dict (the released
+checkpoints are bare g_ema state dicts). The architecture (CIPSskip or CIPSres, size, widths,
+style dim, mapping depth, channel multiplier) is inferred from names and shapes; a state dict
+that does not fit gets an error naming every missing, unexpected and mis-shaped key.
+
+As a command, writes an orbax checkpoint of the generator:
+
+    python -m cips_jax.convert --checkpoint=FILE.pt --output=DIR [--which=g_ema]
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any, Callable, Mapping, Optional
+
+import flax
+import jax
+import numpy as np
+
+from cips_jax import discriminator as discriminator_lib
+from cips_jax import generator as generator_lib
+from cips_jax import models
+from cips_jax import torch_pickle
+
+StateDict = Mapping[str, np.ndarray]
+# One reference tensor: (path in our params tree, reference shape, reference -> ours).
+Entry = tuple[tuple[str, ...], tuple[int, ...], Callable[[np.ndarray], np.ndarray]]
+
+GENERATOR_KINDS = ('g_ema', 'g')
+WHICH = ('g_ema', 'g', 'd')
+
+
+class CheckpointMismatchError(ValueError):
+  """A state dict does not fit the architecture; the message lists the offending keys."""
+
+
+# ----------------------------------------------------------------------------------------
+# Layout of the reference generators, derived from our module structure.
+
+def _dense_t(w: np.ndarray) -> np.ndarray:        # Linear (out, in) -> kernel (in, out)
+  return w.T
+
+
+def _mod_conv(w: np.ndarray) -> np.ndarray:       # (1, out, in, 1, 1) -> (in, out)
+  return w[0, :, :, 0, 0].T
+
+
+def _conv1x1(w: np.ndarray) -> np.ndarray:        # (out, in, 1, 1) -> (in, out)
+  return w[:, :, 0, 0].T
+
+
+def _flat(w: np.ndarray) -> np.ndarray:           # (1, C, 1, 1) or (C,) -> (C,)
+  return w.reshape(-1)
+
+
+def _scalar(w: np.ndarray) -> np.ndarray:         # (1,) -> ()
+  return w.reshape(())
+
+
+def _modulated_entries(prefix: str, path: tuple[str, ...], fan_in: int, features: int,
+                       style_dim: int) -> dict[str, Entry]:
+  return {
+      f'{prefix}.weight': (path + ('kernel',), (1, features, fan_in, 1, 1), _mod_conv),
+      f'{prefix}.modulation.weight': (path + ('modulation', 'kernel'), (fan_in, style_dim),
+                                      _dense_t),
+      f'{prefix}.modulation.bias': (path + ('modulation', 'bias'), (fan_in,), _flat),
+  }
+
+
+def _styled_entries(prefix: str, path: tuple[str, ...], fan_in: int, features: int,
+                    style_dim: int, activation: Optional[str]) -> dict[str, Entry]:
+  entries = _modulated_entries(f'{prefix}.conv', path + ('modulated',), fan_in, features,
+                               style_dim)
+  entries[f'{prefix}.noise.weight'] = (path + ('noise_strength',), (1,), _scalar)
+  if activation is None:   # FusedLeakyReLU owns the bias
+    entries[f'{prefix}.activate.bias'] = (path + ('bias',), (features,), _flat)
+  else:                    # 'sin' / 'sinrelu': the StyledConv holds a (1, C, 1, 1) bias
+    entries[f'{prefix}.bias'] = (path + ('bias',), (1, features, 1, 1), _flat)
+  return entries
+
+
+def _to_rgb_entries(prefix: str, path: tuple[str, ...], fan_in: int,
+                    style_dim: int) -> dict[str, Entry]:
+  entries = _modulated_entries(f'{prefix}.conv', path + ('modulated',), fan_in, 3, style_dim)
+  entries[f'{prefix}.bias'] = (path + ('bias',), (1, 3, 1, 1), _flat)
+  return entries
+
+
+def generator_layout(module: generator_lib._CIPS) -> dict[str, Entry]:
+  """Every reference state-dict key of `module`'s architecture, with where it goes in ours."""
+  d, h, act = module.style_dim, module.hidden_size, module.activation
+  entries: dict[str, Entry] = {
+      'lff.ffm.conv.weight': (('fourier', 'kernel'), (h, 2, 1, 1), _conv1x1),
+      'lff.ffm.conv.bias': (('fourier', 'bias'), (h,), _flat),
+      'emb.input': (('embedding',), (1, h, module.size, module.size),
+                    lambda w: w[0].transpose(1, 2, 0)),
+  }
+  for i in range(module.n_mlp):
+    entries[f'style.{i + 1}.weight'] = (('mapping', f'dense_{i}', 'kernel'), (d, d), _dense_t)
+    entries[f'style.{i + 1}.bias'] = (('mapping', f'dense_{i}', 'bias'), (d,), _flat)
+  widths = module._widths()
+  if isinstance(module, generator_lib.CIPSskip):
+    entries.update(_styled_entries('conv1', ('conv1',), 2 * h, widths[0], d, act))
+    fan_in = widths[0]
+    for i, width in enumerate(widths):
+      for j in (2 * i, 2 * i + 1):
+        entries.update(_styled_entries(f'linears.{j}', (f'linears_{j}',), fan_in, width, d, act))
+        fan_in = width
+      entries.update(_to_rgb_entries(f'to_rgbs.{i}', (f'to_rgbs_{i}',), width, d))
+  else:
+    entries.update(_styled_entries('linears.0', ('conv1',), 2 * h, widths[0], d, act))
+    fan_in = widths[0]
+    for i, width in enumerate(widths):
+      prefix, path = f'linears.{i + 1}', (f'blocks_{i}',)
+      entries.update(_styled_entries(f'{prefix}.conv1', path + ('conv1',), fan_in, width, d, act))
+      entries.update(_styled_entries(f'{prefix}.conv2', path + ('conv2',), width, width, d, act))
+      if fan_in != width:
+        entries[f'{prefix}.skip.0.weight'] = (path + ('skip', 'kernel'), (width, fan_in, 1, 1),
+                                              _conv1x1)
+      fan_in = width
+    entries.update(_to_rgb_entries('to_rgb_last', ('to_rgb',), fan_in, d))
+  return entries
+
+
+def check_state_dict(state_dict: StateDict, expected: Mapping[str, tuple[int, ...]],
+                     what: str) -> None:
+  """Raises CheckpointMismatchError naming every missing, unexpected and mis-shaped key."""
+  missing = [k for k in expected if k not in state_dict]
+  unexpected = [k for k in state_dict if k not in expected]
+  misshaped = [f'{k}: checkpoint {tuple(np.shape(state_dict[k]))}, expected {expected[k]}'
+               for k in expected if k in state_dict and tuple(np.shape(state_dict[k])) != expected[k]]
+  if missing or unexpected or misshaped:
+    lines = [f'the checkpoint does not fit {what}:']
+    for title, keys in (('missing', missing), ('unexpected', unexpected),
+                        ('mis-shaped', misshaped)):
+      if keys:
+        lines.append(f'  {len(keys)} {title}: ' + ', '.join(keys))
+    raise CheckpointMismatchError('\n'.join(lines))
+
+
+def generator_params(state_dict: StateDict, module: generator_lib._CIPS) -> dict[str, Any]:
+  """Reference generator state dict -> `{'params': ...}` for `module` (checked strictly)."""
+  layout = generator_layout(module)
+  check_state_dict(state_dict, {k: v[1] for k, v in layout.items()},
+                   _describe(module))
+  flat = {path: np.asarray(convert(np.asarray(state_dict[key], np.float32)), np.float32)
+          for key, (path, _, convert) in layout.items()}
+  return {'params': flax.traverse_util.unflatten_dict(flat)}
+
+
+def _describe(module) -> str:
+  fields = ', '.join(f'{k}={getattr(module, k)!r}' for k in _ARCH_FIELDS.get(type(module), ()))
+  return f'{type(module).__name__}({fields})'
+
+
+_ARCH_FIELDS = {
+    generator_lib.CIPSskip: ('size', 'hidden_size', 'style_dim', 'n_mlp', 'channel_multiplier',
+                             'activation', 'max_channels'),
+    generator_lib.CIPSres: ('size', 'hidden_size', 'style_dim', 'n_mlp', 'channel_multiplier',
+                            'activation', 'max_channels'),
+    discriminator_lib.Discriminator: ('size', 'channel_multiplier', 'input_channels',
+                                      'n_first_layers', 'max_channels'),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# Inferring the architecture from names and shapes.
+
+def _shape(state_dict: StateDict, key: str) -> Optional[tuple[int, ...]]:
+  return tuple(np.shape(state_dict[key])) if key in state_dict else None
+
+
+def _fit_channel_table(widths: list[int], table_fn) -> tuple[int, int]:
+  """(channel_multiplier, max_channels) that reproduce `widths`, preferring the reference's."""
+  max_channels = max(widths) if widths else 512
+  for cm in (2, 1, 4, 8, 3, 5, 6, 7):
+    if table_fn(len(widths), cm, max_channels) == widths:
+      return cm, max_channels
+  raise CheckpointMismatchError(f'layer widths {widths} fit no channel_multiplier of the '
+                                'reference channel table')
+
+
+def infer_generator(state_dict: StateDict, activation: Optional[str] = None,
+                    **overrides) -> generator_lib._CIPS:
+  """Builds the CIPSskip/CIPSres module whose reference state dict `state_dict` is.
+
+  Args:
+    state_dict: reference names -> arrays.
+    activation: None / 'sin' / 'sinrelu'. The two sine variants have identical state dicts,
+      so a sine model needs it spelled out; None is checked against the keys.
+    **overrides: module attributes to force (e.g. lr_mlp, dtype).
+  """
+  keys = set(state_dict)
+  residual = 'to_rgb_last.bias' in keys or any(k.startswith('linears.1.conv1.') for k in keys)
+  sine_keys = any(re.fullmatch(r'(conv1|linears\.\d+(\.conv[12])?)\.bias', k) for k in keys)
+  if sine_keys and activation is None:
+    raise CheckpointMismatchError(
+        "this generator uses a sine activation (its layers hold '.bias' instead of "
+        "'.activate.bias'), and 'sin' and 'sinrelu' have the same keys: pass "
+        "activation='sin' or activation='sinrelu'")
+  hidden = (_shape(state_dict, 'lff.ffm.conv.weight') or (512,))[0]
+  size = (_shape(state_dict, 'emb.input') or (1, 1, 256, 256))[-1]
+  style_dim = (_shape(state_dict, 'style.1.weight') or (512, 512))[-1]
+  n_mlp = len([k for k in keys if re.fullmatch(r'style\.\d+\.weight', k)]) or 8
+  if residual:
+    pattern, cls, table_fn = r'linears\.(\d+)\.conv1\.conv\.weight', generator_lib.CIPSres, \
+        generator_lib.res_widths
+    offset = 1
+  else:
+    pattern, cls, table_fn = r'linears\.(\d+)\.conv\.weight', generator_lib.CIPSskip, \
+        generator_lib.skip_widths
+    offset = 0
+  widths_by_index = {}
+  for key in keys:
+    match = re.fullmatch(pattern, key)
+    if match:
+      widths_by_index[int(match.group(1))] = np.shape(state_dict[key])[1]
+  if residual:
+    widths = [widths_by_index[i] for i in sorted(widths_by_index) if i >= offset]
+  else:
+    widths = [widths_by_index[i] for i in sorted(widths_by_index)][::2]
+  try:
+    cm, max_channels = _fit_channel_table(widths, table_fn)
+  except CheckpointMismatchError:
+    cm, max_channels = 2, 512   # let the strict key check name what is wrong
+  kwargs = dict(size=size, hidden_size=hidden, style_dim=style_dim, n_mlp=n_mlp,
+                channel_multiplier=cm, max_channels=max_channels, activation=activation)
+  kwargs.update(overrides)
+  try:
+    return cls(**kwargs)
+  except ValueError as error:
+    raise CheckpointMismatchError(f'cannot build {cls.__name__} from this checkpoint: {error}')
+
+
+def infer_discriminator(state_dict: StateDict, **overrides) -> discriminator_lib.Discriminator:
+  """Builds the Discriminator module whose reference state dict `state_dict` is."""
+  keys = set(state_dict)
+  input_channels = (_shape(state_dict, 'convs.0.0.weight') or (0, 3))[1]
+  blocks = sorted({int(m.group(1)) for k in keys
+                   if (m := re.fullmatch(r'convs\.(\d+)\.conv1\.0\.weight', k))})
+  n_first = len([k for k in keys if re.fullmatch(r'convs\.(\d+)\.0\.weight', k)]) - 1
+  size = 2 ** (len(blocks) + 2)
+  widths = [np.shape(state_dict[f'convs.{i}.conv1.0.weight'])[0] for i in blocks]
+  max_channels = max(widths) if widths else 512
+  cm = 2
+  for candidate in (2, 1, 4, 8):
+    table = discriminator_lib.discriminator_channels(size, candidate, max_channels)
+    if [table[size >> j] for j in range(len(blocks))] == widths:
+      cm = candidate
+      break
+  kwargs = dict(size=size, channel_multiplier=cm, input_channels=input_channels,
+                n_first_layers=max(n_first, 0), max_channels=max_channels)
+  kwargs.update(overrides)
+  return discriminator_lib.Discriminator(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoint files.
+
+def _is_state_dict(obj: Any) -> bool:
+  return isinstance(obj, Mapping) and bool(obj) and all(
+      isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
+
+
+def _looks_like_discriminator(state_dict: StateDict) -> bool:
+  return 'convs.0.0.weight' in state_dict or 'final_linear.0.weight' in state_dict
+
+
+def select_state_dict(checkpoint: Any, which: str, source: str = 'checkpoint') -> StateDict:
+  """Picks g_ema / g / d from a training checkpoint, or checks a bare state dict's kind."""
+  if which not in WHICH:
+    raise ValueError(f'which must be one of {WHICH}, got {which!r}')
+  if isinstance(checkpoint, Mapping) and which in checkpoint and _is_state_dict(checkpoint[which]):
+    return checkpoint[which]
+  if _is_state_dict(checkpoint):
+    is_disc = _looks_like_discriminator(checkpoint)
+    if is_disc != (which == 'd'):
+      kind = 'a discriminator' if is_disc else 'a generator'
+      raise CheckpointMismatchError(f'{source} is a bare state dict of {kind}; '
+                                    f'which={which!r} does not fit it')
+    return checkpoint
+  found = sorted(map(str, checkpoint)) if isinstance(checkpoint, Mapping) else type(checkpoint)
+  raise CheckpointMismatchError(f'{source} has no {which!r} state dict (found: {found})')
+
+
+def from_state_dict(state_dict: StateDict, which: str = 'g_ema', activation: Optional[str] = None,
+                    **overrides) -> tuple[Any, dict[str, Any]]:
+  """A reference state dict -> (module, variables), inferring the architecture."""
+  if which == 'd':
+    module = infer_discriminator(state_dict, **overrides)
+    return module, discriminator_lib.params_from_reference(
+        dict(state_dict), **{k: getattr(module, k) for k in _ARCH_FIELDS[type(module)]})
+  module = infer_generator(state_dict, activation=activation, **overrides)
+  return module, generator_params(state_dict, module)
+
+
+def load_torch_checkpoint(path: str, which: str = 'g_ema', activation: Optional[str] = None,
+                          **overrides) -> tuple[Any, dict[str, Any]]:
+  """Reads a reference `.pt` file (safely) and returns `(module, variables)`.
+
+  Args:
+    path: a torch zip checkpoint: the reference's training checkpoint or a bare state dict.
+    which: 'g_ema' (the EMA generator, what the released files hold), 'g' or 'd'.
+    activation: for sine models only (see `infer_generator`).
+    **overrides: module attributes to force, e.g. `dtype=jnp.bfloat16`.
+  Returns:
+    A Flax module (CIPSskip, CIPSres or Discriminator) and its variables `{'params': ...}`.
+  """
+  checkpoint = torch_pickle.load(path)
+  state_dict = select_state_dict(checkpoint, which, source=str(path))
+  return from_state_dict(state_dict, which, activation=activation, **overrides)
+
+
+def main(argv):
+  del argv
+  from absl import flags, logging
+  from cips_jax import checkpoints
+  f = flags.FLAGS
+  try:
+    module, variables = load_torch_checkpoint(f.checkpoint, which=f.which,
+                                              activation=f.activation or None)
+    logging.info('converted %s: %s with %d parameters', f.checkpoint, _describe(module),
+                 models.param_count(variables))
+    checkpoints.export_generator(f.output, module, variables)
+  except (OSError, ValueError, torch_pickle.UnsafeCheckpointError) as error:
+    # A clear one-line reason instead of a traceback; nothing was written.
+    sys.exit(f'cips_jax.convert: error: {error}')
+  print(f'wrote {_describe(module)} ({models.param_count(variables):,} parameters) '
+        f'to {f.output}')
+
+
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string('checkpoint', None, 'Reference .pt file (training checkpoint or state dict).')
+  flags.DEFINE_string('output', None, 'Directory to write the orbax generator checkpoint to.')
+  flags.DEFINE_enum('which', 'g_ema', list(GENERATOR_KINDS), 'Which generator to export.')
+  flags.DEFINE_string('activation', '', "Only for sine models: 'sin' or 'sinrelu'.")
+  flags.mark_flags_as_required(['checkpoint', 'output'])
+
+
+if __name__ == '__main__':
+  from absl import app
+  _define_flags()
+  app.run(main)

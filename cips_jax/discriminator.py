@@ -1,0 +1,379 @@
+"""The CIPS discriminator: StyleGAN2's residual discriminator (rosinality's), in NHWC.
+
+Images are `(B, H, W, C)`; the model maps `(B, size, size, input_channels)` to `(B, 1)` logits.
+
+Layout of the network (reference names in brackets, see `params_from_reference`):
+
+  from_rgb        1x1 ConvLayer, input_channels -> ch[size]             [convs.0]
+  first_layers_i  n_first_layers x 3x3 ConvLayer at full resolution     [convs.1 .. convs.n]
+  block_j         ResBlocks, one per resolution size, size/2, ..., 8    [convs.n+1+j]
+  (minibatch stddev: one extra channel, appended last)
+  final_conv      3x3 ConvLayer, ch[4] + 1 -> ch[4]                     [final_conv]
+  final_dense     EqualDense(ch[4]) with fused leaky ReLU               [final_linear.0]
+  logits          EqualDense(1)                                         [final_linear.1]
+
+Flatten order: the 4x4 feature map is flattened in its natural NHWC order, (H, W, C). The
+reference flattens NCHW, (C, H, W), so the converter permutes the input rows of
+`final_linear.0.weight` (see `reference_flatten_order`); no transpose is needed at run time.
+
+Parameters are stored at unit scale (equalized learning rate) and scaled by 1/sqrt(fan_in) at
+run time, exactly as in the reference, so converted reference weights are copied unchanged
+apart from layout.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cips_jax.layers import EqualDense, leaky_relu_gain, unit_normal_init
+
+Array = jax.Array
+DType = Any
+
+STDDEV_EPS = 1e-8  # the reference adds this to the group variance before the sqrt
+_DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def discriminator_channels(size: int, channel_multiplier: int = 2,
+                           max_channels: int = 512) -> dict[int, int]:
+  """Width of the feature map at each resolution 4 .. size (reference table, then capped).
+
+  Returns {resolution: channels}; e.g. size 256, cm 2: {256: 128, 128: 256, 64..4: 512}.
+  """
+  table = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * channel_multiplier,
+           128: 128 * channel_multiplier, 256: 64 * channel_multiplier,
+           512: 32 * channel_multiplier, 1024: 16 * channel_multiplier}
+  _check_size(size)
+  if size not in table:
+    raise ValueError(f'size must be at most 1024, got {size}')
+  return {res: min(ch, max_channels) for res, ch in table.items() if res <= size}
+
+
+def _check_size(size: int) -> None:
+  if size < 4 or size & (size - 1):
+    raise ValueError(f'size must be a power of 2 >= 4, got {size}')
+
+
+def blur_kernel_2d(taps: Sequence[float]) -> np.ndarray:
+  """outer(k, k) / sum(outer(k, k)): the normalised 2-D FIR kernel, shape (len(k), len(k))."""
+  k = np.asarray(taps, dtype=np.float64)
+  k2 = np.outer(k, k)
+  return (k2 / k2.sum()).astype(np.float32)
+
+
+def blur(x: Array, taps: Sequence[float], pad: tuple[int, int]) -> Array:
+  """Depthwise FIR filter (upfirdn2d with up = down = 1) with zero padding.
+
+  x: (B, H, W, C) -> (B, H + pad0 + pad1 - len(taps) + 1, ..., C). The kernel is a fixed
+  constant, not a parameter. upfirdn2d convolves (flips the kernel); we correlate, which is
+  the same thing for the symmetric kernels used here, so flip explicitly to stay exact.
+  """
+  channels = x.shape[-1]
+  k = blur_kernel_2d(taps)[::-1, ::-1]
+  # HWIO with I = 1 and O = C plus feature_group_count = C: one filter per channel.
+  kernel = jnp.asarray(np.tile(k[:, :, None, None], (1, 1, 1, channels)), dtype=x.dtype)
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(1, 1), padding=(pad, pad),
+      dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=channels)
+
+
+class EqualConv2d(nn.Module):
+  """2-D convolution with StyleGAN2's equalized learning rate.
+
+  The stored kernel is N(0, 1) in Flax layout (kh, kw, in, out) and multiplied at run time by
+  1/sqrt(in * kh * kw). x: (B, H, W, in) -> (B, H', W', features), float32.
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel side.
+    stride: stride on H and W.
+    padding: zero padding on each side of H and W.
+    use_bias: add a learned bias (initialised to 0).
+    dtype: dtype of the convolution inputs (accumulation and output are float32).
+    precision: `jax.lax.Precision` for the convolution (None = backend default).
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: int = 0
+  use_bias: bool = True
+  dtype: DType = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: (B, H, W, in) -> (B, H', W', features)."""
+    fan_in = x.shape[-1] * self.kernel_size ** 2
+    kernel = self.param('kernel', unit_normal_init(),
+                        (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
+    kernel = kernel * (1.0 / math.sqrt(fan_in))
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        window_strides=(self.stride, self.stride),
+        padding=((self.padding, self.padding), (self.padding, self.padding)),
+        dimension_numbers=_DIMENSION_NUMBERS, precision=self.precision,
+        preferred_element_type=jnp.float32)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,))
+    return y
+
+
+class ConvLayer(nn.Module):
+  """The reference ConvLayer: [blur] -> EqualConv2d -> [bias + leaky ReLU(0.2) * sqrt 2].
+
+  With `downsample`, the input is first blurred with padding ((p+1)//2, p//2),
+  p = len(blur_kernel) - 2 + (k - 1), then convolved with stride 2 and no padding, so H -> H/2.
+  Otherwise the conv has stride 1 and padding (k-1)//2 (H is kept).
+  With `activate`, the conv has no bias and a per-channel bias (param `bias`, init 0) is added
+  before the activation (FusedLeakyReLU); without it, the conv bias follows `use_bias`.
+
+  Params: `conv/kernel` (k, k, in, out) [, `conv/bias`] [, `bias` (out,)].
+  x: (B, H, W, in) -> (B, H or H/2, W or W/2, features), float32.
+  """
+  features: int
+  kernel_size: int
+  downsample: bool = False
+  use_bias: bool = True
+  activate: bool = True
+  blur_kernel: tuple = (1, 3, 3, 1)
+  dtype: DType = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: (B, H, W, in) -> (B, H', W', features)."""
+    if self.downsample:
+      p = len(self.blur_kernel) - 2 + (self.kernel_size - 1)
+      x = blur(x.astype(self.dtype), self.blur_kernel, ((p + 1) // 2, p // 2))
+      stride, padding = 2, 0
+    else:
+      stride, padding = 1, (self.kernel_size - 1) // 2
+    y = EqualConv2d(self.features, self.kernel_size, stride=stride, padding=padding,
+                    use_bias=self.use_bias and not self.activate, dtype=self.dtype,
+                    precision=self.precision, name='conv')(x)
+    if self.activate:
+      y = leaky_relu_gain(y + self.param('bias', nn.initializers.zeros, (self.features,)))
+    return y
+
+
+class ResBlock(nn.Module):
+  """Residual downsampling block: (conv2(conv1(x)) + skip(x)) / sqrt 2.
+
+  conv1: 3x3 in -> in; conv2: blur + 3x3 stride-2 in -> features; skip: blur + 1x1 stride-2
+  in -> features, no bias, no activation. x: (B, H, W, in) -> (B, H/2, W/2, features).
+  """
+  features: int
+  blur_kernel: tuple = (1, 3, 3, 1)
+  dtype: DType = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: (B, H, W, in) -> (B, H/2, W/2, features)."""
+    kw = dict(blur_kernel=self.blur_kernel, dtype=self.dtype, precision=self.precision)
+    h = ConvLayer(x.shape[-1], 3, name='conv1', **kw)(x)
+    h = ConvLayer(self.features, 3, downsample=True, name='conv2', **kw)(h)
+    skip = ConvLayer(self.features, 1, downsample=True, activate=False, use_bias=False,
+                     name='skip', **kw)(x)
+    return (h + skip) * (1.0 / math.sqrt(2.0))
+
+
+def minibatch_stddev(x: Array, group_size: int = 4) -> Array:
+  """Appends the reference's minibatch standard deviation as one extra (last) channel.
+
+  x: (B, H, W, C) -> (B, H, W, C + 1). G = min(B, group_size); B must be divisible by G.
+  As the reference's NCHW `x.view(G, B // G, 1, C, H, W)`: sample b = g * (B // G) + m, and
+  each group {g * (B // G) + m : g} (fixed m) gets std = sqrt(biased var over g + 1e-8),
+  averaged over C, H, W. Computed in float32.
+  """
+  batch = x.shape[0]
+  group = min(batch, group_size)
+  if batch % group:
+    raise ValueError(f'batch size {batch} must be divisible by the stddev group size {group} '
+                     f'(min(batch, stddev_group={group_size}))')
+  xf = x.astype(jnp.float32)
+  y = xf.reshape((group, batch // group) + x.shape[1:])         # (G, M, H, W, C); g is outer
+  std = jnp.sqrt(jnp.var(y, axis=0) + STDDEV_EPS)                # (M, H, W, C)
+  std = jnp.mean(std, axis=(1, 2, 3))                           # (M,)
+  std = jnp.tile(std, group)                                     # sample b gets std[b % M]
+  feature = jnp.broadcast_to(std[:, None, None, None], x.shape[:3] + (1,))
+  return jnp.concatenate([xf, feature], axis=-1)
+
+
+class Discriminator(nn.Module):
+  """StyleGAN2 residual discriminator as used by CIPS (NHWC).
+
+  Attributes:
+    size: input resolution (power of 2, 4 .. 1024). CIPS builds it with the crop size.
+    channel_multiplier: widens resolutions >= 64 (see `discriminator_channels`).
+    input_channels: 3 (RGB, `--img2dis`) or 5 (RGB + 2 coordinate channels).
+    n_first_layers: extra 3x3 ConvLayers at the input resolution.
+    blur_kernel: 1-D taps of the anti-aliasing filter.
+    stddev_group: minibatch-stddev group size (the batch must be divisible by min(B, it)).
+    max_channels: cap on every width (512 reproduces the reference; smaller for tests).
+    dtype: compute dtype of the convolutions (params and accumulation stay float32; the two
+      final dense layers run in float32 because they are tiny).
+    precision: `jax.lax.Precision` for the convolutions (None = backend default).
+
+  Call: images (B, size, size, input_channels) -> logits (B, 1) float32.
+  """
+  size: int
+  channel_multiplier: int = 2
+  input_channels: int = 3
+  n_first_layers: int = 0
+  blur_kernel: tuple = (1, 3, 3, 1)
+  stddev_group: int = 4
+  max_channels: int = 512
+  dtype: DType = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, images: Array) -> Array:
+    """images: (B, size, size, input_channels) -> (B, 1)."""
+    expected = (self.size, self.size, self.input_channels)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+      raise ValueError(f'images must have shape (B, {self.size}, {self.size}, '
+                       f'{self.input_channels}), got {images.shape}')
+    ch = discriminator_channels(self.size, self.channel_multiplier, self.max_channels)
+    kw = dict(blur_kernel=tuple(self.blur_kernel), dtype=self.dtype, precision=self.precision)
+
+    x = ConvLayer(ch[self.size], 1, name='from_rgb', **kw)(images)
+    for i in range(self.n_first_layers):
+      x = ConvLayer(ch[self.size], 3, name=f'first_layers_{i}', **kw)(x)
+    res = self.size
+    j = 0
+    while res > 4:  # log2 resolution from log2(size) down to 3
+      x = ResBlock(ch[res // 2], name=f'block_{j}', **kw)(x)
+      res //= 2
+      j += 1
+
+    x = minibatch_stddev(x, self.stddev_group)                   # (B, 4, 4, ch[4] + 1)
+    x = ConvLayer(ch[4], 3, name='final_conv', **kw)(x)          # (B, 4, 4, ch[4])
+    # Natural (H, W, C) flatten; the converter permutes the reference's (C, H, W) rows.
+    x = x.reshape(x.shape[0], -1).astype(jnp.float32)
+    x = EqualDense(ch[4], activate=True, name='final_dense')(x)
+    return EqualDense(1, name='logits')(x)
+
+
+def reference_flatten_order(channels: int, height: int = 4, width: int = 4) -> np.ndarray:
+  """Row permutation from the reference's flatten order to ours.
+
+  The reference flattens its NCHW map in (C, H, W) order; this module flattens NHWC in
+  (H, W, C) order. Returns `perm` (H*W*C,) such that our flat feature i is the reference's flat
+  feature perm[i]; so our `final_dense/kernel` = `final_linear.0.weight.T[perm]`.
+  """
+  ref_index = np.arange(channels * height * width).reshape(channels, height, width)
+  return ref_index.transpose(1, 2, 0).reshape(-1)
+
+
+def _reference_key_map(model: Discriminator) -> tuple[dict, list[str]]:
+  """{reference name: (flax path tuple, kind)} and the names of the optional blur buffers.
+
+  kind is 'conv' (out,in,kh,kw) -> (kh,kw,in,out), 'dense' (out,in) -> (in,out),
+  'flat_dense' (dense with the flatten permutation) or 'bias' (unchanged).
+  """
+  mapping: dict[str, tuple[tuple[str, ...], str]] = {}
+  buffers: list[str] = []
+
+  def conv_layer(ref: str, path: tuple[str, ...], *, blur: bool, activate: bool = True):
+    # Reference ConvLayer is a Sequential: [Blur,] EqualConv2d, [FusedLeakyReLU].
+    i = 0
+    if blur:
+      buffers.append(f'{ref}.{i}.kernel')
+      i += 1
+    mapping[f'{ref}.{i}.weight'] = (path + ('conv', 'kernel'), 'conv')
+    if activate:
+      mapping[f'{ref}.{i + 1}.bias'] = (path + ('bias',), 'bias')
+
+  conv_layer('convs.0', ('from_rgb',), blur=False)
+  for i in range(model.n_first_layers):
+    conv_layer(f'convs.{1 + i}', (f'first_layers_{i}',), blur=False)
+  n_blocks = int(math.log2(model.size)) - 2
+  for j in range(n_blocks):
+    ref = f'convs.{1 + model.n_first_layers + j}'
+    conv_layer(f'{ref}.conv1', (f'block_{j}', 'conv1'), blur=False)
+    conv_layer(f'{ref}.conv2', (f'block_{j}', 'conv2'), blur=True)
+    conv_layer(f'{ref}.skip', (f'block_{j}', 'skip'), blur=True, activate=False)
+  conv_layer('final_conv', ('final_conv',), blur=False)
+  mapping['final_linear.0.weight'] = (('final_dense', 'kernel'), 'flat_dense')
+  mapping['final_linear.0.bias'] = (('final_dense', 'bias'), 'bias')
+  mapping['final_linear.1.weight'] = (('logits', 'kernel'), 'dense')
+  mapping['final_linear.1.bias'] = (('logits', 'bias'), 'bias')
+  return mapping, buffers
+
+
+def _to_reference_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+  if kind == 'conv':
+    kh, kw, cin, cout = shape
+    return (cout, cin, kh, kw)
+  if kind in ('dense', 'flat_dense'):
+    return (shape[1], shape[0])
+  return tuple(shape)
+
+
+def params_from_reference(state_dict: dict[str, np.ndarray], **module_kwargs) -> dict:
+  """Maps a reference (PyTorch) Discriminator state dict onto this module's params.
+
+  Args:
+    state_dict: reference name -> array in the reference layout (conv weights
+      (out, in, kh, kw), linear weights (out, in)), e.g. `convs.1.conv2.1.weight`. The blur
+      `*.kernel` buffers may be present (ignored) or absent.
+    **module_kwargs: `Discriminator` attributes (size, channel_multiplier, input_channels,
+      n_first_layers, max_channels, ...) describing the model the weights belong to.
+
+  Returns:
+    {'params': ...} float32 for `Discriminator(**module_kwargs).apply`.
+
+  Raises:
+    ValueError naming every missing, unexpected or mis-shaped key.
+  """
+  model = Discriminator(**module_kwargs)
+  shapes = jax.eval_shape(
+      model.init, jax.random.PRNGKey(0),
+      jax.ShapeDtypeStruct((1, model.size, model.size, model.input_channels), jnp.float32))
+  mapping, buffers = _reference_key_map(model)
+
+  missing = [k for k in mapping if k not in state_dict]
+  unexpected = [k for k in state_dict if k not in mapping and k not in buffers]
+  misshaped = []
+  params: dict = {}
+  for key, (path, kind) in mapping.items():
+    if key not in state_dict:
+      continue
+    leaf = shapes['params']
+    for name in path:
+      leaf = leaf[name]
+    want = _to_reference_shape(tuple(leaf.shape), kind)
+    value = np.asarray(state_dict[key], dtype=np.float32)
+    if value.shape != want:
+      misshaped.append(f'{key}: got {value.shape}, expected {want}')
+      continue
+    if kind == 'conv':
+      value = value.transpose(2, 3, 1, 0)
+    elif kind == 'dense':
+      value = value.T
+    elif kind == 'flat_dense':
+      channels = leaf.shape[0] // 16  # the final map is always 4x4
+      value = value.T[reference_flatten_order(channels, 4, 4)]
+    node = params
+    for name in path[:-1]:
+      node = node.setdefault(name, {})
+    node[path[-1]] = jnp.asarray(value)
+
+  problems = []
+  if missing:
+    problems.append('missing keys: ' + ', '.join(missing))
+  if unexpected:
+    problems.append('unexpected keys: ' + ', '.join(unexpected))
+  if misshaped:
+    problems.append('mis-shaped keys: ' + '; '.join(misshaped))
+  if problems:
+    raise ValueError('reference state dict does not match Discriminator('
+                     f'{module_kwargs}): ' + ' | '.join(problems))
+  return {'params': params}

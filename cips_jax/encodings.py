@@ -1,0 +1,107 @@
+"""Per-pixel input encodings of CIPS: learned Fourier features and the coordinate embedding.
+
+Both are written for one pixel `xy = (x, y)` (x along the width, y along the height, the
+training grid spanning [-1, 1] with the border pixel centres at +-1).
+
+Coordinate-embedding lookup modes (the table is `(size, size, C)`, indexed `[row=y, col=x]`):
+- 'bilinear': the reference's evaluation path, `F.grid_sample(..., mode='bilinear',
+  padding_mode='border', align_corners=False)`. Pixel position `((c + 1) * size - 1) / 2`,
+  clamped to the border. Every released checkpoint's FID was measured this way.
+- 'table': the reference's training path on the full grid, which reads the table directly.
+  Written per pixel it is the nearest table entry at `(c + 1) / 2 * (size - 1)`; on the
+  training grid that is exactly the entry of the pixel.
+- 'aligned': bilinear with `align_corners=True` semantics: equal to 'table' on the training
+  grid and smooth in between, for models trained to be consistent between the two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+EMBEDDING_MODES = ('bilinear', 'table', 'aligned')
+
+
+def _uniform_init(bound: float):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+class FourierFeatures(nn.Module):
+  """Learned Fourier features sin(xy @ B + c) (the reference's LFF).
+
+  Not an equalized layer: B ~ U(-sqrt(9/2), sqrt(9/2)) (SIREN's first-layer init) and
+  c ~ U(-1/sqrt(2), 1/sqrt(2)) (PyTorch's default Conv2d bias), both trained at the raw
+  learning rate, as in the reference.
+  """
+  features: int
+
+  @nn.compact
+  def __call__(self, xy: Array) -> Array:
+    """xy: (..., 2) -> (..., features)."""
+    kernel = self.param('kernel', _uniform_init(math.sqrt(9.0 / 2.0)), (2, self.features))
+    bias = self.param('bias', _uniform_init(1.0 / math.sqrt(2.0)), (self.features,))
+    return jnp.sin(xy @ kernel + bias)
+
+
+def grid_position(coord: Array, size: int, align_corners: bool) -> Array:
+  """Continuous table position of a coordinate in [-1, 1] (not clamped)."""
+  if align_corners:
+    return (coord + 1.0) * 0.5 * (size - 1)
+  return ((coord + 1.0) * size - 1.0) * 0.5
+
+
+def _wrapped_or_clamped(index: Array, size: int, wrap: bool) -> Array:
+  return jnp.mod(index, size) if wrap else jnp.clip(index, 0, size - 1)
+
+
+def bilinear_lookup(table: Array, xy: Array, align_corners: bool = False,
+                    wrap_x: bool = False) -> Array:
+  """Bilinear read of `table` (H, W, C) at one point `xy` (2,) -> (C,).
+
+  Positions are clamped to the border (grid_sample's padding_mode='border'); with `wrap_x` the
+  x axis is periodic instead (for tables that close into a cylinder).
+  """
+  table = jnp.asarray(table)
+  height, width = table.shape[0], table.shape[1]
+  px = grid_position(xy[0], width, align_corners)
+  py = grid_position(xy[1], height, align_corners)
+  if not wrap_x:
+    px = jnp.clip(px, 0.0, width - 1)
+  py = jnp.clip(py, 0.0, height - 1)
+  x0f, y0f = jnp.floor(px), jnp.floor(py)
+  wx, wy = px - x0f, py - y0f
+  col, row = x0f.astype(jnp.int32), y0f.astype(jnp.int32)
+  x0 = _wrapped_or_clamped(col, width, wrap_x)
+  x1 = _wrapped_or_clamped(col + 1, width, wrap_x)
+  y0 = _wrapped_or_clamped(row, height, False)
+  y1 = _wrapped_or_clamped(row + 1, height, False)
+  top = table[y0, x0] * (1.0 - wx) + table[y0, x1] * wx
+  bottom = table[y1, x0] * (1.0 - wx) + table[y1, x1] * wx
+  return top * (1.0 - wy) + bottom * wy
+
+
+def nearest_lookup(table: Array, xy: Array, wrap_x: bool = False) -> Array:
+  """The table entry nearest to `xy` on the align_corners=True grid: `table[row, col]` (C,)."""
+  table = jnp.asarray(table)
+  height, width = table.shape[0], table.shape[1]
+  col = jnp.round(grid_position(xy[0], width, True)).astype(jnp.int32)
+  row = jnp.round(grid_position(xy[1], height, True)).astype(jnp.int32)
+  return table[_wrapped_or_clamped(row, height, False), _wrapped_or_clamped(col, width, wrap_x)]
+
+
+def lookup_embedding(table: Array, xy: Array, mode: str, wrap_x: bool = False) -> Array:
+  """Reads the coordinate embedding for one pixel in one of `EMBEDDING_MODES`."""
+  if mode == 'bilinear':
+    return bilinear_lookup(table, xy, align_corners=False, wrap_x=wrap_x)
+  if mode == 'aligned':
+    return bilinear_lookup(table, xy, align_corners=True, wrap_x=wrap_x)
+  if mode == 'table':
+    return nearest_lookup(table, xy, wrap_x=wrap_x)
+  raise ValueError(f'embedding_mode must be one of {EMBEDDING_MODES}, got {mode!r}')

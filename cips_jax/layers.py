@@ -1,0 +1,203 @@
+"""Layers of the CIPS generator, written for ONE pixel.
+
+Every layer here takes the features of a single pixel (a vector) and the style that drives it.
+The generator `vmap`s them over pixels and images; JAX then batches only what depends on the
+mapped inputs, so a per-image style's affine and demodulation run once per image while the
+pixel work becomes one matrix multiply per layer.
+
+Parameters follow Flax conventions (dense kernels are `(in, out)`); `convert.py` maps the
+reference's PyTorch layout onto them. The equalized learning rate of StyleGAN2 is kept: weights
+are stored at unit scale and multiplied by `lr_mul / sqrt(fan_in)` at run time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+DType = Any
+
+SQRT2 = math.sqrt(2.0)
+DEMODULATION_EPS = 1e-8  # the literal the reference adds under its rsqrt
+
+
+def leaky_relu_gain(x: Array) -> Array:
+  """Leaky ReLU with slope 0.2 followed by the gain sqrt(2) (StyleGAN2's fused_lrelu)."""
+  return jax.nn.leaky_relu(x, 0.2) * SQRT2
+
+
+def pixel_norm(x: Array, axis: int = -1) -> Array:
+  """Normalises `x` to unit root-mean-square along `axis` (eps 1e-8, as the reference)."""
+  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axis, keepdims=True) + 1e-8)
+
+
+def unit_normal_init(lr_mul: float = 1.0):
+  """N(0, 1) / lr_mul: the stored value of an equalized-learning-rate weight."""
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.normal(key, shape, dtype) / lr_mul
+  return init
+
+
+class EqualDense(nn.Module):
+  """Dense layer with StyleGAN2's equalized learning rate.
+
+  y = x @ (kernel * lr_mul / sqrt(in)) + bias * lr_mul, optionally followed by
+  `leaky_relu_gain` (the reference's `fused_lrelu`, whose bias is added before the activation).
+
+  Attributes:
+    features: output width.
+    lr_mul: learning-rate multiplier (0.01 in the mapping network).
+    bias_init: initial value of the stored bias (1.0 for style affines).
+    use_bias: whether there is a bias.
+    activate: apply leaky ReLU (0.2) with gain sqrt(2).
+  """
+  features: int
+  lr_mul: float = 1.0
+  bias_init: float = 0.0
+  use_bias: bool = True
+  activate: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: (..., in) -> (..., features)."""
+    fan_in = x.shape[-1]
+    kernel = self.param('kernel', unit_normal_init(self.lr_mul), (fan_in, self.features))
+    y = x @ (kernel * (self.lr_mul / math.sqrt(fan_in)))
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.constant(self.bias_init), (self.features,))
+      y = y + bias * self.lr_mul
+    return leaky_relu_gain(y) if self.activate else y
+
+
+class ModulatedDense(nn.Module):
+  """A 1x1 modulated convolution (StyleGAN2) for one pixel, modulating activations.
+
+  The reference builds, per style s, the weight W'[o, i] = c W[o, i] s[i] (c = 1/sqrt(in)) and
+  demodulates it by d[o] = rsqrt(sum_i W'[o, i]^2 + 1e-8). For one pixel that equals
+
+      y = ((x * s) @ (c W)) * rsqrt((s * s) @ (c W)^2 + 1e-8),
+
+  which never builds a weight per style. `style` may be one w (per image or, under vmap, per
+  pixel) or K styles `(K, D)` mixed by `mix` `(K,)` (weights of this pixel). The affine is
+  affine in w, so the mixed style is `mix @ s_k`; the squared norm under the demodulation is
+  quadratic in it, so it is `mix^T G mix` with G[k, l] = (s_k * s_l) @ (c W)^2, computed once
+  per image: K styles and K^2 demodulation vectors per layer, whatever the pixel count.
+
+  Attributes:
+    features: output width.
+    demodulate: divide each output by the norm of its modulated weight row.
+    dtype: dtype of the matrix-multiply inputs (accumulation is always float32).
+  """
+  features: int
+  demodulate: bool = True
+  dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, style: Array, mix: Optional[Array] = None,
+               style_per_pixel: bool = False) -> Array:
+    """x: (in,); style: (D,) or, with mix (K,), (K, D). Returns (features,) float32.
+
+    `style_per_pixel` says that `style` varies per pixel under the caller's vmap (a static
+    fact the per-pixel code cannot see); it only changes scheduling, never the result.
+    """
+    fan_in = x.shape[-1]
+    kernel = self.param('kernel', unit_normal_init(), (fan_in, self.features))
+    kernel = kernel * (1.0 / math.sqrt(fan_in))
+    # Per-pixel styles and mixture weights do not depend on x, so XLA may compute every
+    # layer's modulation and demodulation up front and keep them all alive (gigabytes at
+    # 256^2). Adding 0 * x (not folded away for floats) makes them wait for this layer's input.
+    if style_per_pixel:
+      style = style + 0.0 * x[:1]
+    if mix is not None:
+      mix = mix + 0.0 * x[:1]
+    affine = EqualDense(fan_in, bias_init=1.0, name='modulation')
+    if mix is None:
+      s = affine(style)                                    # (in,)
+    else:
+      styles = affine(style)                               # (K, in): once per image
+      s = _weighted_sum(mix, styles)                       # (in,): this pixel's style
+    y = jnp.dot((x * s).astype(self.dtype), kernel.astype(self.dtype),
+                preferred_element_type=jnp.float32)
+    if not self.demodulate:
+      return y
+    kernel_sq = jnp.square(kernel)
+    if mix is None:
+      norm_sq = jnp.square(s) @ kernel_sq                   # (out,)
+    else:
+      k = styles.shape[0]
+      pair_products = (styles[:, None, :] * styles[None, :, :]).reshape(k * k, fan_in)
+      gram = pair_products @ kernel_sq                      # (K*K, out): once per image
+      norm_sq = _weighted_sum(jnp.outer(mix, mix).reshape(k * k), gram)  # (out,)
+    return y * jax.lax.rsqrt(norm_sq + DEMODULATION_EPS)
+
+
+def _weighted_sum(weights: Array, rows: Array) -> Array:
+  """sum_k weights[k] * rows[k] for per-pixel `weights` (K,) and per-image `rows` (K, C).
+
+  Written as K elementwise terms rather than a (K,) @ (K, C) product so that XLA fuses the
+  blend into the elementwise op that consumes it: a mixture then costs no (pixels, C) buffer.
+  """
+  total = weights[0] * rows[0]
+  for k in range(1, rows.shape[0]):
+    total = total + weights[k] * rows[k]
+  return total
+
+
+class StyledDense(nn.Module):
+  """ModulatedDense, then noise injection, then bias and activation (the reference StyledConv).
+
+  Attributes:
+    features: output width.
+    activation: None (bias + leaky ReLU x sqrt 2, the released models), 'sin' (sin(x + bias)),
+      or 'sinrelu' (bias, then leaky ReLU of the even channels and sin of the odd channels,
+      concatenated in that order and multiplied by sqrt 2; this reorders the channels exactly
+      as the reference does).
+    dtype: matrix-multiply input dtype.
+  """
+  features: int
+  activation: Optional[str] = None
+  dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, style: Array, mix: Optional[Array] = None,
+               noise: Optional[Array] = None, style_per_pixel: bool = False) -> Array:
+    """x: (in,); noise: () standard normal for this pixel or None. Returns (features,)."""
+    y = ModulatedDense(self.features, dtype=self.dtype, name='modulated')(
+        x, style, mix, style_per_pixel)
+    # The reference draws the noise inside the layer; its learned strength starts at 0.
+    strength = self.param('noise_strength', nn.initializers.zeros, ())
+    if noise is not None:
+      y = y + strength * noise
+    y = y + self.param('bias', nn.initializers.zeros, (self.features,))
+    return apply_activation(y, self.activation)
+
+
+def apply_activation(y: Array, activation: Optional[str]) -> Array:
+  """The three activations of the reference's StyledConv (bias already added)."""
+  if activation is None:
+    return leaky_relu_gain(y)
+  if activation == 'sin':
+    return jnp.sin(y)
+  if activation == 'sinrelu':
+    return jnp.concatenate([jax.nn.leaky_relu(y[..., 0::2], 0.2), jnp.sin(y[..., 1::2])],
+                           axis=-1) * SQRT2
+  raise ValueError(f"activation must be None, 'sin' or 'sinrelu', got {activation!r}")
+
+
+class ToRGB(nn.Module):
+  """Modulated 1x1 projection to RGB without demodulation, plus a bias (and a skip)."""
+  dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, style: Array, mix: Optional[Array] = None,
+               skip: Optional[Array] = None, style_per_pixel: bool = False) -> Array:
+    """x: (in,) -> (3,); adds `skip` (3,) when given."""
+    rgb = ModulatedDense(3, demodulate=False, dtype=self.dtype, name='modulated')(
+        x, style, mix, style_per_pixel)
+    rgb = rgb + self.param('bias', nn.initializers.zeros, (3,))
+    return rgb if skip is None else rgb + skip

@@ -1,0 +1,38 @@
+"""The model namespace users import: generators, mapping network, discriminator, `init`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cips_jax.discriminator import Discriminator
+from cips_jax.generator import CIPSres, CIPSskip, MappingNetwork
+
+__all__ = ['CIPSskip', 'CIPSres', 'MappingNetwork', 'Discriminator', 'init', 'param_count']
+
+
+def init(module: nn.Module, rng: jax.Array) -> dict[str, Any]:
+  """Initialises any model of this package: returns Flax variables `{'params': ...}`.
+
+  Generators are initialised through their whole path (mapping network included) on one
+  pixel; the discriminator on one image of its size.
+  """
+  if isinstance(module, (CIPSskip, CIPSres)):
+    z = jnp.zeros((1, module.style_dim), jnp.float32)
+    coords = jnp.zeros((1, 2), jnp.float32)
+    return module.init(rng, z, coords, method=type(module).generate)
+  if isinstance(module, MappingNetwork):
+    return module.init(rng, jnp.zeros((1, module.style_dim), jnp.float32))
+  if isinstance(module, Discriminator):
+    images = jnp.zeros((1, module.size, module.size, module.input_channels), jnp.float32)
+    return module.init(rng, images)
+  raise TypeError(f'models.init does not know {type(module).__name__}')
+
+
+def param_count(variables: Any) -> int:
+  """Number of scalar parameters in `variables['params']` (arrays or ShapeDtypeStructs)."""
+  leaves = jax.tree_util.tree_leaves(variables['params'])
+  return sum(int(leaf.size) for leaf in leaves)

@@ -1,0 +1,28 @@
+"""cips_jax: CIPS (Conditionally-Independent Pixel Synthesis) in JAX/Flax."""
+
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).parent
+VERSION = re.search(r"__version__ = '([^']+)'", (HERE / 'cips_jax' / '__init__.py').read_text())[1]
+
+
+def requirements(name):
+  lines = (HERE / name).read_text().splitlines()
+  return [line.split('#')[0].strip() for line in lines if line.split('#')[0].strip()]
+
+
+setup(
+    name='cips_jax',
+    version=VERSION,
+    description='CIPS (Conditionally-Independent Pixel Synthesis) generators in JAX/Flax',
+    long_description=(HERE / 'README.md').read_text(),
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['cips_jax', 'cips_jax.*']),
+    python_requires='>=3.11',
+    install_requires=requirements('requirements.txt'),
+    extras_require={'test': ['pytest>=8']},
+    license='MIT',
+)
