@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cips_jax import grids, models
+from cips_jax import grids, models, sampling
 
 MAC_PER_PIXEL = 3_401_344  # CIPSskip-256, counted from the reference architecture
 
@@ -70,10 +70,11 @@ def style_inputs(kind: str, batch: int, resolution: int, style_dim: int):
   raise ValueError(kind)
 
 
-def run_case(gen, variables, kind, batch, resolution, repeats, matmul_rate):
+def run_case(gen, variables, kind, batch, resolution, repeats, matmul_rate, chunk_size=None):
   coords = grids.uniform(resolution, resolution)
   w, mix = style_inputs(kind, batch, resolution, gen.style_dim)
-  render = jax.jit(lambda v, c, w, mix: gen.apply(v, c, w, mix=mix))
+  render = jax.jit(lambda v, c, w, mix: sampling.synthesize(gen, v, w, c, mix=mix,
+                                                             chunk_size=chunk_size))
   seconds = best_time(render, variables, coords, w, mix, repeats=repeats)
   gflop = 2 * MAC_PER_PIXEL * resolution ** 2 * batch / 1e9
   return {

@@ -146,14 +146,88 @@ def check_state_dict(state_dict: StateDict, expected: Mapping[str, tuple[int, ..
     raise CheckpointMismatchError('\n'.join(lines))
 
 
+def params_from_layout(state_dict: StateDict, layout: Mapping[str, Entry], what: str,
+                       optional: frozenset[str] = frozenset()) -> dict[str, Any]:
+  """Checks `state_dict` against `layout` strictly and returns `{'params': ...}` (float32).
+
+  `optional` names keys that may be present and are ignored (fixed buffers).
+  """
+  given = {k: v for k, v in state_dict.items() if k not in optional}
+  check_state_dict(given, {k: entry[1] for k, entry in layout.items()}, what)
+  flat = {path: np.asarray(to_ours(np.asarray(given[key], np.float32)), np.float32)
+          for key, (path, _, to_ours) in layout.items()}
+  return {'params': flax.traverse_util.unflatten_dict(flat)}
+
+
 def generator_params(state_dict: StateDict, module: generator_lib._CIPS) -> dict[str, Any]:
   """Reference generator state dict -> `{'params': ...}` for `module` (checked strictly)."""
-  layout = generator_layout(module)
-  check_state_dict(state_dict, {k: v[1] for k, v in layout.items()},
-                   _describe(module))
-  flat = {path: np.asarray(convert(np.asarray(state_dict[key], np.float32)), np.float32)
-          for key, (path, _, convert) in layout.items()}
-  return {'params': flax.traverse_util.unflatten_dict(flat)}
+  return params_from_layout(state_dict, generator_layout(module), _describe(module))
+
+
+# ----------------------------------------------------------------------------------------
+# Layout of the reference discriminator.
+
+def reference_flatten_order(channels: int, height: int = 4, width: int = 4) -> np.ndarray:
+  """Row permutation from the reference's flatten order to ours.
+
+  The reference flattens its NCHW map in (C, H, W) order; our discriminator flattens NHWC in
+  (H, W, C) order. Returns `perm` (H*W*C,) such that our flat feature i is the reference's
+  flat feature perm[i]; so our `final_dense/kernel` = `final_linear.0.weight.T[perm]`.
+  """
+  ref_index = np.arange(channels * height * width).reshape(channels, height, width)
+  return ref_index.transpose(1, 2, 0).reshape(-1)
+
+
+def _conv(w: np.ndarray) -> np.ndarray:          # (out, in, kh, kw) -> (kh, kw, in, out)
+  return w.transpose(2, 3, 1, 0)
+
+
+def discriminator_layout(module: discriminator_lib.Discriminator
+                         ) -> tuple[dict[str, Entry], frozenset[str]]:
+  """Every reference key of the discriminator with where it goes, and its blur buffers."""
+  size = module.size
+  channels = discriminator_lib.discriminator_channels(size, module.channel_multiplier,
+                                                      module.max_channels)
+  entries: dict[str, Entry] = {}
+  buffers: set[str] = set()
+
+  def conv_layer(ref, path, fan_in, features, kernel, blur=False, activate=True):
+    # The reference ConvLayer is a Sequential: [Blur,] EqualConv2d, [FusedLeakyReLU].
+    index = 1 if blur else 0
+    if blur:
+      buffers.add(f'{ref}.0.kernel')
+    entries[f'{ref}.{index}.weight'] = (path + ('conv', 'kernel'),
+                                        (features, fan_in, kernel, kernel), _conv)
+    if activate:
+      entries[f'{ref}.{index + 1}.bias'] = (path + ('bias',), (features,), _flat)
+
+  conv_layer('convs.0', ('from_rgb',), module.input_channels, channels[size], 1)
+  for i in range(module.n_first_layers):
+    conv_layer(f'convs.{1 + i}', (f'first_layers_{i}',), channels[size], channels[size], 3)
+  resolution, block = size, 0
+  while resolution > 4:
+    ref, path = f'convs.{1 + module.n_first_layers + block}', (f'block_{block}',)
+    fan_in, features = channels[resolution], channels[resolution // 2]
+    conv_layer(f'{ref}.conv1', path + ('conv1',), fan_in, fan_in, 3)
+    conv_layer(f'{ref}.conv2', path + ('conv2',), fan_in, features, 3, blur=True)
+    conv_layer(f'{ref}.skip', path + ('skip',), fan_in, features, 1, blur=True, activate=False)
+    resolution, block = resolution // 2, block + 1
+  width = channels[4]
+  conv_layer('final_conv', ('final_conv',), width + 1, width, 3)
+  order = reference_flatten_order(width)
+  entries['final_linear.0.weight'] = (('final_dense', 'kernel'), (width, 16 * width),
+                                      lambda w: w.T[order])
+  entries['final_linear.0.bias'] = (('final_dense', 'bias'), (width,), _flat)
+  entries['final_linear.1.weight'] = (('logits', 'kernel'), (1, width), _dense_t)
+  entries['final_linear.1.bias'] = (('logits', 'bias'), (1,), _flat)
+  return entries, frozenset(buffers)
+
+
+def discriminator_params(state_dict: StateDict,
+                         module: discriminator_lib.Discriminator) -> dict[str, Any]:
+  """Reference discriminator state dict -> `{'params': ...}` for `module` (checked strictly)."""
+  layout, buffers = discriminator_layout(module)
+  return params_from_layout(state_dict, layout, _describe(module), optional=buffers)
 
 
 def _describe(module) -> str:
@@ -210,23 +284,16 @@ def infer_generator(state_dict: StateDict, activation: Optional[str] = None,
   size = (_shape(state_dict, 'emb.input') or (1, 1, 256, 256))[-1]
   style_dim = (_shape(state_dict, 'style.1.weight') or (512, 512))[-1]
   n_mlp = len([k for k in keys if re.fullmatch(r'style\.\d+\.weight', k)]) or 8
-  if residual:
-    pattern, cls, table_fn = r'linears\.(\d+)\.conv1\.conv\.weight', generator_lib.CIPSres, \
-        generator_lib.res_widths
-    offset = 1
-  else:
-    pattern, cls, table_fn = r'linears\.(\d+)\.conv\.weight', generator_lib.CIPSskip, \
-        generator_lib.skip_widths
-    offset = 0
-  widths_by_index = {}
-  for key in keys:
-    match = re.fullmatch(pattern, key)
-    if match:
-      widths_by_index[int(match.group(1))] = np.shape(state_dict[key])[1]
-  if residual:
-    widths = [widths_by_index[i] for i in sorted(widths_by_index) if i >= offset]
-  else:
-    widths = [widths_by_index[i] for i in sorted(widths_by_index)][::2]
+  if residual:   # blocks are linears.1 ... (linears.0 is the input layer)
+    cls, table_fn = generator_lib.CIPSres, generator_lib.res_widths
+    pattern = r'linears\.(\d+)\.conv1\.conv\.weight'
+  else:          # layers come in pairs of one width
+    cls, table_fn = generator_lib.CIPSskip, generator_lib.skip_widths
+    pattern = r'linears\.(\d+)\.conv\.weight'
+  layer_widths = {int(match.group(1)): np.shape(state_dict[key])[1]
+                  for key in keys if (match := re.fullmatch(pattern, key))}
+  ordered = [layer_widths[i] for i in sorted(layer_widths)]
+  widths = ordered if residual else ordered[::2]
   try:
     cm, max_channels = _fit_channel_table(widths, table_fn)
   except CheckpointMismatchError:
@@ -234,10 +301,7 @@ def infer_generator(state_dict: StateDict, activation: Optional[str] = None,
   kwargs = dict(size=size, hidden_size=hidden, style_dim=style_dim, n_mlp=n_mlp,
                 channel_multiplier=cm, max_channels=max_channels, activation=activation)
   kwargs.update(overrides)
-  try:
-    return cls(**kwargs)
-  except ValueError as error:
-    raise CheckpointMismatchError(f'cannot build {cls.__name__} from this checkpoint: {error}')
+  return cls(**kwargs)
 
 
 def infer_discriminator(state_dict: StateDict, **overrides) -> discriminator_lib.Discriminator:
@@ -296,8 +360,7 @@ def from_state_dict(state_dict: StateDict, which: str = 'g_ema', activation: Opt
   """A reference state dict -> (module, variables), inferring the architecture."""
   if which == 'd':
     module = infer_discriminator(state_dict, **overrides)
-    return module, discriminator_lib.params_from_reference(
-        dict(state_dict), **{k: getattr(module, k) for k in _ARCH_FIELDS[type(module)]})
+    return module, discriminator_params(state_dict, module)
   module = infer_generator(state_dict, activation=activation, **overrides)
   return module, generator_params(state_dict, module)
 

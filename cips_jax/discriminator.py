@@ -2,7 +2,7 @@
 
 Images are `(B, H, W, C)`; the model maps `(B, size, size, input_channels)` to `(B, 1)` logits.
 
-Layout of the network (reference names in brackets, see `params_from_reference`):
+Layout of the network (reference names in brackets; `convert.discriminator_layout` maps them):
 
   from_rgb        1x1 ConvLayer, input_channels -> ch[size]             [convs.0]
   first_layers_i  n_first_layers x 3x3 ConvLayer at full resolution     [convs.1 .. convs.n]
@@ -14,7 +14,8 @@ Layout of the network (reference names in brackets, see `params_from_reference`)
 
 Flatten order: the 4x4 feature map is flattened in its natural NHWC order, (H, W, C). The
 reference flattens NCHW, (C, H, W), so the converter permutes the input rows of
-`final_linear.0.weight` (see `reference_flatten_order`); no transpose is needed at run time.
+`final_linear.0.weight` (see `convert.reference_flatten_order`); no transpose is needed at
+run time.
 
 Parameters are stored at unit scale (equalized learning rate) and scaled by 1/sqrt(fan_in) at
 run time, exactly as in the reference, so converted reference weights are copied unchanged
@@ -259,121 +260,3 @@ class Discriminator(nn.Module):
     x = x.reshape(x.shape[0], -1).astype(jnp.float32)
     x = EqualDense(ch[4], activate=True, name='final_dense')(x)
     return EqualDense(1, name='logits')(x)
-
-
-def reference_flatten_order(channels: int, height: int = 4, width: int = 4) -> np.ndarray:
-  """Row permutation from the reference's flatten order to ours.
-
-  The reference flattens its NCHW map in (C, H, W) order; this module flattens NHWC in
-  (H, W, C) order. Returns `perm` (H*W*C,) such that our flat feature i is the reference's flat
-  feature perm[i]; so our `final_dense/kernel` = `final_linear.0.weight.T[perm]`.
-  """
-  ref_index = np.arange(channels * height * width).reshape(channels, height, width)
-  return ref_index.transpose(1, 2, 0).reshape(-1)
-
-
-def _reference_key_map(model: Discriminator) -> tuple[dict, list[str]]:
-  """{reference name: (flax path tuple, kind)} and the names of the optional blur buffers.
-
-  kind is 'conv' (out,in,kh,kw) -> (kh,kw,in,out), 'dense' (out,in) -> (in,out),
-  'flat_dense' (dense with the flatten permutation) or 'bias' (unchanged).
-  """
-  mapping: dict[str, tuple[tuple[str, ...], str]] = {}
-  buffers: list[str] = []
-
-  def conv_layer(ref: str, path: tuple[str, ...], *, blur: bool, activate: bool = True):
-    # Reference ConvLayer is a Sequential: [Blur,] EqualConv2d, [FusedLeakyReLU].
-    i = 0
-    if blur:
-      buffers.append(f'{ref}.{i}.kernel')
-      i += 1
-    mapping[f'{ref}.{i}.weight'] = (path + ('conv', 'kernel'), 'conv')
-    if activate:
-      mapping[f'{ref}.{i + 1}.bias'] = (path + ('bias',), 'bias')
-
-  conv_layer('convs.0', ('from_rgb',), blur=False)
-  for i in range(model.n_first_layers):
-    conv_layer(f'convs.{1 + i}', (f'first_layers_{i}',), blur=False)
-  n_blocks = int(math.log2(model.size)) - 2
-  for j in range(n_blocks):
-    ref = f'convs.{1 + model.n_first_layers + j}'
-    conv_layer(f'{ref}.conv1', (f'block_{j}', 'conv1'), blur=False)
-    conv_layer(f'{ref}.conv2', (f'block_{j}', 'conv2'), blur=True)
-    conv_layer(f'{ref}.skip', (f'block_{j}', 'skip'), blur=True, activate=False)
-  conv_layer('final_conv', ('final_conv',), blur=False)
-  mapping['final_linear.0.weight'] = (('final_dense', 'kernel'), 'flat_dense')
-  mapping['final_linear.0.bias'] = (('final_dense', 'bias'), 'bias')
-  mapping['final_linear.1.weight'] = (('logits', 'kernel'), 'dense')
-  mapping['final_linear.1.bias'] = (('logits', 'bias'), 'bias')
-  return mapping, buffers
-
-
-def _to_reference_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
-  if kind == 'conv':
-    kh, kw, cin, cout = shape
-    return (cout, cin, kh, kw)
-  if kind in ('dense', 'flat_dense'):
-    return (shape[1], shape[0])
-  return tuple(shape)
-
-
-def params_from_reference(state_dict: dict[str, np.ndarray], **module_kwargs) -> dict:
-  """Maps a reference (PyTorch) Discriminator state dict onto this module's params.
-
-  Args:
-    state_dict: reference name -> array in the reference layout (conv weights
-      (out, in, kh, kw), linear weights (out, in)), e.g. `convs.1.conv2.1.weight`. The blur
-      `*.kernel` buffers may be present (ignored) or absent.
-    **module_kwargs: `Discriminator` attributes (size, channel_multiplier, input_channels,
-      n_first_layers, max_channels, ...) describing the model the weights belong to.
-
-  Returns:
-    {'params': ...} float32 for `Discriminator(**module_kwargs).apply`.
-
-  Raises:
-    ValueError naming every missing, unexpected or mis-shaped key.
-  """
-  model = Discriminator(**module_kwargs)
-  shapes = jax.eval_shape(
-      model.init, jax.random.PRNGKey(0),
-      jax.ShapeDtypeStruct((1, model.size, model.size, model.input_channels), jnp.float32))
-  mapping, buffers = _reference_key_map(model)
-
-  missing = [k for k in mapping if k not in state_dict]
-  unexpected = [k for k in state_dict if k not in mapping and k not in buffers]
-  misshaped = []
-  params: dict = {}
-  for key, (path, kind) in mapping.items():
-    if key not in state_dict:
-      continue
-    leaf = shapes['params']
-    for name in path:
-      leaf = leaf[name]
-    want = _to_reference_shape(tuple(leaf.shape), kind)
-    value = np.asarray(state_dict[key], dtype=np.float32)
-    if value.shape != want:
-      misshaped.append(f'{key}: got {value.shape}, expected {want}')
-      continue
-    if kind == 'conv':
-      value = value.transpose(2, 3, 1, 0)
-    elif kind == 'dense':
-      value = value.T
-    elif kind == 'flat_dense':
-      channels = leaf.shape[0] // 16  # the final map is always 4x4
-      value = value.T[reference_flatten_order(channels, 4, 4)]
-    node = params
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = jnp.asarray(value)
-
-  problems = []
-  if missing:
-    problems.append('missing keys: ' + ', '.join(missing))
-  if unexpected:
-    problems.append('unexpected keys: ' + ', '.join(unexpected))
-  if misshaped:
-    problems.append('mis-shaped keys: ' + '; '.join(misshaped))
-  if problems:
-    raise ValueError('reference state dict does not match Discriminator('
-                     f'{module_kwargs}): ' + ' | '.join(problems))
-  return {'params': params}

@@ -32,6 +32,7 @@ Array = jax.Array
 DType = Any
 
 ACTIVATIONS = (None, 'sin', 'sinrelu')
+PIXEL_AXIS, IMAGE_AXIS = 'pixels', 'images'   # names of the two vmapped axes
 
 
 class MappingNetwork(nn.Module):
@@ -136,21 +137,21 @@ class _CIPS(nn.Module):
     raise NotImplementedError
 
   def pixel_mlp(self, features: Array, style: Array, mix: Optional[Array],
-                noise: Optional[Array], style_per_pixel: bool = False) -> Array:
+                noise: Optional[Array], pixel_axes: tuple[str, ...] = ()) -> Array:
     """(2 * hidden_size,) input features of one pixel -> (3,) RGB."""
     raise NotImplementedError
 
   def synthesize_pixel(self, xy: Array, style: Array, mix: Optional[Array] = None,
                        noise: Optional[Array] = None, embedding_mode: str = 'bilinear',
-                       style_per_pixel: bool = False) -> Array:
+                       pixel_axes: tuple[str, ...] = ()) -> Array:
     """One pixel: xy (2,), style (D,) or (K, D) with mix (K,), noise (L,) or None -> (3,).
 
-    `style_per_pixel` (static) tells the layers that `style` is mapped over pixels by the
-    caller's vmap; it changes scheduling only.
+    `pixel_axes` (static): the vmapped axis names, given when the style or mix varies per
+    pixel, so the layers can order their per-pixel style work (scheduling only).
     """
     embedding = encodings.lookup_embedding(self.embedding, xy, embedding_mode, self.wrap_x)
     features = jnp.concatenate([self.fourier(xy), embedding])
-    return self.pixel_mlp(features, style, mix, noise, style_per_pixel)
+    return self.pixel_mlp(features, style, mix, noise, pixel_axes)
 
   def __call__(self, coords: Array, w: Array, mix: Optional[Array] = None,
                embedding_mode: Optional[str] = None) -> Array:
@@ -187,14 +188,17 @@ class _CIPS(nn.Module):
       noise = jax.random.normal(self.make_rng('noise'),
                                 (batch, num_pixels, self.num_styled_layers))
 
+    styles_vary_per_pixel = style_pixel_axis == 0 or mix is not None
+    pixel_axes = (IMAGE_AXIS, PIXEL_AXIS) if styles_vary_per_pixel else ()
+
     def one_pixel(module, xy, style, mix, noise):
-      return module.synthesize_pixel(xy, style, mix, noise, mode, style_pixel_axis == 0)
+      return module.synthesize_pixel(xy, style, mix, noise, mode, pixel_axes)
 
     over_pixels = nn.vmap(one_pixel, variable_axes={'params': None},
-                          split_rngs={'params': False},
+                          split_rngs={'params': False}, axis_name=PIXEL_AXIS,
                           in_axes=(0, style_pixel_axis, 0, 0))
     over_images = nn.vmap(over_pixels, variable_axes={'params': None},
-                          split_rngs={'params': False},
+                          split_rngs={'params': False}, axis_name=IMAGE_AXIS,
                           in_axes=(None if shared else 0, 0, 0, 0))
     rgb = over_images(self, flat_coords, style, flat_mix, noise)
     return rgb.reshape((batch, *pixel_shape, 3))
@@ -241,14 +245,14 @@ class CIPSskip(_CIPS):
     self.linears = [self._styled(w) for w in widths for _ in range(2)]
     self.to_rgbs = [layers.ToRGB(dtype=self.dtype) for _ in widths]
 
-  def pixel_mlp(self, features, style, mix, noise, style_per_pixel=False):
+  def pixel_mlp(self, features, style, mix, noise, pixel_axes=()):
     noise = _noise_list(noise, self.num_styled_layers)
-    h = self.conv1(features, style, mix, noise[0], style_per_pixel)
+    h = self.conv1(features, style, mix, noise[0], pixel_axes)
     rgb = None
     for i, to_rgb in enumerate(self.to_rgbs):
-      h = self.linears[2 * i](h, style, mix, noise[2 * i + 1], style_per_pixel)
-      h = self.linears[2 * i + 1](h, style, mix, noise[2 * i + 2], style_per_pixel)
-      rgb = to_rgb(h, style, mix, rgb, style_per_pixel)
+      h = self.linears[2 * i](h, style, mix, noise[2 * i + 1], pixel_axes)
+      h = self.linears[2 * i + 1](h, style, mix, noise[2 * i + 2], pixel_axes)
+      rgb = to_rgb(h, style, mix, rgb, pixel_axes)
     return rgb
 
 
@@ -259,12 +263,12 @@ class StyledResBlock(nn.Module):
   dtype: DType = jnp.float32
 
   @nn.compact
-  def __call__(self, x, style, mix=None, noise=(None, None), style_per_pixel=False):
+  def __call__(self, x, style, mix=None, noise=(None, None), pixel_axes=()):
     """x: (in,) -> (features,); noise: two per-pixel draws (or Nones)."""
     h = layers.StyledDense(self.features, self.activation, self.dtype, name='conv1')(
-        x, style, mix, noise[0], style_per_pixel)
+        x, style, mix, noise[0], pixel_axes)
     h = layers.StyledDense(self.features, self.activation, self.dtype, name='conv2')(
-        h, style, mix, noise[1], style_per_pixel)
+        h, style, mix, noise[1], pixel_axes)
     skip = x
     if x.shape[-1] != self.features:
       skip = layers.EqualDense(self.features, use_bias=False, name='skip')(x)
@@ -285,12 +289,12 @@ class CIPSres(_CIPS):
     self.blocks = [StyledResBlock(w, self.activation, self.dtype) for w in self._widths()]
     self.to_rgb = layers.ToRGB(dtype=self.dtype)
 
-  def pixel_mlp(self, features, style, mix, noise, style_per_pixel=False):
+  def pixel_mlp(self, features, style, mix, noise, pixel_axes=()):
     noise = _noise_list(noise, self.num_styled_layers)
-    h = self.conv1(features, style, mix, noise[0], style_per_pixel)
+    h = self.conv1(features, style, mix, noise[0], pixel_axes)
     for i, block in enumerate(self.blocks):
-      h = block(h, style, mix, (noise[2 * i + 1], noise[2 * i + 2]), style_per_pixel)
-    return self.to_rgb(h, style, mix, None, style_per_pixel)
+      h = block(h, style, mix, (noise[2 * i + 1], noise[2 * i + 2]), pixel_axes)
+    return self.to_rgb(h, style, mix, None, pixel_axes)
 
 
 def _noise_list(noise: Optional[Array], count: int) -> list:

@@ -63,10 +63,16 @@ class EqualDense(nn.Module):
   activate: bool = False
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """x: (..., in) -> (..., features)."""
+  def __call__(self, x: Array, anchor: Optional[Array] = None) -> Array:
+    """x: (..., in) -> (..., features).
+
+    `anchor`: an optional scalar that is exactly 0 (see `ordering_anchor`), added to the
+    kernel so that the product waits for the value the anchor was computed from.
+    """
     fan_in = x.shape[-1]
     kernel = self.param('kernel', unit_normal_init(self.lr_mul), (fan_in, self.features))
+    if anchor is not None:
+      kernel = kernel + anchor
     y = x @ (kernel * (self.lr_mul / math.sqrt(fan_in)))
     if self.use_bias:
       bias = self.param('bias', nn.initializers.constant(self.bias_init), (self.features,))
@@ -99,25 +105,22 @@ class ModulatedDense(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, style: Array, mix: Optional[Array] = None,
-               style_per_pixel: bool = False) -> Array:
+               pixel_axes: tuple[str, ...] = ()) -> Array:
     """x: (in,); style: (D,) or, with mix (K,), (K, D). Returns (features,) float32.
 
-    `style_per_pixel` says that `style` varies per pixel under the caller's vmap (a static
-    fact the per-pixel code cannot see); it only changes scheduling, never the result.
+    `pixel_axes`: names of the caller's vmapped axes, given when the style (or `mix`) varies
+    per pixel; it orders this layer's style work after x (see `ordering_anchor`) and never
+    changes the result.
     """
     fan_in = x.shape[-1]
     kernel = self.param('kernel', unit_normal_init(), (fan_in, self.features))
     kernel = kernel * (1.0 / math.sqrt(fan_in))
-    # Per-pixel styles and mixture weights do not depend on x, so XLA may compute every
-    # layer's modulation and demodulation up front and keep them all alive (gigabytes at
-    # 256^2). Adding 0 * x (not folded away for floats) makes them wait for this layer's input.
-    if style_per_pixel:
-      style = style + 0.0 * x[:1]
-    if mix is not None:
-      mix = mix + 0.0 * x[:1]
+    anchor = ordering_anchor(x, pixel_axes) if pixel_axes else None
+    if mix is not None and anchor is not None:
+      mix = mix + anchor
     affine = EqualDense(fan_in, bias_init=1.0, name='modulation')
     if mix is None:
-      s = affine(style)                                    # (in,)
+      s = affine(style, anchor)                            # (in,)
     else:
       styles = affine(style)                               # (K, in): once per image
       s = _weighted_sum(mix, styles)                       # (in,): this pixel's style
@@ -148,6 +151,21 @@ def _weighted_sum(weights: Array, rows: Array) -> Array:
   return total
 
 
+def ordering_anchor(x: Array, axes: tuple[str, ...]) -> Array:
+  """A scalar that is exactly 0.0 but computed from x over the vmapped `axes`.
+
+  Per-pixel styles and mixture weights do not depend on the activations, so XLA is free to
+  compute every layer's per-pixel modulation and demodulation up front and keep them all
+  alive at once (gigabytes at 256^2). Adding this anchor to the (small) affine kernel or the
+  (small) mixture weights makes a layer's style work wait for its input x, so only one layer's
+  temporaries are alive. It reduces one channel over all pixels (cheap), compares it with
+  itself (so a NaN pixel cannot leak into other pixels) and multiplies by 0, which XLA does
+  not fold away for floats.
+  """
+  total = jax.lax.psum(x[0], axes)
+  return 0.0 * (total != total).astype(x.dtype)
+
+
 class StyledDense(nn.Module):
   """ModulatedDense, then noise injection, then bias and activation (the reference StyledConv).
 
@@ -165,10 +183,10 @@ class StyledDense(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, style: Array, mix: Optional[Array] = None,
-               noise: Optional[Array] = None, style_per_pixel: bool = False) -> Array:
+               noise: Optional[Array] = None, pixel_axes: tuple[str, ...] = ()) -> Array:
     """x: (in,); noise: () standard normal for this pixel or None. Returns (features,)."""
     y = ModulatedDense(self.features, dtype=self.dtype, name='modulated')(
-        x, style, mix, style_per_pixel)
+        x, style, mix, pixel_axes)
     # The reference draws the noise inside the layer; its learned strength starts at 0.
     strength = self.param('noise_strength', nn.initializers.zeros, ())
     if noise is not None:
@@ -195,9 +213,9 @@ class ToRGB(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, style: Array, mix: Optional[Array] = None,
-               skip: Optional[Array] = None, style_per_pixel: bool = False) -> Array:
+               skip: Optional[Array] = None, pixel_axes: tuple[str, ...] = ()) -> Array:
     """x: (in,) -> (3,); adds `skip` (3,) when given."""
     rgb = ModulatedDense(3, demodulate=False, dtype=self.dtype, name='modulated')(
-        x, style, mix, style_per_pixel)
+        x, style, mix, pixel_axes)
     rgb = rgb + self.param('bias', nn.initializers.zeros, (3,))
     return rgb if skip is None else rgb + skip

@@ -7,8 +7,8 @@
 
 Everything is a pure function of (module, variables, inputs); call it under `jax.jit` or not.
 `rng=None` means zero noise, so renders are deterministic; with a key, each pixel of each layer
-gets fresh N(0, 1) noise as in the reference. `chunk_size` streams over pixel chunks with
-`lax.map`, so memory is bounded by the chunk whatever the output size.
+gets fresh N(0, 1) noise as in the reference. `chunk_size` streams over pixel chunks in a
+loop, so memory is bounded by the chunk whatever the output size.
 """
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ import jax.numpy as jnp
 
 Array = jax.Array
 Variables = Any
+
+# Styles that vary per pixel (a w per pixel, or mixture weights) need a style, a squared
+# style and a demodulation per pixel and layer on top of the activations: about twice the
+# live memory of per-image styles. By default such renders stream over chunks of this many
+# pixels per image, which keeps their peak memory near that of a per-image render of the
+# same grid; pass chunk_size to choose otherwise.
+PER_PIXEL_STYLE_CHUNK = 32768
 
 
 def mapping(gen, variables: Variables, z: Array) -> Array:
@@ -61,7 +68,8 @@ def synthesize(gen, variables: Variables, w: Array, coords: Array, mix: Optional
     coords: (..., 2) shared by the batch (up to 3 dims, e.g. (H, W, 2)) or (B, ..., 2).
     mix: (B, ..., K) per-pixel weights of the K styles, summing to 1.
     rng: key for per-pixel noise; None means zero noise.
-    chunk_size: render at most this many pixels (per image) at a time.
+    chunk_size: render at most this many pixels (per image) at a time. None: all at once for
+      per-image styles, chunks of PER_PIXEL_STYLE_CHUNK for per-pixel styles and mixtures.
     embedding_mode: 'bilinear' (default, the reference's evaluation path), 'table', 'aligned'.
   Returns:
     (B, ..., 3) float32 RGB, unclamped.
@@ -76,40 +84,42 @@ def synthesize(gen, variables: Variables, w: Array, coords: Array, mix: Optional
   shared = coords.ndim <= 3
   pixel_shape = coords.shape[:-1] if shared else coords.shape[1:-1]
   num_pixels = math.prod(pixel_shape)
+  if chunk_size is None and (mix is not None or w.ndim > 2):
+    chunk_size = PER_PIXEL_STYLE_CHUNK
   if chunk_size is None or chunk_size >= num_pixels:
     return render(coords, w, mix, rng)
   return _render_in_chunks(render, coords, w, mix, rng, shared, pixel_shape, chunk_size)
 
 
 def _render_in_chunks(render, coords, w, mix, rng, shared, pixel_shape, chunk_size):
-  """Splits the pixels into chunks (padding the last) and renders them one after another."""
+  """Renders `chunk_size` pixels at a time with a loop that slices the inputs in place.
+
+  Chunks start at multiples of chunk_size; the last one is moved back to end at the last
+  pixel (overlapping its neighbour) so no input is padded or copied.
+  """
   batch = w.shape[0]
   num_pixels = math.prod(pixel_shape)
   num_chunks = math.ceil(num_pixels / chunk_size)
-  padded = num_chunks * chunk_size
-
-  def to_chunks(x, pixel_axis):
-    """Flattens the pixel axes of x at `pixel_axis`, pads, and moves chunks to the front."""
-    lead, tail = x.shape[:pixel_axis], x.shape[pixel_axis + len(pixel_shape):]
-    x = x.reshape(*lead, num_pixels, *tail)
-    pad = [(0, 0)] * x.ndim
-    pad[pixel_axis] = (0, padded - num_pixels)
-    x = jnp.pad(x, pad, mode='edge')
-    x = x.reshape(*lead, num_chunks, chunk_size, *tail)
-    return jnp.moveaxis(x, pixel_axis, 0)
-
-  chunked_coords = to_chunks(coords, 0 if shared else 1)
+  flat_coords = coords.reshape((num_pixels, 2) if shared else (batch, num_pixels, 2))
   per_pixel_w = mix is None and w.ndim > 2
-  chunked_w = to_chunks(w, 1) if per_pixel_w else None
-  chunked_mix = to_chunks(mix, 1) if mix is not None else None
+  if per_pixel_w:
+    w = w.reshape(batch, num_pixels, w.shape[-1])
+  if mix is not None:
+    mix = mix.reshape(batch, num_pixels, mix.shape[-1])
 
-  def one_chunk(args):
-    index, chunk_coords, chunk_w, chunk_mix = args
+  def take(x, start, axis):
+    return jax.lax.dynamic_slice_in_dim(x, start, chunk_size, axis=axis)
+
+  def one_chunk(index, rgb):
+    start = jnp.minimum(index * chunk_size, num_pixels - chunk_size)
     chunk_rng = None if rng is None else jax.random.fold_in(rng, index)
-    return render(chunk_coords, w if chunk_w is None else chunk_w, chunk_mix, chunk_rng)
+    chunk = render(take(flat_coords, start, 0 if shared else 1),
+                   take(w, start, 1) if per_pixel_w else w,
+                   None if mix is None else take(mix, start, 1), chunk_rng)
+    return jax.lax.dynamic_update_slice_in_dim(rgb, chunk, start, axis=1)
 
-  rgb = jax.lax.map(one_chunk, (jnp.arange(num_chunks), chunked_coords, chunked_w, chunked_mix))
-  rgb = jnp.moveaxis(rgb, 0, 1).reshape(batch, padded, 3)[:, :num_pixels]
+  rgb = jnp.zeros((batch, num_pixels, 3), jnp.float32)
+  rgb = jax.lax.fori_loop(0, num_chunks, one_chunk, rgb)
   return rgb.reshape(batch, *pixel_shape, 3)
 
 

@@ -11,8 +11,12 @@ import pytest
 
 from reference_fixtures import reference_outputs, reference_state_dict, relative_error
 
-from cips_jax.discriminator import (Discriminator, minibatch_stddev, params_from_reference,
-                                    reference_flatten_order)
+from cips_jax.convert import discriminator_params, reference_flatten_order
+from cips_jax.discriminator import Discriminator, minibatch_stddev
+
+
+def params_from_reference(state_dict, **kwargs):
+  return discriminator_params(state_dict, Discriminator(**kwargs))
 
 FIXTURE_KWARGS = dict(size=16, channel_multiplier=2, input_channels=3)
 
