@@ -9,7 +9,9 @@ Cases (all at `--resolution`, default 256):
 - `per_pixel`: an arbitrary w in every pixel (`w` (B, H, W, D)).
 For each: seconds per call (best of `--repeats`, after compilation), images/s, achieved
 GFLOP/s counting 2 x 222.9 GMAC of useful work per 256^2 image (3,401,344 MAC per pixel), the
-fraction of the measured matmul rate, and peak memory as XLA's buffer assignment reports it
+fraction of the measured matmul rate, the multiply-accumulates per pixel the style form
+really needs (`mac_per_pixel_done`: a per-pixel style adds its affines and demodulations),
+and peak memory as XLA's buffer assignment reports it
 (arguments + outputs + temporaries). The matmul rate is a 4096x4096 float32 `jnp.dot` timed in
 the same run, so every ratio compares numbers from one process on one machine.
 """
@@ -21,6 +23,7 @@ import json
 import platform
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +73,30 @@ def style_inputs(kind: str, batch: int, resolution: int, style_dim: int):
   raise ValueError(kind)
 
 
+def macs_per_pixel(variables, kind: str, num_styles: int = 2) -> int:
+  """Multiply-accumulates per pixel, counted from the parameter shapes.
+
+  Every style form does the pixel MLP (each modulated kernel in x out, plus the Fourier
+  features). A style per pixel adds, for every modulated layer, its style affine (D x in) and,
+  where it demodulates, the demodulation product (in x out). A K-style mixture adds the
+  blend (K x in) and the K^2-term demodulation (K^2 x out).
+  """
+  flat = flax.traverse_util.flatten_dict(variables['params'])
+  total = int(np.prod(flat[('fourier', 'kernel')].shape))
+  for path, kernel in flat.items():
+    if path[-2:] != ('modulated', 'kernel'):
+      continue
+    fan_in, out = kernel.shape
+    demodulates = not any(name.startswith('to_rgb') for name in path)
+    style_dim = flat[path[:-1] + ('modulation', 'kernel')].shape[0]
+    total += fan_in * out
+    if kind == 'per_pixel':
+      total += style_dim * fan_in + (fan_in * out if demodulates else 0)
+    elif kind == 'mixture2':
+      total += num_styles * fan_in + (num_styles ** 2 * out if demodulates else 0)
+  return total
+
+
 def run_case(gen, variables, kind, batch, resolution, repeats, matmul_rate, chunk_size=None):
   coords = grids.uniform(resolution, resolution)
   w, mix = style_inputs(kind, batch, resolution, gen.style_dim)
@@ -83,6 +110,7 @@ def run_case(gen, variables, kind, batch, resolution, repeats, matmul_rate, chun
       'images_per_s': round(batch / seconds, 4),
       'gflop_per_s': round(gflop / seconds, 2),
       'fraction_of_matmul': round(gflop / seconds / matmul_rate, 4),
+      'mac_per_pixel_done': macs_per_pixel(variables, kind),
       'peak_mib': round(peak_bytes(render, variables, coords, w, mix) / 2 ** 20, 1),
   }
 
@@ -115,7 +143,8 @@ def main():
               and c['batch'] == biggest)
   ratios = {f'{c["style"]}_vs_per_image': {
       'time': round(c['seconds'] / base['seconds'], 3),
-      'peak_memory': round(c['peak_mib'] / base['peak_mib'], 3)}
+      'peak_memory': round(c['peak_mib'] / base['peak_mib'], 3),
+      'arithmetic': round(c['mac_per_pixel_done'] / base['mac_per_pixel_done'], 3)}
       for c in cases if c['style'] != 'per_image'}
   print(json.dumps({
       'benchmark': 'generator', 'model': 'CIPSskip-256',
