@@ -23,6 +23,10 @@ setup(
     packages=find_packages(include=['cips_jax', 'cips_jax.*']),
     python_requires='>=3.11',
     install_requires=requirements('requirements.txt'),
-    extras_require={'test': ['pytest>=8']},
+    extras_require={
+        'test': ['pytest>=8'],
+        # Preparing LSUN with the tfds catalog builder needs TensorFlow (training does not).
+        'lsun': ['tensorflow-cpu', 'tensorflow-io'],
+    },
     license='MIT',
 )

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of generators: export a (module, variables) pair and load it back.
+"""Orbax checkpoints: exported generators, and the checkpoints of training runs.
 
 An exported generator is a directory with two orbax items: `params` (the variables) and
 `model` (JSON: the class name and its constructor arguments), so it can be rebuilt without
@@ -11,6 +11,7 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
@@ -66,3 +67,72 @@ def load_generator(directory: str):
   restored = checkpointer.restore(directory, ocp.args.Composite(
       params=ocp.args.StandardRestore(), model=ocp.args.JsonRestore()))
   return module_from_config(restored['model']), {'params': restored['params']['params']}
+
+
+class TrainCheckpoints:
+  """Training checkpoints under one directory: save every N steps, keep the last K, resume.
+
+  Each checkpoint holds the train state and the run's config. Restoring refuses, with the
+  differing fields named, a checkpoint whose model or data shapes differ from the config's,
+  and never deletes or overwrites what is saved.
+  """
+
+  # Config fields that change the shapes or meaning of the saved state.
+  ARCHITECTURE_FIELDS = ('model', 'data.crop', 'train.d_input_coords')
+
+  def __init__(self, directory: str, keep: int, config):
+    self.directory = os.path.abspath(directory)
+    self.config = config
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=False))
+
+  def save(self, step: int, state) -> None:
+    """Writes `state` as checkpoint `step` (atomically: a killed save leaves no checkpoint)."""
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        config=ocp.args.JsonSave(self.config.to_dict())))
+
+  def latest_step(self):
+    return self._manager.latest_step()
+
+  def restore_latest(self, abstract_state, sharding):
+    """The latest checkpoint restored into `sharding`, or None when there is none."""
+    step = self._manager.latest_step()
+    if step is None:
+      return None
+    saved = self._manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))['config']
+    self._check_compatible(saved, step)
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
+    return self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))['state']
+
+  def _check_compatible(self, saved: dict[str, Any], step: int) -> None:
+    current = self.config.to_dict()
+    differences = []
+    for field in self.ARCHITECTURE_FIELDS:
+      old, new = _lookup(saved, field), _lookup(current, field)
+      if isinstance(old, dict) and isinstance(new, dict):
+        differences += [f'{field}.{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}'
+                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+      elif old != new:
+        differences.append(f'{field}: checkpoint {old!r}, config {new!r}')
+    if differences:
+      raise ValueError(
+          f'the checkpoint at step {step} in {self.directory} was written by a different '
+          'architecture; it was not modified. Use a new --workdir, or restore the config. '
+          'Differences: ' + '; '.join(differences))
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+
+def _lookup(tree: dict[str, Any], dotted: str):
+  for key in dotted.split('.'):
+    if not isinstance(tree, dict) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree

@@ -36,22 +36,39 @@ def _uniform_init(bound: float):
 class FourierFeatures(nn.Module):
   """Learned Fourier features sin(xy @ B + c) (the reference's LFF).
 
-  Not an equalized layer: B ~ U(-sqrt(9/2), sqrt(9/2)) (SIREN's first-layer init) and
-  c ~ U(-1/sqrt(2), 1/sqrt(2)) (PyTorch's default Conv2d bias), both trained at the raw
-  learning rate, as in the reference.
+  Not an equalized layer: B ~ U(-sqrt(9/n), sqrt(9/n)) for n inputs (SIREN's first-layer
+  init) and c ~ U(-1/sqrt(n), 1/sqrt(n)) (PyTorch's default Conv2d bias), both trained at the
+  raw learning rate, as in the reference.
+
+  With `cylindrical`, x is an angle (x = -1 and x = 1 are the same place, 360 degrees apart)
+  and the features see (cos(pi x), sin(pi x), y): every learned frequency is then periodic in
+  x, so a panorama closes without a seam.
   """
   features: int
+  cylindrical: bool = False
 
   @nn.compact
   def __call__(self, xy: Array) -> Array:
     """xy: (..., 2) -> (..., features)."""
-    kernel = self.param('kernel', _uniform_init(math.sqrt(9.0 / 2.0)), (2, self.features))
-    bias = self.param('bias', _uniform_init(1.0 / math.sqrt(2.0)), (self.features,))
+    if self.cylindrical:
+      angle = jnp.pi * xy[..., 0]
+      xy = jnp.stack([jnp.cos(angle), jnp.sin(angle), xy[..., 1]], axis=-1)
+    fan_in = xy.shape[-1]
+    kernel = self.param('kernel', _uniform_init(math.sqrt(9.0 / fan_in)),
+                        (fan_in, self.features))
+    bias = self.param('bias', _uniform_init(1.0 / math.sqrt(fan_in)), (self.features,))
     return jnp.sin(xy @ kernel + bias)
 
 
-def grid_position(coord: Array, size: int, align_corners: bool) -> Array:
-  """Continuous table position of a coordinate in [-1, 1] (not clamped)."""
+def grid_position(coord: Array, size: int, align_corners: bool, periodic: bool = False) -> Array:
+  """Continuous table position of a coordinate in [-1, 1] (not clamped).
+
+  `periodic`: [-1, 1) covers the table once around a cylinder (period `size`), so aligned
+  positions are c = (x + 1) / 2 * size (pixel centres at x = -1 + 2c / size) and the
+  reference-like ones are shifted by half a cell, as align_corners=False is.
+  """
+  if periodic:
+    return (coord + 1.0) * 0.5 * size - (0.0 if align_corners else 0.5)
   if align_corners:
     return (coord + 1.0) * 0.5 * (size - 1)
   return ((coord + 1.0) * size - 1.0) * 0.5
@@ -70,7 +87,7 @@ def bilinear_lookup(table: Array, xy: Array, align_corners: bool = False,
   """
   table = jnp.asarray(table)
   height, width = table.shape[0], table.shape[1]
-  px = grid_position(xy[0], width, align_corners)
+  px = grid_position(xy[0], width, align_corners, periodic=wrap_x)
   py = grid_position(xy[1], height, align_corners)
   if not wrap_x:
     px = jnp.clip(px, 0.0, width - 1)
@@ -91,7 +108,7 @@ def nearest_lookup(table: Array, xy: Array, wrap_x: bool = False) -> Array:
   """The table entry nearest to `xy` on the align_corners=True grid: `table[row, col]` (C,)."""
   table = jnp.asarray(table)
   height, width = table.shape[0], table.shape[1]
-  col = jnp.round(grid_position(xy[0], width, True)).astype(jnp.int32)
+  col = jnp.round(grid_position(xy[0], width, True, periodic=wrap_x)).astype(jnp.int32)
   row = jnp.round(grid_position(xy[1], height, True)).astype(jnp.int32)
   return table[_wrapped_or_clamped(row, height, False), _wrapped_or_clamped(col, width, wrap_x)]
 

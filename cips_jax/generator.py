@@ -97,8 +97,11 @@ class _CIPS(nn.Module):
     activation: None, 'sin' or 'sinrelu' (see layers.StyledDense).
     max_channels: caps every layer width (512 reproduces the reference; smaller for tests).
     embedding_mode: default coordinate-embedding lookup, one of encodings.EMBEDDING_MODES.
-    wrap_x: read the embedding periodically along x (cylindrical models).
+    cylindrical: x is an angle spanning 360 degrees over [-1, 1): the Fourier features see
+      (cos pi x, sin pi x, y) and the embedding wraps along x, so panoramas close seamlessly.
     dtype: matrix-multiply input dtype (float32, or bfloat16 for speed); params stay float32.
+    remat: recompute each modulated layer in the backward pass instead of storing its
+      activations (per-layer rematerialisation, for 256x256 training in bounded memory).
   """
   size: int = 256
   hidden_size: int = 512
@@ -109,8 +112,9 @@ class _CIPS(nn.Module):
   activation: Optional[str] = None
   max_channels: int = 512
   embedding_mode: str = 'bilinear'
-  wrap_x: bool = False
+  cylindrical: bool = False
   dtype: DType = jnp.float32
+  remat: bool = False
 
   @property
   def num_styled_layers(self) -> int:
@@ -121,14 +125,15 @@ class _CIPS(nn.Module):
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"activation must be None, 'sin' or 'sinrelu', got {self.activation!r}")
     self.mapping = MappingNetwork(self.style_dim, self.n_mlp, self.lr_mlp)
-    self.fourier = encodings.FourierFeatures(self.hidden_size)
+    self.fourier = encodings.FourierFeatures(self.hidden_size, self.cylindrical)
     self.embedding = self.param('embedding', nn.initializers.normal(1.0),
                                 (self.size, self.size, self.hidden_size))
     self.conv1 = self._styled(self._widths()[0])
     self.build_layers()
 
   def _styled(self, features: int) -> layers.StyledDense:
-    return layers.StyledDense(features, activation=self.activation, dtype=self.dtype)
+    return styled_dense_class(self.remat)(features, activation=self.activation,
+                                          dtype=self.dtype)
 
   def _widths(self) -> list[int]:
     raise NotImplementedError
@@ -149,7 +154,8 @@ class _CIPS(nn.Module):
     `pixel_axes` (static): the vmapped axis names, given when the style or mix varies per
     pixel, so the layers can order their per-pixel style work (scheduling only).
     """
-    embedding = encodings.lookup_embedding(self.embedding, xy, embedding_mode, self.wrap_x)
+    embedding = encodings.lookup_embedding(self.embedding, xy, embedding_mode,
+                                           wrap_x=self.cylindrical)
     features = jnp.concatenate([self.fourier(xy), embedding])
     return self.pixel_mlp(features, style, mix, noise, pixel_axes)
 
@@ -256,18 +262,28 @@ class CIPSskip(_CIPS):
     return rgb
 
 
+def styled_dense_class(remat: bool):
+  """StyledDense, or its rematerialised version (pixel_axes, argument 5 counting self, static)."""
+  return _REMAT_STYLED_DENSE if remat else layers.StyledDense
+
+
+_REMAT_STYLED_DENSE = nn.remat(layers.StyledDense, static_argnums=(5,))
+
+
 class StyledResBlock(nn.Module):
   """(conv2(conv1(x)) + skip(x)) / sqrt(2); skip is a 1x1 equalized projection if widths differ."""
   features: int
   activation: Optional[str] = None
   dtype: DType = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, style, mix=None, noise=(None, None), pixel_axes=()):
     """x: (in,) -> (features,); noise: two per-pixel draws (or Nones)."""
-    h = layers.StyledDense(self.features, self.activation, self.dtype, name='conv1')(
+    styled = styled_dense_class(self.remat)
+    h = styled(self.features, self.activation, self.dtype, name='conv1')(
         x, style, mix, noise[0], pixel_axes)
-    h = layers.StyledDense(self.features, self.activation, self.dtype, name='conv2')(
+    h = styled(self.features, self.activation, self.dtype, name='conv2')(
         h, style, mix, noise[1], pixel_axes)
     skip = x
     if x.shape[-1] != self.features:
@@ -286,7 +302,8 @@ class CIPSres(_CIPS):
     return res_widths(num_pairs(self.size), self.channel_multiplier, self.max_channels)
 
   def build_layers(self):
-    self.blocks = [StyledResBlock(w, self.activation, self.dtype) for w in self._widths()]
+    self.blocks = [StyledResBlock(w, self.activation, self.dtype, self.remat)
+                   for w in self._widths()]
     self.to_rgb = layers.ToRGB(dtype=self.dtype)
 
   def pixel_mlp(self, features, style, mix, noise, pixel_axes=()):

@@ -1,0 +1,84 @@
+"""Checks a training config before anything compiles; errors name the offending field."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import ml_collections
+
+from cips_jax import encodings
+
+DATA_SOURCES = ('procedural', 'folder', 'lsun_churches', 'tfds')
+TRAIN_EMBEDDING_MODES = ('reference',) + encodings.EMBEDDING_MODES
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message starts with the field's dotted name."""
+
+
+def _is_power_of_two(value: Any) -> bool:
+  return isinstance(value, int) and value > 0 and value & (value - 1) == 0
+
+
+def _require(config, field: str, ok: Callable[[Any], bool], what: str) -> None:
+  value = config
+  for key in field.split('.'):
+    if key not in value:
+      raise ConfigError(f'config.{field} is missing ({what})')
+    value = value[key]
+  if not ok(value):
+    raise ConfigError(f'config.{field} = {value!r}: {what}')
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+  """Raises ConfigError naming the first field that cannot work."""
+  req = functools.partial(_require, config)
+  req('model.arch', lambda v: v in ('CIPSskip', 'CIPSres'), "must be 'CIPSskip' or 'CIPSres'")
+  req('model.size', lambda v: _is_power_of_two(v) and 4 <= v <= 1024,
+      'must be a power of two between 4 and 1024')
+  for field in ('model.hidden_size', 'model.style_dim', 'model.n_mlp', 'model.max_channels',
+                'model.d_max_channels', 'model.channel_multiplier'):
+    req(field, lambda v: isinstance(v, int) and v >= 1, 'must be a positive integer')
+  req('model.d_n_first_layers', lambda v: isinstance(v, int) and v >= 0, 'must be >= 0')
+  req('model.activation', lambda v: v in ('', 'sin', 'sinrelu'),
+      "must be '' (leaky ReLU, the released models), 'sin' or 'sinrelu'")
+  req('model.embedding_mode', lambda v: v in encodings.EMBEDDING_MODES,
+      f'must be one of {encodings.EMBEDDING_MODES}')
+
+  req('data.source', lambda v: v in DATA_SOURCES, f'must be one of {DATA_SOURCES}')
+  req('data.name', lambda v: isinstance(v, str) and v, 'must name the prepared dataset')
+  req('data.resolution', lambda v: _is_power_of_two(v) and v >= 4,
+      'must be a power of two >= 4 (the side of the training coordinate grid)')
+  req('data.crop', lambda v: _is_power_of_two(v) and v >= 4,
+      'must be a power of two >= 4 (the side of the patches D sees)')
+  req('data.crop', lambda v: v <= config.data.resolution,
+      f'must be <= config.data.resolution = {config.data.resolution}')
+
+  req('train.global_batch_size', lambda v: isinstance(v, int) and v >= 1,
+      'must be a positive integer')
+  req('train.global_batch_size', lambda v: v % num_devices == 0,
+      f'must be divisible by the number of devices ({num_devices})')
+  req('train.global_batch_size', lambda v: v % num_processes == 0,
+      f'must be divisible by the number of processes ({num_processes})')
+  req('train.global_batch_size', lambda v: v % min(v, 4) == 0,
+      'must be divisible by the minibatch-stddev group size min(batch, 4)')
+  req('train.num_steps', lambda v: isinstance(v, int) and v >= 1, 'must be >= 1')
+  for field in ('train.g_lr', 'train.d_lr'):
+    req(field, lambda v: v > 0, 'must be positive')
+  for field in ('train.g_betas', 'train.d_betas'):
+    req(field, lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+        'must be two numbers in [0, 1)')
+  req('train.r1_every', lambda v: isinstance(v, int) and v >= 1, 'must be >= 1')
+  req('train.r1_gamma', lambda v: v >= 0, 'must be >= 0')
+  req('train.ema_decay', lambda v: 0 <= v <= 1, 'must be in [0, 1]')
+  req('train.compute_dtype', lambda v: v in ('float32', 'bfloat16'),
+      "must be 'float32' or 'bfloat16'")
+  req('train.embedding_mode', lambda v: v in TRAIN_EMBEDDING_MODES,
+      f'must be one of {TRAIN_EMBEDDING_MODES}')
+
+  for field in ('logging.log_every', 'logging.sample_every', 'logging.checkpoint_every',
+                'logging.keep_checkpoints', 'logging.num_samples'):
+    req(field, lambda v: isinstance(v, int) and v >= 1, 'must be a positive integer')
+  req('logging.swd_num_images', lambda v: isinstance(v, int) and v >= 0, 'must be >= 0')
+

@@ -1,0 +1,33 @@
+"""GAN losses of the reference: non-saturating logistic losses and the R1 penalty."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def discriminator_loss(real_logits: Array, fake_logits: Array) -> Array:
+  """mean softplus(-D(real)) + mean softplus(D(fake)); logits (B, 1) -> scalar."""
+  return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
+
+
+def generator_loss(fake_logits: Array) -> Array:
+  """Non-saturating generator loss mean softplus(-D(G(z))); (B, 1) -> scalar."""
+  return jnp.mean(jax.nn.softplus(-fake_logits))
+
+
+def r1_penalty(discriminate: Callable[[Array], Array], real_inputs: Array) -> Array:
+  """Mean over the batch of ||grad_x D(x)||^2 at the real inputs (summed over all elements).
+
+  Args:
+    discriminate: inputs (B, H, W, C) -> logits (B, 1).
+    real_inputs: (B, H, W, C).
+  Returns:
+    scalar penalty (the reference's `r1_loss`, before the gamma / 2 * interval weighting).
+  """
+  grads = jax.grad(lambda x: jnp.sum(discriminate(x)))(real_inputs)
+  return jnp.mean(jnp.sum(jnp.square(grads).reshape(grads.shape[0], -1), axis=1))

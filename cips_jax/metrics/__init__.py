@@ -1,0 +1,9 @@
+"""Image-quality metrics that need no pretrained weights.
+
+    from cips_jax.metrics import sliced_wasserstein
+    scores = sliced_wasserstein(real_images, fake_images, seed=0)   # {'swd_32': ..., 'swd_mean': ...}
+"""
+
+from cips_jax.metrics.swd import sliced_wasserstein
+
+__all__ = ['sliced_wasserstein']

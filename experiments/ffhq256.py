@@ -1,0 +1,19 @@
+"""FFHQ 256: the reference recipe on FFHQ (CIPSskip; the paper reports FID 4.38).
+
+    python -m cips_jax.data folder $FFHQ_IMAGES --name=ffhq --resolution=256 --data_dir=$DATA
+    python -m cips_jax.main --config=experiments/ffhq256.py --workdir=$WORKDIR \
+        --config.data.data_dir=$DATA
+
+Hardware: as churches.py (global batch 32; 8 GPUs or a TPU v3-8 upwards).
+Expected result: FID about 4.4 at 50k samples after 1.2M steps.
+"""
+
+from cips_jax import configs
+
+
+def get_config():
+  config = configs.reference_config()
+  d = config.data
+  d.source, d.name = 'folder', 'image_folder/ffhq'
+  d.to_crop = False      # FFHQ images are square
+  return config
