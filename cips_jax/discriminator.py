@@ -69,19 +69,20 @@ def blur_kernel_2d(taps: Sequence[float]) -> np.ndarray:
 
 
 def blur(x: Array, taps: Sequence[float], pad: tuple[int, int]) -> Array:
-  """Depthwise FIR filter (upfirdn2d with up = down = 1) with zero padding.
+  """FIR filter of every channel (upfirdn2d with up = down = 1), zero padding.
 
-  x: (B, H, W, C) -> (B, H + pad0 + pad1 - len(taps) + 1, ..., C). The kernel is a fixed
-  constant, not a parameter. upfirdn2d convolves (flips the kernel); we correlate, which is
-  the same thing for the symmetric kernels used here, so flip explicitly to stay exact.
+  x: (B, H, W, C) -> (B, H + pad0 + pad1 - len(taps) + 1, ..., C). The 2-D kernel
+  outer(k, k) / sum is separable, so it runs as len(taps) shifted adds along each axis:
+  elementwise work that XLA fuses (a depthwise convolution is 20x slower on CPU). upfirdn2d
+  convolves, so the taps are reversed (a no-op for the symmetric kernels used here).
   """
-  channels = x.shape[-1]
-  k = blur_kernel_2d(taps)[::-1, ::-1]
-  # HWIO with I = 1 and O = C plus feature_group_count = C: one filter per channel.
-  kernel = jnp.asarray(np.tile(k[:, :, None, None], (1, 1, 1, channels)), dtype=x.dtype)
-  return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(1, 1), padding=(pad, pad),
-      dimension_numbers=_DIMENSION_NUMBERS, feature_group_count=channels)
+  k = np.asarray(taps, dtype=np.float64)
+  k = (k / k.sum())[::-1]
+  x = jnp.pad(x, ((0, 0), pad, pad, (0, 0)))
+  n = len(k)
+  height, width = x.shape[1] - n + 1, x.shape[2] - n + 1
+  rows = sum(float(k[i]) * x[:, i:i + height] for i in range(n))
+  return sum(float(k[j]) * rows[:, :, j:j + width] for j in range(n))
 
 
 class EqualConv2d(nn.Module):

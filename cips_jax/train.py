@@ -369,9 +369,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         _check_finite(values, done)   # before any checkpoint of this state is written
         now = time.perf_counter()
         rate = (done - last_log_step) / max(now - last_log_time, 1e-9)
+        progress.update(done, values)   # the progress line shows its own steps/s and ETA
         values.update({'steps_per_s': rate, 'images_per_s': rate * t.global_batch_size})
         writer.write_scalars(done, values)
-        progress.update(done, values)
         metrics, r1_metrics = None, None
         last_log_time, last_log_step = now, done
       if done % log.sample_every == 0 or last:
