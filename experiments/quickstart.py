@@ -22,7 +22,7 @@ def get_config():
   d.resolution, d.crop, d.to_crop = 32, 32, False
   t = config.train
   t.global_batch_size = 16
-  t.num_steps = 3000
+  t.num_steps = 1300
   t.ema_decay = 0.5 ** (t.global_batch_size / 2000)  # a shorter half-life for a short run
   log = config.logging
   log.log_every, log.sample_every, log.checkpoint_every = 50, 500, 1000
