@@ -2,11 +2,12 @@
 
     python -m cips_jax.main --config=experiments/quickstart.py --workdir=/tmp/cips_quickstart
 
-Hardware: 2 CPU cores are enough (about 8 minutes on the project's 2-core machine).
+Hardware: 2 CPU cores are enough (8 min 41 s on the project's 2-core machine, data
+generation included; 2.6 steps/s).
 Data: the embedded procedural landscapes (generated on first use, no download).
-Expected result: sample grids under WORKDIR/samples/ show skies, suns and mountain ridges, and
-the sliced Wasserstein distance between EMA samples and real images (logged at the start and
-the end) falls severalfold.
+Expected result: sample grids under WORKDIR/samples/ show the data's sky gradients, glowing
+horizons and dark ground (blurry at this budget), and the sliced Wasserstein distance between
+EMA samples and real images, logged at the start and the end, falls about 7x (976.8 -> 132.7).
 """
 
 from cips_jax import configs

@@ -14,19 +14,9 @@ from cips_jax import config_validation, configs, convert, losses, parallel, trai
 
 
 def tiny_config():
-  """An 8x8 CIPSskip with 16-wide layers: compiles and steps in seconds on a CPU."""
-  config = configs.reference_config()
-  m = config.model
-  m.size, m.hidden_size, m.style_dim, m.n_mlp = 8, 16, 16, 1
-  m.max_channels, m.d_max_channels = 16, 16
-  d = config.data
-  d.source, d.name = 'procedural', 'procedural_landscapes/s32'
-  d.resolution, d.crop, d.to_crop = 8, 8, True
-  t = config.train
-  t.global_batch_size, t.num_steps = 4, 6
-  log = config.logging
-  log.log_every, log.sample_every, log.checkpoint_every, log.num_samples = 2, 1000, 3, 4
-  return config
+  """tests/configs/tiny.py: an 8x8 CIPSskip with 16-wide layers, batch 4."""
+  from test_train_e2e import tiny_config as load_tiny
+  return load_tiny('/tmp/cips_jax_test_data')
 
 
 def fake_batch(config, seed=0):
