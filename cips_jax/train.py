@@ -247,10 +247,27 @@ def _check_finite(values: dict[str, float], step: int) -> None:
         'the data).')
 
 
-def _render_samples(gen, params, z, resolution):
-  """EMA samples of the fixed latents on the full grid: (N, R, R, 3) in [-1, 1]-ish."""
-  coords = grids.uniform(resolution, resolution)
+def _render_samples(gen, params, z, coords):
+  """EMA samples of latents z (N, D) at coords (H, W, 2): (N, H, W, 3), roughly in [-1, 1]."""
   return sampling.generate(gen.clone(remat=False), {'params': params}, z, coords)
+
+
+def sample_grids(data_config, source) -> tuple[np.ndarray, np.ndarray]:
+  """(grid of the sample images, grid of the images compared with reals), each (H, W, 2).
+
+  Ordinary data: both are the R x R training grid. Cylindrical data: samples show the whole
+  360-degree panorama (as wide as the stored panoramas, x = -1 + 2c / W), and evaluation uses
+  an R x R window of it, like the training windows.
+  """
+  r = data_config.resolution
+  if not data_config.cylindrical:
+    grid = np.asarray(grids.uniform(r, r))
+    return grid, grid
+  width = np.asarray(source[0]['image']).shape[1]
+  xs = -1.0 + 2.0 * np.arange(width, dtype=np.float32) / width
+  ys = np.linspace(-1.0, 1.0, r, dtype=np.float32)
+  panorama = np.stack(np.meshgrid(xs, ys, indexing='xy'), axis=-1)
+  return panorama, panorama[:, :r]
 
 
 def open_source(data_config: ml_collections.ConfigDict):
@@ -285,7 +302,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   Writes `workdir/checkpoints` (orbax, the last `keep_checkpoints`), `workdir/tensorboard`
   (losses, R1, scores, steps/s, images/s, sample grids, SWD), `workdir/samples/*.png`.
   """
-  config_validation.validate(config, num_devices=jax.device_count())
+  config_validation.validate(config, num_devices=jax.device_count(),
+                             num_processes=jax.process_count())
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   is_chief = jax.process_index() == 0
@@ -326,6 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   sample_z = jax.random.normal(jax.random.PRNGKey(t.seed + 1), (log.num_samples, gen.style_dim))
   progress = summary.ProgressLogger(t.num_steps, start_step)
 
+  sample_coords, evaluation_coords = sample_grids(config.data, source)
   evaluation_reals = None
   if log.swd_num_images:
     evaluation_reals = real_images_for_evaluation(source, log.swd_num_images,
@@ -335,7 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if evaluation_reals is None or not is_chief:
       return
     z = jax.random.normal(jax.random.PRNGKey(t.seed + 2), (len(evaluation_reals), gen.style_dim))
-    fakes = np.asarray(_render_samples(gen, params, z, config.data.resolution))
+    fakes = np.asarray(_render_samples(gen, params, z, evaluation_coords))
     scores = swd_lib.sliced_wasserstein(evaluation_reals, fakes, seed=t.seed)
     logging.info('SWD (%s, step %d): %s', label, step,
                  ', '.join(f'{k} {v:.2f}' for k, v in scores.items()))
@@ -375,8 +394,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         metrics, r1_metrics = None, None
         last_log_time, last_log_step = now, done
       if done % log.sample_every == 0 or last:
-        images = np.asarray(_render_samples(gen, state.ema_params, sample_z,
-                                            config.data.resolution))
+        images = np.asarray(_render_samples(gen, state.ema_params, sample_z, sample_coords))
         if is_chief:
           grid = summary.image_grid(images)
           summary.save_png(os.path.join(workdir, 'samples', f'step_{done:07d}.png'), grid)
