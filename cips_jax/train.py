@@ -365,9 +365,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   metrics, r1_metrics = None, None
   last_log_time, last_log_step = time.perf_counter(), start_step
+  # Read ahead on grain's threads; the stream equals batch_at(step), step by step.
+  local_batches = batches.iterate(start_step)
   with _Preemption() as preemption:
     for step in range(start_step, t.num_steps):
-      local = batches.batch_at(step)
+      local = next(local_batches)
       batch = parallel.global_batch({k: local[k] for k in ('image', 'coords')}, mesh)
       with_r1 = step % t.r1_every == 0
       state, out = steps[with_r1](state, batch)
