@@ -7,6 +7,8 @@ __version__ = '0.1.0'
 
 from cips_jax import grids, models, sampling  # noqa: E402  (the public API)
 
+__all__ = ['grids', 'models', 'sampling', 'convert', 'checkpoints', 'torch_pickle']
+
 
 def __getattr__(name):
   # convert and checkpoints pull in the checkpoint readers and orbax: import them lazily.

@@ -22,7 +22,6 @@ import sys
 from typing import Any, Callable, Mapping, Optional
 
 import flax
-import jax
 import numpy as np
 
 from cips_jax import discriminator as discriminator_lib
@@ -235,11 +234,11 @@ def _describe(module) -> str:
   return f'{type(module).__name__}({fields})'
 
 
+_GENERATOR_FIELDS = ('size', 'hidden_size', 'style_dim', 'n_mlp', 'channel_multiplier',
+                     'activation', 'max_channels')
 _ARCH_FIELDS = {
-    generator_lib.CIPSskip: ('size', 'hidden_size', 'style_dim', 'n_mlp', 'channel_multiplier',
-                             'activation', 'max_channels'),
-    generator_lib.CIPSres: ('size', 'hidden_size', 'style_dim', 'n_mlp', 'channel_multiplier',
-                            'activation', 'max_channels'),
+    generator_lib.CIPSskip: _GENERATOR_FIELDS,
+    generator_lib.CIPSres: _GENERATOR_FIELDS,
     discriminator_lib.Discriminator: ('size', 'channel_multiplier', 'input_channels',
                                       'n_first_layers', 'max_channels'),
 }

@@ -25,7 +25,7 @@ apart from layout.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -59,13 +59,6 @@ def discriminator_channels(size: int, channel_multiplier: int = 2,
 def _check_size(size: int) -> None:
   if size < 4 or size & (size - 1):
     raise ValueError(f'size must be a power of 2 >= 4, got {size}')
-
-
-def blur_kernel_2d(taps: Sequence[float]) -> np.ndarray:
-  """outer(k, k) / sum(outer(k, k)): the normalised 2-D FIR kernel, shape (len(k), len(k))."""
-  k = np.asarray(taps, dtype=np.float64)
-  k2 = np.outer(k, k)
-  return (k2 / k2.sum()).astype(np.float32)
 
 
 def blur(x: Array, taps: Sequence[float], pad: tuple[int, int]) -> Array:

@@ -21,7 +21,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import flax
 import jax
