@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -11,7 +11,23 @@ import jax.numpy as jnp
 from cips_jax.discriminator import Discriminator
 from cips_jax.generator import CIPSres, CIPSskip, MappingNetwork
 
-__all__ = ['CIPSskip', 'CIPSres', 'MappingNetwork', 'Discriminator', 'init', 'param_count']
+__all__ = ['CIPSskip', 'CIPSres', 'MappingNetwork', 'Discriminator', 'init', 'param_count',
+           'generator_from_config']
+
+GENERATORS = {'CIPSskip': CIPSskip, 'CIPSres': CIPSres}
+
+
+def generator_from_config(model: Mapping[str, Any], dtype: Any = jnp.float32,
+                          remat: bool = False):
+  """The generator a `config.model` section (a ConfigDict or its dict) describes."""
+  if model['arch'] not in GENERATORS:
+    raise ValueError(f"model.arch = {model['arch']!r}: expected one of {sorted(GENERATORS)}")
+  return GENERATORS[model['arch']](
+      size=model['size'], hidden_size=model['hidden_size'], style_dim=model['style_dim'],
+      n_mlp=model['n_mlp'], lr_mlp=model['lr_mlp'],
+      channel_multiplier=model['channel_multiplier'], activation=model['activation'] or None,
+      max_channels=model['max_channels'], embedding_mode=model['embedding_mode'],
+      cylindrical=model['cylindrical'], dtype=jnp.dtype(dtype), remat=remat)
 
 
 def init(module: nn.Module, rng: jax.Array) -> dict[str, Any]:

@@ -4,20 +4,35 @@
     img = sampling.synthesize(gen, variables, w, coords)                # per-image or per-pixel w
     img = sampling.synthesize(gen, variables, ws, coords, mix=alpha)    # per-pixel mixtures
     img = sampling.generate(gen, variables, z, coords, truncation_psi=0.6, w_avg=w_avg)
+    img = sampling.render(gen, variables, w, grids.uniform(4096, 4096))  # numpy, streamed
+    ws = sampling.interpolation_styles(gen, variables, z0, z1, 60, space='w')  # lerp in W
+    ws = sampling.interpolation_styles(gen, variables, z0, z1, 60, space='z')  # slerp in Z
 
-Everything is a pure function of (module, variables, inputs); call it under `jax.jit` or not.
-`rng=None` means zero noise, so renders are deterministic; with a key, each pixel of each layer
-gets fresh N(0, 1) noise as in the reference. `chunk_size` streams over pixel chunks in a
-loop, so memory is bounded by the chunk whatever the output size.
+`mapping`, `synthesize` and `generate` are pure functions of (module, variables, inputs); call
+them under `jax.jit` or not. `rng=None` means zero noise, so renders are deterministic; with a
+key, each pixel of each layer gets fresh N(0, 1) noise as in the reference.
+
+Two ways to bound memory by streaming over pixel chunks:
+- `render` (outside jit): a host loop calls one compiled function of a fixed chunk shape and
+  writes each chunk into a numpy array, optionally with the chunk's pixels sharded over a
+  mesh of devices and a progress callback. Its output is bit-identical to an unchunked
+  `synthesize` (each pixel's arithmetic does not depend on its neighbours in the chunk), and
+  only the output lives on the host: a 4096 x 4096 CIPSskip-256 render fits in 3 GB.
+- `synthesize(..., chunk_size=n)` (inside jit): a `fori_loop` over chunks. XLA compiles a loop
+  body differently from straight-line code, so it agrees with the unchunked render to float32
+  rounding (about 1e-6), not bit for bit.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Array = jax.Array
 Variables = Any
@@ -121,6 +136,156 @@ def _render_in_chunks(render, coords, w, mix, rng, shared, pixel_shape, chunk_si
   rgb = jnp.zeros((batch, num_pixels, 3), jnp.float32)
   rgb = jax.lax.fori_loop(0, num_chunks, one_chunk, rgb)
   return rgb.reshape(batch, *pixel_shape, 3)
+
+
+# `render`'s default chunk: large enough to keep a CPU or GPU busy, small enough that a chunk
+# of CIPSskip-256's widest layer (1024 channels) takes 256 MB.
+RENDER_CHUNK = 65536
+# Below a few dozen rows XLA computes matrix products with other kernels, which round
+# differently; chunks of at least this many pixels (padded if need be) keep `render`
+# bit-exact whatever the number of pixels.
+MIN_RENDER_CHUNK = 256
+
+
+def render(gen, variables: Variables, w: Array, coords: Array, mix: Optional[Array] = None,
+           rng: Optional[Array] = None, chunk_size: int = RENDER_CHUNK,
+           mesh: Optional[Mesh] = None, embedding_mode: Optional[str] = None,
+           progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
+  """Renders any number of pixels in bounded memory: a host loop over fixed-size chunks.
+
+  Takes the arguments of `synthesize` (w per image (B, D), per pixel (B, ..., D), or (B, K, D)
+  with `mix` (B, ..., K); coords (..., 2) shared or (B, ..., 2) per image) and returns the same
+  image as a numpy array, bit-identical to an unchunked `synthesize` when rng is None. Every
+  chunk has the same shape (the last is padded by repeating its final pixel), so one program
+  is compiled and reused; inputs stay on the host and are sent one chunk at a time.
+
+  Args:
+    chunk_size: pixels per image per chunk (at least MIN_RENDER_CHUNK per device; rounded
+      up to a multiple of the mesh size).
+    mesh: a device mesh with the axis 'data' (`parallel.make_mesh()`): each chunk's pixels are
+      split over its devices, each device rendering its share independently.
+    progress: called as progress(pixels_done, pixels_total) after each chunk.
+    rng: per-pixel noise key; chunk i (and device j) draws from fold_in keys of it, so noisy
+      renders depend on the chunking.
+  Returns:
+    (B, ..., 3) float32 numpy array, unclamped.
+  """
+  w = np.asarray(w, np.float32)
+  coords = np.asarray(coords, np.float32)
+  mix = None if mix is None else np.asarray(mix, np.float32)
+  shared = coords.ndim <= 3
+  batch = w.shape[0]
+  pixel_shape = coords.shape[:-1] if shared else coords.shape[1:-1]
+  num_pixels = math.prod(pixel_shape)
+  per_pixel_w = mix is None and w.ndim > 2
+  coords = coords.reshape((num_pixels, 2) if shared else (batch, num_pixels, 2))
+  if per_pixel_w:
+    w = w.reshape(batch, num_pixels, w.shape[-1])
+  if mix is not None:
+    mix = mix.reshape(batch, num_pixels, mix.shape[-1])
+  if chunk_size < 1:
+    raise ValueError(f'chunk_size must be positive, got {chunk_size}')
+  num_devices = 1 if mesh is None else mesh.size
+  # Small matrix products take other code paths in XLA, whose rounding differs: even a
+  # handful of points is rendered as (padded) chunk of at least MIN_RENDER_CHUNK pixels.
+  chunk = max(min(chunk_size, num_pixels), MIN_RENDER_CHUNK * num_devices)
+  chunk = -(-chunk // num_devices) * num_devices
+  render_chunk = _chunk_renderer(gen, embedding_mode, mesh, shared, per_pixel_w,
+                                 mix is not None, rng is not None)
+  placement = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+  variables = jax.device_put(variables, placement)
+  if not per_pixel_w:
+    w = jax.device_put(w, placement)
+
+  out = np.empty((batch, num_pixels, 3), np.float32)
+  for index, start in enumerate(range(0, num_pixels, chunk)):
+    stop = min(start + chunk, num_pixels)
+    rows = np.minimum(np.arange(start, start + chunk), num_pixels - 1)
+    pixel_axis = 0 if shared else 1
+    rgb = render_chunk(
+        variables, w[:, rows] if per_pixel_w else w, np.take(coords, rows, axis=pixel_axis),
+        None if mix is None else mix[:, rows],
+        None if rng is None else jax.random.fold_in(rng, index))
+    out[:, start:stop] = np.asarray(rgb)[:, :stop - start]
+    if progress is not None:
+      progress(stop, num_pixels)
+  return out.reshape(batch, *pixel_shape, 3)
+
+
+@functools.lru_cache(maxsize=32)
+def _chunk_renderer(gen, embedding_mode, mesh, shared, per_pixel_w, has_mix, has_rng):
+  """One compiled chunk renderer per (model, layout); sharded over `mesh` when given."""
+
+  def render(variables, w, coords, mix, rng):
+    if mesh is not None and rng is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(_MESH_AXIS))
+    rngs = None if rng is None else {'noise': rng}
+    if not shared:   # (B, n, 2) would read as a shared grid: per-image sets are (B, 1, n, 2)
+      coords = coords[:, None]
+    rgb = gen.apply(variables, coords, w, mix=mix, embedding_mode=embedding_mode, rngs=rngs)
+    return rgb if shared else rgb[:, 0]
+
+  if mesh is None:
+    return jax.jit(render)
+  pixels = PartitionSpec(_MESH_AXIS) if shared else PartitionSpec(None, _MESH_AXIS)
+  per_pixel = PartitionSpec(None, _MESH_AXIS)
+  in_specs = (PartitionSpec(), per_pixel if per_pixel_w else PartitionSpec(), pixels,
+              per_pixel if has_mix else None, PartitionSpec() if has_rng else None)
+  sharded = jax.shard_map(render, mesh=mesh, in_specs=in_specs, out_specs=per_pixel,
+                          check_vma=False)
+  return jax.jit(sharded)
+
+
+_MESH_AXIS = 'data'   # parallel.DATA_AXIS
+
+
+def lerp(a: Array, b: Array, t: Array) -> Array:
+  """Linear interpolation: a, b (..., D), t (T,) -> (T, ..., D)."""
+  t = jnp.asarray(t, jnp.float32).reshape((-1,) + (1,) * jnp.ndim(a))
+  return (1.0 - t) * a + t * b
+
+
+def slerp(a: Array, b: Array, t: Array, eps: float = 1e-7) -> Array:
+  """Spherical interpolation along the great circle between the directions of a and b.
+
+  For Gaussian latents z: the norm is interpolated linearly, the direction along the arc,
+  so intermediate z keep a typical norm (a straight lerp passes near the origin). a, b
+  (..., D), t (T,) -> (T, ..., D); parallel a, b fall back to lerp.
+  """
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  t = jnp.asarray(t, jnp.float32).reshape((-1,) + (1,) * a.ndim)
+  norm_a = jnp.linalg.norm(a, axis=-1, keepdims=True)
+  norm_b = jnp.linalg.norm(b, axis=-1, keepdims=True)
+  unit_a, unit_b = a / jnp.maximum(norm_a, eps), b / jnp.maximum(norm_b, eps)
+  cos = jnp.clip(jnp.sum(unit_a * unit_b, axis=-1, keepdims=True), -1.0, 1.0)
+  angle = jnp.arccos(cos)
+  sin = jnp.sin(angle)
+  small = sin < 1e-4
+  safe_sin = jnp.where(small, 1.0, sin)
+  coef_a = jnp.where(small, 1.0 - t, jnp.sin((1.0 - t) * angle) / safe_sin)
+  coef_b = jnp.where(small, t, jnp.sin(t * angle) / safe_sin)
+  direction = coef_a * unit_a + coef_b * unit_b
+  return direction * ((1.0 - t) * norm_a + t * norm_b)
+
+
+def interpolation_styles(gen, variables: Variables, z0: Array, z1: Array, num_frames: int,
+                         space: str = 'w', truncation_psi: float = 1.0,
+                         w_avg: Optional[Array] = None) -> Array:
+  """Styles (num_frames, D) of a walk from z0 (D,) to z1 (D,), both ends included.
+
+  space 'w': map both ends, truncate, and interpolate linearly in W (the space the layers
+  see, where StyleGAN-style models are most linear). space 'z': slerp in Z, then map each
+  frame (mapping is nonlinear, so the path in W is curved).
+  """
+  if num_frames < 2:
+    raise ValueError(f'num_frames must be at least 2, got {num_frames}')
+  t = jnp.linspace(0.0, 1.0, num_frames)
+  if space == 'w':
+    ends = truncate(mapping(gen, variables, jnp.stack([z0, z1])), w_avg, truncation_psi)
+    return lerp(ends[0], ends[1], t)
+  if space == 'z':
+    return truncate(mapping(gen, variables, slerp(z0, z1, t)), w_avg, truncation_psi)
+  raise ValueError(f"space must be 'w' or 'z', got {space!r}")
 
 
 def generate(gen, variables: Variables, z: Array, coords: Array, truncation_psi: float = 1.0,

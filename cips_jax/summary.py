@@ -135,6 +135,87 @@ def save_png(path: str | os.PathLike, image: Any) -> str:
   return path
 
 
+def save_gif(path: str | os.PathLike, frames: Any, fps: float = 12.0, loop: bool = True) -> str:
+  """Writes frames (T, H, W, 3), float in [-1, 1] or uint8, as an animated GIF."""
+  from PIL import Image
+
+  x = to_uint8(frames)
+  if x.ndim != 4 or x.shape[-1] != 3 or len(x) < 1:
+    raise ValueError(f'expected frames (T, H, W, 3), got shape {x.shape}')
+  path = os.fspath(path)
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  images = [Image.fromarray(frame) for frame in x]
+  images[0].save(path, format='GIF', save_all=True, append_images=images[1:],
+                 duration=int(round(1000 / fps)), loop=0 if loop else 1)
+  return path
+
+
+_PLOT_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+
+
+def save_line_plot(path: str | os.PathLike, curves: Mapping[str, tuple[Any, Any]],
+                   x_label: str = '', y_label: str = '', log_y: bool = False, title: str = '',
+                   size: tuple[int, int] = (640, 420)) -> str:
+  """A small PNG line plot (no plotting library): curves {name: (x (N,), y (N,))}."""
+  from PIL import Image, ImageDraw
+
+  if not curves:
+    raise ValueError('save_line_plot needs at least one curve')
+  prepared = {}
+  for name, (x, y) in curves.items():
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if log_y:
+      keep = y > 0
+      x, y = x[keep], np.log10(y[keep])
+    prepared[name] = (x, y)
+  xs = np.concatenate([x for x, _ in prepared.values()])
+  ys = np.concatenate([y for _, y in prepared.values()])
+  if not len(xs):
+    raise ValueError('nothing to plot (no positive values on a log scale?)')
+  x_lo, x_hi = float(xs.min()), float(xs.max()) or 1.0
+  y_lo, y_hi = float(ys.min()), float(ys.max())
+  if y_hi == y_lo:
+    y_lo, y_hi = y_lo - 1, y_hi + 1
+  width, height = size
+  left, right, top, bottom = 70, 20, 30, 50
+  image = Image.new('RGB', size, (255, 255, 255))
+  draw = ImageDraw.Draw(image)
+
+  def to_pixel(x, y):
+    px = left + (x - x_lo) / max(x_hi - x_lo, 1e-12) * (width - left - right)
+    py = height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom)
+    return float(px), float(py)
+
+  draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
+  for i in range(5):   # axis ticks with their values
+    fraction = i / 4
+    xv, yv = x_lo + fraction * (x_hi - x_lo), y_lo + fraction * (y_hi - y_lo)
+    px, _ = to_pixel(xv, y_lo)
+    _, py = to_pixel(x_lo, yv)
+    draw.line([px, height - bottom, px, height - bottom + 4], fill=(0, 0, 0))
+    draw.text((px - 12, height - bottom + 6), f'{xv:.3g}', fill=(0, 0, 0))
+    draw.line([left - 4, py, left, py], fill=(0, 0, 0))
+    draw.text((4, py - 6), f'1e{yv:.1f}' if log_y else f'{yv:.3g}', fill=(0, 0, 0))
+  draw.text((left + 4, 8), title, fill=(0, 0, 0))
+  draw.text((width // 2 - 60, height - 18), x_label, fill=(0, 0, 0))
+  draw.text((4, 12), y_label + (' (log10)' if log_y else ''), fill=(0, 0, 0))
+  for index, (name, (x, y)) in enumerate(prepared.items()):
+    colour = _PLOT_COLOURS[index % len(_PLOT_COLOURS)]
+    points = [to_pixel(a, b) for a, b in zip(x, y)]
+    if len(points) > 1:
+      draw.line(points, fill=colour, width=2)
+    legend_y = top + 8 + 14 * index
+    draw.line([width - right - 110, legend_y + 6, width - right - 90, legend_y + 6],
+              fill=colour, width=2)
+    draw.text((width - right - 85, legend_y), name, fill=colour)
+  path = os.fspath(path)
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  image.save(path, format='PNG')
+  return path
+
+
 class MetricWriter:
   """TensorBoard event writer (tensorboardX, no TensorFlow); a no-op when not `enabled`.
 
@@ -312,3 +393,45 @@ class ProgressLogger:
     line = self.format_line(step, metrics)
     self.log_fn(line)
     return line
+
+
+class ProgressBar:
+  """A one-line text progress bar for long renders, redrawn at most 5 times a second:
+
+      rendering [##########..........]  50%  8.4M/16.8M pixels  1.2M/s  ETA 0:00:07
+
+  Usable as the `progress(done, total)` callback of `sampling.render`.
+  """
+
+  def __init__(self, label: str = 'rendering', unit: str = 'pixels', stream=None,
+               width: int = 20, clock: Callable[[], float] = time.perf_counter):
+    import sys
+    self.label, self.unit, self.width, self._clock = label, unit, width, clock
+    self._stream = sys.stderr if stream is None else stream
+    self._start = clock()
+    self._last_draw = -math.inf
+
+  @staticmethod
+  def _count(value: float) -> str:
+    for scale, suffix in ((1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
+      if value >= scale:
+        return f'{value / scale:.1f}{suffix}'
+    return f'{value:.0f}'
+
+  def format_line(self, done: int, total: int, elapsed: float) -> str:
+    fraction = done / total if total else 1.0
+    filled = int(round(fraction * self.width))
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else None
+    return (f'{self.label} [{"#" * filled}{"." * (self.width - filled)}] {fraction:4.0%}  '
+            f'{self._count(done)}/{self._count(total)} {self.unit}  {self._count(rate)}/s  '
+            f'ETA {format_duration(eta) if eta is not None else "?"}')
+
+  def __call__(self, done: int, total: int) -> None:
+    now = self._clock()
+    if done < total and now - self._last_draw < 0.2:
+      return
+    self._last_draw = now
+    end = '\n' if done >= total else ''
+    self._stream.write('\r' + self.format_line(done, total, now - self._start) + end)
+    self._stream.flush()

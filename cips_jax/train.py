@@ -64,12 +64,7 @@ def build_models(config: ml_collections.ConfigDict):
   """The generator and discriminator modules a config describes."""
   m = config.model
   dtype = jnp.dtype(config.train.compute_dtype)
-  cls = {'CIPSskip': models.CIPSskip, 'CIPSres': models.CIPSres}[m.arch]
-  gen = cls(size=m.size, hidden_size=m.hidden_size, style_dim=m.style_dim, n_mlp=m.n_mlp,
-            lr_mlp=m.lr_mlp, channel_multiplier=m.channel_multiplier,
-            activation=m.activation or None, max_channels=m.max_channels,
-            embedding_mode=m.embedding_mode, cylindrical=m.cylindrical, dtype=dtype,
-            remat=config.train.remat)
+  gen = models.generator_from_config(m, dtype=dtype, remat=config.train.remat)
   disc = models.Discriminator(
       size=config.data.crop, channel_multiplier=m.channel_multiplier,
       input_channels=5 if config.train.d_input_coords else 3,

@@ -2,6 +2,9 @@
 
     from cips_jax.metrics import sliced_wasserstein
     scores = sliced_wasserstein(real_images, fake_images, seed=0)   # {'swd_32': ..., 'swd_mean': ...}
+
+    from cips_jax.metrics import spectrum
+    freqs, power = spectrum.power_spectrum(images)                   # azimuthal average
 """
 
 from cips_jax.metrics.swd import sliced_wasserstein

@@ -1,0 +1,84 @@
+"""Opens a generator from whatever a user has: a training workdir, an export, or a reference .pt.
+
+    gen, variables = loading.open_generator('/tmp/run')                  # training workdir
+    gen, variables = loading.open_generator('/tmp/run/checkpoints/1300') # one of its steps
+    gen, variables = loading.open_generator('/tmp/exported')             # checkpoints.export_generator
+    gen, variables = loading.open_generator('churches.pt')               # official checkpoint
+
+The commands (`cips_jax.sample`, `cips_jax.evaluate`) take any of these as --checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from cips_jax import checkpoints, models
+
+WHICH = ('g_ema', 'g')
+_STATE_FIELDS = {'g_ema': 'ema_params', 'g': 'g_params'}
+
+
+class NotAGeneratorError(ValueError):
+  """The path exists but holds nothing this package can read as a generator."""
+
+
+def _is_export(path: str) -> bool:
+  return all(os.path.isdir(os.path.join(path, item)) for item in ('model', 'params'))
+
+
+def _is_step_dir(path: str) -> bool:
+  return os.path.basename(os.path.normpath(path)).isdigit() and _is_export_of_state(path)
+
+
+def _is_export_of_state(path: str) -> bool:
+  return all(os.path.isdir(os.path.join(path, item)) for item in ('state', 'config'))
+
+
+def _restore_training_step(manager_dir: str, step: int, which: str):
+  manager = ocp.CheckpointManager(manager_dir)
+  saved = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+  gen = models.generator_from_config(saved['config']['model'])
+  return gen, {'params': saved['state'][_STATE_FIELDS[which]]}
+
+
+def open_generator(path: str, which: str = 'g_ema') -> tuple[Any, dict[str, Any]]:
+  """Returns `(generator module, variables)` read from `path`.
+
+  Args:
+    path: a training workdir (its latest checkpoint), one step directory of it
+      (WORKDIR/checkpoints/STEP), a generator written by `checkpoints.export_generator` or
+      `python -m cips_jax.convert`, or a reference PyTorch checkpoint (.pt, read safely).
+    which: 'g_ema' (the EMA generator, the one to sample from) or 'g'.
+  Raises:
+    FileNotFoundError: nothing at `path`, or a workdir without checkpoints.
+    NotAGeneratorError: `path` is none of the above.
+  """
+  if which not in WHICH:
+    raise ValueError(f'which must be one of {WHICH}, got {which!r}')
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no checkpoint at {path}')
+  if os.path.isfile(path):
+    from cips_jax import convert  # the torch reader is only needed for .pt files
+    try:
+      gen, variables = convert.load_torch_checkpoint(path, which=which)
+    except (ValueError, KeyError, OSError) as error:
+      raise NotAGeneratorError(f'{path} is not a readable CIPS PyTorch checkpoint: {error}')
+    return gen, variables
+  if _is_export(path):
+    return checkpoints.load_generator(path)
+  if _is_step_dir(path):
+    return _restore_training_step(os.path.dirname(path), int(os.path.basename(path)), which)
+  manager_dir = os.path.join(path, 'checkpoints')
+  if os.path.isdir(manager_dir):
+    steps = sorted(int(name) for name in os.listdir(manager_dir) if name.isdigit())
+    if not steps:
+      raise FileNotFoundError(f'the training workdir {path} has no checkpoint yet')
+    return _restore_training_step(manager_dir, steps[-1], which)
+  raise NotAGeneratorError(
+      f'{path} is not a training workdir (no checkpoints/ inside), an exported generator '
+      '(no model/ and params/ inside), a training step directory, or a .pt file')
