@@ -200,15 +200,15 @@ def save_line_plot(path: str | os.PathLike, curves: Mapping[str, tuple[Any, Any]
   draw.text((left + 4, 8), title, fill=(0, 0, 0))
   draw.text((width // 2 - 60, height - 18), x_label, fill=(0, 0, 0))
   draw.text((4, 12), y_label + (' (log10)' if log_y else ''), fill=(0, 0, 0))
+  legend_x = width - right - 30 - max(draw.textlength(name) for name in prepared)
   for index, (name, (x, y)) in enumerate(prepared.items()):
     colour = _PLOT_COLOURS[index % len(_PLOT_COLOURS)]
     points = [to_pixel(a, b) for a, b in zip(x, y)]
     if len(points) > 1:
       draw.line(points, fill=colour, width=2)
     legend_y = top + 8 + 14 * index
-    draw.line([width - right - 110, legend_y + 6, width - right - 90, legend_y + 6],
-              fill=colour, width=2)
-    draw.text((width - right - 85, legend_y), name, fill=colour)
+    draw.line([legend_x, legend_y + 6, legend_x + 20, legend_y + 6], fill=colour, width=2)
+    draw.text((legend_x + 25, legend_y), name, fill=colour)
   path = os.fspath(path)
   if os.path.dirname(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -259,9 +259,7 @@ def sample_grids(data_config, source) -> tuple[np.ndarray, np.ndarray]:
     grid = np.asarray(grids.uniform(r, r))
     return grid, grid
   width = np.asarray(source[0]['image']).shape[1]
-  xs = -1.0 + 2.0 * np.arange(width, dtype=np.float32) / width
-  ys = np.linspace(-1.0, 1.0, r, dtype=np.float32)
-  panorama = np.stack(np.meshgrid(xs, ys, indexing='xy'), axis=-1)
+  panorama = np.asarray(grids.cylindrical(r, width))
   return panorama, panorama[:, :r]
 
 

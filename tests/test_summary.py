@@ -195,3 +195,44 @@ def test_progress_logger_single_final_update():
   clock.t = 5.0
   line = progress.update(50)
   assert line == 'step 50/50 (100.0%)  2.00 steps/s  ETA 0:00:00' and lines == [line]
+
+
+def test_save_gif_writes_every_frame(tmp_path):
+  from PIL import Image
+  frames = np.stack([np.full((6, 5, 3), v, np.float32) for v in (-1.0, 0.0, 1.0)])
+  path = summary.save_gif(tmp_path / 'a' / 'walk.gif', frames, fps=10)
+  with Image.open(path) as gif:
+    assert gif.n_frames == 3 and gif.size == (5, 6)
+    values = []
+    for i in range(3):
+      gif.seek(i)
+      values.append(int(np.asarray(gif.convert('RGB'))[0, 0, 0]))
+  assert values == [0, 128, 255]
+  with pytest.raises(ValueError, match='frames'):
+    summary.save_gif(tmp_path / 'b.gif', np.zeros((4, 4, 3)))
+
+
+def test_progress_bar_draws_rate_and_eta():
+  import io
+  stream, now = io.StringIO(), [0.0]
+  bar = summary.ProgressBar('rendering', stream=stream, width=10, clock=lambda: now[0])
+  now[0] = 2.0
+  bar(500_000, 2_000_000)
+  now[0] = 8.0
+  bar(2_000_000, 2_000_000)
+  lines = stream.getvalue().split('\r')[1:]
+  assert lines[0] == ('rendering [##........]  25%  500.0k/2.0M pixels  250.0k/s  ETA 0:00:06')
+  assert lines[1].startswith('rendering [##########] 100%  2.0M/2.0M pixels') and lines[1][-1] == '\n'
+
+
+def test_line_plot_draws_each_curve_in_its_colour(tmp_path):
+  from PIL import Image
+  x = np.linspace(0, 1, 20)
+  path = summary.save_line_plot(tmp_path / 'p.png', {'up': (x, 10 ** x), 'down': (x, 10 ** -x)},
+                                log_y=True)
+  with Image.open(path) as image:
+    pixels = np.asarray(image.convert('RGB')).reshape(-1, 3)
+  for colour in summary._PLOT_COLOURS[:2]:
+    assert np.sum(np.all(pixels == colour, axis=-1)) > 100
+  with pytest.raises(ValueError, match='nothing to plot'):
+    summary.save_line_plot(tmp_path / 'q.png', {'neg': (x, -x)}, log_y=True)

@@ -33,10 +33,12 @@ def power_spectrum(images: Any) -> tuple[np.ndarray, np.ndarray]:
   """The mean azimuthally averaged power spectrum of a batch of images.
 
   Each image's luminance minus its mean is Fourier transformed (orthonormal, so the power
-  sums to the variance times H W); the power at integer radii r = 0 .. min(H, W) / 2 from
-  the zero frequency is averaged over rings, then over images.
+  sums to the variance times H W); the power is averaged over rings of integer radius around
+  the zero frequency, then over images. The rings run past the Nyquist frequency 0.5 into
+  the corners of the spectrum (up to 0.5 sqrt 2), where the diagonal checkerboards of
+  strided upsampling show.
   Returns:
-    (frequencies in cycles per pixel (R,), power (R,)); the last frequency is Nyquist, 0.5.
+    (frequencies in cycles per pixel (R,), power (R,)).
   """
   gray = _grayscale(images)
   _, height, width = gray.shape
@@ -47,16 +49,15 @@ def power_spectrum(images: Any) -> tuple[np.ndarray, np.ndarray]:
   fx = (np.arange(width) - width // 2) / width
   # Radius in units of the coarser axis' frequency step, rounded to rings.
   radius = np.hypot(*np.meshgrid(fx, fy, indexing='xy')) * min(height, width)
-  rings = np.rint(radius).astype(int)
-  num_rings = min(height, width) // 2 + 1
-  inside = rings < num_rings
-  totals = np.bincount(rings[inside], weights=power[inside], minlength=num_rings)
-  counts = np.bincount(rings[inside], minlength=num_rings)
-  return np.arange(num_rings) / min(height, width), totals / np.maximum(counts, 1)
+  rings = np.rint(radius).astype(int).ravel()
+  totals = np.bincount(rings, weights=power.ravel())
+  counts = np.bincount(rings)
+  keep = counts > 0
+  return (np.arange(len(counts))[keep] / min(height, width), totals[keep] / counts[keep])
 
 
 def high_frequency_ratio(images: Any, reference: Any, band: float = 0.25) -> float:
-  """Mean log10(power(images) / power(reference)) over the top `band` of frequencies.
+  """Mean log10(power(images) / power(reference)) over frequencies >= 0.5 (1 - band).
 
   0 means the same high-frequency power; > 0 excess (e.g. upsampling artifacts), < 0 missing
   detail (blur).
