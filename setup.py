@@ -24,7 +24,7 @@ setup(
     python_requires='>=3.11',
     install_requires=requirements('requirements.txt'),
     extras_require={
-        'test': ['pytest>=8'],
+        'test': ['pytest>=8', 'scipy'],   # scipy: an independent sqrtm for the FID test
         # Preparing LSUN with the tfds catalog builder needs TensorFlow (training does not).
         'lsun': ['tensorflow-cpu', 'tensorflow-io'],
     },
