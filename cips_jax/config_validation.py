@@ -81,4 +81,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
                 'logging.keep_checkpoints', 'logging.num_samples'):
     req(field, lambda v: isinstance(v, int) and v >= 1, 'must be a positive integer')
   req('logging.swd_num_images', lambda v: isinstance(v, int) and v >= 0, 'must be >= 0')
+  req('logging.eval_every_steps', lambda v: isinstance(v, int) and v >= 0,
+      'must be >= 0 (0 = no FID/KID during training)')
+  for field in ('logging.eval_num_samples', 'logging.eval_num_real'):
+    req(field, lambda v: isinstance(v, int) and v >= 2, 'must be an integer >= 2')
 

@@ -75,4 +75,9 @@ def reference_config() -> ml_collections.ConfigDict:
   logging.checkpoint_every = 20_000
   logging.keep_checkpoints = 3
   logging.swd_num_images = 0        # > 0: sliced Wasserstein distance at the start and end
+  logging.eval_every_steps = 0      # > 0: FID and KID of EMA samples every N steps and at the
+                                    # end (needs the Inception weights: see the README)
+  logging.eval_num_samples = 50_000  # generated images per evaluation (the standard 50k)
+  logging.eval_num_real = 50_000    # real images in the cached statistics (all, if fewer)
+  logging.inception_weights = ''    # '' = look in the usual places (cips_jax.metrics.inception)
   return config

@@ -45,6 +45,26 @@ def _restore_training_step(manager_dir: str, step: int, which: str):
   return gen, {'params': saved['state'][_STATE_FIELDS[which]]}
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the complete checkpoints in WORKDIR/checkpoints, ascending."""
+  manager_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'checkpoints')
+  if not os.path.isdir(manager_dir):
+    raise FileNotFoundError(f'{workdir} is not a training workdir (no checkpoints/ inside)')
+  return sorted(int(name) for name in os.listdir(manager_dir)
+                if name.isdigit() and _is_export_of_state(os.path.join(manager_dir, name)))
+
+
+def workdir_config(workdir: str):
+  """The training config (an ml_collections.ConfigDict) saved with the latest checkpoint."""
+  import ml_collections
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f'the training workdir {workdir} has no checkpoint yet')
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'))
+  saved = manager.restore(steps[-1], args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return ml_collections.ConfigDict(saved['config'])
+
+
 def open_generator(path: str, which: str = 'g_ema') -> tuple[Any, dict[str, Any]]:
   """Returns `(generator module, variables)` read from `path`.
 
@@ -75,7 +95,7 @@ def open_generator(path: str, which: str = 'g_ema') -> tuple[Any, dict[str, Any]
     return _restore_training_step(os.path.dirname(path), int(os.path.basename(path)), which)
   manager_dir = os.path.join(path, 'checkpoints')
   if os.path.isdir(manager_dir):
-    steps = sorted(int(name) for name in os.listdir(manager_dir) if name.isdigit())
+    steps = checkpoint_steps(path)
     if not steps:
       raise FileNotFoundError(f'the training workdir {path} has no checkpoint yet')
     return _restore_training_step(manager_dir, steps[-1], which)

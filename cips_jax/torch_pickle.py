@@ -13,6 +13,12 @@ A pickle may name any importable callable, so unpickling an untrusted file with 
 explicit whitelist of torch names, each to a small local stand-in, and refuses everything else
 with :class:`UnsafeCheckpointError`.  Tensors come back as fresh C-contiguous ``numpy.ndarray``
 objects, ``collections.OrderedDict`` as itself, and plain containers and scalars unchanged.
+
+TorchScript archives (``torch.jit.save``) share this layout; their ``data.pkl`` also names
+the scripted module classes (``__torch__.<module> <Class>``, built with NEWOBJ and BUILD)
+and list helpers from ``torch.jit._pickle``.  Any name under ``__torch__.`` resolves to an
+inert :class:`ScriptObject` subclass, made afresh for each load, whose instances keep only
+the class name and the BUILD state dict; none of the archive's ``code/`` is read or run.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from typing import Any, Callable
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-__all__ = ["ALLOWED_GLOBALS", "TorchDtype", "UnsafeCheckpointError", "load"]
+__all__ = ["ALLOWED_GLOBALS", "SCRIPT_NAMESPACE", "ScriptObject", "TorchDtype",
+           "UnsafeCheckpointError", "load"]
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -112,6 +119,72 @@ class _Function(_Frozen):
 
     def __repr__(self) -> str:
         return f"<stand-in for {self.name}>"
+
+
+#: Module prefix of TorchScript class names; globals under it load as :class:`ScriptObject`.
+SCRIPT_NAMESPACE = "__torch__"
+
+
+class ScriptObject(_Frozen):
+    """What an instance of a TorchScript class (e.g. a scripted ``nn.Module``) loads as.
+
+    ``type_name`` is the pickled class name, e.g. ``"__torch__.inceptionv3.Conv2dLayer"``;
+    ``state`` is the dict the pickle's BUILD opcode supplied (attribute name -> value:
+    tensors as numpy arrays, submodules as further ``ScriptObject`` instances).  The
+    instance has no other behaviour; the methods in the archive's ``code/`` are ignored.
+    """
+
+    __slots__ = ("state",)
+    type_name = SCRIPT_NAMESPACE  # each loaded class name gets a subclass that overrides it
+
+    def __setstate__(self, state: Any) -> None:
+        # BUILD calls this once per object; a second BUILD or a non-dict state is malformed.
+        if hasattr(self, "state"):
+            raise UnsafeCheckpointError(f"{self.type_name} object built twice")
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise UnsafeCheckpointError(
+                f"{self.type_name} state must be a dict with str keys, got {type(state).__name__}")
+        self._init(state=state)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(getattr(self, "state", {}))
+        return f"<{self.type_name} ({fields})>"
+
+
+def _script_class(module: str, name: str) -> type[ScriptObject]:
+    """A fresh, empty ``ScriptObject`` subclass for one pickled class name.
+
+    NEWOBJ insists on a real type, so each name gets its own subclass; making them per load
+    keeps a class seen in one archive from being shared with the next.
+    """
+    if not all(part.isidentifier() for part in [*module.split("."), name]):
+        raise UnsafeCheckpointError(f"malformed TorchScript class name {module}.{name!r:.100}")
+    return type("ScriptObject", (ScriptObject,), {"__slots__": (), "type_name": f"{module}.{name}"})
+
+
+# Item checks of the ``torch.jit._pickle.build_<kind>list`` helpers (bool is an int subclass).
+_LIST_ITEM_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "int": lambda x: isinstance(x, int) and not isinstance(x, bool),
+    "double": lambda x: isinstance(x, float),
+    "bool": lambda x: isinstance(x, bool),
+    "tensor": lambda x: isinstance(x, np.ndarray),
+}
+
+
+def _typed_list(kind: str) -> Callable[[Any], list[Any]]:
+    """Stand-in for ``torch.jit._pickle.build_<kind>list``: check the items, return a list."""
+    check = _LIST_ITEM_CHECKS[kind]
+
+    def build(items: Any) -> list[Any]:
+        if not isinstance(items, list) or not all(check(x) for x in items):
+            raise UnsafeCheckpointError(f"build_{kind}list expects a list of {kind}s")
+        return list(items)
+    return build
+
+
+def _restore_type_tag(value: Any, type_str: Any = None) -> Any:
+    """TorchScript tags typed lists and dicts with their static type; numpy has no use for it."""
+    return value
 
 
 def _index_tuple(value: Any, what: str) -> tuple[int, ...]:
@@ -213,11 +286,16 @@ _ALLOWED: dict[tuple[str, str], Any] = {
         ("_rebuild_parameter", _rebuild_parameter),
         ("_rebuild_parameter_with_state", _rebuild_parameter),
     ]},
+    **{("torch.jit._pickle", f"build_{kind}list"): _Function(
+        f"torch.jit._pickle.build_{kind}list", _typed_list(kind)) for kind in _LIST_ITEM_CHECKS},
+    ("torch.jit._pickle", "restore_type_tag"): _Function(
+        "torch.jit._pickle.restore_type_tag", _restore_type_tag),
     **{("torch", t.name): t for t in _STORAGE_TYPES},
     **{("torch", name): TorchDtype(name, np_dtype) for name, np_dtype in _DTYPES.items()},
 }
 
-#: Dotted names of the only globals a checkpoint may reference.
+#: Dotted names of the only globals a checkpoint may reference, besides TorchScript class
+#: names under :data:`SCRIPT_NAMESPACE`.
 ALLOWED_GLOBALS = frozenset(f"{module}.{name}" for module, name in _ALLOWED)
 
 
@@ -234,8 +312,14 @@ class _CheckpointUnpickler(pickle.Unpickler):
         self._order = ">" if byteorder == "big" else "<"
         self._path = path
         self._storages: dict[str, _Storage] = {}  # shared storages are read once
+        self._script_classes: dict[tuple[str, str], type[ScriptObject]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == SCRIPT_NAMESPACE or module.startswith(SCRIPT_NAMESPACE + "."):
+            key = (module, name)
+            if key not in self._script_classes:
+                self._script_classes[key] = _script_class(module, name)
+            return self._script_classes[key]
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
@@ -286,12 +370,14 @@ def _find_prefix(archive: zipfile.ZipFile, path: str) -> str:
 
 
 def load(path: str | os.PathLike[str]) -> Any:
-    """Load a ``torch.save`` zip checkpoint without torch and without executing its code.
+    """Load a ``torch.save`` zip checkpoint (or a ``torch.jit.save`` archive) without torch
+    and without executing its code.
 
     Returns the saved object with every tensor (or ``nn.Parameter``) replaced by a fresh
     C-contiguous ``numpy.ndarray`` of the matching dtype in native byte order (bfloat16
     becomes float32), ``collections.OrderedDict`` kept, and plain containers and scalars as
-    they were.
+    they were.  A TorchScript archive gives a tree of :class:`ScriptObject` (class name plus
+    attribute dict), its parameters as arrays; ``constants.pkl`` and ``code/`` are not read.
 
     Raises ``FileNotFoundError`` if ``path`` does not exist, ``ValueError`` if it is not a
     torch zip checkpoint (e.g. a legacy pre-1.6 file) or is missing records, and

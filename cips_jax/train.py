@@ -34,7 +34,7 @@ from clu import metrics as clu_metrics
 from clu import parameter_overview
 
 from cips_jax import checkpoints, grids, losses, models, parallel, sampling, summary
-from cips_jax import config_validation
+from cips_jax import config_validation, evaluation
 from cips_jax import data as data_lib
 from cips_jax.metrics import swd as swd_lib
 
@@ -289,6 +289,24 @@ def real_images_for_evaluation(source, count: int, resolution: int, seed: int) -
   return np.stack(images)
 
 
+def make_evaluator(config, source, coords, workdir: str, mesh) -> evaluation.Evaluator:
+  """FID/KID of EMA samples rendered on `coords`; real statistics cached in the workdir."""
+  from cips_jax.metrics import inception
+  log = config.logging
+  batch_size = min(64, log.eval_num_samples)
+  try:
+    extractor = inception.InceptionFeatures(path=log.inception_weights or None, mesh=mesh,
+                                            batch_size=batch_size)
+  except FileNotFoundError as error:
+    raise FileNotFoundError(f'{error}\nOr train without FID: '
+                            '--config.logging.eval_every_steps=0') from None
+  progress = summary.ProgressBar('Inception features of real images', unit='images')
+  return evaluation.Evaluator.create(
+      extractor, source, config.data.name, config.data.resolution, coords,
+      cache_dir=os.path.join(workdir, 'fid_stats'), num_real=log.eval_num_real, mesh=mesh,
+      batch_size=batch_size, seed=config.train.seed, progress=progress if jax.process_index() == 0 else None)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (or resumes) the run in `workdir`; returns the final state.
 
@@ -356,6 +374,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if start_step == 0:
     log_swd(0, state.ema_params, 'start')
 
+  evaluator = None
+  if log.eval_every_steps:   # load Inception and the real statistics before training starts
+    evaluator = make_evaluator(config, source, evaluation_coords, workdir, mesh)
+
+  def log_fid(step, params):
+    scores = evaluator.evaluate(gen, params, log.eval_num_samples)
+    logging.info('FID %.3f, KID %.5f +- %.5f (step %d, %d samples)', scores['fid'],
+                 scores['kid'], scores['kid_std'], step, scores['num_fake'])
+    writer.write_scalars(step, {'eval/fid': scores['fid'], 'eval/kid': scores['kid']})
+
   metrics, r1_metrics = None, None
   last_log_time, last_log_step = time.perf_counter(), start_step
   # Read ahead on grain's threads; the stream equals batch_at(step), step by step.
@@ -394,6 +422,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           grid = summary.image_grid(images)
           summary.save_png(os.path.join(workdir, 'samples', f'step_{done:07d}.png'), grid)
           writer.write_images(done, {'samples/ema': grid})
+      if evaluator is not None and (done % log.eval_every_steps == 0 or last):
+        log_fid(done, state.ema_params)
       if checkpoint_now:
         manager.save(done, state)
       if preemption.requested:

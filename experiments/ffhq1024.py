@@ -26,4 +26,5 @@ def get_config():
   d.resolution, d.crop, d.to_crop = 1024, 256, False
   config.train.num_steps = 200_000
   config.train.compute_dtype = 'bfloat16'
+  config.logging.eval_every_steps = 50_000   # FID/KID in TensorBoard (0 turns it off)
   return config

@@ -16,4 +16,5 @@ def get_config():
   d = config.data
   d.source, d.name = 'folder', 'image_folder/ffhq'
   d.to_crop = False      # FFHQ images are square
+  config.logging.eval_every_steps = 50_000   # FID/KID in TensorBoard (0 turns it off)
   return config

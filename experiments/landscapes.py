@@ -18,4 +18,5 @@ def get_config():
   config.model.arch = 'CIPSres'
   d = config.data
   d.source, d.name, d.to_crop = 'folder', 'image_folder/landscapes', True
+  config.logging.eval_every_steps = 50_000   # FID/KID in TensorBoard (0 turns it off)
   return config

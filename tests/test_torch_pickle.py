@@ -355,3 +355,60 @@ def test_zip_without_data_pkl(tmp_path):
         zf.writestr("readme.txt", "hello")
     with pytest.raises(ValueError, match="no data.pkl"):
         torch_pickle.load(path)
+
+
+# --------------------------------------------------------------------------------------
+# TorchScript archives: __torch__.* objects load as inert records.
+# --------------------------------------------------------------------------------------
+
+BUILD_INTLIST = _torch_global("torch.jit._pickle", "build_intlist")
+
+
+class IntList(list):
+    def __reduce__(self):
+        return (BUILD_INTLIST, (list(self),))
+
+
+def _script_class(module: str, name: str) -> type:
+    """A class pickled (protocol 2) as GLOBAL module name, NEWOBJ, then BUILD of __dict__."""
+    cls = type(name, (), {})
+    cls.__module__, cls.__qualname__ = module, name
+    return cls
+
+
+def test_torchscript_objects_load_as_records(tmp_path):
+    Net = _script_class("__torch__.net", "Net")
+    Conv = _script_class("__torch__.net.___torch_mangle_2", "Conv2dLayer")
+    conv = Conv()
+    conv.__dict__.update(weight=FakeTensor(FakeStorage("0", STORAGE_CLASSES["FloatStorage"], 4),
+                                           0, (2, 2), (1, 2)),
+                         padding=IntList([0, 3]), stride=1, training=False)
+    net = Net()
+    net.__dict__.update(conv=conv, training=False)
+    path = write_checkpoint(tmp_path / "script.pt", torch_like_dumps(net),
+                            {"0": np.arange(4, dtype="<f4").tobytes()}, top="out_jit_module")
+
+    out = torch_pickle.load(path)
+    assert isinstance(out, torch_pickle.ScriptObject)
+    assert out.type_name == "__torch__.net.Net" and list(out.state) == ["conv", "training"]
+    layer = out.state["conv"]
+    assert layer.type_name == "__torch__.net.___torch_mangle_2.Conv2dLayer"
+    np.testing.assert_array_equal(layer.state["weight"], [[0.0, 2.0], [1.0, 3.0]])
+    assert type(layer.state["padding"]) is list and layer.state["padding"] == [0, 3]
+    with pytest.raises(AttributeError):
+        out.state = {}
+    # Stand-in classes are made per load, never shared between archives.
+    assert type(torch_pickle.load(path)) is not type(out)
+
+
+@pytest.mark.parametrize("body, error", [
+    (b"c__torch__.m\nC\n)\x81]b.", "state must be a dict"),           # BUILD with a list
+    (b"c__torch__.m\nC\n)\x81}b}b.", "built twice"),                  # two BUILDs
+    (b"c__torch__os\nsystem\n.", "__torch__os.system"),               # look-alike module
+    (b"c__torch__.m\nC()\n.", "malformed"),                           # not an identifier
+    (b"ctorch.jit._pickle\nbuild_intlist\n]X\x01\x00\x00\x00xa\x85R.", "list of ints"),
+])
+def test_torchscript_malformed_records_are_refused(tmp_path, body, error):
+    path = write_checkpoint(tmp_path / "bad.pt", b"\x80\x02" + body)
+    with pytest.raises(UnsafeCheckpointError, match=error):
+        torch_pickle.load(path)
