@@ -98,15 +98,21 @@ class TrainCheckpoints:
     return self._manager.latest_step()
 
   def restore_latest(self, abstract_state, sharding):
-    """The latest checkpoint restored into `sharding`, or None when there is none."""
+    """The latest checkpoint restored into `sharding` (one, or a tree like the state), or None
+    when there is none."""
     step = self._manager.latest_step()
     if step is None:
       return None
     saved = self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))['config']
     self._check_compatible(saved, step)
-    target = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
+    if not isinstance(sharding, jax.sharding.Sharding):   # a tree of shardings
+      target = jax.tree_util.tree_map(
+          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
+          sharding)
+    else:
+      target = jax.tree_util.tree_map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
     return self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))['state']
 

@@ -74,6 +74,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, num_processes:
   req('train.ema_decay', lambda v: 0 <= v <= 1, 'must be in [0, 1]')
   req('train.compute_dtype', lambda v: v in ('float32', 'bfloat16'),
       "must be 'float32' or 'bfloat16'")
+  req('train.shard_embedding', lambda v: isinstance(v, bool), 'must be True or False')
+  if config.train.get('shard_embedding'):
+    req('model.size', lambda v: v % num_devices == 0,
+        f'must be divisible by the number of devices ({num_devices}) with '
+        'train.shard_embedding (the table is split by rows)')
   req('train.embedding_mode', lambda v: v in TRAIN_EMBEDDING_MODES,
       f'must be one of {TRAIN_EMBEDDING_MODES}')
 

@@ -67,6 +67,8 @@ def reference_config() -> ml_collections.ConfigDict:
   train.d_input_coords = False      # False = D sees RGB only (the reference's --img2dis)
   train.embedding_mode = 'reference'  # table on the full grid, bilinear on patches
   train.init_generator_from = ''    # a .pt or exported generator to start G and EMA from
+  train.shard_embedding = False     # split the coordinate-embedding tables (and their Adam
+                                    # moments) by rows over the devices instead of replicating
 
   config.logging = logging = ml_collections.ConfigDict()
   logging.log_every = 100           # scalars to TensorBoard and the console

@@ -196,9 +196,13 @@ def make_train_step(config, gen, disc, g_tx, d_tx) -> Callable:
   return train_step
 
 
-def jit_train_steps(train_step, mesh) -> dict[bool, Callable]:
-  """The step jitted over the mesh, with and without R1: {with_r1: fn(state, batch)}."""
-  state_sharding = parallel.replicated(mesh)
+def jit_train_steps(train_step, mesh, state_sharding=None) -> dict[bool, Callable]:
+  """The step jitted over the mesh, with and without R1: {with_r1: fn(state, batch)}.
+
+  `state_sharding`: a sharding (tree) for the state, default replicated (see
+  `parallel.state_shardings`).
+  """
+  state_sharding = parallel.replicated(mesh) if state_sharding is None else state_sharding
   return {with_r1: jax.jit(functools.partial(train_step, with_r1=with_r1),
                            in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
                            out_shardings=(state_sharding, parallel.replicated(mesh)),
@@ -332,14 +336,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   manager = checkpoints.TrainCheckpoints(os.path.join(workdir, 'checkpoints'),
                                          keep=log.keep_checkpoints, config=config)
-  replicated = parallel.replicated(mesh)
-  create = jax.jit(lambda: create_state(gen, disc, g_tx, d_tx, t.seed), out_shardings=replicated)
-  abstract_state = jax.eval_shape(create)
-  state = manager.restore_latest(abstract_state, replicated)
+  abstract_state = jax.eval_shape(lambda: create_state(gen, disc, g_tx, d_tx, t.seed))
+  shardings = parallel.state_shardings(abstract_state, mesh, t.shard_embedding)
+  create = jax.jit(lambda: create_state(gen, disc, g_tx, d_tx, t.seed), out_shardings=shardings)
+  state = manager.restore_latest(abstract_state, shardings)
   if state is None:
     state = create()
     if t.init_generator_from:
-      state = start_from_generator(state, t.init_generator_from, g_tx, replicated)
+      state = start_from_generator(state, t.init_generator_from, g_tx, shardings.g_params)
     logging.info('starting a new run in %s', workdir)
   start_step = int(state.step)
   if start_step:
@@ -348,7 +352,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     parameter_overview.log_parameter_overview(state.g_params, msg='generator parameters')
     parameter_overview.log_parameter_overview(state.d_params, msg='discriminator parameters')
 
-  steps = jit_train_steps(make_train_step(config, gen, disc, g_tx, d_tx), mesh)
+  steps = jit_train_steps(make_train_step(config, gen, disc, g_tx, d_tx), mesh, shardings)
   writer = summary.MetricWriter(os.path.join(workdir, 'tensorboard'), enabled=is_chief)
   if start_step == 0:
     writer.write_hparams(config.to_dict())
