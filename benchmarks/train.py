@@ -79,7 +79,11 @@ def measure(name, config, repeats, matmul_rate, useful_tflop=None):
   batch = parallel.global_batch({
       'image': rng.uniform(-1, 1, (b, c, c, 3)).astype(np.float32),
       'coords': np.broadcast_to(np.asarray(grids.uniform(c, c)), (b, c, c, 2)).copy()}, mesh)
-  flops = step.lower(state, batch).compile().cost_analysis().get('flops', float('nan'))
+  compiled = step.lower(state, batch).compile()
+  flops = compiled.cost_analysis().get('flops', float('nan'))
+  memory = compiled.memory_analysis()
+  peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+          + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   state, out = step(state, batch)          # compile and warm up
   jax.block_until_ready(out)
   times = []
@@ -93,7 +97,8 @@ def measure(name, config, repeats, matmul_rate, useful_tflop=None):
             'compute_dtype': config.train.compute_dtype, 'remat': config.train.remat,
             'seconds_per_step': round(seconds, 3), 'steps_per_s': round(1 / seconds, 4),
             'images_per_s': round(b / seconds, 3),
-            'xla_counted_tflop_per_step': round(flops / 1e12, 4)}
+            'xla_counted_tflop_per_step': round(flops / 1e12, 4),
+            'peak_mib': round(peak / 2 ** 20, 1)}
   if useful_tflop is not None:
     rate = useful_tflop * 1e3 / seconds
     result.update({'useful_tflop_per_step': useful_tflop,

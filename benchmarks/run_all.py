@@ -1,0 +1,152 @@
+"""The whole benchmark suite in one JSON document, for the machine it runs on.
+
+    python benchmarks/run_all.py            # ~15 min on 2 CPU cores; a few minutes on a GPU
+    python benchmarks/run_all.py --quick    # smaller sizes, one repeat (a smoke run)
+
+In one process: the machine's matmul rate (float32 and bfloat16 4096^2 `jnp.dot`), then
+- generator: CIPSskip-256 at 256x256, images/s, GFLOP/s and the fraction of the matmul rate
+  of the same dtype, peak memory (XLA's buffer assignment), for per-image styles in float32
+  and bfloat16, a two-style mixture and an arbitrary w per pixel; their time and memory
+  ratios to per-image styles;
+- scaling: per-image render time and peak memory from 64^2 to 512^2 (linear in pixels means
+  a constant time per pixel), plus a chunked `sampling.render` of a large grid (1024^2 on a
+  CPU, 4096^2 on an accelerator; benchmarks/render.py measures 4096^2 on a CPU);
+- training: the full GAN step (D step, G step, EMA) at 64x64 and 256x256, with and without
+  rematerialisation, images/s, XLA-counted FLOP/s, peak memory; at 64x64 batch 8 also the
+  speed-up over the reference PyTorch step on the project's 2-core CPU (46 s).
+Sizes grow on accelerators (batch 16 renders, batch 32/8 training steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from cips_jax import grids, models, sampling  # noqa: E402
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(f'bench_{name}', os.path.join(HERE, f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+bench_generator = _load('generator')
+bench_train = _load('train')
+
+
+def matmul_rate(dtype, n: int = 4096, repeats: int = 3) -> float:
+  """GFLOP/s of an n x n x n `jnp.dot` in `dtype` (float32 accumulation for bfloat16)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+  dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  return 2 * n ** 3 / bench_generator.best_time(dot, a, a, repeats=repeats) / 1e9
+
+
+def generator_cases(on_accelerator, quick, rates):
+  batch = 16 if on_accelerator else 1
+  repeats = 1 if quick else 2
+  gen32 = models.CIPSskip()
+  variables = models.init(gen32, jax.random.key(0))
+  gen16 = gen32.clone(dtype=jnp.bfloat16)
+  cases = [bench_generator.run_case(gen, variables, 'per_image', batch, 256, repeats,
+                                    rates[jnp.dtype(gen.dtype).name])
+           for gen in (gen32, gen16)]
+  for kind in ('mixture2', 'per_pixel'):
+    cases.append(bench_generator.run_case(gen32, variables, kind, batch, 256, repeats,
+                                          rates['float32']))
+  base = cases[0]
+  ratios = {f'{c["style"]}_vs_per_image': {
+      'time': round(c['seconds'] / base['seconds'], 3),
+      'peak_memory': round(c['peak_mib'] / base['peak_mib'], 3)} for c in cases[2:]}
+  return cases, ratios, (gen32, variables)
+
+
+def scaling_cases(model, on_accelerator, quick):
+  gen, variables = model
+  w = sampling.mapping(gen, variables, jax.random.normal(jax.random.key(1), (1, 512)))
+  render = jax.jit(lambda v, w, c: sampling.synthesize(gen, v, w, c))
+  cases = []
+  for side in ((64, 128) if quick else (64, 128, 256, 512)):
+    coords = grids.uniform(side, side)
+    seconds = bench_generator.best_time(render, variables, w, coords, repeats=1 if quick else 2)
+    peak = bench_generator.peak_bytes(render, variables, w, coords)
+    cases.append({'side': side, 'pixels': side * side, 'seconds': round(seconds, 4),
+                  'microseconds_per_pixel': round(1e6 * seconds / side ** 2, 3),
+                  'peak_mib': round(peak / 2 ** 20, 1)})
+  side = 4096 if on_accelerator else (256 if quick else 1024)
+  sampling.render(gen, variables, w, grids.uniform(256, 256))          # compile the chunk
+  start = time.perf_counter()
+  sampling.render(gen, variables, w, grids.uniform(side, side))
+  seconds = time.perf_counter() - start
+  chunk = jax.jit(lambda v, w, c: sampling.synthesize(gen, v, w, c))
+  chunk_peak = bench_generator.peak_bytes(chunk, variables, w,
+                                          jnp.zeros((sampling.RENDER_CHUNK, 2)))
+  chunked = {'side': side, 'pixels': side * side, 'seconds': round(seconds, 2),
+             'microseconds_per_pixel': round(1e6 * seconds / side ** 2, 3),
+             'chunk_pixels': sampling.RENDER_CHUNK,
+             'chunk_program_peak_mib': round(chunk_peak / 2 ** 20, 1),
+             'output_mib': round(side * side * 3 * 4 / 2 ** 20, 1)}
+  per_pixel = [c['microseconds_per_pixel'] for c in cases]
+  return {'uniform_grids': cases, 'chunked_render': chunked,
+          'time_per_pixel_max_over_min': round(max(per_pixel) / min(per_pixel), 3),
+          'peak_mib_per_megapixel_by_side': {
+              c['side']: round(c['peak_mib'] / (c['pixels'] / 2 ** 20), 1) for c in cases}}
+
+
+def train_cases(on_accelerator, quick, rate):
+  cases = []
+  sizes = ((64, 32), (256, 8)) if on_accelerator else ((64, 8), (256, 1))
+  if quick:
+    sizes = sizes[:1]
+  for side, batch in sizes:
+    for remat in (False, True):
+      config = bench_train.full_width_64_config()
+      config.model.size = side
+      config.data.resolution = config.data.crop = side
+      config.train.global_batch_size = batch
+      config.train.remat = remat
+      reference = side == 64 and batch == 8
+      cases.append(bench_train.measure(
+          f'cips_skip_{side}_full', config, 1 if quick else 2, rate,
+          bench_train.USEFUL_TFLOP_64 if reference else None))
+  return cases
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--quick', action='store_true', help='smaller sizes, one repeat')
+  parser.add_argument('--skip_train', action='store_true')
+  args = parser.parse_args()
+  on_accelerator = jax.default_backend() != 'cpu'
+  start = time.perf_counter()
+  rates = {'float32': matmul_rate(jnp.float32), 'bfloat16': matmul_rate(jnp.bfloat16)}
+  generator, ratios, model = generator_cases(on_accelerator, args.quick, rates)
+  scaling = scaling_cases(model, on_accelerator, args.quick)
+  training = [] if args.skip_train else train_cases(on_accelerator, args.quick,
+                                                    rates['float32'])
+  print(json.dumps({
+      'suite': 'cips_jax benchmarks/run_all.py',
+      'machine': {'backend': jax.default_backend(),
+                  'devices': [d.device_kind for d in jax.devices()],
+                  'processor': platform.processor() or platform.machine(),
+                  'cpu_count': os.cpu_count(), 'jax': jax.__version__},
+      'matmul_4096_gflop_per_s': {k: round(v, 2) for k, v in rates.items()},
+      'generator_256': generator, 'generator_ratios': ratios, 'scaling': scaling,
+      'train_step': training, 'seconds_total': round(time.perf_counter() - start, 1),
+  }, indent=1))
+
+
+if __name__ == '__main__':
+  main()
