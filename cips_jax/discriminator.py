@@ -78,6 +78,47 @@ def blur(x: Array, taps: Sequence[float], pad: tuple[int, int]) -> Array:
   return sum(float(k[j]) * rows[:, :, j:j + width] for j in range(n))
 
 
+CONV_IMPLS = ('auto', 'xla', 'im2col')
+
+
+def conv2d(x: Array, kernel: Array, stride: int, padding: int, precision: Any = None,
+           impl: str = 'xla') -> Array:
+  """NHWC x HWIO convolution, float32 output: XLA's convolution or im2col + one matmul.
+
+  'im2col' stacks the k*k shifted (strided) views of the padded input along channels and
+  multiplies once by the (k*k*in, out) kernel. On XLA:CPU its forward and backward run about
+  1.5x (stride 1) to 2x (stride 2) faster than the native convolution at D's 64x64 and
+  32x32 levels, for k*k times the input's memory; GPUs and TPUs keep the native one.
+  """
+  if impl == 'xla':
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        dimension_numbers=_DIMENSION_NUMBERS, precision=precision,
+        preferred_element_type=jnp.float32)
+  k = kernel.shape[0]
+  x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  out_h = (x.shape[1] - k) // stride + 1
+  out_w = (x.shape[2] - k) // stride + 1
+  taps = [jax.lax.slice(x, (0, dy, dx, 0),
+                        (x.shape[0], dy + (out_h - 1) * stride + 1,
+                         dx + (out_w - 1) * stride + 1, x.shape[3]),
+                        (1, stride, stride, 1))
+          for dy in range(k) for dx in range(k)]
+  return jnp.einsum('bhwc,co->bhwo', jnp.concatenate(taps, axis=-1),
+                    kernel.reshape(-1, kernel.shape[-1]), precision=precision,
+                    preferred_element_type=jnp.float32)
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """'auto' -> 'im2col' on CPU, 'xla' elsewhere."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {impl!r}')
+  if impl == 'auto':
+    return 'im2col' if jax.default_backend() == 'cpu' else 'xla'
+  return impl
+
+
 class EqualConv2d(nn.Module):
   """2-D convolution with StyleGAN2's equalized learning rate.
 
@@ -92,6 +133,7 @@ class EqualConv2d(nn.Module):
     use_bias: add a learned bias (initialised to 0).
     dtype: dtype of the convolution inputs (accumulation and output are float32).
     precision: `jax.lax.Precision` for the convolution (None = backend default).
+    conv_impl: 'auto', 'xla' or 'im2col' (see `conv2d`).
   """
   features: int
   kernel_size: int
@@ -100,6 +142,7 @@ class EqualConv2d(nn.Module):
   use_bias: bool = True
   dtype: DType = jnp.float32
   precision: Any = None
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -108,12 +151,8 @@ class EqualConv2d(nn.Module):
     kernel = self.param('kernel', unit_normal_init(),
                         (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
     kernel = kernel * (1.0 / math.sqrt(fan_in))
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype),
-        window_strides=(self.stride, self.stride),
-        padding=((self.padding, self.padding), (self.padding, self.padding)),
-        dimension_numbers=_DIMENSION_NUMBERS, precision=self.precision,
-        preferred_element_type=jnp.float32)
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding,
+               self.precision, resolve_conv_impl(self.conv_impl))
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,))
     return y
@@ -139,6 +178,7 @@ class ConvLayer(nn.Module):
   blur_kernel: tuple = (1, 3, 3, 1)
   dtype: DType = jnp.float32
   precision: Any = None
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -151,7 +191,7 @@ class ConvLayer(nn.Module):
       stride, padding = 1, (self.kernel_size - 1) // 2
     y = EqualConv2d(self.features, self.kernel_size, stride=stride, padding=padding,
                     use_bias=self.use_bias and not self.activate, dtype=self.dtype,
-                    precision=self.precision, name='conv')(x)
+                    precision=self.precision, conv_impl=self.conv_impl, name='conv')(x)
     if self.activate:
       y = leaky_relu_gain(y + self.param('bias', nn.initializers.zeros, (self.features,)))
     return y
@@ -167,11 +207,13 @@ class ResBlock(nn.Module):
   blur_kernel: tuple = (1, 3, 3, 1)
   dtype: DType = jnp.float32
   precision: Any = None
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: (B, H, W, in) -> (B, H/2, W/2, features)."""
-    kw = dict(blur_kernel=self.blur_kernel, dtype=self.dtype, precision=self.precision)
+    kw = dict(blur_kernel=self.blur_kernel, dtype=self.dtype, precision=self.precision,
+              conv_impl=self.conv_impl)
     h = ConvLayer(x.shape[-1], 3, name='conv1', **kw)(x)
     h = ConvLayer(self.features, 3, downsample=True, name='conv2', **kw)(h)
     skip = ConvLayer(self.features, 1, downsample=True, activate=False, use_bias=False,
@@ -215,6 +257,7 @@ class Discriminator(nn.Module):
     dtype: compute dtype of the convolutions (params and accumulation stay float32; the two
       final dense layers run in float32 because they are tiny).
     precision: `jax.lax.Precision` for the convolutions (None = backend default).
+    conv_impl: 'auto' (im2col on CPU, XLA's convolution elsewhere), 'xla' or 'im2col'.
 
   Call: images (B, size, size, input_channels) -> logits (B, 1) float32.
   """
@@ -227,6 +270,7 @@ class Discriminator(nn.Module):
   max_channels: int = 512
   dtype: DType = jnp.float32
   precision: Any = None
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, images: Array) -> Array:
@@ -236,7 +280,8 @@ class Discriminator(nn.Module):
       raise ValueError(f'images must have shape (B, {self.size}, {self.size}, '
                        f'{self.input_channels}), got {images.shape}')
     ch = discriminator_channels(self.size, self.channel_multiplier, self.max_channels)
-    kw = dict(blur_kernel=tuple(self.blur_kernel), dtype=self.dtype, precision=self.precision)
+    kw = dict(blur_kernel=tuple(self.blur_kernel), dtype=self.dtype, precision=self.precision,
+              conv_impl=self.conv_impl)
 
     x = ConvLayer(ch[self.size], 1, name='from_rgb', **kw)(images)
     for i in range(self.n_first_layers):

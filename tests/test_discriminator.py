@@ -140,3 +140,23 @@ def test_variants(kwargs):
   assert bool(jnp.all(jnp.isfinite(out)))
   assert variables['params']['from_rgb']['conv']['kernel'].shape == (1, 1, cin, 8)
   assert ('first_layers_0' in variables['params']) == bool(kwargs.get('n_first_layers'))
+
+
+@pytest.mark.parametrize('kernel_size, stride, padding', [(3, 1, 1), (3, 2, 0), (1, 2, 0),
+                                                          (1, 1, 0)])
+def test_im2col_convolution_equals_xla_convolution(kernel_size, stride, padding):
+  from cips_jax import discriminator
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 5))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (kernel_size, kernel_size, 5, 7))
+
+  def loss(impl):
+    return lambda x, k: jnp.sum(jnp.sin(discriminator.conv2d(x, k, stride, padding,
+                                                             impl=impl)))
+  np.testing.assert_allclose(discriminator.conv2d(x, kernel, stride, padding, impl='im2col'),
+                             discriminator.conv2d(x, kernel, stride, padding, impl='xla'),
+                             rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.grad(loss('im2col'), argnums=(0, 1))(x, kernel),
+                       jax.grad(loss('xla'), argnums=(0, 1))(x, kernel)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match='conv_impl'):
+    discriminator.resolve_conv_impl('fft')
