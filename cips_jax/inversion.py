@@ -8,7 +8,11 @@ space 'w' optimises one style w (1, D) for the whole image; space 'pixel_w' opti
 per pixel (1, H, W, D), which the per-pixel modulation of CIPS renders without a model copy
 and which can reconstruct detail a single w cannot (the paper's claim, checked in the tests).
 The loss is the mean squared pixel error, plus `perceptual_weight` times an optional
-`perceptual(images, targets) -> scalar` (for example a distance between Inception features).
+`perceptual(images, targets) -> scalar`; `inception_distance()` gives one, the mean squared
+distance between the Inception-v3 pool features of FID (needs the Inception weights):
+
+    result = inversion.invert(gen, variables, target, perceptual=inversion.inception_distance(),
+                              perceptual_weight=0.01)
 """
 
 from __future__ import annotations
@@ -40,6 +44,25 @@ class Inversion:
   image: np.ndarray
   psnr: list[float]
   loss: list[float]
+
+
+def inception_distance(params=None) -> Callable:
+  """A perceptual term: mean squared distance of Inception-v3 pool features (B, 2048).
+
+  `params`: Inception parameters (default: `inception.load_params()`, which finds the
+  weights or says where to get them). Images are float in [-1, 1], any size (resized to 299
+  inside, differentiably).
+  """
+  from cips_jax.metrics import inception
+  params = inception.load_params() if params is None else params
+  network = inception.InceptionV3()
+
+  def distance(images, targets):
+    features = network.apply({'params': params}, inception.preprocess(images))
+    target_features = network.apply({'params': params}, inception.preprocess(targets))
+    return jnp.mean(jnp.square(features - jax.lax.stop_gradient(target_features)))
+
+  return distance
 
 
 def psnr(image, target) -> float:

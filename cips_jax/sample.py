@@ -56,6 +56,8 @@ _NUM_STYLES = flags.DEFINE_integer('num_styles', 2, 'mix: number of latents.')
 _SOFTNESS = flags.DEFINE_float('softness', 2.0, 'mix/blend: border blur in pixels.')
 _TARGET = flags.DEFINE_string('target', None, 'invert: the image file to project.')
 _STEPS = flags.DEFINE_integer('steps', 300, 'invert: optimisation steps.')
+_PERCEPTUAL = flags.DEFINE_float('perceptual_weight', 0.0, 'invert: weight of the Inception '
+                                 'feature distance (needs the Inception weights).')
 _REAL_IMAGES = flags.DEFINE_string('real_images', None, 'spectrum: a folder of real images.')
 flags.mark_flags_as_required(['checkpoint', 'out'])
 
@@ -81,6 +83,8 @@ def _check_flags() -> None:
     raise app.UsageError(f'--num_styles={_NUM_STYLES.value}: mixing needs at least 2')
   if not 0.0 <= _FALLOFF.value < 2.0:
     raise app.UsageError(f'--falloff={_FALLOFF.value}: must be in [0, 2)')
+  if _PERCEPTUAL.value < 0:
+    raise app.UsageError(f'--perceptual_weight={_PERCEPTUAL.value}: must be >= 0')
   if _SOFTNESS.value < 0:
     raise app.UsageError(f'--softness={_SOFTNESS.value}: must be >= 0')
   try:
@@ -117,7 +121,7 @@ def main(argv):
       frames=_FRAMES.value, space=_SPACE.value, fps=_FPS.value, num_points=_NUM_POINTS.value,
       fixation=tuple(float(v) for v in _FIXATION.value), falloff=_FALLOFF.value,
       num_styles=_NUM_STYLES.value, softness=_SOFTNESS.value, target=_TARGET.value,
-      steps=_STEPS.value, real_images=_REAL_IMAGES.value)
+      steps=_STEPS.value, perceptual_weight=_PERCEPTUAL.value, real_images=_REAL_IMAGES.value)
   start = time.perf_counter()
   try:
     report = sample_modes.run(_MODE.value, gen, variables, options, _OUT.value)

@@ -41,6 +41,7 @@ class Options:
   softness: float = 2.0
   target: Optional[str] = None
   steps: int = 300
+  perceptual_weight: float = 0.0
   real_images: Optional[str] = None
   progress: bool = True
 
@@ -185,8 +186,16 @@ def _invert(ctx: _Context, out: str) -> dict[str, Any]:
   """Panels: target, reconstruction from one w, reconstruction from a w per pixel."""
   height, width = ctx.size()
   target = _read_image(ctx.options.target, height, width)
+  perceptual = None
+  if ctx.options.perceptual_weight:
+    try:
+      perceptual = inversion.inception_distance()
+    except FileNotFoundError as error:
+      raise ModeError(f'--perceptual_weight needs the Inception weights: {error}')
   results = {space: inversion.invert(ctx.gen, ctx.variables, target, space=space,
-                                     steps=ctx.options.steps, seed=ctx.options.seed)
+                                     steps=ctx.options.steps, seed=ctx.options.seed,
+                                     perceptual=perceptual,
+                                     perceptual_weight=ctx.options.perceptual_weight)
              for space in inversion.SPACES}
   panels = [inversion.as_signed_image(target)] + [results[s].image for s in inversion.SPACES]
   summary.save_png(out, summary.image_grid(np.stack(panels)))

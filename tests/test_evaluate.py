@@ -155,3 +155,20 @@ def test_evaluation_shards_over_devices(extractor):
   assert report['devices'] == 8
   assert report['features_rel'] < 1e-5
   assert report['renders_abs'] <= 1     # uint8 renders: at most a rounding step apart
+
+
+def test_inversion_with_an_inception_perceptual_term(extractor):
+  from cips_jax import inversion
+  from test_sampling import tiny_generator
+  gen, variables = tiny_generator()
+  target = procedural.landscape(seed=3, height=16, width=16)
+  signed = inversion.as_signed_image(target)[None]
+  distance = inversion.inception_distance(extractor.params)
+  kwargs = dict(space='pixel_w', learning_rate=0.1, perceptual=distance, perceptual_weight=1.0)
+  start = inversion.invert(gen, variables, target, steps=0, **kwargs)
+  result = inversion.invert(gen, variables, target, steps=4, **kwargs)
+  assert result.loss[-1] < result.loss[0] == pytest.approx(start.loss[0])
+  # The perceptual term itself falls: the reconstruction's features move towards the target's.
+  assert float(distance(result.image[None], signed)) < float(distance(start.image[None], signed))
+  with pytest.raises(ValueError, match='perceptual function'):
+    inversion.invert(gen, variables, target, steps=1, perceptual_weight=1.0)

@@ -195,6 +195,7 @@ def test_a_workdir_and_a_reference_pt_sample(workdir, tmp_path, capsys):
     (['--mode=invert', '--out=x.png'], 'needs --target'),
     (['--mode=invert', '--out=x.png', '--target=/no/such.png'], 'no such file'),
     (['--mode=mix', '--out=x.png', '--num_styles=1'], '--num_styles=1'),
+    (['--mode=invert', '--out=x.png', '--perceptual_weight=-1'], '--perceptual_weight=-1'),
 ])
 def test_bad_arguments_are_named(args, message, exported, capsys):
   with pytest.raises(app.UsageError, match=message.replace('.', r'\.')):
