@@ -51,9 +51,11 @@ def peak_bytes(jitted, *args) -> int:
              + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
 
 
-def matmul_gflops(n: int = 4096, repeats: int = 3) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  seconds = best_time(jax.jit(jnp.dot), a, a, repeats=repeats)
+def matmul_gflops(n: int = 4096, repeats: int = 3, dtype=jnp.float32) -> float:
+  """GFLOP/s of an n x n x n `jnp.dot` with `dtype` inputs (float32 accumulation)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+  dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  seconds = best_time(dot, a, a, repeats=repeats)
   return 2 * n ** 3 / seconds / 1e9
 
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path[:0] = [os.path.dirname(HERE), HERE]   # the package, and benchmarks/generator.py for train.py
 
 from cips_jax import grids, models, sampling  # noqa: E402
 
@@ -45,13 +45,6 @@ def _load(name):
 
 bench_generator = _load('generator')
 bench_train = _load('train')
-
-
-def matmul_rate(dtype, n: int = 4096, repeats: int = 3) -> float:
-  """GFLOP/s of an n x n x n `jnp.dot` in `dtype` (float32 accumulation for bfloat16)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-  dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-  return 2 * n ** 3 / bench_generator.best_time(dot, a, a, repeats=repeats) / 1e9
 
 
 def generator_cases(on_accelerator, quick, rates):
@@ -131,7 +124,8 @@ def main():
   args = parser.parse_args()
   on_accelerator = jax.default_backend() != 'cpu'
   start = time.perf_counter()
-  rates = {'float32': matmul_rate(jnp.float32), 'bfloat16': matmul_rate(jnp.bfloat16)}
+  rates = {name: bench_generator.matmul_gflops(dtype=jnp.dtype(name))
+           for name in ('float32', 'bfloat16')}
   generator, ratios, model = generator_cases(on_accelerator, args.quick, rates)
   scaling = scaling_cases(model, on_accelerator, args.quick)
   training = [] if args.skip_train else train_cases(on_accelerator, args.quick,

@@ -26,13 +26,13 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from cips_jax import configs, grids, parallel, train  # noqa: E402
+from generator import matmul_gflops  # noqa: E402  (benchmarks/generator.py)
 
 REFERENCE_SECONDS_64 = 46.0          # the reference PyTorch step on the same 2-core machine
 USEFUL_TFLOP_64 = 2.9                # useful work of that step (see the module docstring)
@@ -51,20 +51,6 @@ def full_width_64_config():
   config.data.resolution = config.data.crop = 64
   config.train.global_batch_size = 8
   return config
-
-
-def matmul_gflops(n=4096, repeats=3):
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  dot = jax.jit(jnp.dot)
-  jax.block_until_ready(dot(a, a))
-  best = min(_timed(lambda: dot(a, a)) for _ in range(repeats))
-  return 2 * n ** 3 / best / 1e9
-
-
-def _timed(fn):
-  start = time.perf_counter()
-  jax.block_until_ready(fn())
-  return time.perf_counter() - start
 
 
 def measure(name, config, repeats, matmul_rate, useful_tflop=None):

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cips_jax import parallel
+
 Array = jax.Array
 Variables = Any
 
@@ -218,7 +220,7 @@ def _chunk_renderer(gen, embedding_mode, mesh, shared, per_pixel_w, has_mix, has
 
   def render(variables, w, coords, mix, rng):
     if mesh is not None and rng is not None:
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(_MESH_AXIS))
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.DATA_AXIS))
     rngs = None if rng is None else {'noise': rng}
     if not shared:   # (B, n, 2) would read as a shared grid: per-image sets are (B, 1, n, 2)
       coords = coords[:, None]
@@ -227,16 +229,13 @@ def _chunk_renderer(gen, embedding_mode, mesh, shared, per_pixel_w, has_mix, has
 
   if mesh is None:
     return jax.jit(render)
-  pixels = PartitionSpec(_MESH_AXIS) if shared else PartitionSpec(None, _MESH_AXIS)
-  per_pixel = PartitionSpec(None, _MESH_AXIS)
+  pixels = PartitionSpec(parallel.DATA_AXIS) if shared else PartitionSpec(None, parallel.DATA_AXIS)
+  per_pixel = PartitionSpec(None, parallel.DATA_AXIS)
   in_specs = (PartitionSpec(), per_pixel if per_pixel_w else PartitionSpec(), pixels,
               per_pixel if has_mix else None, PartitionSpec() if has_rng else None)
   sharded = jax.shard_map(render, mesh=mesh, in_specs=in_specs, out_specs=per_pixel,
                           check_vma=False)
   return jax.jit(sharded)
-
-
-_MESH_AXIS = 'data'   # parallel.DATA_AXIS
 
 
 def lerp(a: Array, b: Array, t: Array) -> Array:

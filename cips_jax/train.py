@@ -282,15 +282,9 @@ def open_source(data_config: ml_collections.ConfigDict):
 
 def real_images_for_evaluation(source, count: int, resolution: int, seed: int) -> np.ndarray:
   """`count` real images centre-cropped to resolution x resolution, uint8 (N, R, R, 3)."""
-  rng = np.random.default_rng(seed)
-  indices = rng.choice(len(source), size=min(count, len(source)), replace=False)
-  images = []
-  for i in indices:
-    image = np.asarray(source[int(i)]['image'])
-    top = (image.shape[0] - resolution) // 2
-    left = (image.shape[1] - resolution) // 2
-    images.append(image[top:top + resolution, left:left + resolution])
-  return np.stack(images)
+  count = min(count, len(source))
+  return next(evaluation.real_image_batches(source, count, resolution, batch_size=count,
+                                            seed=seed))
 
 
 def make_evaluator(config, source, coords, workdir: str, mesh) -> evaluation.Evaluator:
