@@ -185,3 +185,29 @@ def test_torchscript_is_read_without_torch(weights_path):
                           env=env, check=True, timeout=300)
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report == {'torch': False, 'convs': NUM_CONVS}
+
+
+def test_download_weights_checks_the_file_and_writes_it_whole(weights_path, monkeypatch,
+                                                              tmp_path):
+  """The download (faked by copying the installed file) lands only when its SHA-1 matches."""
+  import shutil
+  import urllib.request
+  source = {'path': weights_path}
+  monkeypatch.setattr(urllib.request, 'urlretrieve',
+                      lambda url, dest: shutil.copyfile(source['path'], dest))
+  destination = str(tmp_path / 'cache' / 'default_1.pt')
+  assert inception.download_weights(destination) == destination
+  assert inception.find_weights(destination) == destination
+  corrupt = tmp_path / 'corrupt.pt'
+  corrupt.write_bytes(b'not the weights')
+  source['path'] = str(corrupt)
+  other = str(tmp_path / 'other' / 'default_1.pt')
+  with pytest.raises(ValueError, match='SHA-1'):
+    inception.download_weights(other)
+  assert not list((tmp_path / 'other').iterdir())      # no partial or wrong file left
+
+  def offline(url, dest):
+    raise OSError('network unreachable')
+  monkeypatch.setattr(urllib.request, 'urlretrieve', offline)
+  with pytest.raises(FileNotFoundError, match='network unreachable'):
+    inception.download_weights(other)
