@@ -105,9 +105,12 @@ def conv2d(x: Array, kernel: Array, stride: int, padding: int, precision: Any = 
                          dx + (out_w - 1) * stride + 1, x.shape[3]),
                         (1, stride, stride, 1))
           for dy in range(k) for dx in range(k)]
-  return jnp.einsum('bhwc,co->bhwo', jnp.concatenate(taps, axis=-1),
-                    kernel.reshape(-1, kernel.shape[-1]), precision=precision,
-                    preferred_element_type=jnp.float32)
+  columns = jnp.concatenate(taps, axis=-1)
+  # One 2-D product over (B*H'*W') rows: with B, H', W' kept apart the weight gradient
+  # contracts three axes, and XLA:CPU then transposes the whole column matrix first.
+  y = jnp.dot(columns.reshape(-1, columns.shape[-1]), kernel.reshape(-1, kernel.shape[-1]),
+              precision=precision, preferred_element_type=jnp.float32)
+  return y.reshape(columns.shape[:3] + (kernel.shape[-1],))
 
 
 def resolve_conv_impl(impl: str) -> str:
