@@ -24,7 +24,9 @@ setup(
     python_requires='>=3.11',
     install_requires=requirements('requirements.txt'),
     extras_require={
-        'test': ['pytest>=8', 'scipy'],   # scipy: an independent sqrtm for the FID test
+        # scipy: an independent sqrtm for the FID test; nbclient, nbformat, ipykernel: the
+        # notebook test executes notebooks/cips_jax_demo.ipynb.
+        'test': ['pytest>=8', 'scipy', 'nbclient', 'nbformat', 'ipykernel'],
         # Preparing LSUN with the tfds catalog builder needs TensorFlow (training does not).
         'lsun': ['tensorflow-cpu', 'tensorflow-io'],
     },

@@ -1,7 +1,8 @@
 """The whole benchmark suite in one JSON document, for the machine it runs on.
 
     python benchmarks/run_all.py            # ~15 min on 2 CPU cores; a few minutes on a GPU
-    python benchmarks/run_all.py --quick    # smaller sizes, one repeat (a smoke run)
+    python benchmarks/run_all.py --quick    # smaller sizes, one repeat
+    python benchmarks/run_all.py --smoke    # a 16-wide model at 32x32: checks the code runs
 
 In one process: the machine's matmul rate (float32 and bfloat16 4096^2 `jnp.dot`), then
 - generator: CIPSskip-256 at 256x256, images/s, GFLOP/s and the fraction of the matmul rate
@@ -47,17 +48,24 @@ bench_generator = _load('generator')
 bench_train = _load('train')
 
 
-def generator_cases(on_accelerator, quick, rates):
+# --smoke: every case on a tiny model and grid, so that the suite's code runs in seconds
+# (tests/test_readme.py); its figures mean nothing.
+SMOKE_MODEL = dict(size=32, hidden_size=16, style_dim=16, n_mlp=1, max_channels=16)
+SMOKE_SIDE = 32
+
+
+def generator_cases(on_accelerator, quick, rates, smoke=False):
   batch = 16 if on_accelerator else 1
-  repeats = 1 if quick else 2
-  gen32 = models.CIPSskip()
+  repeats = 1 if quick or smoke else 2
+  side = SMOKE_SIDE if smoke else 256
+  gen32 = models.CIPSskip(**SMOKE_MODEL) if smoke else models.CIPSskip()
   variables = models.init(gen32, jax.random.key(0))
   gen16 = gen32.clone(dtype=jnp.bfloat16)
-  cases = [bench_generator.run_case(gen, variables, 'per_image', batch, 256, repeats,
+  cases = [bench_generator.run_case(gen, variables, 'per_image', batch, side, repeats,
                                     rates[jnp.dtype(gen.dtype).name])
            for gen in (gen32, gen16)]
   for kind in ('mixture2', 'per_pixel'):
-    cases.append(bench_generator.run_case(gen32, variables, kind, batch, 256, repeats,
+    cases.append(bench_generator.run_case(gen32, variables, kind, batch, side, repeats,
                                           rates['float32']))
   base = cases[0]
   ratios = {f'{c["style"]}_vs_per_image': {
@@ -66,19 +74,21 @@ def generator_cases(on_accelerator, quick, rates):
   return cases, ratios, (gen32, variables)
 
 
-def scaling_cases(model, on_accelerator, quick):
+def scaling_cases(model, on_accelerator, quick, smoke=False):
   gen, variables = model
-  w = sampling.mapping(gen, variables, jax.random.normal(jax.random.key(1), (1, 512)))
+  w = sampling.mapping(gen, variables,
+                       jax.random.normal(jax.random.key(1), (1, gen.style_dim)))
   render = jax.jit(lambda v, w, c: sampling.synthesize(gen, v, w, c))
   cases = []
-  for side in ((64, 128) if quick else (64, 128, 256, 512)):
+  sides = (16, 32) if smoke else (64, 128) if quick else (64, 128, 256, 512)
+  for side in sides:
     coords = grids.uniform(side, side)
     seconds = bench_generator.best_time(render, variables, w, coords, repeats=1 if quick else 2)
     peak = bench_generator.peak_bytes(render, variables, w, coords)
     cases.append({'side': side, 'pixels': side * side, 'seconds': round(seconds, 4),
                   'microseconds_per_pixel': round(1e6 * seconds / side ** 2, 3),
                   'peak_mib': round(peak / 2 ** 20, 1)})
-  side = 4096 if on_accelerator else (256 if quick else 1024)
+  side = 64 if smoke else 4096 if on_accelerator else (256 if quick else 1024)
   sampling.render(gen, variables, w, grids.uniform(256, 256))          # compile the chunk
   start = time.perf_counter()
   sampling.render(gen, variables, w, grids.uniform(side, side))
@@ -98,19 +108,24 @@ def scaling_cases(model, on_accelerator, quick):
               c['side']: round(c['peak_mib'] / (c['pixels'] / 2 ** 20), 1) for c in cases}}
 
 
-def train_cases(on_accelerator, quick, rate):
+def train_cases(on_accelerator, quick, rate, smoke=False):
   cases = []
   sizes = ((64, 32), (256, 8)) if on_accelerator else ((64, 8), (256, 1))
   if quick:
     sizes = sizes[:1]
+  if smoke:
+    sizes = ((16, 4),)
   for side, batch in sizes:
-    for remat in (False, True):
+    for remat in ((False,) if smoke else (False, True)):
       config = bench_train.full_width_64_config()
       config.model.size = side
       config.data.resolution = config.data.crop = side
       config.train.global_batch_size = batch
       config.train.remat = remat
-      reference = side == 64 and batch == 8
+      if smoke:
+        m = config.model
+        m.hidden_size, m.style_dim, m.n_mlp, m.max_channels, m.d_max_channels = 16, 16, 1, 16, 16
+      reference = side == 64 and batch == 8 and not smoke
       cases.append(bench_train.measure(
           f'cips_skip_{side}_full', config, 1 if quick else 2, rate,
           bench_train.USEFUL_TFLOP_64 if reference else None))
@@ -121,17 +136,20 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true', help='smaller sizes, one repeat')
   parser.add_argument('--skip_train', action='store_true')
+  parser.add_argument('--smoke', action='store_true',
+                      help='a tiny model and grid: checks the suite runs (figures meaningless)')
   args = parser.parse_args()
   on_accelerator = jax.default_backend() != 'cpu'
   start = time.perf_counter()
-  rates = {name: bench_generator.matmul_gflops(dtype=jnp.dtype(name))
+  rates = {name: bench_generator.matmul_gflops(n=256 if args.smoke else 4096,
+                                               dtype=jnp.dtype(name))
            for name in ('float32', 'bfloat16')}
-  generator, ratios, model = generator_cases(on_accelerator, args.quick, rates)
-  scaling = scaling_cases(model, on_accelerator, args.quick)
+  generator, ratios, model = generator_cases(on_accelerator, args.quick, rates, args.smoke)
+  scaling = scaling_cases(model, on_accelerator, args.quick, args.smoke)
   training = [] if args.skip_train else train_cases(on_accelerator, args.quick,
-                                                    rates['float32'])
+                                                    rates['float32'], args.smoke)
   print(json.dumps({
-      'suite': 'cips_jax benchmarks/run_all.py',
+      'suite': 'cips_jax benchmarks/run_all.py', 'smoke': args.smoke,
       'machine': {'backend': jax.default_backend(),
                   'devices': [d.device_kind for d in jax.devices()],
                   'processor': platform.processor() or platform.machine(),

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -28,17 +29,26 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_argument('--data_dir', required=True, help='root of the prepared data sets')
   args = parser.parse_args(argv)
 
+  if args.command == 'folder' and not os.path.isdir(args.source_dir):
+    print(f'error: image folder {args.source_dir} does not exist', file=sys.stderr)
+    return 1
   from cips_jax.data import builders  # imports tensorflow_datasets: after parsing
-  if args.command == 'procedural':
-    builder = builders.prepare_procedural(args.data_dir, args.config)
-  elif args.command == 'folder':
-    builder = builders.prepare_image_folder(args.source_dir, args.data_dir, args.resolution,
-                                            args.name, num_threads=args.num_threads)
+  try:
+    if args.command == 'procedural':
+      builder = builders.prepare_procedural(args.data_dir, args.config)
+    elif args.command == 'folder':
+      builder = builders.prepare_image_folder(args.source_dir, args.data_dir, args.resolution,
+                                              args.name, num_threads=args.num_threads)
+    else:
+      builder = builders.prepare_lsun_churches(args.data_dir, download_dir=args.download_dir)
+  except (ImportError, OSError, ValueError) as error:
+    # A missing extra, folder or bad value: the message says what to do; no traceback.
+    print(f'error: {error}', file=sys.stderr)
+    return 1
+  if args.command == 'folder':
     skipped = builder.info.metadata.get('skipped_files', [])
     if skipped:
       print(f'skipped {len(skipped)} unreadable file(s): {", ".join(skipped)}', file=sys.stderr)
-  else:
-    builder = builders.prepare_lsun_churches(args.data_dir, download_dir=args.download_dir)
   print(f'prepared {builder.info.full_name} in {builder.data_dir}: '
         f'{builder.info.splits["train"].num_examples} train images')
   return 0
