@@ -340,6 +340,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       state = start_from_generator(state, t.init_generator_from, g_tx, shardings.g_params)
     logging.info('starting a new run in %s', workdir)
   start_step = int(state.step)
+  if start_step >= t.num_steps:
+    # A finished run: say so rather than appear to resume (raise num_steps to go on).
+    logging.warning('%s already holds step %d >= train.num_steps = %d: nothing to train '
+                    '(raise --config.train.num_steps to continue)', workdir, start_step,
+                    t.num_steps)
+    return state
   if start_step:
     logging.info('resuming %s from step %d', workdir, start_step)
   if is_chief:

@@ -148,6 +148,16 @@ def test_resuming_with_another_architecture_names_the_difference(data_dir, tmp_p
   assert final_state(tiny_config(data_dir), tmp_path)[0] == 5   # nothing lost
 
 
+def test_a_finished_run_says_so_instead_of_resuming(data_dir, tmp_path, caplog):
+  train.train_and_evaluate(tiny_config(data_dir, **{'train.num_steps': 2}), str(tmp_path))
+  caplog.set_level('WARNING')
+  state = train.train_and_evaluate(tiny_config(data_dir, **{'train.num_steps': 1}),
+                                   str(tmp_path))
+  assert int(state.step) == 2
+  assert 'already holds step 2 >= train.num_steps = 1: nothing to train' in caplog.text
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
+
+
 def test_bad_config_on_the_command_line_names_the_field(data_dir, tmp_path):
   code, output = run_main(tmp_path, data_dir, '--config.data.crop=6')
   assert code != 0 and 'config.data.crop = 6: must be a power of two' in output
