@@ -58,10 +58,6 @@ def main(argv):
   import jax   # after flag parsing, so --jax_* flags and XLA_FLAGS take effect
 
   if _runs_as_one_of_several_processes():
-    # CPU processes need a collectives library to reach each other (GPUs and TPUs ignore
-    # this); gloo ships with jaxlib. An explicit --jax_cpu_collectives_implementation wins.
-    if jax.config.jax_cpu_collectives_implementation in (None, 'none', ''):
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
