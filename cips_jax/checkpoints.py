@@ -106,13 +106,10 @@ class TrainCheckpoints:
     saved = self._manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))['config']
     self._check_compatible(saved, step)
-    if not isinstance(sharding, jax.sharding.Sharding):   # a tree of shardings
-      target = jax.tree_util.tree_map(
-          lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
-          sharding)
-    else:
-      target = jax.tree_util.tree_map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract_state)
+    if isinstance(sharding, jax.sharding.Sharding):   # one for every leaf
+      sharding = jax.tree_util.tree_map(lambda _: sharding, abstract_state)
+    target = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, sharding)
     return self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))['state']
 

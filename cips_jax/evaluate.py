@@ -66,7 +66,7 @@ def main(argv):
     config.data.data_dir = _DATA_DIR.value
   source = train.open_source(config.data)
   _, coords = train.sample_grids(config.data, source)
-  label = (f'step{loading.checkpoint_steps(workdir)[-1]}' if checkpoint == workdir
+  label = (f'step{loading.latest_checkpoint_step(workdir)}' if checkpoint == workdir
            else os.path.basename(os.path.normpath(checkpoint)))
 
   start = time.perf_counter()

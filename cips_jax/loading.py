@@ -54,14 +54,20 @@ def checkpoint_steps(workdir: str) -> list[int]:
                 if name.isdigit() and _is_export_of_state(os.path.join(manager_dir, name)))
 
 
-def workdir_config(workdir: str):
-  """The training config (an ml_collections.ConfigDict) saved with the latest checkpoint."""
-  import ml_collections
+def latest_checkpoint_step(workdir: str) -> int:
+  """The step of the latest complete checkpoint in WORKDIR/checkpoints."""
   steps = checkpoint_steps(workdir)
   if not steps:
     raise FileNotFoundError(f'the training workdir {workdir} has no checkpoint yet')
+  return steps[-1]
+
+
+def workdir_config(workdir: str):
+  """The training config (an ml_collections.ConfigDict) saved with the latest checkpoint."""
+  import ml_collections
+  step = latest_checkpoint_step(workdir)
   manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'))
-  saved = manager.restore(steps[-1], args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   return ml_collections.ConfigDict(saved['config'])
 
 
@@ -95,10 +101,7 @@ def open_generator(path: str, which: str = 'g_ema') -> tuple[Any, dict[str, Any]
     return _restore_training_step(os.path.dirname(path), int(os.path.basename(path)), which)
   manager_dir = os.path.join(path, 'checkpoints')
   if os.path.isdir(manager_dir):
-    steps = checkpoint_steps(path)
-    if not steps:
-      raise FileNotFoundError(f'the training workdir {path} has no checkpoint yet')
-    return _restore_training_step(manager_dir, steps[-1], which)
+    return _restore_training_step(manager_dir, latest_checkpoint_step(path), which)
   raise NotAGeneratorError(
       f'{path} is not a training workdir (no checkpoints/ inside), an exported generator '
       '(no model/ and params/ inside), a training step directory, or a .pt file')
