@@ -21,7 +21,6 @@ from typing import Any, Callable, Iterator, Optional
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from cips_jax import parallel, sampling, summary
 from cips_jax.metrics import fid as fid_lib
@@ -92,7 +91,7 @@ class Evaluator:
              progress: Optional[Callable[[int, int], None]] = None) -> 'Evaluator':
     """Loads (or computes and caches) the real statistics of `num_real` images."""
     mesh = parallel.make_mesh() if mesh is None else mesh
-    batch_size = -(-batch_size // mesh.size) * mesh.size
+    batch_size = parallel.divisible_batch(batch_size, mesh)
     num_real = min(num_real, len(source))
     name = f"{dataset_name.replace('/', '_')}_{resolution}px_{num_real}_seed{seed}.npz"
     path = os.path.join(cache_dir, name)
@@ -112,11 +111,9 @@ class Evaluator:
     render = _sharded_renderer(gen.clone(remat=False), self.batch_size, self.mesh)
     key = jax.random.PRNGKey(self.seed + 10_000)
     for index in range(math.ceil(num_samples / self.batch_size)):
-      images = render(params, jax.random.fold_in(key, index), self.coords)
-      if jax.process_count() > 1:
-        images = multihost_utils.process_allgather(images, tiled=True)
+      images = parallel.to_host(render(params, jax.random.fold_in(key, index), self.coords))
       count = min(self.batch_size, num_samples - index * self.batch_size)
-      yield summary.to_uint8(np.asarray(images)[:count])
+      yield summary.to_uint8(images[:count])
 
   def evaluate(self, gen, params, num_samples: int,
                progress: Optional[Callable[[int, int], None]] = None) -> dict[str, float]:

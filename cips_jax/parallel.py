@@ -56,6 +56,19 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def divisible_batch(batch_size: int, mesh: Mesh) -> int:
+  """`batch_size` rounded up to a multiple of the device count (an equal share each)."""
+  return -(-batch_size // mesh.size) * mesh.size
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+  """A (possibly batch-sharded, multi-process) array as one whole numpy array."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    array = multihost_utils.process_allgather(array, tiled=True)
+  return np.asarray(array)
+
+
 def global_batch(local: Any, mesh: Mesh) -> Any:
   """Host-local arrays (this process's rows) -> global arrays sharded over 'data'.
 

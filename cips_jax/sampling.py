@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from cips_jax import parallel
 
@@ -194,7 +194,7 @@ def render(gen, variables: Variables, w: Array, coords: Array, mix: Optional[Arr
   chunk = -(-chunk // num_devices) * num_devices
   render_chunk = _chunk_renderer(gen, embedding_mode, mesh, shared, per_pixel_w,
                                  mix is not None, rng is not None)
-  placement = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+  placement = None if mesh is None else parallel.replicated(mesh)
   variables = jax.device_put(variables, placement)
   if not per_pixel_w:
     w = jax.device_put(w, placement)

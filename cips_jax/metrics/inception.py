@@ -29,10 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
-
-from cips_jax import torch_pickle
+from cips_jax import parallel, torch_pickle
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
@@ -431,7 +428,8 @@ class InceptionFeatures:
 
   Images are uint8 or float in [-1, 1] (see :func:`preprocess`).  The network always runs
   on exactly ``batch_size`` images (the last chunk is padded), so it compiles once;
-  preprocessing compiles once per input size.
+  preprocessing compiles once per input size.  With ``mesh`` (``parallel.make_mesh()``, the
+  axis 'data') each batch is split over its devices.
   """
 
   def __init__(self, params: Optional[Params] = None, batch_size: int = 64,
@@ -440,7 +438,7 @@ class InceptionFeatures:
       raise ValueError(f'batch_size must be positive, got {batch_size}')
     self.mesh = mesh
     if mesh is not None:   # every device takes an equal share of each batch
-      batch_size = -(-batch_size // mesh.size) * mesh.size
+      batch_size = parallel.divisible_batch(batch_size, mesh)
     self.batch_size = batch_size
     params = load_params(path) if params is None else params
     model = InceptionV3()
@@ -452,8 +450,8 @@ class InceptionFeatures:
       self.params = jax.device_put(params)
       self._network = jax.jit(network)
     else:
-      replicated = NamedSharding(mesh, PartitionSpec())
-      self._batch_sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+      replicated = parallel.replicated(mesh)
+      self._batch_sharding = parallel.batch_sharded(mesh)
       self.params = jax.device_put(params, replicated)
       self._network = jax.jit(network, in_shardings=(replicated, self._batch_sharding),
                               out_shardings=self._batch_sharding)
@@ -464,11 +462,6 @@ class InceptionFeatures:
       return chunk
     return jax.make_array_from_callback(chunk.shape, self._batch_sharding,
                                         lambda index: chunk[index])
-
-  def _fetch(self, features) -> np.ndarray:
-    if self.mesh is not None and jax.process_count() > 1:
-      features = multihost_utils.process_allgather(features, tiled=True)
-    return np.asarray(features)
 
   def __call__(self, images) -> np.ndarray:
     """(N, H, W, 3) images -> (N, 2048) float32 numpy features, ``batch_size`` at a time."""
@@ -483,7 +476,7 @@ class InceptionFeatures:
         filler = np.zeros((self.batch_size - count,) + chunk.shape[1:], chunk.dtype)
         chunk = np.concatenate([chunk, filler])
       features = self._network(self.params, self._place(chunk))
-      outputs.append(self._fetch(features)[:count])
+      outputs.append(parallel.to_host(features)[:count])
     if not outputs:
       return np.zeros((0, FEATURE_DIM), np.float32)
     return np.concatenate(outputs)
