@@ -1,10 +1,13 @@
 """The CIPS generators (CIPSskip, CIPSres) and their mapping network.
 
 A CIPS generator is a function of one pixel: `(xy, style) -> rgb`. The modules below write
-that function (`synthesize_pixel`) and `__call__` lifts it with `nn.vmap`, first over the
-pixels of an image and then over images. What does not depend on a mapped input is not
-batched: a per-image style's affines and demodulations run once per image, and coordinates
-shared by the batch have their Fourier features and embedding read once.
+that function (`synthesize_pixel`) and `__call__` lifts it with `nn.vmap`:
+- per-image styles: every layer's style terms (`layers.Modulation`) are computed once per
+  image, and one vmap runs over all (image, pixel) pairs, so each layer is one
+  (B * P, in) x (in, out) product forwards and its weight gradient one 2-D product backwards;
+- per-pixel styles and mixtures: a vmap over the pixels of an image, then over images. What
+  does not depend on a mapped input is not batched: a mixture's K affines and K^2
+  demodulations run once per image, and shared coordinates' features are read once.
 
 Style forms accepted by `__call__` (w from the mapping network, D = style_dim):
 - per image: `w` (B, D);
@@ -128,11 +131,11 @@ class _CIPS(nn.Module):
     self.fourier = encodings.FourierFeatures(self.hidden_size, self.cylindrical)
     self.embedding = self.param('embedding', nn.initializers.normal(1.0),
                                 (self.size, self.size, self.hidden_size))
-    self.conv1 = self._styled(self._widths()[0])
+    self.conv1 = self._styled(2 * self.hidden_size, self._widths()[0])
     self.build_layers()
 
-  def _styled(self, features: int) -> layers.StyledDense:
-    return styled_dense_class(self.remat)(features, activation=self.activation,
+  def _styled(self, in_features: int, features: int) -> layers.StyledDense:
+    return styled_dense_class(self.remat)(in_features, features, activation=self.activation,
                                           dtype=self.dtype)
 
   def _widths(self) -> list[int]:
@@ -141,23 +144,35 @@ class _CIPS(nn.Module):
   def build_layers(self):
     raise NotImplementedError
 
-  def pixel_mlp(self, features: Array, style: Array, mix: Optional[Array],
-                noise: Optional[Array], pixel_axes: tuple[str, ...] = ()) -> Array:
+  def pixel_mlp(self, features: Array, style: Optional[Array], mix: Optional[Array],
+                noise: Optional[Array], pixel_axes: tuple[str, ...] = (),
+                modulations: Optional[list] = None) -> Array:
     """(2 * hidden_size,) input features of one pixel -> (3,) RGB."""
     raise NotImplementedError
 
-  def synthesize_pixel(self, xy: Array, style: Array, mix: Optional[Array] = None,
+  def modulated_layers(self) -> list:
+    """The layers that take a style, in the order `modulations_for` lists them."""
+    raise NotImplementedError
+
+  def modulations_for(self, w: Array) -> list:
+    """w (..., D) -> every modulated layer's `layers.Modulation` for each style."""
+    return [layer.modulation_for(w) for layer in self.modulated_layers()]
+
+  def synthesize_pixel(self, xy: Array, style: Optional[Array], mix: Optional[Array] = None,
                        noise: Optional[Array] = None, embedding_mode: str = 'bilinear',
-                       pixel_axes: tuple[str, ...] = ()) -> Array:
+                       pixel_axes: tuple[str, ...] = (),
+                       modulations: Optional[list] = None) -> Array:
     """One pixel: xy (2,), style (D,) or (K, D) with mix (K,), noise (L,) or None -> (3,).
 
-    `pixel_axes` (static): the vmapped axis names, given when the style or mix varies per
-    pixel, so the layers can order their per-pixel style work (scheduling only).
+    Instead of a style, `modulations` may give this pixel's precomputed style terms (the
+    `modulations_for` of its image's w). `pixel_axes` (static): the vmapped axis names, given
+    when the style or mix varies per pixel, so the layers can order their per-pixel style work
+    (scheduling only).
     """
     embedding = encodings.lookup_embedding(self.embedding, xy, embedding_mode,
                                            wrap_x=self.cylindrical)
     features = jnp.concatenate([self.fourier(xy), embedding])
-    return self.pixel_mlp(features, style, mix, noise, pixel_axes)
+    return self.pixel_mlp(features, style, mix, noise, pixel_axes, modulations)
 
   def __call__(self, coords: Array, w: Array, mix: Optional[Array] = None,
                embedding_mode: Optional[str] = None) -> Array:
@@ -195,7 +210,10 @@ class _CIPS(nn.Module):
                                 (batch, num_pixels, self.num_styled_layers))
 
     styles_vary_per_pixel = style_pixel_axis == 0 or mix is not None
-    pixel_axes = (IMAGE_AXIS, PIXEL_AXIS) if styles_vary_per_pixel else ()
+    if not styles_vary_per_pixel:
+      rgb = self._render_per_image_styles(flat_coords, style, noise, mode)
+      return rgb.reshape((batch, *pixel_shape, 3))
+    pixel_axes = (IMAGE_AXIS, PIXEL_AXIS)
 
     def one_pixel(module, xy, style, mix, noise):
       return module.synthesize_pixel(xy, style, mix, noise, mode, pixel_axes)
@@ -208,6 +226,31 @@ class _CIPS(nn.Module):
                           in_axes=(None if shared else 0, 0, 0, 0))
     rgb = over_images(self, flat_coords, style, flat_mix, noise)
     return rgb.reshape((batch, *pixel_shape, 3))
+
+  def _render_per_image_styles(self, coords: Array, w: Array, noise: Optional[Array],
+                               mode: str) -> Array:
+    """coords (P, 2) or (B, P, 2), w (B, D), noise (B, P, L) or None -> (B * P, 3).
+
+    Each layer's style terms are computed once per image, outside the pixel function, and
+    every (image, pixel) pair is one entry of a single vmapped axis. Activations are then
+    (B * P, C) matrices, so each weight gradient is one 2-D product: with separate image and
+    pixel axes it contracts two axes, which XLA:CPU precedes with a transpose of the activations.
+    """
+    batch, num_pixels = w.shape[0], coords.shape[-2]
+    def per_pixel(array):   # (B, ...) -> (B * P, ...), each image's value at each of its pixels
+      return jnp.broadcast_to(array[:, None], (batch, num_pixels, *array.shape[1:])).reshape(
+          batch * num_pixels, *array.shape[1:])
+    modulations = jax.tree_util.tree_map(per_pixel, self.modulations_for(w))
+    coords = jnp.broadcast_to(coords, (batch, num_pixels, 2)).reshape(-1, 2)
+    if noise is not None:
+      noise = noise.reshape(batch * num_pixels, -1)
+
+    def one_pixel(module, xy, noise, modulations):
+      return module.synthesize_pixel(xy, None, None, noise, mode, modulations=modulations)
+
+    over_pixels = nn.vmap(one_pixel, variable_axes={'params': None},
+                          split_rngs={'params': False}, axis_name=PIXEL_AXIS)
+    return over_pixels(self, coords, noise, modulations)
 
   def generate(self, z: Array, coords: Array, embedding_mode: Optional[str] = None) -> Array:
     """Maps z (B, D) and renders at coords: the whole generator (used by init)."""
@@ -248,17 +291,23 @@ class CIPSskip(_CIPS):
 
   def build_layers(self):
     widths = self._widths()
-    self.linears = [self._styled(w) for w in widths for _ in range(2)]
-    self.to_rgbs = [layers.ToRGB(dtype=self.dtype) for _ in widths]
+    inputs = [widths[0]] + widths[:-1]      # conv1 outputs widths[0]
+    self.linears = [layer for fan_in, w in zip(inputs, widths)
+                    for layer in (self._styled(fan_in, w), self._styled(w, w))]
+    self.to_rgbs = [layers.ToRGB(w, dtype=self.dtype) for w in widths]
 
-  def pixel_mlp(self, features, style, mix, noise, pixel_axes=()):
+  def modulated_layers(self):
+    return [self.conv1, *self.linears, *self.to_rgbs]
+
+  def pixel_mlp(self, features, style, mix, noise, pixel_axes=(), modulations=None):
     noise = _noise_list(noise, self.num_styled_layers)
-    h = self.conv1(features, style, mix, noise[0], pixel_axes)
+    mods = _modulation_list(modulations, len(self.modulated_layers()))
+    h = self.conv1(features, style, mix, noise[0], pixel_axes, mods[0])
     rgb = None
     for i, to_rgb in enumerate(self.to_rgbs):
-      h = self.linears[2 * i](h, style, mix, noise[2 * i + 1], pixel_axes)
-      h = self.linears[2 * i + 1](h, style, mix, noise[2 * i + 2], pixel_axes)
-      rgb = to_rgb(h, style, mix, rgb, pixel_axes)
+      h = self.linears[2 * i](h, style, mix, noise[2 * i + 1], pixel_axes, mods[2 * i + 1])
+      h = self.linears[2 * i + 1](h, style, mix, noise[2 * i + 2], pixel_axes, mods[2 * i + 2])
+      rgb = to_rgb(h, style, mix, rgb, pixel_axes, mods[self.num_styled_layers + i])
     return rgb
 
 
@@ -272,22 +321,29 @@ _REMAT_STYLED_DENSE = nn.remat(layers.StyledDense, static_argnums=(5,))
 
 class StyledResBlock(nn.Module):
   """(conv2(conv1(x)) + skip(x)) / sqrt(2); skip is a 1x1 equalized projection if widths differ."""
+  in_features: int
   features: int
   activation: Optional[str] = None
   dtype: DType = jnp.float32
   remat: bool = False
 
-  @nn.compact
-  def __call__(self, x, style, mix=None, noise=(None, None), pixel_axes=()):
-    """x: (in,) -> (features,); noise: two per-pixel draws (or Nones)."""
+  def setup(self):
     styled = styled_dense_class(self.remat)
-    h = styled(self.features, self.activation, self.dtype, name='conv1')(
-        x, style, mix, noise[0], pixel_axes)
-    h = styled(self.features, self.activation, self.dtype, name='conv2')(
-        h, style, mix, noise[1], pixel_axes)
-    skip = x
-    if x.shape[-1] != self.features:
-      skip = layers.EqualDense(self.features, use_bias=False, name='skip')(x)
+    self.conv1 = styled(self.in_features, self.features, self.activation, self.dtype)
+    self.conv2 = styled(self.features, self.features, self.activation, self.dtype)
+    if self.in_features != self.features:
+      self.skip = layers.EqualDense(self.features, use_bias=False)
+
+  def modulation_for(self, style):
+    """style (..., D) -> the Modulations of conv1 and conv2."""
+    return self.conv1.modulation_for(style), self.conv2.modulation_for(style)
+
+  def __call__(self, x, style, mix=None, noise=(None, None), pixel_axes=(), modulations=None):
+    """x: (in,) -> (features,); noise: two per-pixel draws (or Nones)."""
+    mods = (None, None) if modulations is None else modulations
+    h = self.conv1(x, style, mix, noise[0], pixel_axes, mods[0])
+    h = self.conv2(h, style, mix, noise[1], pixel_axes, mods[1])
+    skip = x if self.in_features == self.features else self.skip(x)
     return (h + skip) / layers.SQRT2
 
 
@@ -302,17 +358,27 @@ class CIPSres(_CIPS):
     return res_widths(num_pairs(self.size), self.channel_multiplier, self.max_channels)
 
   def build_layers(self):
-    self.blocks = [StyledResBlock(w, self.activation, self.dtype, self.remat)
-                   for w in self._widths()]
-    self.to_rgb = layers.ToRGB(dtype=self.dtype)
+    widths = self._widths()
+    inputs = [widths[0]] + widths[:-1]      # conv1 outputs widths[0]
+    self.blocks = [StyledResBlock(fan_in, w, self.activation, self.dtype, self.remat)
+                   for fan_in, w in zip(inputs, widths)]
+    self.to_rgb = layers.ToRGB(widths[-1], dtype=self.dtype)
 
-  def pixel_mlp(self, features, style, mix, noise, pixel_axes=()):
+  def modulated_layers(self):
+    return [self.conv1, *self.blocks, self.to_rgb]
+
+  def pixel_mlp(self, features, style, mix, noise, pixel_axes=(), modulations=None):
     noise = _noise_list(noise, self.num_styled_layers)
-    h = self.conv1(features, style, mix, noise[0], pixel_axes)
+    mods = _modulation_list(modulations, len(self.modulated_layers()))
+    h = self.conv1(features, style, mix, noise[0], pixel_axes, mods[0])
     for i, block in enumerate(self.blocks):
-      h = block(h, style, mix, (noise[2 * i + 1], noise[2 * i + 2]), pixel_axes)
-    return self.to_rgb(h, style, mix, None, pixel_axes)
+      h = block(h, style, mix, (noise[2 * i + 1], noise[2 * i + 2]), pixel_axes, mods[i + 1])
+    return self.to_rgb(h, style, mix, None, pixel_axes, mods[-1])
 
 
 def _noise_list(noise: Optional[Array], count: int) -> list:
   return [None] * count if noise is None else [noise[i] for i in range(count)]
+
+
+def _modulation_list(modulations: Optional[list], count: int) -> list:
+  return [None] * count if modulations is None else modulations

@@ -1,9 +1,10 @@
 """Layers of the CIPS generator, written for ONE pixel.
 
 Every layer here takes the features of a single pixel (a vector) and the style that drives it.
-The generator `vmap`s them over pixels and images; JAX then batches only what depends on the
-mapped inputs, so a per-image style's affine and demodulation run once per image while the
-pixel work becomes one matrix multiply per layer.
+The generator `vmap`s them over pixels and images. A per-image style's affine and
+demodulation run once per image (the generator computes each layer's `Modulation` before the
+vmap, or JAX leaves the unmapped style unbatched), while the pixel work becomes one matrix
+multiply per layer.
 
 Parameters follow Flax conventions (dense kernels are `(in, out)`); `convert.py` maps the
 reference's PyTorch layout onto them. The equalized learning rate of StyleGAN2 is kept: weights
@@ -13,7 +14,7 @@ are stored at unit scale and multiplied by `lr_mul / sqrt(fan_in)` at run time.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -80,6 +81,12 @@ class EqualDense(nn.Module):
     return leaky_relu_gain(y) if self.activate else y
 
 
+class Modulation(NamedTuple):
+  """A modulated layer's style terms: input scales and output demodulation (or None)."""
+  scale: Array
+  inv_norm: Optional[Array]
+
+
 class ModulatedDense(nn.Module):
   """A 1x1 modulated convolution (StyleGAN2) for one pixel, modulating activations.
 
@@ -94,49 +101,68 @@ class ModulatedDense(nn.Module):
   quadratic in it, so it is `mix^T G mix` with G[k, l] = (s_k * s_l) @ (c W)^2, computed once
   per image: K styles and K^2 demodulation vectors per layer, whatever the pixel count.
 
+  The pair (s, rsqrt(...)) is this layer's `Modulation`. `modulation_for(w)` computes it for any
+  leading shape of w, so a caller can compute it once per image and hand it to every pixel.
+
   Attributes:
+    in_features: input width.
     features: output width.
     demodulate: divide each output by the norm of its modulated weight row.
     dtype: dtype of the matrix-multiply inputs (accumulation is always float32).
   """
+  in_features: int
   features: int
   demodulate: bool = True
   dtype: DType = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array, style: Array, mix: Optional[Array] = None,
-               pixel_axes: tuple[str, ...] = ()) -> Array:
+  def setup(self):
+    self.kernel = self.param('kernel', unit_normal_init(), (self.in_features, self.features))
+    self.modulation = EqualDense(self.in_features, bias_init=1.0)   # the style affine
+
+  def scaled_kernel(self) -> Array:
+    return self.kernel * (1.0 / math.sqrt(self.in_features))
+
+  def modulation_for(self, style: Array, mix: Optional[Array] = None,
+                 anchor: Optional[Array] = None) -> Modulation:
+    """The input scales and output demodulation for `style`.
+
+    style (..., D) -> Modulation(scale (..., in), inv_norm (..., out) or None); with `mix`
+    (K,) for this pixel, style is (K, D) and the result is this pixel's (in,) and (out,).
+    """
+    if mix is None:
+      scale = self.modulation(style, anchor)
+      if not self.demodulate:
+        return Modulation(scale, None)
+      norm_sq = jnp.square(scale) @ jnp.square(self.scaled_kernel())
+      return Modulation(scale, jax.lax.rsqrt(norm_sq + DEMODULATION_EPS))
+    styles = self.modulation(style)                              # (K, in): once per image
+    scale = _weighted_sum(mix, styles)                       # (in,): this pixel's style
+    if not self.demodulate:
+      return Modulation(scale, None)
+    k = styles.shape[0]
+    pair_products = (styles[:, None, :] * styles[None, :, :]).reshape(k * k, self.in_features)
+    gram = pair_products @ jnp.square(self.scaled_kernel())  # (K*K, out): once per image
+    norm_sq = _weighted_sum(jnp.outer(mix, mix).reshape(k * k), gram)   # (out,)
+    return Modulation(scale, jax.lax.rsqrt(norm_sq + DEMODULATION_EPS))
+
+  def __call__(self, x: Array, style: Optional[Array] = None, mix: Optional[Array] = None,
+               pixel_axes: tuple[str, ...] = (),
+               modulation: Optional[Modulation] = None) -> Array:
     """x: (in,); style: (D,) or, with mix (K,), (K, D). Returns (features,) float32.
 
+    `modulation`: this pixel's precomputed `Modulation` (then `style` and `mix` are unused).
     `pixel_axes`: names of the caller's vmapped axes, given when the style (or `mix`) varies
     per pixel; it orders this layer's style work after x (see `ordering_anchor`) and never
     changes the result.
     """
-    fan_in = x.shape[-1]
-    kernel = self.param('kernel', unit_normal_init(), (fan_in, self.features))
-    kernel = kernel * (1.0 / math.sqrt(fan_in))
-    anchor = ordering_anchor(x, pixel_axes) if pixel_axes else None
-    if mix is not None and anchor is not None:
-      mix = mix + anchor
-    affine = EqualDense(fan_in, bias_init=1.0, name='modulation')
-    if mix is None:
-      s = affine(style, anchor)                            # (in,)
-    else:
-      styles = affine(style)                               # (K, in): once per image
-      s = _weighted_sum(mix, styles)                       # (in,): this pixel's style
-    y = jnp.dot((x * s).astype(self.dtype), kernel.astype(self.dtype),
-                preferred_element_type=jnp.float32)
-    if not self.demodulate:
-      return y
-    kernel_sq = jnp.square(kernel)
-    if mix is None:
-      norm_sq = jnp.square(s) @ kernel_sq                   # (out,)
-    else:
-      k = styles.shape[0]
-      pair_products = (styles[:, None, :] * styles[None, :, :]).reshape(k * k, fan_in)
-      gram = pair_products @ kernel_sq                      # (K*K, out): once per image
-      norm_sq = _weighted_sum(jnp.outer(mix, mix).reshape(k * k), gram)  # (out,)
-    return y * jax.lax.rsqrt(norm_sq + DEMODULATION_EPS)
+    if modulation is None:
+      anchor = ordering_anchor(x, pixel_axes) if pixel_axes else None
+      if mix is not None and anchor is not None:
+        mix, anchor = mix + anchor, None
+      modulation = self.modulation_for(style, mix, anchor)
+    y = jnp.dot((x * modulation.scale).astype(self.dtype),
+                self.scaled_kernel().astype(self.dtype), preferred_element_type=jnp.float32)
+    return y if modulation.inv_norm is None else y * modulation.inv_norm
 
 
 def _weighted_sum(weights: Array, rows: Array) -> Array:
@@ -170,6 +196,7 @@ class StyledDense(nn.Module):
   """ModulatedDense, then noise injection, then bias and activation (the reference StyledConv).
 
   Attributes:
+    in_features: input width.
     features: output width.
     activation: None (bias + leaky ReLU x sqrt 2, the released models), 'sin' (sin(x + bias)),
       or 'sinrelu' (bias, then leaky ReLU of the even channels and sin of the odd channels,
@@ -177,22 +204,32 @@ class StyledDense(nn.Module):
       as the reference does).
     dtype: matrix-multiply input dtype.
   """
+  in_features: int
   features: int
   activation: Optional[str] = None
   dtype: DType = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array, style: Array, mix: Optional[Array] = None,
-               noise: Optional[Array] = None, pixel_axes: tuple[str, ...] = ()) -> Array:
-    """x: (in,); noise: () standard normal for this pixel or None. Returns (features,)."""
-    y = ModulatedDense(self.features, dtype=self.dtype, name='modulated')(
-        x, style, mix, pixel_axes)
+  def setup(self):
+    self.modulated = ModulatedDense(self.in_features, self.features, dtype=self.dtype)
     # The reference draws the noise inside the layer; its learned strength starts at 0.
-    strength = self.param('noise_strength', nn.initializers.zeros, ())
+    self.noise_strength = self.param('noise_strength', nn.initializers.zeros, ())
+    self.bias = self.param('bias', nn.initializers.zeros, (self.features,))
+
+  def modulation_for(self, style: Array) -> Modulation:
+    """style (..., D) -> this layer's Modulation for each style (see ModulatedDense)."""
+    return self.modulated.modulation_for(style)
+
+  def __call__(self, x: Array, style: Optional[Array] = None, mix: Optional[Array] = None,
+               noise: Optional[Array] = None, pixel_axes: tuple[str, ...] = (),
+               modulation: Optional[Modulation] = None) -> Array:
+    """x: (in,); noise: () standard normal for this pixel or None. Returns (features,).
+
+    Either `style` (and `mix`) or this pixel's precomputed `modulation`.
+    """
+    y = self.modulated(x, style, mix, pixel_axes, modulation)
     if noise is not None:
-      y = y + strength * noise
-    y = y + self.param('bias', nn.initializers.zeros, (self.features,))
-    return apply_activation(y, self.activation)
+      y = y + self.noise_strength * noise
+    return apply_activation(y + self.bias, self.activation)
 
 
 def apply_activation(y: Array, activation: Optional[str]) -> Array:
@@ -209,13 +246,20 @@ def apply_activation(y: Array, activation: Optional[str]) -> Array:
 
 class ToRGB(nn.Module):
   """Modulated 1x1 projection to RGB without demodulation, plus a bias (and a skip)."""
+  in_features: int
   dtype: DType = jnp.float32
 
-  @nn.compact
-  def __call__(self, x: Array, style: Array, mix: Optional[Array] = None,
-               skip: Optional[Array] = None, pixel_axes: tuple[str, ...] = ()) -> Array:
+  def setup(self):
+    self.modulated = ModulatedDense(self.in_features, 3, demodulate=False, dtype=self.dtype)
+    self.bias = self.param('bias', nn.initializers.zeros, (3,))
+
+  def modulation_for(self, style: Array) -> Modulation:
+    """style (..., D) -> this layer's Modulation for each style (see ModulatedDense)."""
+    return self.modulated.modulation_for(style)
+
+  def __call__(self, x: Array, style: Optional[Array] = None, mix: Optional[Array] = None,
+               skip: Optional[Array] = None, pixel_axes: tuple[str, ...] = (),
+               modulation: Optional[Modulation] = None) -> Array:
     """x: (in,) -> (3,); adds `skip` (3,) when given."""
-    rgb = ModulatedDense(3, demodulate=False, dtype=self.dtype, name='modulated')(
-        x, style, mix, pixel_axes)
-    rgb = rgb + self.param('bias', nn.initializers.zeros, (3,))
+    rgb = self.modulated(x, style, mix, pixel_axes, modulation) + self.bias
     return rgb if skip is None else rgb + skip

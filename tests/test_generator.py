@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -355,3 +356,27 @@ def test_gradients_through_per_pixel_styles_and_mixtures(tiny):
   mixture = jax.grad(loss_mixture)(jnp.stack([w, w], axis=1))   # both styles equal to w
   np.testing.assert_allclose(mixture[:, 0], 0.25 * expected, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(mixture[:, 1], 0.75 * expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('arch', [models.CIPSskip, models.CIPSres])
+def test_per_image_path_parameter_gradients_equal_the_per_pixel_path(arch):
+  """Per-image styles take their own path (style terms once per image, one flat vmap); its
+  parameter gradients must equal those of the nested per-pixel path given the same w everywhere."""
+  gen = arch(size=8, hidden_size=16, style_dim=16, n_mlp=2, max_channels=32, channel_multiplier=1)
+  variables = models.init(gen, jax.random.key(0))
+  coords = np.stack([grids.uniform(5, 6), grids.scaled(5, 6, scale=0.5)])   # per-image grids
+  w = jax.random.normal(jax.random.key(6), (2, 16))
+  target = jax.random.normal(jax.random.key(7), (2, 5, 6, 3))
+
+  def loss(params, styles):
+    out = gen.apply({'params': params}, coords, styles, rngs={'noise': jax.random.key(8)})
+    return jnp.sum((out - target) ** 2)
+
+  per_image = jax.grad(loss)(variables['params'], w)
+  per_pixel = jax.grad(loss)(variables['params'], jnp.broadcast_to(w[:, None, None], (2, 5, 6, 16)))
+  for path, expected in jax.tree_util.tree_leaves_with_path(per_pixel):
+    got = functools.reduce(lambda tree, key: tree[key.key], path, per_image)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max(),
+                               err_msg=jax.tree_util.keystr(path))
+  assert np.abs(per_image['conv1']['modulated']['modulation']['kernel']).max() > 0
+  assert np.abs(per_image['conv1']['noise_strength']) > 0

@@ -72,8 +72,11 @@ def test_per_image_coordinates_render_in_chunks(model):
   coords = np.stack([grids.uniform(20, 20), grids.scaled(20, 20, scale=0.5)])
   got = sampling.render(gen, variables, w, coords, chunk_size=256)
   np.testing.assert_array_equal(got, unchunked(gen, variables, w, coords))
-  # Each image really used its own grid.
-  np.testing.assert_array_equal(got[1], unchunked(gen, variables, w[1:], coords[1])[0])
+  # Each image really used its own grid (alone, its pixels are half as many rows of each
+  # matrix product, so rounding may differ).
+  alone = unchunked(gen, variables, w[1:], coords[1])[0]
+  np.testing.assert_allclose(got[1], alone, atol=1e-5)
+  assert np.abs(got[1] - unchunked(gen, variables, w[1:], coords[0])[0]).max() > 1e-2
 
 
 def test_in_graph_chunking_agrees_to_rounding(model):
