@@ -301,7 +301,7 @@ def make_evaluator(config, source, coords, workdir: str, mesh) -> evaluation.Eva
   progress = summary.ProgressBar('Inception features of real images', unit='images')
   return evaluation.Evaluator.create(
       extractor, source, config.data.name, config.data.resolution, coords,
-      cache_dir=os.path.join(workdir, 'fid_stats'), num_real=log.eval_num_real, mesh=mesh,
+      cache_dir=evaluation.stats_cache_dir(workdir), num_real=log.eval_num_real, mesh=mesh,
       batch_size=batch_size, seed=config.train.seed, progress=progress if jax.process_index() == 0 else None)
 
 
@@ -330,9 +330,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   manager = checkpoints.TrainCheckpoints(os.path.join(workdir, 'checkpoints'),
                                          keep=log.keep_checkpoints, config=config)
-  abstract_state = jax.eval_shape(lambda: create_state(gen, disc, g_tx, d_tx, t.seed))
+  new_state = functools.partial(create_state, gen, disc, g_tx, d_tx, t.seed)
+  abstract_state = jax.eval_shape(new_state)
   shardings = parallel.state_shardings(abstract_state, mesh, t.shard_embedding)
-  create = jax.jit(lambda: create_state(gen, disc, g_tx, d_tx, t.seed), out_shardings=shardings)
+  create = jax.jit(new_state, out_shardings=shardings)
   state = manager.restore_latest(abstract_state, shardings)
   if state is None:
     state = create()
