@@ -72,7 +72,7 @@ def main(argv):
   start = time.perf_counter()
   evaluator = evaluation.Evaluator.create(
       extractor, source, config.data.name, config.data.resolution, coords,
-      cache_dir=os.path.join(workdir, 'fid_stats'), num_real=_NUM_REAL.value, mesh=mesh,
+      cache_dir=evaluation.stats_cache_dir(workdir), num_real=_NUM_REAL.value, mesh=mesh,
       batch_size=_BATCH_SIZE.value, seed=_SEED.value,
       progress=summary.ProgressBar('real images', unit='images'))
   scores = evaluator.evaluate(gen, variables['params'], _NUM_SAMPLES.value,

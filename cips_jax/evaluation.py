@@ -73,6 +73,11 @@ def scores(real: fid_lib.Statistics, real_features: np.ndarray, fake: fid_lib.St
           'num_real': real.count, 'num_fake': fake.count}
 
 
+def stats_cache_dir(workdir: str) -> str:
+  """The folder of a run's workdir that caches real-image statistics (`Evaluator.create`)."""
+  return os.path.join(workdir, 'fid_stats')
+
+
 @dataclasses.dataclass
 class Evaluator:
   """Inception features, cached real statistics, and sharded rendering of fakes."""
