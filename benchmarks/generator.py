@@ -46,7 +46,12 @@ def best_time(fn, *args, repeats: int) -> float:
 
 def peak_bytes(jitted, *args) -> int:
   """Arguments + outputs + temporaries of the compiled call (XLA's buffer assignment)."""
-  analysis = jitted.lower(*args).compile().memory_analysis()
+  return compiled_peak_bytes(jitted.lower(*args).compile())
+
+
+def compiled_peak_bytes(compiled) -> int:
+  """Arguments + outputs + temporaries - aliased buffers of a compiled XLA program."""
+  analysis = compiled.memory_analysis()
   return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
              + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
 

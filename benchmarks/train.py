@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from cips_jax import configs, grids, parallel, train  # noqa: E402
-from generator import matmul_gflops  # noqa: E402  (benchmarks/generator.py)
+from generator import compiled_peak_bytes, matmul_gflops  # noqa: E402  (benchmarks/generator.py)
 
 REFERENCE_SECONDS_64 = 46.0          # the reference PyTorch step on the same 2-core machine
 USEFUL_TFLOP_64 = 2.9                # useful work of that step (see the module docstring)
@@ -67,9 +67,7 @@ def measure(name, config, repeats, matmul_rate, useful_tflop=None):
       'coords': np.broadcast_to(np.asarray(grids.uniform(c, c)), (b, c, c, 2)).copy()}, mesh)
   compiled = step.lower(state, batch).compile()
   flops = compiled.cost_analysis().get('flops', float('nan'))
-  memory = compiled.memory_analysis()
-  peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-          + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  peak = compiled_peak_bytes(compiled)
   state, out = step(state, batch)          # compile and warm up
   jax.block_until_ready(out)
   times = []
