@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import pathlib
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from test_multihost import free_port
 
 HERE = pathlib.Path(__file__).parent
 REPO = HERE.parent
@@ -59,12 +59,6 @@ def readme_commands() -> list[str]:
     if re.match(r'(python|pip|bash) ', text):
       commands.extend(part.strip() for part in text.split('&&'))
   return commands
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 class Sandbox:
@@ -191,7 +185,7 @@ def _commands(prefix):
   return [c for c in readme_commands() if c.startswith(prefix)]
 
 
-@pytest.mark.parametrize('command', [c for c in _commands('python -m cips_jax.main')])
+@pytest.mark.parametrize('command', _commands('python -m cips_jax.main'))
 def test_training_commands(results, command):
   sandbox, _ = results
   _ok(results, command)
