@@ -123,26 +123,27 @@ class ModulatedDense(nn.Module):
     return self.kernel * (1.0 / math.sqrt(self.in_features))
 
   def modulation_for(self, style: Array, mix: Optional[Array] = None,
-                 anchor: Optional[Array] = None) -> Modulation:
+                     anchor: Optional[Array] = None) -> Modulation:
     """The input scales and output demodulation for `style`.
 
     style (..., D) -> Modulation(scale (..., in), inv_norm (..., out) or None); with `mix`
     (K,) for this pixel, style is (K, D) and the result is this pixel's (in,) and (out,).
     """
     if mix is None:
-      scale = self.modulation(style, anchor)
-      if not self.demodulate:
-        return Modulation(scale, None)
-      norm_sq = jnp.square(scale) @ jnp.square(self.scaled_kernel())
-      return Modulation(scale, jax.lax.rsqrt(norm_sq + DEMODULATION_EPS))
-    styles = self.modulation(style)                              # (K, in): once per image
-    scale = _weighted_sum(mix, styles)                       # (in,): this pixel's style
+      scale = self.modulation(style, anchor)                # (..., in)
+    else:
+      styles = self.modulation(style)                       # (K, in): once per image
+      scale = _weighted_sum(mix, styles)                    # (in,): this pixel's style
     if not self.demodulate:
       return Modulation(scale, None)
-    k = styles.shape[0]
-    pair_products = (styles[:, None, :] * styles[None, :, :]).reshape(k * k, self.in_features)
-    gram = pair_products @ jnp.square(self.scaled_kernel())  # (K*K, out): once per image
-    norm_sq = _weighted_sum(jnp.outer(mix, mix).reshape(k * k), gram)   # (out,)
+    kernel_sq = jnp.square(self.scaled_kernel())
+    if mix is None:
+      norm_sq = jnp.square(scale) @ kernel_sq               # (..., out)
+    else:
+      k = styles.shape[0]
+      pair_products = (styles[:, None, :] * styles[None, :, :]).reshape(k * k, self.in_features)
+      gram = pair_products @ kernel_sq                      # (K*K, out): once per image
+      norm_sq = _weighted_sum(jnp.outer(mix, mix).reshape(k * k), gram)  # (out,)
     return Modulation(scale, jax.lax.rsqrt(norm_sq + DEMODULATION_EPS))
 
   def __call__(self, x: Array, style: Optional[Array] = None, mix: Optional[Array] = None,
