@@ -96,7 +96,7 @@ class Evaluator:
              progress: Optional[Callable[[int, int], None]] = None) -> 'Evaluator':
     """Loads (or computes and caches) the real statistics of `num_real` images."""
     mesh = parallel.make_mesh() if mesh is None else mesh
-    batch_size = parallel.divisible_batch(batch_size, mesh)
+    batch_size = parallel.divisible_by_devices(batch_size, mesh)
     num_real = min(num_real, len(source))
     name = f"{dataset_name.replace('/', '_')}_{resolution}px_{num_real}_seed{seed}.npz"
     path = os.path.join(cache_dir, name)

@@ -56,9 +56,9 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def divisible_batch(batch_size: int, mesh: Mesh) -> int:
-  """`batch_size` rounded up to a multiple of the device count (an equal share each)."""
-  return -(-batch_size // mesh.size) * mesh.size
+def divisible_by_devices(count: int, mesh: Mesh) -> int:
+  """`count` (images, pixels) rounded up to a multiple of the device count: an equal share each."""
+  return -(-count // mesh.size) * mesh.size
 
 
 def to_host(array: jax.Array) -> np.ndarray:

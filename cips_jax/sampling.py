@@ -191,7 +191,8 @@ def render(gen, variables: Variables, w: Array, coords: Array, mix: Optional[Arr
   # Small matrix products take other code paths in XLA, whose rounding differs: even a
   # handful of points is rendered as (padded) chunk of at least MIN_RENDER_CHUNK pixels.
   chunk = max(min(chunk_size, num_pixels), MIN_RENDER_CHUNK * num_devices)
-  chunk = -(-chunk // num_devices) * num_devices
+  if mesh is not None:
+    chunk = parallel.divisible_by_devices(chunk, mesh)
   render_chunk = _chunk_renderer(gen, embedding_mode, mesh, shared, per_pixel_w,
                                  mix is not None, rng is not None)
   placement = None if mesh is None else parallel.replicated(mesh)

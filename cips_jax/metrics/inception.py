@@ -438,7 +438,7 @@ class InceptionFeatures:
       raise ValueError(f'batch_size must be positive, got {batch_size}')
     self.mesh = mesh
     if mesh is not None:   # every device takes an equal share of each batch
-      batch_size = parallel.divisible_batch(batch_size, mesh)
+      batch_size = parallel.divisible_by_devices(batch_size, mesh)
     self.batch_size = batch_size
     params = load_params(path) if params is None else params
     model = InceptionV3()
