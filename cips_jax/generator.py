@@ -291,8 +291,7 @@ class CIPSskip(_CIPS):
 
   def build_layers(self):
     widths = self._widths()
-    inputs = [widths[0]] + widths[:-1]      # conv1 outputs widths[0]
-    self.linears = [layer for fan_in, w in zip(inputs, widths)
+    self.linears = [layer for fan_in, w in zip(_input_widths(widths), widths)
                     for layer in (self._styled(fan_in, w), self._styled(w, w))]
     self.to_rgbs = [layers.ToRGB(w, dtype=self.dtype) for w in widths]
 
@@ -359,9 +358,8 @@ class CIPSres(_CIPS):
 
   def build_layers(self):
     widths = self._widths()
-    inputs = [widths[0]] + widths[:-1]      # conv1 outputs widths[0]
     self.blocks = [StyledResBlock(fan_in, w, self.activation, self.dtype, self.remat)
-                   for fan_in, w in zip(inputs, widths)]
+                   for fan_in, w in zip(_input_widths(widths), widths)]
     self.to_rgb = layers.ToRGB(widths[-1], dtype=self.dtype)
 
   def modulated_layers(self):
@@ -374,6 +372,11 @@ class CIPSres(_CIPS):
     for i, block in enumerate(self.blocks):
       h = block(h, style, mix, (noise[2 * i + 1], noise[2 * i + 2]), pixel_axes, mods[i + 1])
     return self.to_rgb(h, style, mix, None, pixel_axes, mods[-1])
+
+
+def _input_widths(widths: list[int]) -> list[int]:
+  """Input width of each layer pair or block: conv1 outputs widths[0], then the previous one."""
+  return [widths[0]] + widths[:-1]
 
 
 def _noise_list(noise: Optional[Array], count: int) -> list:
