@@ -19,6 +19,8 @@ import time
 
 from absl import app, flags
 
+from cips_jax import host_malloc
+
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config, data, cache).')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Generator to evaluate (default: the '
                                   "workdir's latest checkpoint).")
@@ -89,4 +91,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_malloc.reuse_freed_memory()   # before JAX starts its threads
   app.run(main)

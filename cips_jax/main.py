@@ -18,6 +18,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cips_jax import host_malloc
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'An ml_collections config file (experiments/*.py).', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
@@ -71,6 +73,8 @@ def main(argv):
     sys.exit(f'cips_jax.main: invalid config: {error}')
   logging.info('python %s, jax %s, jaxlib %s', sys.version.split()[0], jax.__version__,
                jax.lib.__version__ if hasattr(jax.lib, '__version__') else '?')
+  logging.info('host malloc keeps and reuses freed memory (cips_jax.host_malloc): %s',
+               host_malloc.configured)
   logging.info('process %d of %d; %d local devices, %d in all: %s', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices())
@@ -79,4 +83,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_malloc.reuse_freed_memory()   # before JAX starts its threads
   app.run(main)

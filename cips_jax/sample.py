@@ -28,6 +28,8 @@ import time
 
 from absl import app, flags
 
+from cips_jax import host_malloc
+
 MODES = ('grid', 'superres', 'panorama', 'blend', 'foveated', 'interpolate', 'mix', 'invert',
          'spectrum')
 _EXTENSIONS = {'interpolate': '.gif'}
@@ -133,4 +135,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_malloc.reuse_freed_memory()   # before JAX starts its threads
   app.run(main)
