@@ -22,14 +22,20 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import sys
 import time
 
-import jax
-import numpy as np
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from cips_jax import host_malloc  # noqa: E402
+
+if __name__ == '__main__':   # not when another benchmark imports this one
+  host_malloc.reuse_freed_memory()   # before JAX starts its threads
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from cips_jax import configs, grids, parallel, train  # noqa: E402
 from generator import compiled_peak_bytes, matmul_gflops  # noqa: E402  (benchmarks/generator.py)
@@ -116,8 +122,10 @@ def main():
       'benchmark': 'train_step',
       'machine': {'backend': jax.default_backend(), 'devices': [str(d) for d in jax.devices()],
                   'processor': platform.processor() or platform.machine(),
-                  'jax': jax.__version__},
+                  'jax': jax.__version__, 'host_malloc_reuse': host_malloc.configured},
       'matmul_4096_f32_gflop_per_s': round(matmul_rate, 2),
+      # The largest resident size of the process so far (over all cases run before it).
+      'process_max_rss_mib': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
       'cases': cases}, indent=1))
 
 
