@@ -5,13 +5,14 @@ XLA:CPU allocates each execution's temporary buffer (several GB for a 64x64 trai
 a block that large from a fresh `mmap` and unmaps it again on free, so every step touches
 all of its working set for the first time: the kernel faults in and zeroes each 4 KiB page.
 On the project's 2-core machine that was 557k page faults and 1.1 s of kernel time per call
-of that one convolution (2.45 s -> 1.87 s once the memory is reused), and the full training
-step went from 24.9 s to 19.5 s.
+of that one convolution (2.45 s -> 1.87 s once the memory is reused), and the full 64x64
+training step went from 22.80 s to 18.72 s (benchmarks/results/train_cpu_2core_*_malloc.json).
 
 `reuse_freed_memory()` tells glibc, through `mallopt`, to serve every thread from the main
 heap (one arena), never to `mmap` a block, and never to give freed memory back to the system.
-The process then stays at its peak size, which a training process reaches in its first step
-anyway. It must run before JAX starts its threads, i.e. before `import jax`: a thread that
+The process keeps its largest heap: at least the step's working set, and more when glibc's
+aligned blocks miss the holes the last step freed (7.6 GB for that step in one run, as with
+the defaults; 13.3 GB in another). It must run before JAX starts its threads, i.e. before `import jax`: a thread that
 already owns an arena keeps mapping and unmapping. The command-line entry points
 (`cips_jax.main`, `cips_jax.sample`, `cips_jax.evaluate`) and `benchmarks/` call it first.
 
