@@ -25,9 +25,10 @@ import ctypes
 import ctypes.util
 import importlib.metadata
 import importlib.util
-import logging
 import os
 import sys
+
+from absl import logging
 
 OPT_OUT_VARIABLE = 'CIPS_JAX_SYSTEM_MALLOC'   # set to 1 to leave glibc's defaults alone
 configured = False   # whether reuse_freed_memory() changed the settings in this process
