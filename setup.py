@@ -3,32 +3,51 @@
 import pathlib
 import re
 
-from setuptools import find_packages, setup
+from setuptools import find_packages
+from setuptools import setup
 
 HERE = pathlib.Path(__file__).parent
-VERSION = re.search(r"__version__ = '([^']+)'", (HERE / 'cips_jax' / '__init__.py').read_text())[1]
+VERSION = re.search(
+  r"__version__ = '([^']+)'", (HERE / 'cips_jax' / '__init__.py').read_text()
+)[1]
 
 
 def requirements(name):
   lines = (HERE / name).read_text().splitlines()
-  return [line.split('#')[0].strip() for line in lines if line.split('#')[0].strip()]
+  return [
+    line.split('#')[0].strip() for line in lines if line.split('#')[0].strip()
+  ]
 
 
 setup(
-    name='cips_jax',
-    version=VERSION,
-    description='CIPS (Conditionally-Independent Pixel Synthesis) generators in JAX/Flax',
-    long_description=(HERE / 'README.md').read_text(),
-    long_description_content_type='text/markdown',
-    packages=find_packages(include=['cips_jax', 'cips_jax.*']),
-    python_requires='>=3.11',
-    install_requires=requirements('requirements.txt'),
-    extras_require={
-        # scipy: an independent sqrtm for the FID test; nbclient, nbformat, ipykernel: the
-        # notebook test executes notebooks/cips_jax_demo.ipynb.
-        'test': ['pytest>=8', 'scipy', 'nbclient', 'nbformat', 'ipykernel'],
-        # Preparing LSUN with the tfds catalog builder needs TensorFlow (training does not).
-        'lsun': ['tensorflow-cpu', 'tensorflow-io'],
-    },
-    license='MIT',
+  name='cips_jax',
+  version=VERSION,
+  description=(
+    'CIPS (Conditionally-Independent Pixel Synthesis) generators in JAX/Flax'
+  ),
+  long_description=(HERE / 'README.md').read_text(),
+  long_description_content_type='text/markdown',
+  packages=find_packages(include=['cips_jax', 'cips_jax.*']),
+  python_requires='>=3.11',
+  install_requires=requirements('requirements.txt'),
+  extras_require={
+    # scipy: an independent sqrtm for the FID test; nbclient, nbformat,
+    # ipykernel: the notebook test executes notebooks/cips_jax_demo.ipynb;
+    # pytest-xdist and filelock: the suite on two workers sharing its fixtures;
+    # ruff: the style check (pyproject.toml).
+    'test': [
+      'pytest>=8',
+      'pytest-xdist',
+      'filelock',
+      'scipy',
+      'nbclient',
+      'nbformat',
+      'ipykernel',
+      'ruff',
+    ],
+    # Preparing LSUN with the tfds catalog builder needs TensorFlow (training
+    # does not).
+    'lsun': ['tensorflow-cpu', 'tensorflow-io'],
+  },
+  license='MIT',
 )

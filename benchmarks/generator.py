@@ -1,19 +1,26 @@
-"""Generator speed and memory: CIPSskip-256 rendering a 256x256 grid, printed as JSON.
+"""Generator speed and memory, printed as JSON.
 
-    python benchmarks/generator.py                 # the full set (about 5 min on 2 CPU cores)
-    python benchmarks/generator.py --quick         # batch 1 only, fewer repeats
+CIPSskip-256 rendering a 256x256 grid.
+
+    # the full set (about 5 min on 2 CPU cores)
+    python benchmarks/generator.py
+    # batch 1 only, fewer repeats
+    python benchmarks/generator.py --quick
 
 Cases (all at `--resolution`, default 256):
-- `per_image`: one w per image (float32 and bfloat16 matmul inputs), for each batch size;
-- `mixture2`: a soft left-right blend of two styles per image (`ws` (B, 2, D) + `mix`);
+- `per_image`: one w per image (float32 and bfloat16 matmul inputs), for each
+  batch size;
+- `mixture2`: a soft left-right blend of two styles per image (`ws` (B, 2, D) +
+  `mix`);
 - `per_pixel`: an arbitrary w in every pixel (`w` (B, H, W, D)).
-For each: seconds per call (best of `--repeats`, after compilation), images/s, achieved
-GFLOP/s counting 2 x 222.9 GMAC of useful work per 256^2 image (3,401,344 MAC per pixel), the
-fraction of the measured matmul rate, the multiply-accumulates per pixel the style form
-really needs (`mac_per_pixel_done`: a per-pixel style adds its affines and demodulations),
-and peak memory as XLA's buffer assignment reports it
-(arguments + outputs + temporaries). The matmul rate is a 4096x4096 float32 `jnp.dot` timed in
-the same run, so every ratio compares numbers from one process on one machine.
+For each: seconds per call (best of `--repeats`, after compilation), images/s,
+achieved GFLOP/s counting 2 x 222.9 GMAC of useful work per 256^2 image
+(3,401,344 MAC per pixel), the fraction of the measured matmul rate, the
+multiply-accumulates per pixel the style form really needs
+(`mac_per_pixel_done`: a per-pixel style adds its affines and demodulations),
+and peak memory as XLA's buffer assignment reports it (arguments + outputs +
+temporaries). The matmul rate is a 4096x4096 float32 `jnp.dot` timed in the same
+run, so every ratio compares numbers from one process on one machine.
 """
 
 from __future__ import annotations
@@ -23,23 +30,22 @@ import json
 import platform
 import time
 
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cips_jax import grids
 from cips_jax import host_malloc
+from cips_jax import models
+from cips_jax import sampling
 
-if __name__ == '__main__':   # not when another benchmark imports this one
-  host_malloc.reuse_freed_memory()   # before JAX starts its threads
-
-import flax  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from cips_jax import grids, models, sampling  # noqa: E402
-
-MAC_PER_PIXEL = 3_401_344  # CIPSskip-256, counted from the reference architecture
+# CIPSskip-256, counted from the reference architecture
+MAC_PER_PIXEL = 3_401_344
 
 
 def best_time(fn, *args, repeats: int) -> float:
-  """Best wall time of `fn(*args)` over `repeats` calls, after one warm-up call."""
+  """Best wall time of `fn(*args)` over `repeats` calls, after one warm-up."""
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
@@ -50,23 +56,36 @@ def best_time(fn, *args, repeats: int) -> float:
 
 
 def peak_bytes(jitted, *args) -> int:
-  """Arguments + outputs + temporaries of the compiled call (XLA's buffer assignment)."""
+  """Arguments + outputs + temporaries of the compiled call.
+
+  As XLA's buffer assignment reports them.
+  """
   return compiled_peak_bytes(jitted.lower(*args).compile())
 
 
 def compiled_peak_bytes(compiled) -> int:
-  """Arguments + outputs + temporaries - aliased buffers of a compiled XLA program."""
+  """Arguments + outputs + temporaries - aliased buffers of a compiled program.
+
+  `compiled` is a compiled XLA program.
+  """
   analysis = compiled.memory_analysis()
-  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-             + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+  return int(
+    analysis.argument_size_in_bytes
+    + analysis.output_size_in_bytes
+    + analysis.temp_size_in_bytes
+    - analysis.alias_size_in_bytes
+  )
 
 
 def matmul_gflops(n: int = 4096, repeats: int = 3, dtype=jnp.float32) -> float:
-  """GFLOP/s of an n x n x n `jnp.dot` with `dtype` inputs (float32 accumulation)."""
+  """GFLOP/s of an n x n x n `jnp.dot` with `dtype` inputs.
+
+  The products accumulate in float32.
+  """
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
   dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
   seconds = best_time(dot, a, a, repeats=repeats)
-  return 2 * n ** 3 / seconds / 1e9
+  return 2 * n**3 / seconds / 1e9
 
 
 def style_inputs(kind: str, batch: int, resolution: int, style_dim: int):
@@ -76,22 +95,26 @@ def style_inputs(kind: str, batch: int, resolution: int, style_dim: int):
     return jax.random.normal(key_w, (batch, style_dim)), None
   if kind == 'mixture2':
     ws = jax.random.normal(key_w, (batch, 2, style_dim))
-    # A soft left-right blend: weight of the right style rises smoothly across the width.
+    # A soft left-right blend: weight of the right style rises smoothly across
+    # the width.
     t = jax.nn.sigmoid(8.0 * grids.uniform(resolution, resolution)[..., 0])
     mix = jnp.stack([1.0 - t, t], axis=-1)
     return ws, jnp.broadcast_to(mix, (batch, resolution, resolution, 2))
   if kind == 'per_pixel':
-    return jax.random.normal(key_p, (batch, resolution, resolution, style_dim)), None
+    return jax.random.normal(
+      key_p, (batch, resolution, resolution, style_dim)
+    ), None
   raise ValueError(kind)
 
 
 def macs_per_pixel(variables, kind: str, num_styles: int = 2) -> int:
   """Multiply-accumulates per pixel, counted from the parameter shapes.
 
-  Every style form does the pixel MLP (each modulated kernel in x out, plus the Fourier
-  features). A style per pixel adds, for every modulated layer, its style affine (D x in) and,
-  where it demodulates, the demodulation product (in x out). A K-style mixture adds the
-  blend (K x in) and the K^2-term demodulation (K^2 x out).
+  Every style form does the pixel MLP (each modulated kernel in x out, plus the
+  Fourier features). A style per pixel adds, for every modulated layer, its
+  style affine (D x in) and, where it demodulates, the demodulation product (in
+  x out). A K-style mixture adds the blend (K x in) and the K^2-term
+  demodulation (K^2 x out).
   """
   flat = flax.traverse_util.flatten_dict(variables['params'])
   total = int(np.prod(flat[('fourier', 'kernel')].shape))
@@ -105,25 +128,33 @@ def macs_per_pixel(variables, kind: str, num_styles: int = 2) -> int:
     if kind == 'per_pixel':
       total += style_dim * fan_in + (fan_in * out if demodulates else 0)
     elif kind == 'mixture2':
-      total += num_styles * fan_in + (num_styles ** 2 * out if demodulates else 0)
+      total += num_styles * fan_in + (num_styles**2 * out if demodulates else 0)
   return total
 
 
-def run_case(gen, variables, kind, batch, resolution, repeats, matmul_rate, chunk_size=None):
+def run_case(
+  gen, variables, kind, batch, resolution, repeats, matmul_rate, chunk_size=None
+):
   coords = grids.uniform(resolution, resolution)
   w, mix = style_inputs(kind, batch, resolution, gen.style_dim)
-  render = jax.jit(lambda v, c, w, mix: sampling.synthesize(gen, v, w, c, mix=mix,
-                                                             chunk_size=chunk_size))
+  render = jax.jit(
+    lambda v, c, w, mix: sampling.synthesize(
+      gen, v, w, c, mix=mix, chunk_size=chunk_size
+    )
+  )
   seconds = best_time(render, variables, coords, w, mix, repeats=repeats)
-  gflop = 2 * MAC_PER_PIXEL * resolution ** 2 * batch / 1e9
+  gflop = 2 * MAC_PER_PIXEL * resolution**2 * batch / 1e9
   return {
-      'style': kind, 'dtype': jnp.dtype(gen.dtype).name, 'batch': batch,
-      'resolution': resolution, 'seconds': round(seconds, 4),
-      'images_per_s': round(batch / seconds, 4),
-      'gflop_per_s': round(gflop / seconds, 2),
-      'fraction_of_matmul': round(gflop / seconds / matmul_rate, 4),
-      'mac_per_pixel_done': macs_per_pixel(variables, kind),
-      'peak_mib': round(peak_bytes(render, variables, coords, w, mix) / 2 ** 20, 1),
+    'style': kind,
+    'dtype': jnp.dtype(gen.dtype).name,
+    'batch': batch,
+    'resolution': resolution,
+    'seconds': round(seconds, 4),
+    'images_per_s': round(batch / seconds, 4),
+    'gflop_per_s': round(gflop / seconds, 2),
+    'fraction_of_matmul': round(gflop / seconds / matmul_rate, 4),
+    'mac_per_pixel_done': macs_per_pixel(variables, kind),
+    'peak_mib': round(peak_bytes(render, variables, coords, w, mix) / 2**20, 1),
   }
 
 
@@ -132,7 +163,9 @@ def main():
   parser.add_argument('--resolution', type=int, default=256)
   parser.add_argument('--batch_sizes', type=int, nargs='+', default=[1, 4])
   parser.add_argument('--repeats', type=int, default=2)
-  parser.add_argument('--quick', action='store_true', help='batch 1, one repeat')
+  parser.add_argument(
+    '--quick', action='store_true', help='batch 1, one repeat'
+  )
   args = parser.parse_args()
   if args.quick:
     args.batch_sizes, args.repeats = [1], 1
@@ -144,29 +177,71 @@ def main():
   cases = []
   for batch in args.batch_sizes:
     for gen in (gen32, gen16):
-      cases.append(run_case(gen, variables, 'per_image', batch, args.resolution, args.repeats,
-                            matmul_rate))
+      cases.append(
+        run_case(
+          gen,
+          variables,
+          'per_image',
+          batch,
+          args.resolution,
+          args.repeats,
+          matmul_rate,
+        )
+      )
   biggest = max(args.batch_sizes)
   for kind in ('mixture2', 'per_pixel'):
-    cases.append(run_case(gen32, variables, kind, biggest, args.resolution, args.repeats,
-                          matmul_rate))
+    cases.append(
+      run_case(
+        gen32,
+        variables,
+        kind,
+        biggest,
+        args.resolution,
+        args.repeats,
+        matmul_rate,
+      )
+    )
 
-  base = next(c for c in cases if c['style'] == 'per_image' and c['dtype'] == 'float32'
-              and c['batch'] == biggest)
-  ratios = {f'{c["style"]}_vs_per_image': {
+  base = next(
+    c
+    for c in cases
+    if c['style'] == 'per_image'
+    and c['dtype'] == 'float32'
+    and c['batch'] == biggest
+  )
+  ratios = {
+    f'{c["style"]}_vs_per_image': {
       'time': round(c['seconds'] / base['seconds'], 3),
       'peak_memory': round(c['peak_mib'] / base['peak_mib'], 3),
-      'arithmetic': round(c['mac_per_pixel_done'] / base['mac_per_pixel_done'], 3)}
-      for c in cases if c['style'] != 'per_image'}
-  print(json.dumps({
-      'benchmark': 'generator', 'model': 'CIPSskip-256',
-      'machine': {'backend': jax.default_backend(), 'devices': [str(d) for d in jax.devices()],
-                  'processor': platform.processor() or platform.machine(),
-                  'jax': jax.__version__, 'host_malloc_reuse': host_malloc.configured},
-      'matmul_4096_f32_gflop_per_s': round(matmul_rate, 2),
-      'cases': cases, 'ratios_at_batch_%d' % biggest: ratios,
-  }, indent=1))
+      'arithmetic': round(
+        c['mac_per_pixel_done'] / base['mac_per_pixel_done'], 3
+      ),
+    }
+    for c in cases
+    if c['style'] != 'per_image'
+  }
+  print(
+    json.dumps(
+      {
+        'benchmark': 'generator',
+        'model': 'CIPSskip-256',
+        'machine': {
+          'backend': jax.default_backend(),
+          'devices': [str(d) for d in jax.devices()],
+          'processor': platform.processor() or platform.machine(),
+          'jax': jax.__version__,
+          'host_malloc_reuse': host_malloc.configured,
+        },
+        'matmul_4096_f32_gflop_per_s': round(matmul_rate, 2),
+        'cases': cases,
+        'ratios_at_batch_%d' % biggest: ratios,
+      },
+      indent=1,
+    )
+  )
 
 
 if __name__ == '__main__':
+  # before the first computation starts XLA's threads
+  host_malloc.reuse_freed_memory()
   main()

@@ -1,20 +1,28 @@
 """The whole benchmark suite in one JSON document, for the machine it runs on.
 
-    python benchmarks/run_all.py            # ~15 min on 2 CPU cores; a few minutes on a GPU
-    python benchmarks/run_all.py --quick    # smaller sizes, one repeat
-    python benchmarks/run_all.py --smoke    # a 16-wide model at 32x32: checks the code runs
+    # ~15 min on 2 CPU cores; a few minutes on a GPU
+    python benchmarks/run_all.py
+    # smaller sizes, one repeat
+    python benchmarks/run_all.py --quick
+    # a 16-wide model at 32x32: checks the code runs
+    python benchmarks/run_all.py --smoke
 
-In one process: the machine's matmul rate (float32 and bfloat16 4096^2 `jnp.dot`), then
-- generator: CIPSskip-256 at 256x256, images/s, GFLOP/s and the fraction of the matmul rate
-  of the same dtype, peak memory (XLA's buffer assignment), for per-image styles in float32
-  and bfloat16, a two-style mixture and an arbitrary w per pixel; their time and memory
-  ratios to per-image styles;
-- scaling: per-image render time and peak memory from 64^2 to 512^2 (linear in pixels means
-  a constant time per pixel), plus a chunked `sampling.render` of a large grid (1024^2 on a
-  CPU, 4096^2 on an accelerator; benchmarks/render.py measures 4096^2 on a CPU);
-- training: the full GAN step (D step, G step, EMA) at 64x64 and 256x256, with and without
-  rematerialisation, images/s, XLA-counted FLOP/s, peak memory; at 64x64 batch 8 also the
-  speed-up over the reference PyTorch step on the project's 2-core CPU (46 s).
+In one process: the machine's matmul rate (float32 and bfloat16 4096^2
+`jnp.dot`), then
+- generator: CIPSskip-256 at 256x256, images/s, GFLOP/s and the fraction of the
+  matmul rate of the same dtype, peak memory (XLA's buffer assignment), for
+  per-image styles in float32 and bfloat16, a two-style mixture and an arbitrary
+  w per pixel; their time and memory ratios to per-image styles;
+- scaling: per-image render time and peak memory from 64^2 to 512^2 (linear in
+  pixels means a constant time per pixel), plus a chunked `sampling.render` of a
+  large grid (1024^2 on a CPU, 4096^2 on an accelerator; benchmarks/render.py
+  measures 4096^2 on a CPU);
+- training: the full GAN step (D step, G step, EMA) at 64x64 and 256x256, with
+  and without rematerialisation, images/s, XLA-counted FLOP/s, peak memory; at
+  64x64 batch 8 also the speed-up over the reference PyTorch step on the
+  project's 2-core CPU (46 s);
+- library calls: benchmarks/library_call.py (the README's calls in a fresh
+  process, against a hand-written jit with reused host memory).
 Sizes grow on accelerators (batch 16 renders, batch 32/8 training steps).
 """
 
@@ -25,25 +33,25 @@ import importlib.util
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+
+from cips_jax import grids
+from cips_jax import host_malloc
+from cips_jax import models
+from cips_jax import sampling
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), HERE]   # the package, and benchmarks/generator.py for train.py
-
-from cips_jax import host_malloc  # noqa: E402
-
-if __name__ == '__main__':   # not when another benchmark imports this one
-  host_malloc.reuse_freed_memory()   # before JAX starts its threads
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from cips_jax import grids, models, sampling  # noqa: E402
 
 
 def _load(name):
-  spec = importlib.util.spec_from_file_location(f'bench_{name}', os.path.join(HERE, f'{name}.py'))
+  spec = importlib.util.spec_from_file_location(
+    f'bench_{name}', os.path.join(HERE, f'{name}.py')
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -53,65 +61,103 @@ bench_generator = _load('generator')
 bench_train = _load('train')
 
 
-# --smoke: every case on a tiny model and grid, so that the suite's code runs in seconds
-# (tests/test_readme.py); its figures mean nothing.
-SMOKE_MODEL = dict(size=32, hidden_size=16, style_dim=16, n_mlp=1, max_channels=16)
+# --smoke: every case on a tiny model and grid, so that the suite's code runs in
+# seconds (tests/test_readme.py); its figures mean nothing.
+SMOKE_MODEL = dict(
+  size=32, hidden_size=16, style_dim=16, n_mlp=1, max_channels=16
+)
 SMOKE_SIDE = 32
 
 
 def generator_cases(on_accelerator, quick, rates, smoke=False):
   batch = 16 if on_accelerator else 1
-  # Three: with host_malloc the heap settles within the first calls of a new shape.
+  # Three: with host_malloc the heap settles within the first calls of a new
+  # shape.
   repeats = 1 if quick or smoke else 3
   side = SMOKE_SIDE if smoke else 256
   gen32 = models.CIPSskip(**SMOKE_MODEL) if smoke else models.CIPSskip()
   variables = models.init(gen32, jax.random.key(0))
   gen16 = gen32.clone(dtype=jnp.bfloat16)
-  cases = [bench_generator.run_case(gen, variables, 'per_image', batch, side, repeats,
-                                    rates[jnp.dtype(gen.dtype).name])
-           for gen in (gen32, gen16)]
+  cases = [
+    bench_generator.run_case(
+      gen,
+      variables,
+      'per_image',
+      batch,
+      side,
+      repeats,
+      rates[jnp.dtype(gen.dtype).name],
+    )
+    for gen in (gen32, gen16)
+  ]
   for kind in ('mixture2', 'per_pixel'):
-    cases.append(bench_generator.run_case(gen32, variables, kind, batch, side, repeats,
-                                          rates['float32']))
+    cases.append(
+      bench_generator.run_case(
+        gen32, variables, kind, batch, side, repeats, rates['float32']
+      )
+    )
   base = cases[0]
-  ratios = {f'{c["style"]}_vs_per_image': {
+  ratios = {
+    f'{c["style"]}_vs_per_image': {
       'time': round(c['seconds'] / base['seconds'], 3),
-      'peak_memory': round(c['peak_mib'] / base['peak_mib'], 3)} for c in cases[2:]}
+      'peak_memory': round(c['peak_mib'] / base['peak_mib'], 3),
+    }
+    for c in cases[2:]
+  }
   return cases, ratios, (gen32, variables)
 
 
 def scaling_cases(model, on_accelerator, quick, smoke=False):
   gen, variables = model
-  w = sampling.mapping(gen, variables,
-                       jax.random.normal(jax.random.key(1), (1, gen.style_dim)))
+  w = sampling.mapping(
+    gen, variables, jax.random.normal(jax.random.key(1), (1, gen.style_dim))
+  )
   render = jax.jit(lambda v, w, c: sampling.synthesize(gen, v, w, c))
   cases = []
   sides = (16, 32) if smoke else (64, 128) if quick else (64, 128, 256, 512)
   for side in sides:
     coords = grids.uniform(side, side)
-    seconds = bench_generator.best_time(render, variables, w, coords, repeats=1 if quick else 3)
+    seconds = bench_generator.best_time(
+      render, variables, w, coords, repeats=1 if quick else 3
+    )
     peak = bench_generator.peak_bytes(render, variables, w, coords)
-    cases.append({'side': side, 'pixels': side * side, 'seconds': round(seconds, 4),
-                  'microseconds_per_pixel': round(1e6 * seconds / side ** 2, 3),
-                  'peak_mib': round(peak / 2 ** 20, 1)})
+    cases.append(
+      {
+        'side': side,
+        'pixels': side * side,
+        'seconds': round(seconds, 4),
+        'microseconds_per_pixel': round(1e6 * seconds / side**2, 3),
+        'peak_mib': round(peak / 2**20, 1),
+      }
+    )
   side = 64 if smoke else 4096 if on_accelerator else (256 if quick else 1024)
-  sampling.render(gen, variables, w, grids.uniform(256, 256))          # compile the chunk
+  # Compile the chunk.
+  sampling.render(gen, variables, w, grids.uniform(256, 256))
   start = time.perf_counter()
   sampling.render(gen, variables, w, grids.uniform(side, side))
   seconds = time.perf_counter() - start
   chunk = jax.jit(lambda v, w, c: sampling.synthesize(gen, v, w, c))
-  chunk_peak = bench_generator.peak_bytes(chunk, variables, w,
-                                          jnp.zeros((sampling.RENDER_CHUNK, 2)))
-  chunked = {'side': side, 'pixels': side * side, 'seconds': round(seconds, 2),
-             'microseconds_per_pixel': round(1e6 * seconds / side ** 2, 3),
-             'chunk_pixels': sampling.RENDER_CHUNK,
-             'chunk_program_peak_mib': round(chunk_peak / 2 ** 20, 1),
-             'output_mib': round(side * side * 3 * 4 / 2 ** 20, 1)}
+  chunk_peak = bench_generator.peak_bytes(
+    chunk, variables, w, jnp.zeros((sampling.RENDER_CHUNK, 2))
+  )
+  chunked = {
+    'side': side,
+    'pixels': side * side,
+    'seconds': round(seconds, 2),
+    'microseconds_per_pixel': round(1e6 * seconds / side**2, 3),
+    'chunk_pixels': sampling.RENDER_CHUNK,
+    'chunk_program_peak_mib': round(chunk_peak / 2**20, 1),
+    'output_mib': round(side * side * 3 * 4 / 2**20, 1),
+  }
   per_pixel = [c['microseconds_per_pixel'] for c in cases]
-  return {'uniform_grids': cases, 'chunked_render': chunked,
-          'time_per_pixel_max_over_min': round(max(per_pixel) / min(per_pixel), 3),
-          'peak_mib_per_megapixel_by_side': {
-              c['side']: round(c['peak_mib'] / (c['pixels'] / 2 ** 20), 1) for c in cases}}
+  return {
+    'uniform_grids': cases,
+    'chunked_render': chunked,
+    'time_per_pixel_max_over_min': round(max(per_pixel) / min(per_pixel), 3),
+    'peak_mib_per_megapixel_by_side': {
+      c['side']: round(c['peak_mib'] / (c['pixels'] / 2**20), 1) for c in cases
+    },
+  }
 
 
 def train_cases(on_accelerator, quick, rate, smoke=False):
@@ -122,7 +168,7 @@ def train_cases(on_accelerator, quick, rate, smoke=False):
   if smoke:
     sizes = ((16, 4),)
   for side, batch in sizes:
-    for remat in ((False,) if smoke else (False, True)):
+    for remat in (False,) if smoke else (False, True):
       config = bench_train.full_width_64_config()
       config.model.size = side
       config.data.resolution = config.data.crop = side
@@ -130,42 +176,100 @@ def train_cases(on_accelerator, quick, rate, smoke=False):
       config.train.remat = remat
       if smoke:
         m = config.model
-        m.hidden_size, m.style_dim, m.n_mlp, m.max_channels, m.d_max_channels = 16, 16, 1, 16, 16
+        (
+          m.hidden_size,
+          m.style_dim,
+          m.n_mlp,
+          m.max_channels,
+          m.d_max_channels,
+        ) = 16, 16, 1, 16, 16
       reference = side == 64 and batch == 8 and not smoke
-      cases.append(bench_train.measure(
-          f'cips_skip_{side}_full', config, 1 if quick else 2, rate,
-          bench_train.USEFUL_TFLOP_64 if reference else None))
+      cases.append(
+        bench_train.measure(
+          f'cips_skip_{side}_full',
+          config,
+          1 if quick else 2,
+          rate,
+          bench_train.USEFUL_TFLOP_64 if reference else None,
+        )
+      )
   return cases
+
+
+def library_call_case(smoke=False):
+  """benchmarks/library_call.py: the README's library calls vs the best path.
+
+  Each path runs in a fresh process.
+  """
+  result = subprocess.run(
+    [sys.executable, os.path.join(HERE, 'library_call.py')]
+    + (['--smoke'] if smoke else []),
+    capture_output=True,
+    text=True,
+    timeout=3600,
+  )
+  if result.returncode:
+    raise RuntimeError(result.stderr[-3000:])
+  return json.loads(result.stdout)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--quick', action='store_true', help='smaller sizes, one repeat')
+  parser.add_argument(
+    '--quick', action='store_true', help='smaller sizes, one repeat'
+  )
   parser.add_argument('--skip_train', action='store_true')
-  parser.add_argument('--smoke', action='store_true',
-                      help='a tiny model and grid: checks the suite runs (figures meaningless)')
+  parser.add_argument(
+    '--smoke',
+    action='store_true',
+    help='a tiny model and grid: checks the suite runs (figures meaningless)',
+  )
   args = parser.parse_args()
   on_accelerator = jax.default_backend() != 'cpu'
   start = time.perf_counter()
-  rates = {name: bench_generator.matmul_gflops(n=256 if args.smoke else 4096,
-                                               dtype=jnp.dtype(name))
-           for name in ('float32', 'bfloat16')}
-  generator, ratios, model = generator_cases(on_accelerator, args.quick, rates, args.smoke)
+  rates = {
+    name: bench_generator.matmul_gflops(
+      n=256 if args.smoke else 4096, dtype=jnp.dtype(name)
+    )
+    for name in ('float32', 'bfloat16')
+  }
+  generator, ratios, model = generator_cases(
+    on_accelerator, args.quick, rates, args.smoke
+  )
   scaling = scaling_cases(model, on_accelerator, args.quick, args.smoke)
-  training = [] if args.skip_train else train_cases(on_accelerator, args.quick,
-                                                    rates['float32'], args.smoke)
-  print(json.dumps({
-      'suite': 'cips_jax benchmarks/run_all.py', 'smoke': args.smoke,
-      'machine': {'backend': jax.default_backend(),
-                  'devices': [d.device_kind for d in jax.devices()],
-                  'processor': platform.processor() or platform.machine(),
-                  'cpu_count': os.cpu_count(), 'jax': jax.__version__,
-                  'host_malloc_reuse': host_malloc.configured},
-      'matmul_4096_gflop_per_s': {k: round(v, 2) for k, v in rates.items()},
-      'generator_256': generator, 'generator_ratios': ratios, 'scaling': scaling,
-      'train_step': training, 'seconds_total': round(time.perf_counter() - start, 1),
-  }, indent=1))
+  training = (
+    []
+    if args.skip_train
+    else train_cases(on_accelerator, args.quick, rates['float32'], args.smoke)
+  )
+  library = library_call_case(args.smoke)
+  print(
+    json.dumps(
+      {
+        'suite': 'cips_jax benchmarks/run_all.py',
+        'smoke': args.smoke,
+        'machine': {
+          'backend': jax.default_backend(),
+          'devices': [d.device_kind for d in jax.devices()],
+          'processor': platform.processor() or platform.machine(),
+          'cpu_count': os.cpu_count(),
+          'jax': jax.__version__,
+          'host_malloc_reuse': host_malloc.configured,
+        },
+        'matmul_4096_gflop_per_s': {k: round(v, 2) for k, v in rates.items()},
+        'generator_256': generator,
+        'generator_ratios': ratios,
+        'scaling': scaling,
+        'train_step': training,
+        'library_call': library,
+        'seconds_total': round(time.perf_counter() - start, 1),
+      },
+      indent=1,
+    )
+  )
 
 
 if __name__ == '__main__':
+  # before the first computation starts XLA's threads
+  host_malloc.reuse_freed_memory()
   main()

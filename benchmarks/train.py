@@ -1,18 +1,23 @@
-"""Training-step speed, printed as JSON: the full GAN step (D step + G step + EMA, no R1).
+"""Training-step speed, printed as JSON.
 
-    python benchmarks/train.py             # CIPSskip 64x64 batch 8 full width, and quickstart
-    python benchmarks/train.py --quick     # the quickstart config only
+The full GAN step: D step + G step + EMA, no R1.
+
+    # CIPSskip 64x64 batch 8 full width, and quickstart
+    python benchmarks/train.py
+    # the quickstart config only
+    python benchmarks/train.py --quick
 
 Cases:
-- `cips_skip_64_full`: CIPSskip(size=64) at the reference's widths (512 channels, hidden 512,
-  style 512), Discriminator(size=64), 64x64 images, global batch 8, float32. The reference
-  PyTorch code takes 46 s per such step on the project's 2-core CPU machine; that step does
-  about 2.9 TFLOP of useful work (D's 3x3 convolutions ~33 GFLOP and G ~26 GFLOP per image
-  per forward pass).
+- `cips_skip_64_full`: CIPSskip(size=64) at the reference's widths (512
+  channels, hidden 512, style 512), Discriminator(size=64), 64x64 images, global
+  batch 8, float32. The reference PyTorch code takes 46 s per such step on the
+  project's 2-core CPU machine; that step does about 2.9 TFLOP of useful work
+  (D's 3x3 convolutions ~33 GFLOP and G ~26 GFLOP per image per forward pass).
 - `quickstart`: experiments/quickstart.py as configured.
-For each: seconds per step (best of `--repeats` after compiling), steps/s, images/s, XLA's own
-FLOP count of the step, and useful FLOP/s as a fraction of a 4096x4096 float32 `jnp.dot`
-timed in the same run. Options: --compute_dtype=bfloat16, --remat.
+For each: seconds per step (best of `--repeats` after compiling), steps/s,
+images/s, XLA's own FLOP count of the step, and useful FLOP/s as a fraction of a
+4096x4096 float32 `jnp.dot` timed in the same run. Options:
+--compute_dtype=bfloat16, --remat.
 """
 
 from __future__ import annotations
@@ -23,25 +28,24 @@ import json
 import os
 import platform
 import resource
-import sys
 import time
 
+from generator import compiled_peak_bytes  # benchmarks/generator.py
+from generator import matmul_gflops
+import jax
+import numpy as np
+
+from cips_jax import configs
+from cips_jax import grids
+from cips_jax import host_malloc
+from cips_jax import parallel
+from cips_jax import train
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
-from cips_jax import host_malloc  # noqa: E402
-
-if __name__ == '__main__':   # not when another benchmark imports this one
-  host_malloc.reuse_freed_memory()   # before JAX starts its threads
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from cips_jax import configs, grids, parallel, train  # noqa: E402
-from generator import compiled_peak_bytes, matmul_gflops  # noqa: E402  (benchmarks/generator.py)
-
-REFERENCE_SECONDS_64 = 46.0          # the reference PyTorch step on the same 2-core machine
-USEFUL_TFLOP_64 = 2.9                # useful work of that step (see the module docstring)
+# the reference PyTorch step on the same 2-core machine
+REFERENCE_SECONDS_64 = 46.0
+USEFUL_TFLOP_64 = 2.9  # useful work of that step (see the module docstring)
 
 
 def load_config(path):
@@ -63,18 +67,28 @@ def measure(name, config, repeats, matmul_rate, useful_tflop=None):
   mesh = parallel.make_mesh()
   gen, disc = train.build_models(config)
   g_tx, d_tx = train.make_optimizers(config)
-  state = jax.jit(lambda: train.create_state(gen, disc, g_tx, d_tx, 0),
-                  out_shardings=parallel.replicated(mesh))()
-  step = train.jit_train_steps(train.make_train_step(config, gen, disc, g_tx, d_tx), mesh)[False]
+  state = jax.jit(
+    lambda: train.create_state(gen, disc, g_tx, d_tx, 0),
+    out_shardings=parallel.replicated(mesh),
+  )()
+  step = train.jit_train_steps(
+    train.make_train_step(config, gen, disc, g_tx, d_tx), mesh
+  )[False]
   b, c = config.train.global_batch_size, config.data.crop
   rng = np.random.default_rng(0)
-  batch = parallel.global_batch({
+  batch = parallel.global_batch(
+    {
       'image': rng.uniform(-1, 1, (b, c, c, 3)).astype(np.float32),
-      'coords': np.broadcast_to(np.asarray(grids.uniform(c, c)), (b, c, c, 2)).copy()}, mesh)
+      'coords': np.broadcast_to(
+        np.asarray(grids.uniform(c, c)), (b, c, c, 2)
+      ).copy(),
+    },
+    mesh,
+  )
   compiled = step.lower(state, batch).compile()
   flops = compiled.cost_analysis().get('flops', float('nan'))
   peak = compiled_peak_bytes(compiled)
-  state, out = step(state, batch)          # compile and warm up
+  state, out = step(state, batch)  # compile and warm up
   jax.block_until_ready(out)
   times = []
   for _ in range(repeats):
@@ -83,20 +97,34 @@ def measure(name, config, repeats, matmul_rate, useful_tflop=None):
     jax.block_until_ready(out)
     times.append(time.perf_counter() - start)
   seconds = min(times)
-  result = {'case': name, 'batch': b, 'resolution': c,
-            'compute_dtype': config.train.compute_dtype, 'remat': config.train.remat,
-            'seconds_per_step': round(seconds, 3), 'steps_per_s': round(1 / seconds, 4),
-            'images_per_s': round(b / seconds, 3),
-            'xla_counted_tflop_per_step': round(flops / 1e12, 4),
-            'peak_mib': round(peak / 2 ** 20, 1)}
+  result = {
+    'case': name,
+    'batch': b,
+    'resolution': c,
+    'compute_dtype': config.train.compute_dtype,
+    'remat': config.train.remat,
+    'seconds_per_step': round(seconds, 3),
+    'steps_per_s': round(1 / seconds, 4),
+    'images_per_s': round(b / seconds, 3),
+    'xla_counted_tflop_per_step': round(flops / 1e12, 4),
+    'peak_mib': round(peak / 2**20, 1),
+  }
   if useful_tflop is not None:
     rate = useful_tflop * 1e3 / seconds
-    result.update({'useful_tflop_per_step': useful_tflop,
-                   'useful_gflop_per_s': round(rate, 2),
-                   'fraction_of_matmul': round(rate / matmul_rate, 4),
-                   'speedup_vs_reference_pytorch': round(REFERENCE_SECONDS_64 / seconds, 3)})
+    result.update(
+      {
+        'useful_tflop_per_step': useful_tflop,
+        'useful_gflop_per_s': round(rate, 2),
+        'fraction_of_matmul': round(rate / matmul_rate, 4),
+        'speedup_vs_reference_pytorch': round(
+          REFERENCE_SECONDS_64 / seconds, 3
+        ),
+      }
+    )
   else:
-    result['xla_counted_fraction_of_matmul'] = round(flops / seconds / 1e9 / matmul_rate, 4)
+    result['xla_counted_fraction_of_matmul'] = round(
+      flops / seconds / 1e9 / matmul_rate, 4
+    )
   return result
 
 
@@ -112,22 +140,46 @@ def main():
   cases = []
   if not args.quick:
     config = full_width_64_config()
-    config.train.compute_dtype, config.train.remat = args.compute_dtype, args.remat
-    cases.append(measure('cips_skip_64_full', config, args.repeats, matmul_rate,
-                         USEFUL_TFLOP_64))
+    config.train.compute_dtype, config.train.remat = (
+      args.compute_dtype,
+      args.remat,
+    )
+    cases.append(
+      measure(
+        'cips_skip_64_full', config, args.repeats, matmul_rate, USEFUL_TFLOP_64
+      )
+    )
   config = load_config(os.path.join(REPO, 'experiments', 'quickstart.py'))
-  config.train.compute_dtype, config.train.remat = args.compute_dtype, args.remat
+  config.train.compute_dtype, config.train.remat = (
+    args.compute_dtype,
+    args.remat,
+  )
   cases.append(measure('quickstart', config, max(args.repeats, 5), matmul_rate))
-  print(json.dumps({
-      'benchmark': 'train_step',
-      'machine': {'backend': jax.default_backend(), 'devices': [str(d) for d in jax.devices()],
-                  'processor': platform.processor() or platform.machine(),
-                  'jax': jax.__version__, 'host_malloc_reuse': host_malloc.configured},
-      'matmul_4096_f32_gflop_per_s': round(matmul_rate, 2),
-      # The largest resident size of the process so far (over all cases run before it).
-      'process_max_rss_mib': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-      'cases': cases}, indent=1))
+  print(
+    json.dumps(
+      {
+        'benchmark': 'train_step',
+        'machine': {
+          'backend': jax.default_backend(),
+          'devices': [str(d) for d in jax.devices()],
+          'processor': platform.processor() or platform.machine(),
+          'jax': jax.__version__,
+          'host_malloc_reuse': host_malloc.configured,
+        },
+        'matmul_4096_f32_gflop_per_s': round(matmul_rate, 2),
+        # The largest resident size of the process so far (over all cases run
+        # before it).
+        'process_max_rss_mib': round(
+          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        ),
+        'cases': cases,
+      },
+      indent=1,
+    )
+  )
 
 
 if __name__ == '__main__':
+  # before the first computation starts XLA's threads
+  host_malloc.reuse_freed_memory()
   main()

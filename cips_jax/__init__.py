@@ -2,21 +2,26 @@
 
     from cips_jax import models, grids, sampling, convert
 
-Submodules load on first use, so `import cips_jax` alone does not import JAX: the command-line
-entry points configure the host allocator first (see `cips_jax.host_malloc`).
+The public modules are imported with the package; importing it changes no
+process state. The command lines are `python -m cips_jax.main` (train),
+`.sample`, `.evaluate`, `.convert` and `.data`; nothing in the library imports
+them.
 """
+
+from cips_jax import checkpoints
+from cips_jax import convert
+from cips_jax import grids
+from cips_jax import models
+from cips_jax import sampling
+from cips_jax import torch_pickle
 
 __version__ = '0.1.0'
 
-__all__ = ['grids', 'models', 'sampling', 'convert', 'checkpoints', 'torch_pickle']
-
-
-def __getattr__(name):
-  if name in __all__:
-    import importlib
-    return importlib.import_module(f'cips_jax.{name}')
-  raise AttributeError(f'module cips_jax has no attribute {name!r}')
-
-
-def __dir__():
-  return sorted(list(globals()) + __all__)
+__all__ = [
+  'checkpoints',
+  'convert',
+  'grids',
+  'models',
+  'sampling',
+  'torch_pickle',
+]

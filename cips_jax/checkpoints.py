@@ -1,8 +1,8 @@
 """Orbax checkpoints: exported generators, and the checkpoints of training runs.
 
-An exported generator is a directory with two orbax items: `params` (the variables) and
-`model` (JSON: the class name and its constructor arguments), so it can be rebuilt without
-knowing the architecture in advance.
+An exported generator is a directory with two orbax items: `params` (the
+variables) and `model` (JSON: the class name and its constructor arguments), so
+it can be rebuilt without knowing the architecture in advance.
 """
 
 from __future__ import annotations
@@ -17,18 +17,25 @@ import orbax.checkpoint as ocp
 
 from cips_jax import generator as generator_lib
 
-GENERATOR_CLASSES = {cls.__name__: cls for cls in (generator_lib.CIPSskip, generator_lib.CIPSres)}
+GENERATOR_CLASSES = {
+  cls.__name__: cls for cls in (generator_lib.CIPSskip, generator_lib.CIPSres)
+}
 _SKIPPED_FIELDS = ('parent', 'name')
 
 
 def module_config(module) -> dict[str, Any]:
-  """The constructor arguments of a generator as JSON-friendly values (dtype as its name)."""
+  """The constructor arguments of a generator as JSON-friendly values.
+
+  A dtype is given as its name.
+  """
   config = {}
   for field in dataclasses.fields(module):
     if field.name in _SKIPPED_FIELDS:
       continue
     value = getattr(module, field.name)
-    config[field.name] = jnp.dtype(value).name if field.name == 'dtype' else value
+    config[field.name] = (
+      jnp.dtype(value).name if field.name == 'dtype' else value
+    )
   return {'class': type(module).__name__, 'kwargs': config}
 
 
@@ -36,8 +43,10 @@ def module_from_config(config: dict[str, Any]):
   """Inverse of `module_config`."""
   name = config.get('class')
   if name not in GENERATOR_CLASSES:
-    raise ValueError(f'unknown generator class {name!r}; expected one of '
-                     f'{sorted(GENERATOR_CLASSES)}')
+    raise ValueError(
+      f'unknown generator class {name!r}; expected one of '
+      f'{sorted(GENERATOR_CLASSES)}'
+    )
   kwargs = dict(config['kwargs'])
   if 'dtype' in kwargs:
     kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
@@ -45,17 +54,22 @@ def module_from_config(config: dict[str, Any]):
 
 
 def export_generator(directory: str, module, variables: dict[str, Any]) -> None:
-  """Writes `variables` and `module`'s configuration as an orbax checkpoint at `directory`.
+  """Writes `variables` and `module`'s configuration as an orbax checkpoint.
 
-  Refuses to overwrite an existing directory, so nothing already saved is lost.
+  The checkpoint goes to `directory`. Refuses to overwrite an existing
+  directory, so nothing already saved is lost.
   """
   directory = os.path.abspath(directory)
   if os.path.exists(directory):
     raise FileExistsError(f'{directory} exists; choose a new output directory')
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  checkpointer.save(directory, ocp.args.Composite(
+  checkpointer.save(
+    directory,
+    ocp.args.Composite(
       params=ocp.args.StandardSave({'params': variables['params']}),
-      model=ocp.args.JsonSave(module_config(module))))
+      model=ocp.args.JsonSave(module_config(module)),
+    ),
+  )
 
 
 def load_generator(directory: str):
@@ -64,17 +78,24 @@ def load_generator(directory: str):
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'no exported generator at {directory}')
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  restored = checkpointer.restore(directory, ocp.args.Composite(
-      params=ocp.args.StandardRestore(), model=ocp.args.JsonRestore()))
-  return module_from_config(restored['model']), {'params': restored['params']['params']}
+  restored = checkpointer.restore(
+    directory,
+    ocp.args.Composite(
+      params=ocp.args.StandardRestore(), model=ocp.args.JsonRestore()
+    ),
+  )
+  return module_from_config(restored['model']), {
+    'params': restored['params']['params']
+  }
 
 
 class TrainCheckpoints:
-  """Training checkpoints under one directory: save every N steps, keep the last K, resume.
+  """Training checkpoints under one directory.
 
-  Each checkpoint holds the train state and the run's config. Restoring refuses, with the
-  differing fields named, a checkpoint whose model or data shapes differ from the config's,
-  and never deletes or overwrites what is saved.
+  Saves every N steps, keeps the last K, and resumes. Each checkpoint holds the
+  train state and the run's config. Restoring refuses, with the differing fields
+  named, a checkpoint whose model or data shapes differ from the config's, and
+  never deletes or overwrites what is saved.
   """
 
   # Config fields that change the shapes or meaning of the saved state.
@@ -84,34 +105,50 @@ class TrainCheckpoints:
     self.directory = os.path.abspath(directory)
     self.config = config
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=False))
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=False
+      ),
+    )
 
   def save(self, step: int, state) -> None:
-    """Writes `state` as checkpoint `step` (atomically: a killed save leaves no checkpoint)."""
-    self._manager.save(step, args=ocp.args.Composite(
+    """Writes `state` as checkpoint `step`, atomically.
+
+    A killed save leaves no checkpoint.
+    """
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        config=ocp.args.JsonSave(self.config.to_dict())))
+        config=ocp.args.JsonSave(self.config.to_dict()),
+      ),
+    )
 
   def latest_step(self):
     return self._manager.latest_step()
 
   def restore_latest(self, abstract_state, sharding):
-    """The latest checkpoint restored into `sharding` (one, or a tree like the state), or None
-    when there is none."""
+    """The latest checkpoint restored into `sharding`; None when there is none.
+
+    `sharding` is one sharding, or a tree of them like the state.
+    """
     step = self._manager.latest_step()
     if step is None:
       return None
-    saved = self._manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))['config']
+    saved = self._manager.restore(
+      step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+    )['config']
     self._check_compatible(saved, step)
-    if isinstance(sharding, jax.sharding.Sharding):   # one for every leaf
+    if isinstance(sharding, jax.sharding.Sharding):  # one for every leaf
       sharding = jax.tree_util.tree_map(lambda _: sharding, abstract_state)
     target = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, sharding)
-    return self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))['state']
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      abstract_state,
+      sharding,
+    )
+    return self._manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )['state']
 
   def _check_compatible(self, saved: dict[str, Any], step: int) -> None:
     current = self.config.to_dict()
@@ -119,15 +156,20 @@ class TrainCheckpoints:
     for field in self.ARCHITECTURE_FIELDS:
       old, new = _lookup(saved, field), _lookup(current, field)
       if isinstance(old, dict) and isinstance(new, dict):
-        differences += [f'{field}.{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}'
-                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        differences += [
+          f'{field}.{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}'
+          for k in sorted(set(old) | set(new))
+          if old.get(k) != new.get(k)
+        ]
       elif old != new:
         differences.append(f'{field}: checkpoint {old!r}, config {new!r}')
     if differences:
       raise ValueError(
-          f'the checkpoint at step {step} in {self.directory} was written by a different '
-          'architecture; it was not modified. Use a new --workdir, or restore the config. '
-          'Differences: ' + '; '.join(differences))
+        f'the checkpoint at step {step} in {self.directory} was written by a '
+        'different architecture; it was not modified. Use a new --workdir, or '
+        'restore the config. '
+        'Differences: ' + '; '.join(differences)
+      )
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -1,8 +1,9 @@
-"""The reference training recipe as an ml_collections config; experiments/ files start from it.
+"""The reference training recipe as an ml_collections config.
 
-Every field is documented where it is set. Values are the reference's (`cips_reference.md`
-section 3): CIPSskip 256, global batch 32, Adam with StyleGAN2's lazy-regularisation
-corrections, R1 gamma 10 every 16 steps, EMA half-life of 10k images at batch 32.
+The files in experiments/ start from it. Every field is documented where it is
+set. Values are the reference's (`docs/reference.md` section 3): CIPSskip 256,
+global batch 32, Adam with StyleGAN2's lazy-regularisation corrections, R1 gamma
+10 every 16 steps, EMA half-life of 10k images at batch 32.
 """
 
 from __future__ import annotations
@@ -10,14 +11,20 @@ from __future__ import annotations
 import ml_collections
 
 BASE_LR = 0.002
-G_REG_EVERY = 4    # the reference rescales G's Adam as if G had a lazy regulariser every 4 steps
-D_REG_EVERY = 16   # R1 interval
+# the reference rescales G's Adam as if G had a lazy regulariser every 4 steps
+G_REG_EVERY = 4
+D_REG_EVERY = 16  # R1 interval
 
 
-def lazy_regularisation_adam(reg_every: int) -> tuple[float, tuple[float, float]]:
-  """(lr, betas) of StyleGAN2's Adam correction c = k / (k + 1): lr * c, betas ** c."""
+def lazy_regularisation_adam(
+  reg_every: int,
+) -> tuple[float, tuple[float, float]]:
+  """(lr, betas) of StyleGAN2's Adam correction c = k / (k + 1).
+
+  Returns lr * c and betas ** c.
+  """
   ratio = reg_every / (reg_every + 1)
-  return BASE_LR * ratio, (0.0 ** ratio, 0.99 ** ratio)
+  return BASE_LR * ratio, (0.0**ratio, 0.99**ratio)
 
 
 def reference_config() -> ml_collections.ConfigDict:
@@ -25,61 +32,76 @@ def reference_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.model = model = ml_collections.ConfigDict()
-  model.arch = 'CIPSskip'           # 'CIPSskip' (the main model) or 'CIPSres'
-  model.size = 256                  # embedding table side; depth = log2(size) - 1 pairs
-  model.hidden_size = 512           # Fourier-feature and embedding width
-  model.style_dim = 512             # z and w width
-  model.n_mlp = 8                   # mapping network depth
-  model.lr_mlp = 0.01               # mapping network learning-rate multiplier
+  model.arch = 'CIPSskip'  # 'CIPSskip' (the main model) or 'CIPSres'
+  model.size = 256  # embedding table side; depth = log2(size) - 1 pairs
+  model.hidden_size = 512  # Fourier-feature and embedding width
+  model.style_dim = 512  # z and w width
+  model.n_mlp = 8  # mapping network depth
+  model.lr_mlp = 0.01  # mapping network learning-rate multiplier
   model.channel_multiplier = 2
-  model.activation = ''             # '' = leaky ReLU (every released model), 'sin', 'sinrelu'
-  model.max_channels = 512          # cap on G's widths (512 = reference)
-  model.d_max_channels = 512        # cap on D's widths (512 = reference)
-  model.d_n_first_layers = 0        # extra 3x3 convolutions at D's input
-  model.embedding_mode = 'bilinear'  # embedding lookup when sampling (reference eval path)
-  model.cylindrical = False         # x is an angle over [-1, 1): 360-degree panoramas
+  # '' = leaky ReLU (every released model), 'sin', 'sinrelu'
+  model.activation = ''
+  model.max_channels = 512  # cap on G's widths (512 = reference)
+  model.d_max_channels = 512  # cap on D's widths (512 = reference)
+  model.d_n_first_layers = 0  # extra 3x3 convolutions at D's input
+  # embedding lookup when sampling (reference eval path)
+  model.embedding_mode = 'bilinear'
+  # x is an angle over [-1, 1): 360-degree panoramas; the data are then
+  # panoramas, cropped with wrap-around
+  model.cylindrical = False
 
   config.data = data = ml_collections.ConfigDict()
-  data.source = 'lsun_churches'     # 'procedural', 'folder', 'lsun_churches' or 'tfds'
-  data.name = 'lsun/church_outdoor'  # the tfds name (builder/config) of the prepared data
+  # the prepared data set (`python -m cips_jax.data`); procedural_landscapes/*
+  # are generated on first use
+  data.name = 'lsun/church_outdoor'
   data.data_dir = '~/tensorflow_datasets'  # where tfds prepared it
-  data.resolution = 256             # side of the training coordinate grid (coords_size)
-  data.crop = 256                   # side of the patches D sees (multi-scale if < resolution)
-  data.to_crop = True               # random resolution x resolution crop of larger images
-  data.flip = True                  # random horizontal flips (pixels only, as the reference)
-  data.cylindrical = False          # sources are 360-degree panoramas (see the panorama config)
+  # side of the training frame and its coordinate grid; larger images are
+  # randomly cropped to it
+  data.resolution = 256
+  data.crop = 256  # side of the patches D sees (multi-scale if < resolution)
+  data.flip = True  # random horizontal flips (pixels only, as the reference)
 
   config.train = train = ml_collections.ConfigDict()
   train.seed = 0
-  train.global_batch_size = 32      # 8 GPUs x 4 in the reference
+  train.global_batch_size = 32  # 8 GPUs x 4 in the reference
   train.num_steps = 1_200_000
   g_lr, g_betas = lazy_regularisation_adam(G_REG_EVERY)
   d_lr, d_betas = lazy_regularisation_adam(D_REG_EVERY)
-  train.g_lr = g_lr                 # 0.0016
-  train.g_betas = g_betas           # (0, 0.99 ** 0.8)
-  train.d_lr = d_lr                 # 0.002 * 16 / 17
-  train.d_betas = d_betas           # (0, 0.99 ** (16 / 17))
+  train.g_lr = g_lr  # 0.0016
+  train.g_betas = g_betas  # (0, 0.99 ** 0.8)
+  train.d_lr = d_lr  # 0.002 * 16 / 17
+  train.d_betas = d_betas  # (0, 0.99 ** (16 / 17))
   train.r1_gamma = 10.0
   train.r1_every = D_REG_EVERY
-  train.ema_decay = 0.5 ** (32 / 10_000)   # half-life of 10k images at batch 32, per step
-  train.compute_dtype = 'float32'   # 'bfloat16' for matmuls/convolutions in bf16
-  train.remat = False               # recompute each G layer in the backward pass
-  train.d_input_coords = False      # False = D sees RGB only (the reference's --img2dis)
-  train.embedding_mode = 'reference'  # table on the full grid, bilinear on patches
-  train.init_generator_from = ''    # a .pt or exported generator to start G and EMA from
-  train.shard_embedding = False     # split the coordinate-embedding tables (and their Adam
-                                    # moments) by rows over the devices instead of replicating
+  # half-life of 10k images at batch 32, per step
+  train.ema_decay = 0.5 ** (32 / 10_000)
+  train.compute_dtype = 'float32'  # 'bfloat16' for matmuls/convolutions in bf16
+  train.remat = False  # recompute each G layer in the backward pass
+  # False = D sees RGB only (the reference's --img2dis)
+  train.d_input_coords = False
+  # table on the full grid, bilinear on patches
+  train.embedding_mode = 'reference'
+  # a .pt or exported generator to start G and EMA from
+  train.init_generator_from = ''
+  # split the coordinate-embedding tables (and their Adam moments) by rows over
+  # the devices instead of replicating
+  train.shard_embedding = False
 
   config.logging = logging = ml_collections.ConfigDict()
-  logging.log_every = 100           # scalars to TensorBoard and the console
-  logging.sample_every = 500        # EMA sample grid (PNG + TensorBoard)
-  logging.num_samples = 16          # latents in the sample grid
+  logging.log_every = 100  # scalars to TensorBoard and the console
+  logging.sample_every = 500  # EMA sample grid (PNG + TensorBoard)
+  logging.num_samples = 16  # latents in the sample grid
   logging.checkpoint_every = 20_000
   logging.keep_checkpoints = 3
-  logging.swd_num_images = 0        # > 0: sliced Wasserstein distance at the start and end
-  logging.eval_every_steps = 0      # > 0: FID and KID of EMA samples every N steps and at the
-                                    # end (needs the Inception weights: see the README)
-  logging.eval_num_samples = 50_000  # generated images per evaluation (the standard 50k)
-  logging.eval_num_real = 50_000    # real images in the cached statistics (all, if fewer)
-  logging.inception_weights = ''    # '' = look in the usual places (cips_jax.metrics.inception)
+  # > 0: sliced Wasserstein distance at the start and end
+  logging.swd_num_images = 0
+  # > 0: FID and KID of EMA samples every N steps and at the end (needs the
+  # Inception weights: see the README)
+  logging.eval_every_steps = 0
+  # generated images per evaluation (the standard 50k)
+  logging.eval_num_samples = 50_000
+  # real images in the cached statistics (all, if fewer)
+  logging.eval_num_real = 50_000
+  # '' = look in the usual places (cips_jax.metrics.inception)
+  logging.inception_weights = ''
   return config

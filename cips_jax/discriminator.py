@@ -1,25 +1,29 @@
-"""The CIPS discriminator: StyleGAN2's residual discriminator (rosinality's), in NHWC.
+"""The CIPS discriminator: StyleGAN2's residual discriminator, in NHWC.
 
-Images are `(B, H, W, C)`; the model maps `(B, size, size, input_channels)` to `(B, 1)` logits.
+It follows rosinality's implementation.
 
-Layout of the network (reference names in brackets; `convert.discriminator_layout` maps them):
+Images are `(B, H, W, C)`; the model maps `(B, size, size, input_channels)` to
+`(B, 1)` logits.
 
-  from_rgb        1x1 ConvLayer, input_channels -> ch[size]             [convs.0]
-  first_layers_i  n_first_layers x 3x3 ConvLayer at full resolution     [convs.1 .. convs.n]
-  block_j         ResBlocks, one per resolution size, size/2, ..., 8    [convs.n+1+j]
+Layout of the network (reference names in brackets;
+`convert.discriminator_layout` maps them; n = n_first_layers):
+
+  from_rgb       1x1 ConvLayer, input_channels -> ch[size]  [convs.0]
+  first_layers_i n x 3x3 ConvLayer at full resolution       [convs.1 .. convs.n]
+  block_j        one ResBlock per size, size/2, ..., 8      [convs.n+1+j]
   (minibatch stddev: one extra channel, appended last)
-  final_conv      3x3 ConvLayer, ch[4] + 1 -> ch[4]                     [final_conv]
-  final_dense     EqualDense(ch[4]) with fused leaky ReLU               [final_linear.0]
-  logits          EqualDense(1)                                         [final_linear.1]
+  final_conv     3x3 ConvLayer, ch[4] + 1 -> ch[4]          [final_conv]
+  final_dense    EqualDense(ch[4]) with fused leaky ReLU    [final_linear.0]
+  logits         EqualDense(1)                              [final_linear.1]
 
-Flatten order: the 4x4 feature map is flattened in its natural NHWC order, (H, W, C). The
-reference flattens NCHW, (C, H, W), so the converter permutes the input rows of
-`final_linear.0.weight` (see `convert.reference_flatten_order`); no transpose is needed at
-run time.
+Flatten order: the 4x4 feature map is flattened in its natural NHWC order,
+(H, W, C). The reference flattens NCHW, (C, H, W), so the converter permutes the
+input rows of `final_linear.0.weight` (see `convert.reference_flatten_order`);
+no transpose is needed at run time.
 
-Parameters are stored at unit scale (equalized learning rate) and scaled by 1/sqrt(fan_in) at
-run time, exactly as in the reference, so converted reference weights are copied unchanged
-apart from layout.
+Parameters are stored at unit scale (equalized learning rate) and scaled by
+1/sqrt(fan_in) at run time, exactly as in the reference, so converted reference
+weights are copied unchanged apart from layout.
 """
 
 from __future__ import annotations
@@ -32,28 +36,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cips_jax.layers import EqualDense, leaky_relu_gain, unit_normal_init
+from cips_jax.layers import EqualDense
+from cips_jax.layers import leaky_relu_gain
+from cips_jax.layers import unit_normal_init
 
 Array = jax.Array
 DType = Any
 
-STDDEV_EPS = 1e-8  # the reference adds this to the group variance before the sqrt
+# the reference adds this to the group variance before the sqrt
+STDDEV_EPS = 1e-8
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 
-def discriminator_channels(size: int, channel_multiplier: int = 2,
-                           max_channels: int = 512) -> dict[int, int]:
-  """Width of the feature map at each resolution 4 .. size (reference table, then capped).
+def discriminator_channels(
+  size: int, channel_multiplier: int = 2, max_channels: int = 512
+) -> dict[int, int]:
+  """Width of the feature map at each resolution 4 .. size.
 
-  Returns {resolution: channels}; e.g. size 256, cm 2: {256: 128, 128: 256, 64..4: 512}.
+  The reference's table, then capped. Returns {resolution: channels}; e.g.
+  size 256, cm 2: {256: 128, 128: 256, 64..4: 512}.
   """
-  table = {4: 512, 8: 512, 16: 512, 32: 512, 64: 256 * channel_multiplier,
-           128: 128 * channel_multiplier, 256: 64 * channel_multiplier,
-           512: 32 * channel_multiplier, 1024: 16 * channel_multiplier}
+  table = {
+    4: 512,
+    8: 512,
+    16: 512,
+    32: 512,
+    64: 256 * channel_multiplier,
+    128: 128 * channel_multiplier,
+    256: 64 * channel_multiplier,
+    512: 32 * channel_multiplier,
+    1024: 16 * channel_multiplier,
+  }
   _check_size(size)
   if size not in table:
     raise ValueError(f'size must be at most 1024, got {size}')
-  return {res: min(ch, max_channels) for res, ch in table.items() if res <= size}
+  return {
+    res: min(ch, max_channels) for res, ch in table.items() if res <= size
+  }
 
 
 def _check_size(size: int) -> None:
@@ -64,52 +83,80 @@ def _check_size(size: int) -> None:
 def blur(x: Array, taps: Sequence[float], pad: tuple[int, int]) -> Array:
   """FIR filter of every channel (upfirdn2d with up = down = 1), zero padding.
 
-  x: (B, H, W, C) -> (B, H + pad0 + pad1 - len(taps) + 1, ..., C). The 2-D kernel
-  outer(k, k) / sum is separable, so it runs as len(taps) shifted adds along each axis:
-  elementwise work that XLA fuses (a depthwise convolution is 20x slower on CPU). upfirdn2d
-  convolves, so the taps are reversed (a no-op for the symmetric kernels used here).
+  x: (B, H, W, C) -> (B, H + pad0 + pad1 - len(taps) + 1, ..., C). The 2-D
+  kernel outer(k, k) / sum is separable, so it runs as len(taps) shifted adds
+  along each axis: elementwise work that XLA fuses (a depthwise convolution is
+  20x slower on CPU). upfirdn2d convolves, so the taps are reversed (a no-op for
+  the symmetric kernels used here).
   """
   k = np.asarray(taps, dtype=np.float64)
   k = (k / k.sum())[::-1]
   x = jnp.pad(x, ((0, 0), pad, pad, (0, 0)))
   n = len(k)
   height, width = x.shape[1] - n + 1, x.shape[2] - n + 1
-  rows = sum(float(k[i]) * x[:, i:i + height] for i in range(n))
-  return sum(float(k[j]) * rows[:, :, j:j + width] for j in range(n))
+  rows = sum(float(k[i]) * x[:, i : i + height] for i in range(n))
+  return sum(float(k[j]) * rows[:, :, j : j + width] for j in range(n))
 
 
 CONV_IMPLS = ('auto', 'xla', 'im2col')
 
 
-def conv2d(x: Array, kernel: Array, stride: int, padding: int, precision: Any = None,
-           impl: str = 'xla') -> Array:
-  """NHWC x HWIO convolution, float32 output: XLA's convolution or im2col + one matmul.
+def conv2d(
+  x: Array,
+  kernel: Array,
+  stride: int,
+  padding: int,
+  precision: Any = None,
+  impl: str = 'xla',
+) -> Array:
+  """NHWC x HWIO convolution, float32 output.
 
-  'im2col' stacks the k*k shifted (strided) views of the padded input along channels and
-  multiplies once by the (k*k*in, out) kernel. On XLA:CPU its forward and backward run about
-  1.5x (stride 1) to 2x (stride 2) faster than the native convolution at D's 64x64 and
-  32x32 levels, for k*k times the input's memory; GPUs and TPUs keep the native one.
+  Either XLA's convolution or im2col + one matmul. 'im2col' stacks the k*k
+  shifted (strided) views of the padded input along channels and multiplies once
+  by the (k*k*in, out) kernel. On XLA:CPU its forward and backward run about
+  1.5x (stride 1) to 2x (stride 2) faster than the native convolution at D's
+  64x64 and 32x32 levels, for k*k times the input's memory; GPUs and TPUs keep
+  the native one.
   """
   if impl == 'xla':
     return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(stride, stride),
-        padding=((padding, padding), (padding, padding)),
-        dimension_numbers=_DIMENSION_NUMBERS, precision=precision,
-        preferred_element_type=jnp.float32)
+      x,
+      kernel,
+      window_strides=(stride, stride),
+      padding=((padding, padding), (padding, padding)),
+      dimension_numbers=_DIMENSION_NUMBERS,
+      precision=precision,
+      preferred_element_type=jnp.float32,
+    )
   k = kernel.shape[0]
   x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   out_h = (x.shape[1] - k) // stride + 1
   out_w = (x.shape[2] - k) // stride + 1
-  taps = [jax.lax.slice(x, (0, dy, dx, 0),
-                        (x.shape[0], dy + (out_h - 1) * stride + 1,
-                         dx + (out_w - 1) * stride + 1, x.shape[3]),
-                        (1, stride, stride, 1))
-          for dy in range(k) for dx in range(k)]
+  taps = [
+    jax.lax.slice(
+      x,
+      (0, dy, dx, 0),
+      (
+        x.shape[0],
+        dy + (out_h - 1) * stride + 1,
+        dx + (out_w - 1) * stride + 1,
+        x.shape[3],
+      ),
+      (1, stride, stride, 1),
+    )
+    for dy in range(k)
+    for dx in range(k)
+  ]
   columns = jnp.concatenate(taps, axis=-1)
-  # One 2-D product over (B*H'*W') rows: with B, H', W' kept apart the weight gradient
-  # contracts three axes, and XLA:CPU then transposes the whole column matrix first.
-  y = jnp.dot(columns.reshape(-1, columns.shape[-1]), kernel.reshape(-1, kernel.shape[-1]),
-              precision=precision, preferred_element_type=jnp.float32)
+  # One 2-D product over (B*H'*W') rows: with B, H', W' kept apart the weight
+  # gradient contracts three axes, and XLA:CPU then transposes the whole column
+  # matrix first.
+  y = jnp.dot(
+    columns.reshape(-1, columns.shape[-1]),
+    kernel.reshape(-1, kernel.shape[-1]),
+    precision=precision,
+    preferred_element_type=jnp.float32,
+  )
   return y.reshape(columns.shape[:3] + (kernel.shape[-1],))
 
 
@@ -125,8 +172,9 @@ def resolve_conv_impl(impl: str) -> str:
 class EqualConv2d(nn.Module):
   """2-D convolution with StyleGAN2's equalized learning rate.
 
-  The stored kernel is N(0, 1) in Flax layout (kh, kw, in, out) and multiplied at run time by
-  1/sqrt(in * kh * kw). x: (B, H, W, in) -> (B, H', W', features), float32.
+  The stored kernel is N(0, 1) in Flax layout (kh, kw, in, out) and multiplied
+  at run time by 1/sqrt(in * kh * kw).
+  x: (B, H, W, in) -> (B, H', W', features), float32.
 
   Attributes:
     features: output channels.
@@ -134,10 +182,12 @@ class EqualConv2d(nn.Module):
     stride: stride on H and W.
     padding: zero padding on each side of H and W.
     use_bias: add a learned bias (initialised to 0).
-    dtype: dtype of the convolution inputs (accumulation and output are float32).
+    dtype: dtype of the convolution inputs (accumulation and output are
+      float32).
     precision: `jax.lax.Precision` for the convolution (None = backend default).
     conv_impl: 'auto', 'xla' or 'im2col' (see `conv2d`).
   """
+
   features: int
   kernel_size: int
   stride: int = 1
@@ -150,29 +200,42 @@ class EqualConv2d(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: (B, H, W, in) -> (B, H', W', features)."""
-    fan_in = x.shape[-1] * self.kernel_size ** 2
-    kernel = self.param('kernel', unit_normal_init(),
-                        (self.kernel_size, self.kernel_size, x.shape[-1], self.features))
+    fan_in = x.shape[-1] * self.kernel_size**2
+    kernel = self.param(
+      'kernel',
+      unit_normal_init(),
+      (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
+    )
     kernel = kernel * (1.0 / math.sqrt(fan_in))
-    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding,
-               self.precision, resolve_conv_impl(self.conv_impl))
+    y = conv2d(
+      x.astype(self.dtype),
+      kernel.astype(self.dtype),
+      self.stride,
+      self.padding,
+      self.precision,
+      resolve_conv_impl(self.conv_impl),
+    )
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,))
     return y
 
 
 class ConvLayer(nn.Module):
-  """The reference ConvLayer: [blur] -> EqualConv2d -> [bias + leaky ReLU(0.2) * sqrt 2].
+  """The reference ConvLayer.
+
+  [blur] -> EqualConv2d -> [bias + leaky ReLU(0.2) * sqrt 2].
 
   With `downsample`, the input is first blurred with padding ((p+1)//2, p//2),
-  p = len(blur_kernel) - 2 + (k - 1), then convolved with stride 2 and no padding, so H -> H/2.
-  Otherwise the conv has stride 1 and padding (k-1)//2 (H is kept).
-  With `activate`, the conv has no bias and a per-channel bias (param `bias`, init 0) is added
-  before the activation (FusedLeakyReLU); without it, the conv bias follows `use_bias`.
+  p = len(blur_kernel) - 2 + (k - 1), then convolved with stride 2 and no
+  padding, so H -> H/2. Otherwise the conv has stride 1 and padding (k-1)//2
+  (H is kept). With `activate`, the conv has no bias and a per-channel bias
+  (param `bias`, init 0) is added before the activation (FusedLeakyReLU);
+  without it, the conv bias follows `use_bias`.
 
   Params: `conv/kernel` (k, k, in, out) [, `conv/bias`] [, `bias` (out,)].
   x: (B, H, W, in) -> (B, H or H/2, W or W/2, features), float32.
   """
+
   features: int
   kernel_size: int
   downsample: bool = False
@@ -192,20 +255,32 @@ class ConvLayer(nn.Module):
       stride, padding = 2, 0
     else:
       stride, padding = 1, (self.kernel_size - 1) // 2
-    y = EqualConv2d(self.features, self.kernel_size, stride=stride, padding=padding,
-                    use_bias=self.use_bias and not self.activate, dtype=self.dtype,
-                    precision=self.precision, conv_impl=self.conv_impl, name='conv')(x)
+    y = EqualConv2d(
+      self.features,
+      self.kernel_size,
+      stride=stride,
+      padding=padding,
+      use_bias=self.use_bias and not self.activate,
+      dtype=self.dtype,
+      precision=self.precision,
+      conv_impl=self.conv_impl,
+      name='conv',
+    )(x)
     if self.activate:
-      y = leaky_relu_gain(y + self.param('bias', nn.initializers.zeros, (self.features,)))
+      y = leaky_relu_gain(
+        y + self.param('bias', nn.initializers.zeros, (self.features,))
+      )
     return y
 
 
 class ResBlock(nn.Module):
   """Residual downsampling block: (conv2(conv1(x)) + skip(x)) / sqrt 2.
 
-  conv1: 3x3 in -> in; conv2: blur + 3x3 stride-2 in -> features; skip: blur + 1x1 stride-2
-  in -> features, no bias, no activation. x: (B, H, W, in) -> (B, H/2, W/2, features).
+  conv1: 3x3 in -> in; conv2: blur + 3x3 stride-2 in -> features; skip: blur +
+  1x1 stride-2 in -> features, no bias, no activation.
+  x: (B, H, W, in) -> (B, H/2, W/2, features).
   """
+
   features: int
   blur_kernel: tuple = (1, 3, 3, 1)
   dtype: DType = jnp.float32
@@ -215,33 +290,48 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: (B, H, W, in) -> (B, H/2, W/2, features)."""
-    kw = dict(blur_kernel=self.blur_kernel, dtype=self.dtype, precision=self.precision,
-              conv_impl=self.conv_impl)
+    kw = dict(
+      blur_kernel=self.blur_kernel,
+      dtype=self.dtype,
+      precision=self.precision,
+      conv_impl=self.conv_impl,
+    )
     h = ConvLayer(x.shape[-1], 3, name='conv1', **kw)(x)
     h = ConvLayer(self.features, 3, downsample=True, name='conv2', **kw)(h)
-    skip = ConvLayer(self.features, 1, downsample=True, activate=False, use_bias=False,
-                     name='skip', **kw)(x)
+    skip = ConvLayer(
+      self.features,
+      1,
+      downsample=True,
+      activate=False,
+      use_bias=False,
+      name='skip',
+      **kw,
+    )(x)
     return (h + skip) * (1.0 / math.sqrt(2.0))
 
 
 def minibatch_stddev(x: Array, group_size: int = 4) -> Array:
-  """Appends the reference's minibatch standard deviation as one extra (last) channel.
+  """Appends the reference's minibatch standard deviation as one last channel.
 
-  x: (B, H, W, C) -> (B, H, W, C + 1). G = min(B, group_size); B must be divisible by G.
-  As the reference's NCHW `x.view(G, B // G, 1, C, H, W)`: sample b = g * (B // G) + m, and
-  each group {g * (B // G) + m : g} (fixed m) gets std = sqrt(biased var over g + 1e-8),
-  averaged over C, H, W. Computed in float32.
+  x: (B, H, W, C) -> (B, H, W, C + 1). G = min(B, group_size); B must be
+  divisible by G. As the reference's NCHW `x.view(G, B // G, 1, C, H, W)`:
+  sample b = g * (B // G) + m, and each group {g * (B // G) + m : g} (fixed m)
+  gets std = sqrt(biased var over g + 1e-8), averaged over C, H, W. Computed in
+  float32.
   """
   batch = x.shape[0]
   group = min(batch, group_size)
   if batch % group:
-    raise ValueError(f'batch size {batch} must be divisible by the stddev group size {group} '
-                     f'(min(batch, stddev_group={group_size}))')
+    raise ValueError(
+      f'batch size {batch} must be divisible by the stddev group size {group} '
+      f'(min(batch, stddev_group={group_size}))'
+    )
   xf = x.astype(jnp.float32)
-  y = xf.reshape((group, batch // group) + x.shape[1:])         # (G, M, H, W, C); g is outer
-  std = jnp.sqrt(jnp.var(y, axis=0) + STDDEV_EPS)                # (M, H, W, C)
-  std = jnp.mean(std, axis=(1, 2, 3))                           # (M,)
-  std = jnp.tile(std, group)                                     # sample b gets std[b % M]
+  # (G, M, H, W, C); g is outer.
+  y = xf.reshape((group, batch // group) + x.shape[1:])
+  std = jnp.sqrt(jnp.var(y, axis=0) + STDDEV_EPS)  # (M, H, W, C)
+  std = jnp.mean(std, axis=(1, 2, 3))  # (M,)
+  std = jnp.tile(std, group)  # sample b gets std[b % M]
   feature = jnp.broadcast_to(std[:, None, None, None], x.shape[:3] + (1,))
   return jnp.concatenate([xf, feature], axis=-1)
 
@@ -250,20 +340,26 @@ class Discriminator(nn.Module):
   """StyleGAN2 residual discriminator as used by CIPS (NHWC).
 
   Attributes:
-    size: input resolution (power of 2, 4 .. 1024). CIPS builds it with the crop size.
+    size: input resolution (power of 2, 4 .. 1024). CIPS builds it with the crop
+      size.
     channel_multiplier: widens resolutions >= 64 (see `discriminator_channels`).
     input_channels: 3 (RGB, `--img2dis`) or 5 (RGB + 2 coordinate channels).
     n_first_layers: extra 3x3 ConvLayers at the input resolution.
     blur_kernel: 1-D taps of the anti-aliasing filter.
-    stddev_group: minibatch-stddev group size (the batch must be divisible by min(B, it)).
-    max_channels: cap on every width (512 reproduces the reference; smaller for tests).
-    dtype: compute dtype of the convolutions (params and accumulation stay float32; the two
-      final dense layers run in float32 because they are tiny).
-    precision: `jax.lax.Precision` for the convolutions (None = backend default).
-    conv_impl: 'auto' (im2col on CPU, XLA's convolution elsewhere), 'xla' or 'im2col'.
+    stddev_group: minibatch-stddev group size (the batch must be divisible by
+      min(B, it)).
+    max_channels: cap on every width (512 reproduces the reference; smaller for
+      tests).
+    dtype: compute dtype of the convolutions (params and accumulation stay
+      float32; the two final dense layers run in float32 because they are tiny).
+    precision: `jax.lax.Precision` for the convolutions (None = backend
+      default).
+    conv_impl: 'auto' (im2col on CPU, XLA's convolution elsewhere), 'xla' or
+      'im2col'.
 
   Call: images (B, size, size, input_channels) -> logits (B, 1) float32.
   """
+
   size: int
   channel_multiplier: int = 2
   input_channels: int = 3
@@ -280,11 +376,19 @@ class Discriminator(nn.Module):
     """images: (B, size, size, input_channels) -> (B, 1)."""
     expected = (self.size, self.size, self.input_channels)
     if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-      raise ValueError(f'images must have shape (B, {self.size}, {self.size}, '
-                       f'{self.input_channels}), got {images.shape}')
-    ch = discriminator_channels(self.size, self.channel_multiplier, self.max_channels)
-    kw = dict(blur_kernel=tuple(self.blur_kernel), dtype=self.dtype, precision=self.precision,
-              conv_impl=self.conv_impl)
+      raise ValueError(
+        f'images must have shape (B, {self.size}, {self.size}, '
+        f'{self.input_channels}), got {images.shape}'
+      )
+    ch = discriminator_channels(
+      self.size, self.channel_multiplier, self.max_channels
+    )
+    kw = dict(
+      blur_kernel=tuple(self.blur_kernel),
+      dtype=self.dtype,
+      precision=self.precision,
+      conv_impl=self.conv_impl,
+    )
 
     x = ConvLayer(ch[self.size], 1, name='from_rgb', **kw)(images)
     for i in range(self.n_first_layers):
@@ -296,9 +400,10 @@ class Discriminator(nn.Module):
       res //= 2
       j += 1
 
-    x = minibatch_stddev(x, self.stddev_group)                   # (B, 4, 4, ch[4] + 1)
-    x = ConvLayer(ch[4], 3, name='final_conv', **kw)(x)          # (B, 4, 4, ch[4])
-    # Natural (H, W, C) flatten; the converter permutes the reference's (C, H, W) rows.
+    x = minibatch_stddev(x, self.stddev_group)  # (B, 4, 4, ch[4] + 1)
+    x = ConvLayer(ch[4], 3, name='final_conv', **kw)(x)  # (B, 4, 4, ch[4])
+    # Natural (H, W, C) flatten; the converter permutes the reference's (C, H,
+    # W) rows.
     x = x.reshape(x.shape[0], -1).astype(jnp.float32)
     x = EqualDense(ch[4], activate=True, name='final_dense')(x)
     return EqualDense(1, name='logits')(x)

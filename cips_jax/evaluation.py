@@ -1,15 +1,19 @@
 """FID and KID of a generator against its training data.
 
-    extractor = inception.InceptionFeatures(mesh=mesh)                 # loads the weights
-    evaluator = evaluation.Evaluator.create(extractor, source, 'lsun/church_outdoor', 256,
-                                            grids.uniform(256, 256), f'{workdir}/fid_stats')
-    scores = evaluator.evaluate(gen, params, num_samples=50_000)      # {'fid': ..., 'kid': ...}
+    extractor = inception.InceptionFeatures(mesh=mesh)  # loads the weights
+    evaluator = evaluation.Evaluator.create(
+        extractor, source, 'lsun/church_outdoor', 256,
+        grids.uniform(256, 256), f'{workdir}/fid_stats', num_real=50_000,
+    )
+    # {'fid': ..., 'kid': ...}
+    scores = evaluator.evaluate(gen, params, num_samples=50_000)
 
-Real statistics (mean, covariance and up to `KID_FEATURES` feature vectors for KID) are
-computed once per dataset, resolution and image count, and cached under
-`WORKDIR/fid_stats/`. Generated images are rendered in batches sharded over the devices of
-the mesh, like training batches, and their Inception features streamed into float64
-statistics, so memory does not grow with the number of samples.
+Real statistics (mean, covariance and up to `KID_FEATURES` feature vectors for
+KID) are computed once per dataset, resolution and image count, and cached under
+`WORKDIR/fid_stats/`. Generated images are rendered in batches sharded over the
+devices of the mesh, like training batches, and their Inception features
+streamed into float64 statistics, so memory does not grow with the number of
+samples.
 """
 
 from __future__ import annotations
@@ -22,122 +26,230 @@ from typing import Any, Callable, Iterator, Optional
 import jax
 import numpy as np
 
-from cips_jax import parallel, sampling, summary
+from cips_jax import grids
+from cips_jax import images as images_lib
+from cips_jax import parallel
+from cips_jax import sampling
 from cips_jax.metrics import fid as fid_lib
 
 # Feature vectors kept for KID (its subsets draw 1000 at a time).
 KID_FEATURES = 10_000
 FEATURE_DIM = 2048
 
-Extractor = Callable[[np.ndarray], np.ndarray]   # uint8 (B, H, W, 3) -> (B, 2048)
+# Uint8 (B, H, W, 3) -> (B, 2048)
+Extractor = Callable[[np.ndarray], np.ndarray]
 
 
-def real_image_batches(source, count: int, resolution: int, batch_size: int,
-                       seed: int = 0) -> Iterator[np.ndarray]:
-  """`count` real images (a seeded choice, centre crops of resolution^2) as uint8 batches."""
+def real_image_batches(
+  source, count: int, resolution: int, batch_size: int, seed: int = 0
+) -> Iterator[np.ndarray]:
+  """`count` real images as uint8 batches.
+
+  The images are a seeded choice, centre crops of resolution^2.
+  """
   if count > len(source):
-    raise ValueError(f'asked for {count} real images; the dataset has {len(source)}')
-  indices = np.random.default_rng(seed).choice(len(source), size=count, replace=False)
+    raise ValueError(
+      f'asked for {count} real images; the dataset has {len(source)}'
+    )
+  indices = np.random.default_rng(seed).choice(
+    len(source), size=count, replace=False
+  )
   for start in range(0, count, batch_size):
     images = []
-    for i in indices[start:start + batch_size]:
+    for i in indices[start : start + batch_size]:
       image = np.asarray(source[int(i)]['image'])
       top = (image.shape[0] - resolution) // 2
       left = (image.shape[1] - resolution) // 2
-      images.append(image[top:top + resolution, left:left + resolution])
+      images.append(image[top : top + resolution, left : left + resolution])
     yield np.stack(images)
 
 
-def statistics_of(batches: Iterator[np.ndarray], extractor: Extractor, total: int,
-                  progress: Optional[Callable[[int, int], None]] = None,
-                  keep: int = KID_FEATURES) -> tuple[fid_lib.Statistics, np.ndarray]:
-  """Streams image batches through the extractor: (statistics, the first `keep` features)."""
+def statistics_of(
+  batches: Iterator[np.ndarray],
+  extractor: Extractor,
+  total: int,
+  progress: Optional[Callable[[int, int], None]] = None,
+  keep: int = KID_FEATURES,
+) -> tuple[fid_lib.Statistics, np.ndarray]:
+  """Streams image batches through the extractor.
+
+  Returns (statistics, the first `keep` features).
+  """
   running = fid_lib.RunningStatistics(FEATURE_DIM)
   kept, done = [], 0
   for images in batches:
     features = np.asarray(extractor(images))
     running.update(features)
     if done < keep:
-      kept.append(features[:keep - done].astype(np.float32))
+      kept.append(features[: keep - done].astype(np.float32))
     done += len(images)
     if progress is not None:
       progress(done, total)
   return running.result(), np.concatenate(kept)
 
 
-def scores(real: fid_lib.Statistics, real_features: np.ndarray, fake: fid_lib.Statistics,
-           fake_features: np.ndarray, seed: int = 0) -> dict[str, float]:
-  """{'fid', 'kid', 'kid_std', 'num_real', 'num_fake'}; KID on the kept features."""
-  kid, kid_std = fid_lib.kernel_inception_distance(real_features, fake_features, seed=seed)
-  return {'fid': fid_lib.frechet_distance(real, fake), 'kid': kid, 'kid_std': kid_std,
-          'num_real': real.count, 'num_fake': fake.count}
+def scores(
+  real: fid_lib.Statistics,
+  real_features: np.ndarray,
+  fake: fid_lib.Statistics,
+  fake_features: np.ndarray,
+  seed: int = 0,
+) -> dict[str, float]:
+  """{'fid', 'kid', 'kid_std', 'num_real', 'num_fake'}.
+
+  KID is computed on the kept features.
+  """
+  kid, kid_std = fid_lib.kernel_inception_distance(
+    real_features, fake_features, seed=seed
+  )
+  return {
+    'fid': fid_lib.frechet_distance(real, fake),
+    'kid': kid,
+    'kid_std': kid_std,
+    'num_real': real.count,
+    'num_fake': fake.count,
+  }
+
+
+def render_grids(
+  resolution: int, cylindrical: bool, source
+) -> tuple[np.ndarray, np.ndarray]:
+  """(the grid samples are rendered on, the grid compared with reals).
+
+  Each is (H, W, 2). Ordinary data: both are the R x R training grid.
+  Cylindrical models: samples show the whole 360-degree panorama (as wide as the
+  stored panoramas, x = -1 + 2c / W), and evaluation uses an R x R window of
+  it, like the training windows.
+  """
+  if not cylindrical:
+    grid = np.asarray(grids.uniform(resolution, resolution))
+    return grid, grid
+  width = np.asarray(source[0]['image']).shape[1]
+  panorama = np.asarray(grids.cylindrical(resolution, width))
+  return panorama, panorama[:, :resolution]
 
 
 def stats_cache_dir(workdir: str) -> str:
-  """The folder of a run's workdir that caches real-image statistics (`Evaluator.create`)."""
+  """The folder of a run's workdir that caches real-image statistics.
+
+  `Evaluator.create` writes and reads them there.
+  """
   return os.path.join(workdir, 'fid_stats')
 
 
 @dataclasses.dataclass
 class Evaluator:
-  """Inception features, cached real statistics, and sharded rendering of fakes."""
+  """Inception features, cached real statistics, sharded rendering of fakes."""
+
   extractor: Extractor
   real: fid_lib.Statistics
   real_features: np.ndarray
-  coords: np.ndarray        # the grid fakes are rendered on, (H, W, 2)
+  coords: np.ndarray  # the grid fakes are rendered on, (H, W, 2)
   mesh: Any
   batch_size: int
   seed: int = 0
 
   @classmethod
-  def create(cls, extractor: Extractor, source, dataset_name: str, resolution: int,
-             coords: np.ndarray, cache_dir: str, num_real: int, mesh=None,
-             batch_size: int = 64, seed: int = 0,
-             progress: Optional[Callable[[int, int], None]] = None) -> 'Evaluator':
-    """Loads (or computes and caches) the real statistics of `num_real` images."""
+  def create(
+    cls,
+    extractor: Extractor,
+    source,
+    dataset_name: str,
+    resolution: int,
+    coords: np.ndarray,
+    cache_dir: str,
+    num_real: int,
+    mesh=None,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: Optional[Callable[[int, int], None]] = None,
+  ) -> 'Evaluator':
+    """Loads (or computes and caches) the real statistics.
+
+    The statistics are of `num_real` images.
+    """
     mesh = parallel.make_mesh() if mesh is None else mesh
     batch_size = parallel.divisible_by_devices(batch_size, mesh)
     num_real = min(num_real, len(source))
-    name = f"{dataset_name.replace('/', '_')}_{resolution}px_{num_real}_seed{seed}.npz"
+    name = (
+      f'{dataset_name.replace("/", "_")}_{resolution}px_{num_real}'
+      f'_seed{seed}.npz'
+    )
     path = os.path.join(cache_dir, name)
     if os.path.exists(path):
       real, real_features = fid_lib.Statistics.load(path)
     else:
       real, real_features = statistics_of(
-          real_image_batches(source, num_real, resolution, batch_size, seed), extractor,
-          num_real, progress)
+        real_image_batches(source, num_real, resolution, batch_size, seed),
+        extractor,
+        num_real,
+        progress,
+      )
       if jax.process_index() == 0:
         real.save(path, features=real_features)
-    return cls(extractor=extractor, real=real, real_features=real_features,
-               coords=np.asarray(coords), mesh=mesh, batch_size=batch_size, seed=seed)
+    return cls(
+      extractor=extractor,
+      real=real,
+      real_features=real_features,
+      coords=np.asarray(coords),
+      mesh=mesh,
+      batch_size=batch_size,
+      seed=seed,
+    )
 
   def fake_batches(self, gen, params, num_samples: int) -> Iterator[np.ndarray]:
-    """uint8 renders of N(0, I) latents (seeded), each batch sharded over the mesh."""
-    render = _sharded_renderer(gen.clone(remat=False), self.batch_size, self.mesh)
+    """uint8 renders of N(0, I) latents (seeded).
+
+    Each batch is sharded over the mesh.
+    """
+    render = _sharded_renderer(
+      gen.clone(remat=False), self.batch_size, self.mesh
+    )
     key = jax.random.PRNGKey(self.seed + 10_000)
     for index in range(math.ceil(num_samples / self.batch_size)):
-      images = parallel.to_host(render(params, jax.random.fold_in(key, index), self.coords))
+      images = parallel.to_host(
+        render(params, jax.random.fold_in(key, index), self.coords)
+      )
       count = min(self.batch_size, num_samples - index * self.batch_size)
-      yield summary.to_uint8(images[:count])
+      yield images_lib.to_uint8(images[:count])
 
-  def evaluate(self, gen, params, num_samples: int,
-               progress: Optional[Callable[[int, int], None]] = None) -> dict[str, float]:
-    """FID and KID of `num_samples` generated images against the cached real statistics."""
-    fake, fake_features = statistics_of(self.fake_batches(gen, params, num_samples),
-                                        self.extractor, num_samples, progress)
-    return scores(self.real, self.real_features, fake, fake_features, seed=self.seed)
+  def evaluate(
+    self,
+    gen,
+    params,
+    num_samples: int,
+    progress: Optional[Callable[[int, int], None]] = None,
+  ) -> dict[str, float]:
+    """FID and KID of `num_samples` generated images.
+
+    They compare against the cached real statistics.
+    """
+    fake, fake_features = statistics_of(
+      self.fake_batches(gen, params, num_samples),
+      self.extractor,
+      num_samples,
+      progress,
+    )
+    return scores(
+      self.real, self.real_features, fake, fake_features, seed=self.seed
+    )
 
 
 def _sharded_renderer(gen, batch_size: int, mesh):
-  """jit(params, key, coords -> images (B, H, W, 3)), the batch split over the mesh.
+  """jit(params, key, coords -> images (B, H, W, 3)).
 
-  Latents are drawn inside the program from a replicated key, so every process of a
-  multi-host run takes the same inputs and holds its own rows of the output.
+  The batch is split over the mesh. Latents are drawn inside the program from a
+  replicated key, so every process of a multi-host run takes the same inputs and
+  holds its own rows of the output.
   """
+
   def render(params, key, coords):
     z = jax.random.normal(key, (batch_size, gen.style_dim))
     return sampling.generate(gen, {'params': params}, z, coords)
 
   replicated = parallel.replicated(mesh)
-  return jax.jit(render, in_shardings=(replicated, replicated, replicated),
-                 out_shardings=parallel.batch_sharded(mesh))
+  return jax.jit(
+    render,
+    in_shardings=(replicated, replicated, replicated),
+    out_shardings=parallel.batch_sharded(mesh),
+  )

@@ -1,22 +1,31 @@
-"""Keeps the host's freed memory for reuse, so CPU training does not page-fault every step.
+"""Keeps the host's freed memory for reuse.
 
-XLA:CPU allocates each execution's temporary buffer (several GB for a 64x64 training step,
-2 GB for one of D's 64x64 convolutions at batch 16) from its worker threads. glibc serves
-a block that large from a fresh `mmap` and unmaps it again on free, so every step touches
-all of its working set for the first time: the kernel faults in and zeroes each 4 KiB page.
-On the project's 2-core machine that was 557k page faults and 1.1 s of kernel time per call
-of that one convolution (2.45 s -> 1.87 s once the memory is reused), and the full 64x64
-training step went from 22.80 s to 18.72 s (benchmarks/results/train_cpu_2core_*_malloc.json).
+So CPU training does not page-fault every step.
 
-`reuse_freed_memory()` tells glibc, through `mallopt`, to serve every thread from the main
-heap (one arena), never to `mmap` a block, and never to give freed memory back to the system.
-The process keeps its largest heap: at least the step's working set, and more when glibc's
-aligned blocks miss the holes the last step freed (7.6 GB for that step in one run, as with
-the defaults; 13.3 GB in another). It must run before JAX starts its threads, i.e. before `import jax`: a thread that
-already owns an arena keeps mapping and unmapping. The command-line entry points
-(`cips_jax.main`, `cips_jax.sample`, `cips_jax.evaluate`) and `benchmarks/` call it first.
+XLA:CPU allocates each execution's temporary buffer (several GB for a 64x64
+training step, 2 GB for one of D's 64x64 convolutions at batch 16) from its
+worker threads. glibc serves a block that large from a fresh `mmap` and unmaps
+it again on free, so every step touches all of its working set for the first
+time: the kernel faults in and zeroes each 4 KiB page. On the project's 2-core
+machine that was 557k page faults and 1.1 s of kernel time per call of that one
+convolution (2.45 s -> 1.87 s once the memory is reused), and the full 64x64
+training step went from 22.80 s to 18.72 s
+(benchmarks/results/train_cpu_2core_*_malloc.json).
 
-This module imports nothing from JAX.
+`reuse_freed_memory()` tells glibc, through `mallopt`, to serve every thread
+from the main heap (one arena), never to `mmap` a block, and never to give freed
+memory back to the system. The process keeps its largest heap: at least the
+step's working set, and more when glibc's aligned blocks miss the holes the last
+step freed (7577 MiB for that step in one run, 7631 MiB with the defaults;
+13.3 GB in another). It must run before JAX starts its backend (the first
+computation or device query), which is when XLA starts its worker threads: a
+thread that already owns an arena keeps mapping and unmapping. Importing JAX
+starts none. Every command line calls it first (`cips_jax.cli.run`), and so do
+the benchmarks; a program of one's own can call it at its start, or set
+`CIPS_JAX_SYSTEM_MALLOC=1` in a command's environment to keep glibc's defaults.
+
+The library's own calls do not depend on it: a generator render is one compiled
+program whose temporaries are allocated once per call (see `sampling`).
 """
 
 from __future__ import annotations
@@ -30,8 +39,10 @@ import sys
 
 from absl import logging
 
-OPT_OUT_VARIABLE = 'CIPS_JAX_SYSTEM_MALLOC'   # set to 1 to leave glibc's defaults alone
-configured = False   # whether reuse_freed_memory() changed the settings in this process
+# set to 1 to leave glibc's defaults alone
+OPT_OUT_VARIABLE = 'CIPS_JAX_SYSTEM_MALLOC'
+# whether reuse_freed_memory() changed the settings in this process
+configured = False
 
 # glibc's <malloc.h> parameter numbers.
 _M_TRIM_THRESHOLD = -1
@@ -52,6 +63,24 @@ def accelerator_installed() -> bool:
   return importlib.util.find_spec('libtpu') is not None
 
 
+def jax_backend_started() -> bool:
+  """Whether JAX has started a backend in this process.
+
+  Starting one starts XLA's threads.
+  """
+  xla_bridge = sys.modules.get('jax._src.xla_bridge')  # only if JAX is imported
+  started = getattr(xla_bridge, 'backends_are_initialized', None)
+  return bool(started is not None and started())
+
+
+def is_glibc() -> bool:
+  """Whether this process runs on glibc.
+
+  `reuse_freed_memory` uses glibc's mallopt settings.
+  """
+  return _glibc() is not None
+
+
 def _glibc():
   if not sys.platform.startswith('linux'):
     return None
@@ -59,32 +88,44 @@ def _glibc():
     libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
   except OSError:
     return None
-  # musl and other C libraries have no gnu_get_libc_version (nor these mallopt numbers).
+  # musl and other C libraries have no gnu_get_libc_version (nor these mallopt
+  # numbers).
   return libc if hasattr(libc, 'gnu_get_libc_version') else None
 
 
 def reuse_freed_memory(cpu_only: bool = True) -> bool:
-  """Configures glibc malloc to keep and reuse freed memory. Returns whether it did.
+  """Configures glibc malloc to keep and reuse freed memory.
 
-  Does nothing (returns False) when: the C library is not glibc; JAX is already imported
-  (its threads hold their own arenas, and changing the settings under them makes faults
-  worse, not better); `CIPS_JAX_SYSTEM_MALLOC=1` is set; or, with `cpu_only`, an accelerator
-  backend is installed (its device memory is not malloc's, and a single arena could slow
+  Returns whether it did.
+
+  Does nothing (returns False) when: the C library is not glibc; a JAX backend
+  has already started (its threads hold their own arenas, and changing the
+  settings under them makes faults worse, not better);
+  `CIPS_JAX_SYSTEM_MALLOC=1` is set; or, with `cpu_only`, an accelerator backend
+  is installed (its device memory is not malloc's, and a single arena could slow
   the host's input pipeline).
   """
   if os.environ.get(OPT_OUT_VARIABLE, '') not in ('', '0'):
     return False
   if cpu_only and accelerator_installed():
     return False
-  if 'jax' in sys.modules:
-    logging.warning('host_malloc.reuse_freed_memory: jax is already imported, so glibc '
-                    'malloc is left as it is; call it before importing jax.')
+  if jax_backend_started():
+    logging.warning(
+      'host_malloc.reuse_freed_memory: a JAX backend is already running, so '
+      'glibc malloc is left as it is; call it before the first computation.'
+    )
     return False
   libc = _glibc()
   if libc is None:
     return False
   global configured
   # -1 converts to the largest size_t: never trim the heap.
-  configured = all(libc.mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+  configured = all(
+    libc.mallopt(param, value) == 1
+    for param, value in (
+      (_M_ARENA_MAX, 1),
+      (_M_MMAP_MAX, 0),
+      (_M_TRIM_THRESHOLD, -1),
+    )
+  )
   return configured

@@ -1,14 +1,15 @@
 """Layers of the CIPS generator, written for ONE pixel.
 
-Every layer here takes the features of a single pixel (a vector) and the style that drives it.
-The generator `vmap`s them over pixels and images. A per-image style's affine and
-demodulation run once per image (the generator computes each layer's `Modulation` before the
-vmap, or JAX leaves the unmapped style unbatched), while the pixel work becomes one matrix
-multiply per layer.
+Every layer here takes the features of a single pixel (a vector) and the style
+that drives it. The generator `vmap`s them over pixels and images. A per-image
+style's affine and demodulation run once per image (the generator computes each
+layer's `Modulation` before the vmap, or JAX leaves the unmapped style
+unbatched), while the pixel work becomes one matrix multiply per layer.
 
-Parameters follow Flax conventions (dense kernels are `(in, out)`); `convert.py` maps the
-reference's PyTorch layout onto them. The equalized learning rate of StyleGAN2 is kept: weights
-are stored at unit scale and multiplied by `lr_mul / sqrt(fan_in)` at run time.
+Parameters follow Flax conventions (dense kernels are `(in, out)`); `convert.py`
+maps the reference's PyTorch layout onto them. The equalized learning rate of
+StyleGAN2 is kept: weights are stored at unit scale and multiplied by
+`lr_mul / sqrt(fan_in)` at run time.
 """
 
 from __future__ import annotations
@@ -28,19 +29,29 @@ DEMODULATION_EPS = 1e-8  # the literal the reference adds under its rsqrt
 
 
 def leaky_relu_gain(x: Array) -> Array:
-  """Leaky ReLU with slope 0.2 followed by the gain sqrt(2) (StyleGAN2's fused_lrelu)."""
+  """Leaky ReLU with slope 0.2, then the gain sqrt(2).
+
+  StyleGAN2's fused_lrelu.
+  """
   return jax.nn.leaky_relu(x, 0.2) * SQRT2
 
 
 def pixel_norm(x: Array, axis: int = -1) -> Array:
-  """Normalises `x` to unit root-mean-square along `axis` (eps 1e-8, as the reference)."""
-  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=axis, keepdims=True) + 1e-8)
+  """Normalises `x` to unit root-mean-square along `axis`.
+
+  eps is 1e-8, as in the reference.
+  """
+  return x * jax.lax.rsqrt(
+    jnp.mean(jnp.square(x), axis=axis, keepdims=True) + 1e-8
+  )
 
 
 def unit_normal_init(lr_mul: float = 1.0):
   """N(0, 1) / lr_mul: the stored value of an equalized-learning-rate weight."""
+
   def init(key, shape, dtype=jnp.float32):
     return jax.random.normal(key, shape, dtype) / lr_mul
+
   return init
 
 
@@ -48,7 +59,8 @@ class EqualDense(nn.Module):
   """Dense layer with StyleGAN2's equalized learning rate.
 
   y = x @ (kernel * lr_mul / sqrt(in)) + bias * lr_mul, optionally followed by
-  `leaky_relu_gain` (the reference's `fused_lrelu`, whose bias is added before the activation).
+  `leaky_relu_gain` (the reference's `fused_lrelu`, whose bias is added before
+  the activation).
 
   Attributes:
     features: output width.
@@ -57,6 +69,7 @@ class EqualDense(nn.Module):
     use_bias: whether there is a bias.
     activate: apply leaky ReLU (0.2) with gain sqrt(2).
   """
+
   features: int
   lr_mul: float = 1.0
   bias_init: float = 0.0
@@ -64,45 +77,57 @@ class EqualDense(nn.Module):
   activate: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, anchor: Optional[Array] = None) -> Array:
+  def __call__(self, x: Array, *, anchor: Optional[Array] = None) -> Array:
     """x: (..., in) -> (..., features).
 
-    `anchor`: an optional scalar that is exactly 0 (see `ordering_anchor`), added to the
-    kernel so that the product waits for the value the anchor was computed from.
+    `anchor`: an optional scalar that is exactly 0 (see `ordering_anchor`),
+    added to the kernel so that the product waits for the value the anchor was
+    computed from.
     """
     fan_in = x.shape[-1]
-    kernel = self.param('kernel', unit_normal_init(self.lr_mul), (fan_in, self.features))
+    kernel = self.param(
+      'kernel', unit_normal_init(self.lr_mul), (fan_in, self.features)
+    )
     if anchor is not None:
       kernel = kernel + anchor
     y = x @ (kernel * (self.lr_mul / math.sqrt(fan_in)))
     if self.use_bias:
-      bias = self.param('bias', nn.initializers.constant(self.bias_init), (self.features,))
+      bias = self.param(
+        'bias', nn.initializers.constant(self.bias_init), (self.features,)
+      )
       y = y + bias * self.lr_mul
     return leaky_relu_gain(y) if self.activate else y
 
 
 class Modulation(NamedTuple):
-  """A modulated layer's style terms: input scales and output demodulation (or None)."""
+  """A modulated layer's style terms.
+
+  The input scales and the output demodulation (or None).
+  """
+
   scale: Array
   inv_norm: Optional[Array]
 
 
 class ModulatedDense(nn.Module):
-  """A 1x1 modulated convolution (StyleGAN2) for one pixel, modulating activations.
+  """A 1x1 modulated convolution (StyleGAN2) for one pixel.
 
-  The reference builds, per style s, the weight W'[o, i] = c W[o, i] s[i] (c = 1/sqrt(in)) and
-  demodulates it by d[o] = rsqrt(sum_i W'[o, i]^2 + 1e-8). For one pixel that equals
+  It modulates the activations, not the weight. The reference builds, per style
+  s, the weight W'[o, i] = c W[o, i] s[i] (c = 1/sqrt(in)) and demodulates it by
+  d[o] = rsqrt(sum_i W'[o, i]^2 + 1e-8). For one pixel that equals
 
       y = ((x * s) @ (c W)) * rsqrt((s * s) @ (c W)^2 + 1e-8),
 
-  which never builds a weight per style. `style` may be one w (per image or, under vmap, per
-  pixel) or K styles `(K, D)` mixed by `mix` `(K,)` (weights of this pixel). The affine is
-  affine in w, so the mixed style is `mix @ s_k`; the squared norm under the demodulation is
-  quadratic in it, so it is `mix^T G mix` with G[k, l] = (s_k * s_l) @ (c W)^2, computed once
-  per image: K styles and K^2 demodulation vectors per layer, whatever the pixel count.
+  which never builds a weight per style. `style` may be one w (per image or,
+  under vmap, per pixel) or K styles `(K, D)` mixed by `mix` `(K,)` (weights of
+  this pixel). The affine is affine in w, so the mixed style is `mix @ s_k`; the
+  squared norm under the demodulation is quadratic in it, so it is `mix^T G mix`
+  with G[k, l] = (s_k * s_l) @ (c W)^2, computed once per image: K styles and
+  K^2 demodulation vectors per layer, whatever the pixel count.
 
-  The pair (s, rsqrt(...)) is this layer's `Modulation`. `modulation_for(w)` computes it for any
-  leading shape of w, so a caller can compute it once per image and hand it to every pixel.
+  The pair (s, rsqrt(...)) is this layer's `Modulation`. `modulation_for(w)`
+  computes it for any leading shape of w, so a caller can compute it once per
+  image and hand it to every pixel.
 
   Attributes:
     in_features: input width.
@@ -110,67 +135,91 @@ class ModulatedDense(nn.Module):
     demodulate: divide each output by the norm of its modulated weight row.
     dtype: dtype of the matrix-multiply inputs (accumulation is always float32).
   """
+
   in_features: int
   features: int
   demodulate: bool = True
   dtype: DType = jnp.float32
 
   def setup(self):
-    self.kernel = self.param('kernel', unit_normal_init(), (self.in_features, self.features))
-    self.modulation = EqualDense(self.in_features, bias_init=1.0)   # the style affine
+    self.kernel = self.param(
+      'kernel', unit_normal_init(), (self.in_features, self.features)
+    )
+    # The style affine.
+    self.modulation = EqualDense(self.in_features, bias_init=1.0)
 
   def scaled_kernel(self) -> Array:
     return self.kernel * (1.0 / math.sqrt(self.in_features))
 
-  def modulation_for(self, style: Array, mix: Optional[Array] = None,
-                     anchor: Optional[Array] = None) -> Modulation:
+  def modulation_for(
+    self,
+    style: Array,
+    mix: Optional[Array] = None,
+    anchor: Optional[Array] = None,
+  ) -> Modulation:
     """The input scales and output demodulation for `style`.
 
-    style (..., D) -> Modulation(scale (..., in), inv_norm (..., out) or None); with `mix`
-    (K,) for this pixel, style is (K, D) and the result is this pixel's (in,) and (out,).
+    style (..., D) -> Modulation(scale (..., in), inv_norm (..., out) or None);
+    with `mix` (K,) for this pixel, style is (K, D) and the result is this
+    pixel's (in,) and (out,).
     """
     if mix is None:
-      scale = self.modulation(style, anchor)                # (..., in)
+      scale = self.modulation(style, anchor=anchor)  # (..., in)
     else:
-      styles = self.modulation(style)                       # (K, in): once per image
-      scale = _weighted_sum(mix, styles)                    # (in,): this pixel's style
+      styles = self.modulation(style)  # (K, in): once per image
+      scale = _weighted_sum(mix, styles)  # (in,): this pixel's style
     if not self.demodulate:
       return Modulation(scale, None)
     kernel_sq = jnp.square(self.scaled_kernel())
     if mix is None:
-      norm_sq = jnp.square(scale) @ kernel_sq               # (..., out)
+      norm_sq = jnp.square(scale) @ kernel_sq  # (..., out)
     else:
       k = styles.shape[0]
-      pair_products = (styles[:, None, :] * styles[None, :, :]).reshape(k * k, self.in_features)
-      gram = pair_products @ kernel_sq                      # (K*K, out): once per image
-      norm_sq = _weighted_sum(jnp.outer(mix, mix).reshape(k * k), gram)  # (out,)
+      pair_products = (styles[:, None, :] * styles[None, :, :]).reshape(
+        k * k, self.in_features
+      )
+      gram = pair_products @ kernel_sq  # (K*K, out): once per image
+      # (out,)
+      norm_sq = _weighted_sum(jnp.outer(mix, mix).reshape(k * k), gram)
     return Modulation(scale, jax.lax.rsqrt(norm_sq + DEMODULATION_EPS))
 
-  def __call__(self, x: Array, style: Optional[Array] = None, mix: Optional[Array] = None,
-               pixel_axes: tuple[str, ...] = (),
-               modulation: Optional[Modulation] = None) -> Array:
-    """x: (in,); style: (D,) or, with mix (K,), (K, D). Returns (features,) float32.
+  def __call__(
+    self,
+    x: Array,
+    *,
+    style: Optional[Array] = None,
+    mix: Optional[Array] = None,
+    pixel_axes: tuple[str, ...] = (),
+    modulation: Optional[Modulation] = None,
+  ) -> Array:
+    """x: (in,) -> (features,) float32.
 
-    `modulation`: this pixel's precomputed `Modulation` (then `style` and `mix` are unused).
-    `pixel_axes`: names of the caller's vmapped axes, given when the style (or `mix`) varies
-    per pixel; it orders this layer's style work after x (see `ordering_anchor`) and never
-    changes the result.
+    style: (D,) or, with mix (K,), (K, D). `modulation`: this pixel's
+    precomputed `Modulation` (then `style` and `mix` are unused). `pixel_axes`:
+    names of the caller's vmapped axes, given when the style (or `mix`) varies
+    per pixel; it orders this layer's style work after x (see `ordering_anchor`)
+    and never changes the result.
     """
     if modulation is None:
       anchor = ordering_anchor(x, pixel_axes) if pixel_axes else None
       if mix is not None and anchor is not None:
         mix, anchor = mix + anchor, None
       modulation = self.modulation_for(style, mix, anchor)
-    y = jnp.dot((x * modulation.scale).astype(self.dtype),
-                self.scaled_kernel().astype(self.dtype), preferred_element_type=jnp.float32)
+    y = jnp.dot(
+      (x * modulation.scale).astype(self.dtype),
+      self.scaled_kernel().astype(self.dtype),
+      preferred_element_type=jnp.float32,
+    )
     return y if modulation.inv_norm is None else y * modulation.inv_norm
 
 
 def _weighted_sum(weights: Array, rows: Array) -> Array:
-  """sum_k weights[k] * rows[k] for per-pixel `weights` (K,) and per-image `rows` (K, C).
+  """sum_k weights[k] * rows[k].
 
-  Written as K elementwise terms rather than a (K,) @ (K, C) product so that XLA fuses the
-  blend into the elementwise op that consumes it: a mixture then costs no (pixels, C) buffer.
+  `weights` (K,) are per pixel and `rows` (K, C) per image. Written as K
+  elementwise terms rather than a (K,) @ (K, C) product so that XLA fuses the
+  blend into the elementwise op that consumes it: a mixture then costs no
+  (pixels, C) buffer.
   """
   total = weights[0] * rows[0]
   for k in range(1, rows.shape[0]):
@@ -181,86 +230,148 @@ def _weighted_sum(weights: Array, rows: Array) -> Array:
 def ordering_anchor(x: Array, axes: tuple[str, ...]) -> Array:
   """A scalar that is exactly 0.0 but computed from x over the vmapped `axes`.
 
-  Per-pixel styles and mixture weights do not depend on the activations, so XLA is free to
-  compute every layer's per-pixel modulation and demodulation up front and keep them all
-  alive at once (gigabytes at 256^2). Adding this anchor to the (small) affine kernel or the
-  (small) mixture weights makes a layer's style work wait for its input x, so only one layer's
-  temporaries are alive. It reduces one channel over all pixels (cheap), compares it with
-  itself (so a NaN pixel cannot leak into other pixels) and multiplies by 0, which XLA does
-  not fold away for floats.
+  Per-pixel styles and mixture weights do not depend on the activations, so XLA
+  is free to compute every layer's per-pixel modulation and demodulation up
+  front and keep them all alive at once (gigabytes at 256^2). Adding this anchor
+  to the (small) affine kernel or the (small) mixture weights makes a layer's
+  style work wait for its input x, so only one layer's temporaries are alive. It
+  reduces one channel over all pixels (cheap), compares it with itself (so a NaN
+  pixel cannot leak into other pixels) and multiplies by 0, which XLA does not
+  fold away for floats.
   """
   total = jax.lax.psum(x[0], axes)
   return 0.0 * (total != total).astype(x.dtype)
 
 
 class StyledDense(nn.Module):
-  """ModulatedDense, then noise injection, then bias and activation (the reference StyledConv).
+  """ModulatedDense, then noise injection, then bias and activation.
+
+  The reference's StyledConv.
 
   Attributes:
     in_features: input width.
     features: output width.
-    activation: None (bias + leaky ReLU x sqrt 2, the released models), 'sin' (sin(x + bias)),
-      or 'sinrelu' (bias, then leaky ReLU of the even channels and sin of the odd channels,
-      concatenated in that order and multiplied by sqrt 2; this reorders the channels exactly
-      as the reference does).
+    activation: None (bias + leaky ReLU x sqrt 2, the released models), 'sin'
+      (sin(x + bias)), or 'sinrelu' (bias, then leaky ReLU of the even channels
+      and sin of the odd channels, concatenated in that order and multiplied by
+      sqrt 2; this reorders the channels exactly as the reference does).
     dtype: matrix-multiply input dtype.
+    remat: recompute this layer in the backward pass instead of storing its
+      activations.
   """
+
   in_features: int
   features: int
   activation: Optional[str] = None
   dtype: DType = jnp.float32
+  remat: bool = False
 
   def setup(self):
-    self.modulated = ModulatedDense(self.in_features, self.features, dtype=self.dtype)
-    # The reference draws the noise inside the layer; its learned strength starts at 0.
-    self.noise_strength = self.param('noise_strength', nn.initializers.zeros, ())
+    self.modulated = ModulatedDense(
+      self.in_features, self.features, dtype=self.dtype
+    )
+    # The reference draws the noise inside the layer; its learned strength
+    # starts at 0.
+    self.noise_strength = self.param(
+      'noise_strength', nn.initializers.zeros, ()
+    )
     self.bias = self.param('bias', nn.initializers.zeros, (self.features,))
 
   def modulation_for(self, style: Array) -> Modulation:
-    """style (..., D) -> this layer's Modulation for each style (see ModulatedDense)."""
+    """style (..., D) -> this layer's Modulation for each style.
+
+    See ModulatedDense.
+    """
     return self.modulated.modulation_for(style)
 
-  def __call__(self, x: Array, style: Optional[Array] = None, mix: Optional[Array] = None,
-               noise: Optional[Array] = None, pixel_axes: tuple[str, ...] = (),
-               modulation: Optional[Modulation] = None) -> Array:
-    """x: (in,); noise: () standard normal for this pixel or None. Returns (features,).
+  def __call__(
+    self,
+    x: Array,
+    *,
+    style: Optional[Array] = None,
+    mix: Optional[Array] = None,
+    noise: Optional[Array] = None,
+    pixel_axes: tuple[str, ...] = (),
+    modulation: Optional[Modulation] = None,
+  ) -> Array:
+    """x: (in,) -> (features,).
 
-    Either `style` (and `mix`) or this pixel's precomputed `modulation`.
+    noise: () standard normal for this pixel, or None. Either `style` (and
+    `mix`) or this pixel's precomputed `modulation`.
     """
-    y = self.modulated(x, style, mix, pixel_axes, modulation)
-    if noise is not None:
-      y = y + self.noise_strength * noise
-    return apply_activation(y + self.bias, self.activation)
+
+    def forward(module, x, style, mix, noise, modulation):
+      y = module.modulated(
+        x, style=style, mix=mix, pixel_axes=pixel_axes, modulation=modulation
+      )
+      if noise is not None:
+        y = y + module.noise_strength * noise
+      return apply_activation(y + module.bias, module.activation)
+
+    # The lifted remat sees arrays only: pixel_axes stays in the closure.
+    if self.remat:
+      forward = nn.remat(forward)
+    return forward(self, x, style, mix, noise, modulation)
 
 
 def apply_activation(y: Array, activation: Optional[str]) -> Array:
-  """The three activations of the reference's StyledConv (bias already added)."""
+  """The three activations of the reference's StyledConv.
+
+  The bias is already added.
+  """
   if activation is None:
     return leaky_relu_gain(y)
   if activation == 'sin':
     return jnp.sin(y)
   if activation == 'sinrelu':
-    return jnp.concatenate([jax.nn.leaky_relu(y[..., 0::2], 0.2), jnp.sin(y[..., 1::2])],
-                           axis=-1) * SQRT2
-  raise ValueError(f"activation must be None, 'sin' or 'sinrelu', got {activation!r}")
+    return (
+      jnp.concatenate(
+        [jax.nn.leaky_relu(y[..., 0::2], 0.2), jnp.sin(y[..., 1::2])], axis=-1
+      )
+      * SQRT2
+    )
+  raise ValueError(
+    f"activation must be None, 'sin' or 'sinrelu', got {activation!r}"
+  )
 
 
 class ToRGB(nn.Module):
-  """Modulated 1x1 projection to RGB without demodulation, plus a bias (and a skip)."""
+  """Modulated 1x1 projection to RGB without demodulation.
+
+  It adds a bias (and a skip).
+  """
+
   in_features: int
   dtype: DType = jnp.float32
 
   def setup(self):
-    self.modulated = ModulatedDense(self.in_features, 3, demodulate=False, dtype=self.dtype)
+    self.modulated = ModulatedDense(
+      self.in_features, 3, demodulate=False, dtype=self.dtype
+    )
     self.bias = self.param('bias', nn.initializers.zeros, (3,))
 
   def modulation_for(self, style: Array) -> Modulation:
-    """style (..., D) -> this layer's Modulation for each style (see ModulatedDense)."""
+    """style (..., D) -> this layer's Modulation for each style.
+
+    See ModulatedDense.
+    """
     return self.modulated.modulation_for(style)
 
-  def __call__(self, x: Array, style: Optional[Array] = None, mix: Optional[Array] = None,
-               skip: Optional[Array] = None, pixel_axes: tuple[str, ...] = (),
-               modulation: Optional[Modulation] = None) -> Array:
+  def __call__(
+    self,
+    x: Array,
+    *,
+    style: Optional[Array] = None,
+    mix: Optional[Array] = None,
+    skip: Optional[Array] = None,
+    pixel_axes: tuple[str, ...] = (),
+    modulation: Optional[Modulation] = None,
+  ) -> Array:
     """x: (in,) -> (3,); adds `skip` (3,) when given."""
-    rgb = self.modulated(x, style, mix, pixel_axes, modulation) + self.bias
+    rgb = (
+      self.modulated(
+        x, style=style, mix=mix, pixel_axes=pixel_axes, modulation=modulation
+      )
+      + self.bias
+    )
     return rgb if skip is None else rgb + skip

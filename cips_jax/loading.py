@@ -1,11 +1,18 @@
-"""Opens a generator from whatever a user has: a training workdir, an export, or a reference .pt.
+"""Opens a generator from whatever a user has.
 
-    gen, variables = loading.open_generator('/tmp/run')                  # training workdir
-    gen, variables = loading.open_generator('/tmp/run/checkpoints/1300') # one of its steps
-    gen, variables = loading.open_generator('/tmp/exported')             # checkpoints.export_generator
-    gen, variables = loading.open_generator('churches.pt')               # official checkpoint
+A training workdir, an export, or a reference .pt:
 
-The commands (`cips_jax.sample`, `cips_jax.evaluate`) take any of these as --checkpoint.
+    # a training workdir
+    gen, variables = loading.open_generator('/tmp/run')
+    # one of its steps
+    gen, variables = loading.open_generator('/tmp/run/checkpoints/1300')
+    # written by checkpoints.export_generator
+    gen, variables = loading.open_generator('/tmp/exported')
+    # an official checkpoint
+    gen, variables = loading.open_generator('churches.pt')
+
+The commands (`cips_jax.sample`, `cips_jax.evaluate`) take any of these as
+--checkpoint.
 """
 
 from __future__ import annotations
@@ -13,9 +20,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import ml_collections
 import orbax.checkpoint as ocp
 
-from cips_jax import checkpoints, models
+from cips_jax import checkpoints
+from cips_jax import convert
+from cips_jax import models
 
 WHICH = ('g_ema', 'g')
 _STATE_FIELDS = {'g_ema': 'ema_params', 'g': 'g_params'}
@@ -26,58 +36,86 @@ class NotAGeneratorError(ValueError):
 
 
 def _is_export(path: str) -> bool:
-  return all(os.path.isdir(os.path.join(path, item)) for item in ('model', 'params'))
+  return all(
+    os.path.isdir(os.path.join(path, item)) for item in ('model', 'params')
+  )
 
 
 def _is_step_dir(path: str) -> bool:
-  return os.path.basename(os.path.normpath(path)).isdigit() and _is_export_of_state(path)
+  return os.path.basename(
+    os.path.normpath(path)
+  ).isdigit() and _is_export_of_state(path)
 
 
 def _is_export_of_state(path: str) -> bool:
-  return all(os.path.isdir(os.path.join(path, item)) for item in ('state', 'config'))
+  return all(
+    os.path.isdir(os.path.join(path, item)) for item in ('state', 'config')
+  )
 
 
 def _restore_training_step(manager_dir: str, step: int, which: str):
   manager = ocp.CheckpointManager(manager_dir)
-  saved = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+  saved = manager.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()
+    ),
+  )
   gen = models.generator_from_config(saved['config']['model'])
   return gen, {'params': saved['state'][_STATE_FIELDS[which]]}
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
   """The steps of the complete checkpoints in WORKDIR/checkpoints, ascending."""
-  manager_dir = os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'checkpoints')
+  manager_dir = os.path.join(
+    os.path.abspath(os.path.expanduser(workdir)), 'checkpoints'
+  )
   if not os.path.isdir(manager_dir):
-    raise FileNotFoundError(f'{workdir} is not a training workdir (no checkpoints/ inside)')
-  return sorted(int(name) for name in os.listdir(manager_dir)
-                if name.isdigit() and _is_export_of_state(os.path.join(manager_dir, name)))
+    raise FileNotFoundError(
+      f'{workdir} is not a training workdir (no checkpoints/ inside)'
+    )
+  return sorted(
+    int(name)
+    for name in os.listdir(manager_dir)
+    if name.isdigit() and _is_export_of_state(os.path.join(manager_dir, name))
+  )
 
 
 def latest_checkpoint_step(workdir: str) -> int:
   """The step of the latest complete checkpoint in WORKDIR/checkpoints."""
   steps = checkpoint_steps(workdir)
   if not steps:
-    raise FileNotFoundError(f'the training workdir {workdir} has no checkpoint yet')
+    raise FileNotFoundError(
+      f'the training workdir {workdir} has no checkpoint yet'
+    )
   return steps[-1]
 
 
 def workdir_config(workdir: str):
-  """The training config (an ml_collections.ConfigDict) saved with the latest checkpoint."""
-  import ml_collections
+  """The training config saved with the latest checkpoint.
+
+  An ml_collections.ConfigDict.
+  """
   step = latest_checkpoint_step(workdir)
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'))
-  saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  manager = ocp.CheckpointManager(
+    os.path.join(os.path.abspath(workdir), 'checkpoints')
+  )
+  saved = manager.restore(
+    step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+  )
   return ml_collections.ConfigDict(saved['config'])
 
 
-def open_generator(path: str, which: str = 'g_ema') -> tuple[Any, dict[str, Any]]:
+def open_generator(
+  path: str, which: str = 'g_ema'
+) -> tuple[Any, dict[str, Any]]:
   """Returns `(generator module, variables)` read from `path`.
 
   Args:
     path: a training workdir (its latest checkpoint), one step directory of it
-      (WORKDIR/checkpoints/STEP), a generator written by `checkpoints.export_generator` or
-      `python -m cips_jax.convert`, or a reference PyTorch checkpoint (.pt, read safely).
+      (WORKDIR/checkpoints/STEP), a generator written by
+      `checkpoints.export_generator` or `python -m cips_jax.convert`, or a
+      reference PyTorch checkpoint (.pt, read safely).
     which: 'g_ema' (the EMA generator, the one to sample from) or 'g'.
   Raises:
     FileNotFoundError: nothing at `path`, or a workdir without checkpoints.
@@ -89,19 +127,26 @@ def open_generator(path: str, which: str = 'g_ema') -> tuple[Any, dict[str, Any]
   if not os.path.exists(path):
     raise FileNotFoundError(f'no checkpoint at {path}')
   if os.path.isfile(path):
-    from cips_jax import convert  # the torch reader is only needed for .pt files
     try:
       gen, variables = convert.load_torch_checkpoint(path, which=which)
     except (ValueError, KeyError, OSError) as error:
-      raise NotAGeneratorError(f'{path} is not a readable CIPS PyTorch checkpoint: {error}')
+      raise NotAGeneratorError(
+        f'{path} is not a readable CIPS PyTorch checkpoint: {error}'
+      )
     return gen, variables
   if _is_export(path):
     return checkpoints.load_generator(path)
   if _is_step_dir(path):
-    return _restore_training_step(os.path.dirname(path), int(os.path.basename(path)), which)
+    return _restore_training_step(
+      os.path.dirname(path), int(os.path.basename(path)), which
+    )
   manager_dir = os.path.join(path, 'checkpoints')
   if os.path.isdir(manager_dir):
-    return _restore_training_step(manager_dir, latest_checkpoint_step(path), which)
+    return _restore_training_step(
+      manager_dir, latest_checkpoint_step(path), which
+    )
   raise NotAGeneratorError(
-      f'{path} is not a training workdir (no checkpoints/ inside), an exported generator '
-      '(no model/ and params/ inside), a training step directory, or a .pt file')
+    f'{path} is not a training workdir (no checkpoints/ inside), an exported '
+    'generator (no model/ and params/ inside), a training step directory, or a '
+    '.pt file'
+  )

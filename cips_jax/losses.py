@@ -1,4 +1,7 @@
-"""GAN losses of the reference: non-saturating logistic losses and the R1 penalty."""
+"""GAN losses of the reference.
+
+The non-saturating logistic losses and the R1 penalty.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +14,13 @@ Array = jax.Array
 
 
 def discriminator_loss(real_logits: Array, fake_logits: Array) -> Array:
-  """mean softplus(-D(real)) + mean softplus(D(fake)); logits (B, 1) -> scalar."""
-  return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
+  """mean softplus(-D(real)) + mean softplus(D(fake)).
+
+  The logits are (B, 1); the loss is a scalar.
+  """
+  return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(
+    jax.nn.softplus(fake_logits)
+  )
 
 
 def generator_loss(fake_logits: Array) -> Array:
@@ -20,14 +28,21 @@ def generator_loss(fake_logits: Array) -> Array:
   return jnp.mean(jax.nn.softplus(-fake_logits))
 
 
-def r1_penalty(discriminate: Callable[[Array], Array], real_inputs: Array) -> Array:
-  """Mean over the batch of ||grad_x D(x)||^2 at the real inputs (summed over all elements).
+def r1_penalty(
+  discriminate: Callable[[Array], Array], real_inputs: Array
+) -> Array:
+  """Mean over the batch of ||grad_x D(x)||^2 at the real inputs.
+
+  The squared norm sums over all elements of each input.
 
   Args:
     discriminate: inputs (B, H, W, C) -> logits (B, 1).
     real_inputs: (B, H, W, C).
   Returns:
-    scalar penalty (the reference's `r1_loss`, before the gamma / 2 * interval weighting).
+    scalar penalty (the reference's `r1_loss`, before the gamma / 2 * interval
+    weighting).
   """
   grads = jax.grad(lambda x: jnp.sum(discriminate(x)))(real_inputs)
-  return jnp.mean(jnp.sum(jnp.square(grads).reshape(grads.shape[0], -1), axis=1))
+  return jnp.mean(
+    jnp.sum(jnp.square(grads).reshape(grads.shape[0], -1), axis=1)
+  )

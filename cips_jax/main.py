@@ -1,12 +1,13 @@
-"""The training command.
+r"""The training command.
 
     python -m cips_jax.main --config=experiments/churches.py --workdir=DIR \
         [--config.train.global_batch_size=64 ...]
 
-Running the same command with the same workdir resumes from the latest checkpoint. On several
-processes (TPU pods, multi-node GPU), each process runs the same command; it joins the others
-through `jax.distributed.initialize()` (auto-detected on TPU pods and SLURM, or given by
---coordinator_address / --num_processes / --process_id).
+Running the same command with the same workdir resumes from the latest
+checkpoint. On several processes (TPU pods, multi-node GPU), each process runs
+the same command; it joins the others through `jax.distributed.initialize()`
+(auto-detected on TPU pods and SLURM, or given by --coordinator_address /
+--num_processes / --process_id).
 """
 
 from __future__ import annotations
@@ -15,23 +16,41 @@ import logging as logging_lib
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags
+from absl import logging
+import jax
 from ml_collections import config_flags
 
+from cips_jax import cli
+from cips_jax import config_validation
 from cips_jax import host_malloc
+from cips_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'An ml_collections config file (experiments/*.py).', lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and samples.')
+  'config',
+  None,
+  'An ml_collections config file (experiments/*.py).',
+  lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Directory for checkpoints, logs and samples.'
+)
 _COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of process 0, for multi-process runs.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+  'coordinator_address', None, 'host:port of process 0, for multi-process runs.'
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  'num_processes', None, 'Number of processes.'
+)
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # Environments where jax.distributed.initialize() finds its peers by itself.
-_CLUSTER_VARIABLES = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE', 'TPU_WORKER_HOSTNAMES',
-                      'JAX_COORDINATOR_ADDRESS')
+_CLUSTER_VARIABLES = (
+  'SLURM_NTASKS',
+  'OMPI_COMM_WORLD_SIZE',
+  'TPU_WORKER_HOSTNAMES',
+  'JAX_COORDINATOR_ADDRESS',
+)
 
 
 def _runs_as_one_of_several_processes() -> bool:
@@ -47,41 +66,46 @@ def _runs_as_one_of_several_processes() -> bool:
 
 
 class _QuietLibraries(logging_lib.Filter):
-  """Drops the INFO chatter of orbax (a dozen lines per checkpoint); keeps its warnings."""
+  """Drops the INFO chatter of orbax, a dozen lines per checkpoint.
+
+  Its warnings are kept.
+  """
 
   def filter(self, record):
-    return record.levelno >= logging_lib.WARNING or '/orbax/' not in record.pathname
+    return (
+      record.levelno >= logging_lib.WARNING or '/orbax/' not in record.pathname
+    )
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  cli.no_positional_arguments(argv)
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  import jax   # after flag parsing, so --jax_* flags and XLA_FLAGS take effect
-
   if _runs_as_one_of_several_processes():
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-  from cips_jax import config_validation, train
-
+    jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+    )
   config = _CONFIG.value
-  try:
-    config_validation.validate(config, num_devices=jax.device_count(),
-                               num_processes=jax.process_count())
-  except config_validation.ConfigError as error:
-    sys.exit(f'cips_jax.main: invalid config: {error}')
-  logging.info('python %s, jax %s, jaxlib %s', sys.version.split()[0], jax.__version__,
-               jax.lib.__version__ if hasattr(jax.lib, '__version__') else '?')
-  logging.info('host malloc keeps and reuses freed memory (cips_jax.host_malloc): %s',
-               host_malloc.configured)
-  logging.info('process %d of %d; %d local devices, %d in all: %s', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices())
+  config_validation.validate(
+    config, num_devices=jax.device_count(), num_processes=jax.process_count()
+  )
+  logging.info('python %s, jax %s', sys.version.split()[0], jax.__version__)
+  logging.info(
+    'host malloc keeps and reuses freed memory (cips_jax.host_malloc): %s',
+    host_malloc.configured,
+  )
+  logging.info(
+    'process %d of %d; %d local devices, %d in all: %s',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices(),
+  )
   logging.info('config:\n%s', config)
   train.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':
-  host_malloc.reuse_freed_memory()   # before JAX starts its threads
-  app.run(main)
+  cli.run(main, 'cips_jax.main')

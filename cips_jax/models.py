@@ -1,4 +1,7 @@
-"""The model namespace users import: generators, mapping network, discriminator, `init`."""
+"""The model namespace users import.
+
+Generators, the mapping network, the discriminator and `init`.
+"""
 
 from __future__ import annotations
 
@@ -9,32 +12,56 @@ import jax
 import jax.numpy as jnp
 
 from cips_jax.discriminator import Discriminator
-from cips_jax.generator import CIPSres, CIPSskip, MappingNetwork
+from cips_jax.generator import CIPSres
+from cips_jax.generator import CIPSskip
+from cips_jax.generator import MappingNetwork
 
-__all__ = ['CIPSskip', 'CIPSres', 'MappingNetwork', 'Discriminator', 'init', 'param_count',
-           'generator_from_config']
+__all__ = [
+  'CIPSskip',
+  'CIPSres',
+  'MappingNetwork',
+  'Discriminator',
+  'init',
+  'param_count',
+  'generator_from_config',
+]
 
 GENERATORS = {'CIPSskip': CIPSskip, 'CIPSres': CIPSres}
 
 
-def generator_from_config(model: Mapping[str, Any], dtype: Any = jnp.float32,
-                          remat: bool = False):
-  """The generator a `config.model` section (a ConfigDict or its dict) describes."""
+def generator_from_config(
+  model: Mapping[str, Any], dtype: Any = jnp.float32, remat: bool = False
+):
+  """The generator that a `config.model` section describes.
+
+  The section is a ConfigDict or its dict.
+  """
   if model['arch'] not in GENERATORS:
-    raise ValueError(f"model.arch = {model['arch']!r}: expected one of {sorted(GENERATORS)}")
+    raise ValueError(
+      f'model.arch = {model["arch"]!r}: expected one of {sorted(GENERATORS)}'
+    )
   return GENERATORS[model['arch']](
-      size=model['size'], hidden_size=model['hidden_size'], style_dim=model['style_dim'],
-      n_mlp=model['n_mlp'], lr_mlp=model['lr_mlp'],
-      channel_multiplier=model['channel_multiplier'], activation=model['activation'] or None,
-      max_channels=model['max_channels'], embedding_mode=model['embedding_mode'],
-      cylindrical=model['cylindrical'], dtype=jnp.dtype(dtype), remat=remat)
+    size=model['size'],
+    hidden_size=model['hidden_size'],
+    style_dim=model['style_dim'],
+    n_mlp=model['n_mlp'],
+    lr_mlp=model['lr_mlp'],
+    channel_multiplier=model['channel_multiplier'],
+    activation=model['activation'] or None,
+    max_channels=model['max_channels'],
+    embedding_mode=model['embedding_mode'],
+    cylindrical=model['cylindrical'],
+    dtype=jnp.dtype(dtype),
+    remat=remat,
+  )
 
 
 def init(module: nn.Module, rng: jax.Array) -> dict[str, Any]:
-  """Initialises any model of this package: returns Flax variables `{'params': ...}`.
+  """Initialises any model of this package.
 
-  Generators are initialised through their whole path (mapping network included) on one
-  pixel; the discriminator on one image of its size.
+  Returns Flax variables `{'params': ...}`. Generators are initialised through
+  their whole path (mapping network included) on one pixel; the discriminator on
+  one image of its size.
   """
   if isinstance(module, (CIPSskip, CIPSres)):
     z = jnp.zeros((1, module.style_dim), jnp.float32)
@@ -43,12 +70,17 @@ def init(module: nn.Module, rng: jax.Array) -> dict[str, Any]:
   if isinstance(module, MappingNetwork):
     return module.init(rng, jnp.zeros((1, module.style_dim), jnp.float32))
   if isinstance(module, Discriminator):
-    images = jnp.zeros((1, module.size, module.size, module.input_channels), jnp.float32)
+    images = jnp.zeros(
+      (1, module.size, module.size, module.input_channels), jnp.float32
+    )
     return module.init(rng, images)
   raise TypeError(f'models.init does not know {type(module).__name__}')
 
 
 def param_count(variables: Any) -> int:
-  """Number of scalar parameters in `variables['params']` (arrays or ShapeDtypeStructs)."""
+  """Number of scalar parameters in `variables['params']`.
+
+  The leaves may be arrays or ShapeDtypeStructs.
+  """
   leaves = jax.tree_util.tree_leaves(variables['params'])
   return sum(int(leaf.size) for leaf in leaves)

@@ -1,12 +1,18 @@
-"""Data parallelism: a one-axis device mesh, shardings, host-local -> global batches."""
+"""Data parallelism.
+
+A one-axis device mesh, shardings, and host-local -> global batches.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
 
@@ -14,8 +20,9 @@ DATA_AXIS = 'data'
 def make_mesh(devices=None) -> Mesh:
   """A mesh over all devices (of every process) with the single axis 'data'."""
   devices = np.asarray(jax.devices() if devices is None else devices)
-  return Mesh(devices.reshape(-1), (DATA_AXIS,),
-              axis_types=(jax.sharding.AxisType.Auto,))
+  return Mesh(
+    devices.reshape(-1), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+  )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -29,13 +36,16 @@ def _is_embedding_table(path, leaf) -> bool:
   return name == 'embedding' and getattr(leaf, 'ndim', 0) == 3
 
 
-def state_shardings(state: Any, mesh: Mesh, shard_embedding: bool = False) -> Any:
+def state_shardings(
+  state: Any, mesh: Mesh, shard_embedding: bool = False
+) -> Any:
   """A sharding for every leaf of a train state (arrays or ShapeDtypeStructs).
 
-  Everything is replicated, except, with `shard_embedding`, the coordinate-embedding tables
-  (size, size, hidden) of G and its EMA and their Adam moments: their rows are split over the
-  'data' axis, so each device stores 1/n of them (the 1024 model's table alone is 537M
-  parameters). XLA gathers what each step's lookups need.
+  Everything is replicated, except, with `shard_embedding`, the
+  coordinate-embedding tables (size, size, hidden) of G and its EMA and their
+  Adam moments: their rows are split over the 'data' axis, so each device stores
+  1/n of them (the 1024 model's table alone is 537M parameters). XLA gathers
+  what each step's lookups need.
   """
   split = NamedSharding(mesh, P(DATA_AXIS))
   whole = replicated(mesh)
@@ -43,8 +53,10 @@ def state_shardings(state: Any, mesh: Mesh, shard_embedding: bool = False) -> An
   def rule(path, leaf):
     if shard_embedding and _is_embedding_table(path, leaf):
       if leaf.shape[0] % mesh.size:
-        raise ValueError(f'cannot split an embedding table of {leaf.shape[0]} rows over '
-                         f'{mesh.size} devices')
+        raise ValueError(
+          f'cannot split an embedding table of {leaf.shape[0]} rows over '
+          f'{mesh.size} devices'
+        )
       return split
     return whole
 
@@ -57,24 +69,30 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def divisible_by_devices(count: int, mesh: Mesh) -> int:
-  """`count` (images, pixels) rounded up to a multiple of the device count: an equal share each."""
+  """`count` (images, pixels) rounded up to a multiple of the device count.
+
+  Every device then gets an equal share.
+  """
   return -(-count // mesh.size) * mesh.size
 
 
 def to_host(array: jax.Array) -> np.ndarray:
-  """A (possibly batch-sharded, multi-process) array as one whole numpy array."""
+  """A (possibly batch-sharded, multi-process) array as one numpy array."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     array = multihost_utils.process_allgather(array, tiled=True)
   return np.asarray(array)
 
 
 def global_batch(local: Any, mesh: Mesh) -> Any:
-  """Host-local arrays (this process's rows) -> global arrays sharded over 'data'.
+  """Host-local arrays (this process's rows) -> global arrays over 'data'.
 
-  Each leaf has shape (global_batch / process_count, ...) on every process; the result is
-  (global_batch, ...), process i's rows being rows [i * local, (i + 1) * local).
+  The global arrays are sharded over the 'data' axis. Each leaf has shape
+  (global_batch / process_count, ...) on every process; the result is
+  (global_batch, ...), process i's rows being rows
+  [i * local, (i + 1) * local).
   """
   sharding = batch_sharded(mesh)
   return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+    local,
+  )

@@ -1,26 +1,38 @@
 """Functional sampling: z -> w, truncation in W, rendering at any coordinates.
 
-    w = sampling.mapping(gen, variables, z)                             # (B, D) -> (B, D)
-    img = sampling.synthesize(gen, variables, w, coords)                # per-image or per-pixel w
-    img = sampling.synthesize(gen, variables, ws, coords, mix=alpha)    # per-pixel mixtures
-    img = sampling.generate(gen, variables, z, coords, truncation_psi=0.6, w_avg=w_avg)
-    img = sampling.render(gen, variables, w, grids.uniform(4096, 4096))  # numpy, streamed
-    ws = sampling.interpolation_styles(gen, variables, z0, z1, 60, space='w')  # lerp in W
-    ws = sampling.interpolation_styles(gen, variables, z0, z1, 60, space='z')  # slerp in Z
+    w = sampling.mapping(gen, variables, z)  # (B, D) -> (B, D)
+    # per-image or per-pixel w:
+    img = sampling.synthesize(gen, variables, w, coords)
+    # per-pixel mixtures:
+    img = sampling.synthesize(gen, variables, ws, coords, mix=alpha)
+    img = sampling.generate(
+        gen, variables, z, coords, truncation_psi=0.6, w_avg=w_avg
+    )
+    # numpy, streamed:
+    img = sampling.render(gen, variables, w, grids.uniform(4096, 4096))
+    # lerp in W:
+    ws = sampling.interpolation_styles(gen, variables, z0, z1, 60, space='w')
+    # slerp in Z:
+    ws = sampling.interpolation_styles(gen, variables, z0, z1, 60, space='z')
 
-`mapping`, `synthesize` and `generate` are pure functions of (module, variables, inputs); call
-them under `jax.jit` or not. `rng=None` means zero noise, so renders are deterministic; with a
-key, each pixel of each layer gets fresh N(0, 1) noise as in the reference.
+`mapping`, `synthesize` and `generate` are pure functions of (module, variables,
+inputs), compiled once per model, option set and input shape (`jax.jit` with the
+module static) and cached: the first call compiles, later calls of the same
+shapes run the compiled program. They also work inside a caller's own `jax.jit`,
+`grad` or `vmap`. Inputs follow the shape contract of `cips_jax.shapes`.
+`rng=None` means zero noise, so renders are deterministic; with a key, each
+pixel of each layer gets fresh N(0, 1) noise as in the reference.
 
 Two ways to bound memory by streaming over pixel chunks:
-- `render` (outside jit): a host loop calls one compiled function of a fixed chunk shape and
-  writes each chunk into a numpy array, optionally with the chunk's pixels sharded over a
-  mesh of devices and a progress callback. Its output is bit-identical to an unchunked
-  `synthesize` (each pixel's arithmetic does not depend on its neighbours in the chunk), and
-  only the output lives on the host: a 4096 x 4096 CIPSskip-256 render fits in 3 GB.
-- `synthesize(..., chunk_size=n)` (inside jit): a `fori_loop` over chunks. XLA compiles a loop
-  body differently from straight-line code, so it agrees with the unchunked render to float32
-  rounding (about 1e-6), not bit for bit.
+- `render` (outside jit): a host loop calls one compiled function of a fixed
+  chunk shape and writes each chunk into a numpy array, optionally with the
+  chunk's pixels sharded over a mesh of devices and a progress callback. Its
+  output is bit-identical to an unchunked `synthesize` (each pixel's arithmetic
+  does not depend on its neighbours in the chunk), and only the output lives on
+  the host: a 4096 x 4096 CIPSskip-256 render fits in 3 GB.
+- `synthesize(..., chunk_size=n)` (inside jit): a `fori_loop` over chunks. XLA
+  compiles a loop body differently from straight-line code, so it agrees with
+  the unchunked render to float32 rounding (about 1e-6), not bit for bit.
 """
 
 from __future__ import annotations
@@ -31,30 +43,46 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
 
 from cips_jax import parallel
+from cips_jax import shapes
 
 Array = jax.Array
 Variables = Any
 
-# Styles that vary per pixel (a w per pixel, or mixture weights) need a style, a squared
-# style and a demodulation per pixel and layer on top of the activations: about twice the
-# live memory of per-image styles. By default such renders stream over chunks of this many
-# pixels per image, which keeps their peak memory near that of a per-image render of the
-# same grid; pass chunk_size to choose otherwise.
+# Styles that vary per pixel (a w per pixel, or mixture weights) need a style, a
+# squared style and a demodulation per pixel and layer on top of the
+# activations: about twice the live memory of per-image styles. By default such
+# renders stream over chunks of this many pixels per image, which keeps their
+# peak memory near that of a per-image render of the same grid; pass chunk_size
+# to choose otherwise.
 PER_PIXEL_STYLE_CHUNK = 32768
 
 
 def mapping(gen, variables: Variables, z: Array) -> Array:
   """The mapping network: z (..., D) -> w (..., D)."""
-  return gen.apply(variables, jnp.asarray(z, jnp.float32), method=lambda m, z: m.mapping(z))
+  return _mapping(gen, variables, jnp.asarray(z, jnp.float32))
 
 
-def w_avg(gen, variables: Variables, rng: Array, num_samples: int = 10_000,
-          batch_size: int = 1000) -> Array:
-  """Estimates the mean of w over z ~ N(0, I): (1, D), the centre of W-space truncation."""
+@functools.partial(jax.jit, static_argnums=0)
+def _mapping(gen, variables, z):
+  return gen.apply(variables, z, method=lambda module, z: module.mapping(z))
+
+
+def w_avg(
+  gen,
+  variables: Variables,
+  rng: Array,
+  num_samples: int = 10_000,
+  batch_size: int = 1000,
+) -> Array:
+  """Estimates the mean of w over z ~ N(0, I), as (1, D).
+
+  It is the centre of W-space truncation.
+  """
   total = jnp.zeros((gen.style_dim,), jnp.float32)
   num_batches = math.ceil(num_samples / batch_size)
   for i in range(num_batches):
@@ -65,7 +93,10 @@ def w_avg(gen, variables: Variables, rng: Array, num_samples: int = 10_000,
 
 
 def truncate(w: Array, w_avg: Optional[Array], psi: float) -> Array:
-  """W-space truncation w_avg + psi (w - w_avg); psi = 1 (or no w_avg) returns w."""
+  """W-space truncation w_avg + psi (w - w_avg).
+
+  psi = 1 (or no w_avg) returns w.
+  """
   if psi == 1.0:
     return w
   if w_avg is None:
@@ -73,56 +104,87 @@ def truncate(w: Array, w_avg: Optional[Array], psi: float) -> Array:
   return w_avg + psi * (w - w_avg)
 
 
-def synthesize(gen, variables: Variables, w: Array, coords: Array, mix: Optional[Array] = None,
-               rng: Optional[Array] = None, chunk_size: Optional[int] = None,
-               embedding_mode: Optional[str] = None) -> Array:
+def synthesize(
+  gen,
+  variables: Variables,
+  w: Array,
+  coords: Array,
+  *,
+  mix: Optional[Array] = None,
+  rng: Optional[Array] = None,
+  chunk_size: Optional[int] = None,
+  embedding_mode: Optional[str] = None,
+) -> Array:
   """Renders styles at coordinates.
 
   Args:
     gen: a CIPSskip / CIPSres module.
     variables: its variables `{'params': ...}`.
     w: (B, D) per image, (B, ..., D) per pixel, or (B, K, D) with `mix`.
-    coords: (..., 2) shared by the batch (up to 3 dims, e.g. (H, W, 2)) or (B, ..., 2).
+    coords: (..., 2) shared by the batch (up to 3 dims, e.g. (H, W, 2)) or
+      (B, ..., 2).
     mix: (B, ..., K) per-pixel weights of the K styles, summing to 1.
     rng: key for per-pixel noise; None means zero noise.
-    chunk_size: render at most this many pixels (per image) at a time. None: all at once for
-      per-image styles, chunks of PER_PIXEL_STYLE_CHUNK for per-pixel styles and mixtures.
-    embedding_mode: 'bilinear' (default, the reference's evaluation path), 'table', 'aligned'.
+    chunk_size: render at most this many pixels (per image) at a time. None: all
+      at once for per-image styles, chunks of PER_PIXEL_STYLE_CHUNK for
+      per-pixel styles and mixtures.
+    embedding_mode: 'bilinear' (default, the reference's evaluation path),
+      'table', 'aligned'.
   Returns:
     (B, ..., 3) float32 RGB, unclamped.
   """
   w = jnp.asarray(w, jnp.float32)
   coords = jnp.asarray(coords, jnp.float32)
-
-  def render(coords, w, mix, rng):
-    rngs = None if rng is None else {'noise': rng}
-    return gen.apply(variables, coords, w, mix=mix, embedding_mode=embedding_mode, rngs=rngs)
-
-  shared = coords.ndim <= 3
-  pixel_shape = coords.shape[:-1] if shared else coords.shape[1:-1]
-  num_pixels = math.prod(pixel_shape)
-  if chunk_size is None and (mix is not None or w.ndim > 2):
+  mix = None if mix is None else jnp.asarray(mix, jnp.float32)
+  layout = shapes.parse(w, coords, mix, gen.style_dim)
+  if chunk_size is None and layout.styles_vary_per_pixel:
     chunk_size = PER_PIXEL_STYLE_CHUNK
-  if chunk_size is None or chunk_size >= num_pixels:
-    return render(coords, w, mix, rng)
-  return _render_in_chunks(render, coords, w, mix, rng, shared, pixel_shape, chunk_size)
+  if chunk_size is not None and chunk_size >= layout.num_pixels:
+    chunk_size = None
+  return _synthesize(
+    gen, variables, w, coords, mix, rng, chunk_size, embedding_mode
+  )
 
 
-def _render_in_chunks(render, coords, w, mix, rng, shared, pixel_shape, chunk_size):
-  """Renders `chunk_size` pixels at a time with a loop that slices the inputs in place.
+@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+def _synthesize(
+  gen, variables, w, coords, mix, rng, chunk_size, embedding_mode
+):
+  """`synthesize` once its options are settled.
 
-  Chunks start at multiples of chunk_size; the last one is moved back to end at the last
-  pixel (overlapping its neighbour) so no input is padded or copied.
+  Compiled per model, options and shapes.
   """
-  batch = w.shape[0]
-  num_pixels = math.prod(pixel_shape)
+
+  def render(w, coords, mix, rng):
+    rngs = None if rng is None else {'noise': rng}
+    return gen.apply(
+      variables, w, coords, mix=mix, embedding_mode=embedding_mode, rngs=rngs
+    )
+
+  if chunk_size is None:
+    return render(w, coords, mix, rng)
+  return _render_in_chunks(
+    render, shapes.parse(w, coords, mix), w, coords, mix, rng, chunk_size
+  )
+
+
+def _render_in_chunks(
+  render, layout: shapes.Layout, w, coords, mix, rng, chunk_size: int
+):
+  """Renders `chunk_size` pixels at a time.
+
+  A loop slices the inputs in place. Chunks start at multiples of chunk_size;
+  the last one is moved back to end at the last pixel (overlapping its
+  neighbour) so no input is padded or copied.
+  """
+  num_pixels = layout.num_pixels
   num_chunks = math.ceil(num_pixels / chunk_size)
-  flat_coords = coords.reshape((num_pixels, 2) if shared else (batch, num_pixels, 2))
-  per_pixel_w = mix is None and w.ndim > 2
-  if per_pixel_w:
-    w = w.reshape(batch, num_pixels, w.shape[-1])
-  if mix is not None:
-    mix = mix.reshape(batch, num_pixels, mix.shape[-1])
+  coords, w, mix = (
+    layout.flat_coords(coords),
+    layout.flat_w(w),
+    layout.flat_mix(mix),
+  )
+  per_pixel_w = layout.styles == shapes.PER_PIXEL
 
   def take(x, start, axis):
     return jax.lax.dynamic_slice_in_dim(x, start, chunk_size, axis=axis)
@@ -130,112 +192,157 @@ def _render_in_chunks(render, coords, w, mix, rng, shared, pixel_shape, chunk_si
   def one_chunk(index, rgb):
     start = jnp.minimum(index * chunk_size, num_pixels - chunk_size)
     chunk_rng = None if rng is None else jax.random.fold_in(rng, index)
-    chunk = render(take(flat_coords, start, 0 if shared else 1),
-                   take(w, start, 1) if per_pixel_w else w,
-                   None if mix is None else take(mix, start, 1), chunk_rng)
+    chunk = render(
+      take(w, start, 1) if per_pixel_w else w,
+      take(coords, start, layout.pixel_axis),
+      None if mix is None else take(mix, start, 1),
+      chunk_rng,
+    )
     return jax.lax.dynamic_update_slice_in_dim(rgb, chunk, start, axis=1)
 
-  rgb = jnp.zeros((batch, num_pixels, 3), jnp.float32)
+  rgb = jnp.zeros((layout.batch, num_pixels, 3), jnp.float32)
   rgb = jax.lax.fori_loop(0, num_chunks, one_chunk, rgb)
-  return rgb.reshape(batch, *pixel_shape, 3)
+  return rgb.reshape(layout.output_shape())
 
 
-# `render`'s default chunk: large enough to keep a CPU or GPU busy, small enough that a chunk
-# of CIPSskip-256's widest layer (1024 channels) takes 256 MB.
+# `render`'s default chunk: large enough to keep a CPU or GPU busy, small enough
+# that a chunk of CIPSskip-256's widest layer (1024 channels) takes 256 MB.
 RENDER_CHUNK = 65536
-# Below a few dozen rows XLA computes matrix products with other kernels, which round
-# differently; chunks of at least this many pixels (padded if need be) keep `render`
-# bit-exact whatever the number of pixels.
+# Below a few dozen rows XLA computes matrix products with other kernels, which
+# round differently; chunks of at least this many pixels (padded if need be)
+# keep `render` bit-exact whatever the number of pixels.
 MIN_RENDER_CHUNK = 256
 
 
-def render(gen, variables: Variables, w: Array, coords: Array, mix: Optional[Array] = None,
-           rng: Optional[Array] = None, chunk_size: int = RENDER_CHUNK,
-           mesh: Optional[Mesh] = None, embedding_mode: Optional[str] = None,
-           progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
-  """Renders any number of pixels in bounded memory: a host loop over fixed-size chunks.
+def render(
+  gen,
+  variables: Variables,
+  w: Array,
+  coords: Array,
+  *,
+  mix: Optional[Array] = None,
+  rng: Optional[Array] = None,
+  chunk_size: int = RENDER_CHUNK,
+  embedding_mode: Optional[str] = None,
+  mesh: Optional[Mesh] = None,
+  progress: Optional[Callable[[int, int], None]] = None,
+) -> np.ndarray:
+  """Renders any number of pixels in bounded memory.
 
-  Takes the arguments of `synthesize` (w per image (B, D), per pixel (B, ..., D), or (B, K, D)
-  with `mix` (B, ..., K); coords (..., 2) shared or (B, ..., 2) per image) and returns the same
-  image as a numpy array, bit-identical to an unchunked `synthesize` when rng is None. Every
-  chunk has the same shape (the last is padded by repeating its final pixel), so one program
-  is compiled and reused; inputs stay on the host and are sent one chunk at a time.
+  A host loop runs over fixed-size chunks. Takes the arguments of `synthesize`
+  (w per image (B, D), per pixel (B, ..., D), or (B, K, D) with `mix`
+  (B, ..., K); coords (..., 2) shared or (B, ..., 2) per image) and returns the
+  same image as a numpy array, bit-identical to an unchunked `synthesize` when
+  rng is None. Every chunk has the same shape (the last is padded by repeating
+  its final pixel), so one program is compiled and reused; inputs stay on the
+  host and are sent one chunk at a time.
 
   Args:
-    chunk_size: pixels per image per chunk (at least MIN_RENDER_CHUNK per device; rounded
-      up to a multiple of the mesh size).
-    mesh: a device mesh with the axis 'data' (`parallel.make_mesh()`): each chunk's pixels are
-      split over its devices, each device rendering its share independently.
+    chunk_size: pixels per image per chunk (at least MIN_RENDER_CHUNK per
+      device; rounded up to a multiple of the mesh size).
+    mesh: a device mesh with the axis 'data' (`parallel.make_mesh()`): each
+      chunk's pixels are split over its devices, each device rendering its share
+      independently.
     progress: called as progress(pixels_done, pixels_total) after each chunk.
-    rng: per-pixel noise key; chunk i (and device j) draws from fold_in keys of it, so noisy
-      renders depend on the chunking.
+    rng: per-pixel noise key; chunk i (and device j) draws from fold_in keys of
+      it, so noisy renders depend on the chunking.
   Returns:
     (B, ..., 3) float32 numpy array, unclamped.
   """
+  if chunk_size < 1:
+    raise ValueError(f'chunk_size must be positive, got {chunk_size}')
   w = np.asarray(w, np.float32)
   coords = np.asarray(coords, np.float32)
   mix = None if mix is None else np.asarray(mix, np.float32)
-  shared = coords.ndim <= 3
-  batch = w.shape[0]
-  pixel_shape = coords.shape[:-1] if shared else coords.shape[1:-1]
-  num_pixels = math.prod(pixel_shape)
-  per_pixel_w = mix is None and w.ndim > 2
-  coords = coords.reshape((num_pixels, 2) if shared else (batch, num_pixels, 2))
-  if per_pixel_w:
-    w = w.reshape(batch, num_pixels, w.shape[-1])
-  if mix is not None:
-    mix = mix.reshape(batch, num_pixels, mix.shape[-1])
-  if chunk_size < 1:
-    raise ValueError(f'chunk_size must be positive, got {chunk_size}')
+  layout = shapes.parse(w, coords, mix, gen.style_dim)
+  num_pixels = layout.num_pixels
+  per_pixel_w = layout.styles == shapes.PER_PIXEL
+  coords, w, mix = (
+    layout.flat_coords(coords),
+    layout.flat_w(w),
+    layout.flat_mix(mix),
+  )
   num_devices = 1 if mesh is None else mesh.size
-  # Small matrix products take other code paths in XLA, whose rounding differs: even a
-  # handful of points is rendered as (padded) chunk of at least MIN_RENDER_CHUNK pixels.
+  # Small matrix products take other code paths in XLA, whose rounding differs:
+  # even a handful of points is rendered as (padded) chunk of at least
+  # MIN_RENDER_CHUNK pixels.
   chunk = max(min(chunk_size, num_pixels), MIN_RENDER_CHUNK * num_devices)
   if mesh is not None:
     chunk = parallel.divisible_by_devices(chunk, mesh)
-  render_chunk = _chunk_renderer(gen, embedding_mode, mesh, shared, per_pixel_w,
-                                 mix is not None, rng is not None)
+  render_chunk = _chunk_renderer(
+    gen,
+    embedding_mode,
+    mesh,
+    layout.shared_coords,
+    per_pixel_w,
+    mix is not None,
+    rng is not None,
+  )
   placement = None if mesh is None else parallel.replicated(mesh)
   variables = jax.device_put(variables, placement)
   if not per_pixel_w:
     w = jax.device_put(w, placement)
 
-  out = np.empty((batch, num_pixels, 3), np.float32)
+  out = np.empty((layout.batch, num_pixels, 3), np.float32)
   for index, start in enumerate(range(0, num_pixels, chunk)):
     stop = min(start + chunk, num_pixels)
     rows = np.minimum(np.arange(start, start + chunk), num_pixels - 1)
-    pixel_axis = 0 if shared else 1
     rgb = render_chunk(
-        variables, w[:, rows] if per_pixel_w else w, np.take(coords, rows, axis=pixel_axis),
-        None if mix is None else mix[:, rows],
-        None if rng is None else jax.random.fold_in(rng, index))
-    out[:, start:stop] = np.asarray(rgb)[:, :stop - start]
+      variables,
+      w[:, rows] if per_pixel_w else w,
+      np.take(coords, rows, axis=layout.pixel_axis),
+      None if mix is None else mix[:, rows],
+      None if rng is None else jax.random.fold_in(rng, index),
+    )
+    out[:, start:stop] = np.asarray(rgb)[:, : stop - start]
     if progress is not None:
       progress(stop, num_pixels)
-  return out.reshape(batch, *pixel_shape, 3)
+  return out.reshape(layout.output_shape())
 
 
 @functools.lru_cache(maxsize=32)
-def _chunk_renderer(gen, embedding_mode, mesh, shared, per_pixel_w, has_mix, has_rng):
-  """One compiled chunk renderer per (model, layout); sharded over `mesh` when given."""
+def _chunk_renderer(
+  gen, embedding_mode, mesh, shared, per_pixel_w, has_mix, has_rng
+):
+  """One compiled chunk renderer per (model, layout).
+
+  It is sharded over `mesh` when given.
+  """
 
   def render(variables, w, coords, mix, rng):
     if mesh is not None and rng is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.DATA_AXIS))
     rngs = None if rng is None else {'noise': rng}
-    if not shared:   # (B, n, 2) would read as a shared grid: per-image sets are (B, 1, n, 2)
+    # (B, n, 2) would read as a shared grid: per-image sets are (B, 1, n, 2).
+    if not shared:
       coords = coords[:, None]
-    rgb = gen.apply(variables, coords, w, mix=mix, embedding_mode=embedding_mode, rngs=rngs)
+      if per_pixel_w:
+        w = w[:, None]
+      if has_mix:
+        mix = mix[:, None]
+    rgb = gen.apply(
+      variables, w, coords, mix=mix, embedding_mode=embedding_mode, rngs=rngs
+    )
     return rgb if shared else rgb[:, 0]
 
   if mesh is None:
     return jax.jit(render)
-  pixels = PartitionSpec(parallel.DATA_AXIS) if shared else PartitionSpec(None, parallel.DATA_AXIS)
+  pixels = (
+    PartitionSpec(parallel.DATA_AXIS)
+    if shared
+    else PartitionSpec(None, parallel.DATA_AXIS)
+  )
   per_pixel = PartitionSpec(None, parallel.DATA_AXIS)
-  in_specs = (PartitionSpec(), per_pixel if per_pixel_w else PartitionSpec(), pixels,
-              per_pixel if has_mix else None, PartitionSpec() if has_rng else None)
-  sharded = jax.shard_map(render, mesh=mesh, in_specs=in_specs, out_specs=per_pixel,
-                          check_vma=False)
+  in_specs = (
+    PartitionSpec(),
+    per_pixel if per_pixel_w else PartitionSpec(),
+    pixels,
+    per_pixel if has_mix else None,
+    PartitionSpec() if has_rng else None,
+  )
+  sharded = jax.shard_map(
+    render, mesh=mesh, in_specs=in_specs, out_specs=per_pixel, check_vma=False
+  )
   return jax.jit(sharded)
 
 
@@ -246,11 +353,14 @@ def lerp(a: Array, b: Array, t: Array) -> Array:
 
 
 def slerp(a: Array, b: Array, t: Array, eps: float = 1e-7) -> Array:
-  """Spherical interpolation along the great circle between the directions of a and b.
+  """Spherical interpolation between a and b.
 
-  For Gaussian latents z: the norm is interpolated linearly, the direction along the arc,
-  so intermediate z keep a typical norm (a straight lerp passes near the origin). a, b
-  (..., D), t (T,) -> (T, ..., D); parallel a, b fall back to lerp.
+  Along the great circle between the directions of a and b.
+
+  For Gaussian latents z: the norm is interpolated linearly, the direction along
+  the arc, so intermediate z keep a typical norm (a straight lerp passes near
+  the origin). a, b (..., D), t (T,) -> (T, ..., D); parallel a, b fall back to
+  lerp.
   """
   a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
   t = jnp.asarray(t, jnp.float32).reshape((-1,) + (1,) * a.ndim)
@@ -268,34 +378,93 @@ def slerp(a: Array, b: Array, t: Array, eps: float = 1e-7) -> Array:
   return direction * ((1.0 - t) * norm_a + t * norm_b)
 
 
-def interpolation_styles(gen, variables: Variables, z0: Array, z1: Array, num_frames: int,
-                         space: str = 'w', truncation_psi: float = 1.0,
-                         w_avg: Optional[Array] = None) -> Array:
-  """Styles (num_frames, D) of a walk from z0 (D,) to z1 (D,), both ends included.
+def interpolation_styles(
+  gen,
+  variables: Variables,
+  z0: Array,
+  z1: Array,
+  num_frames: int,
+  space: str = 'w',
+  truncation_psi: float = 1.0,
+  w_avg: Optional[Array] = None,
+) -> Array:
+  """Styles (num_frames, D) of a walk from z0 (D,) to z1 (D,).
 
-  space 'w': map both ends, truncate, and interpolate linearly in W (the space the layers
-  see, where StyleGAN-style models are most linear). space 'z': slerp in Z, then map each
-  frame (mapping is nonlinear, so the path in W is curved).
+  Both ends are included.
+
+  space 'w': map both ends, truncate, and interpolate linearly in W (the space
+  the layers see, where StyleGAN-style models are most linear). space 'z': slerp
+  in Z, then map each frame (mapping is nonlinear, so the path in W is curved).
   """
   if num_frames < 2:
     raise ValueError(f'num_frames must be at least 2, got {num_frames}')
   t = jnp.linspace(0.0, 1.0, num_frames)
   if space == 'w':
-    ends = truncate(mapping(gen, variables, jnp.stack([z0, z1])), w_avg, truncation_psi)
+    ends = truncate(
+      mapping(gen, variables, jnp.stack([z0, z1])), w_avg, truncation_psi
+    )
     return lerp(ends[0], ends[1], t)
   if space == 'z':
-    return truncate(mapping(gen, variables, slerp(z0, z1, t)), w_avg, truncation_psi)
+    return truncate(
+      mapping(gen, variables, slerp(z0, z1, t)), w_avg, truncation_psi
+    )
   raise ValueError(f"space must be 'w' or 'z', got {space!r}")
 
 
-def generate(gen, variables: Variables, z: Array, coords: Array, truncation_psi: float = 1.0,
-             w_avg: Optional[Array] = None, rng: Optional[Array] = None,
-             chunk_size: Optional[int] = None, embedding_mode: Optional[str] = None) -> Array:
+def generate(
+  gen,
+  variables: Variables,
+  z: Array,
+  coords: Array,
+  *,
+  truncation_psi: float = 1.0,
+  w_avg: Optional[Array] = None,
+  rng: Optional[Array] = None,
+  chunk_size: Optional[int] = None,
+  embedding_mode: Optional[str] = None,
+) -> Array:
   """z (B, D) -> images (B, ..., 3): mapping, W-space truncation, synthesis.
 
-  Truncation happens in W (towards `w_avg`), the correct form; the reference's forward
-  truncates z when called without input_is_latent, which this does not reproduce.
+  Truncation happens in W (towards `w_avg`), the correct form; the reference's
+  forward truncates z when called without input_is_latent, which this does not
+  reproduce.
   """
-  w = truncate(mapping(gen, variables, z), w_avg, truncation_psi)
-  return synthesize(gen, variables, w, coords, rng=rng, chunk_size=chunk_size,
-                    embedding_mode=embedding_mode)
+  shapes.check_latents(z, gen.style_dim)
+  shapes.parse((np.shape(z)[0], gen.style_dim), np.shape(coords))
+  if truncation_psi != 1.0 and w_avg is None:
+    raise ValueError('truncation_psi != 1 needs w_avg (see sampling.w_avg)')
+  return _generate(
+    gen,
+    variables,
+    jnp.asarray(z, jnp.float32),
+    jnp.asarray(coords, jnp.float32),
+    truncation_psi,
+    w_avg,
+    rng,
+    chunk_size,
+    embedding_mode,
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 7, 8))
+def _generate(
+  gen,
+  variables,
+  z,
+  coords,
+  truncation_psi,
+  w_avg,
+  rng,
+  chunk_size,
+  embedding_mode,
+):
+  w = truncate(_mapping(gen, variables, z), w_avg, truncation_psi)
+  return synthesize(
+    gen,
+    variables,
+    w,
+    coords,
+    rng=rng,
+    chunk_size=chunk_size,
+    embedding_mode=embedding_mode,
+  )

@@ -1,19 +1,22 @@
-"""FFHQ 1024 as the reference's progressive model: the 256 architecture fine-tuned on 1024.
+r"""FFHQ 1024 as the reference's progressive model.
 
-The released "ffhq1024" checkpoint is a CIPSskip-256 (a 256^2 embedding table) rendered on a
-1024^2 coordinate grid. This config continues a 256 model on multi-scale 256x256 patches of
-the 1024 grid (the reference's --coords_size 1024 --crop 256): D sees 256 patches, either a
-local full-resolution window or the whole image strided down, and G learns to be sharp at
-1024 while its embedding is read bilinearly.
+The 256 architecture fine-tuned on 1024. The released "ffhq1024" checkpoint is a
+CIPSskip-256 (a 256^2 embedding table) rendered on a 1024^2 coordinate grid.
+This config continues a 256 model on multi-scale 256x256 patches of the 1024
+grid (the reference's --coords_size 1024 --crop 256): D sees 256 patches, either
+a local full-resolution window or the whole image strided down, and G learns to
+be sharp at 1024 while its embedding is read bilinearly.
 
-    python -m cips_jax.data folder $FFHQ_IMAGES --name=ffhq1024 --resolution=1024 \
-        --data_dir=$DATA
-    python -m cips_jax.main --config=experiments/ffhq1024.py --workdir=$WORKDIR \
-        --config.data.data_dir=$DATA \
+    python -m cips_jax.data folder $FFHQ_IMAGES --name=ffhq1024 \
+        --resolution=1024 --data_dir=$DATA
+    python -m cips_jax.main --config=experiments/ffhq1024.py \
+        --workdir=$WORKDIR --config.data.data_dir=$DATA \
         --config.train.init_generator_from=$FFHQ256_WORKDIR_EXPORT_OR_ffhq256.pt
 
-Hardware: 8 GPUs or a TPU v3-8 (batch 32 of 256 patches: the same cost per step as 256
-training). Expected result: the reference reports FID 10.07 at 1024 for its progressive model.
+Hardware: 8 GPUs or a TPU v3-8 (batch 32 of 256 patches: the same cost per step
+as 256 training).
+Expected result: the reference reports FID 10.07 at 1024 for its progressive
+model.
 """
 
 from cips_jax import configs
@@ -22,9 +25,10 @@ from cips_jax import configs
 def get_config():
   config = configs.reference_config()
   d = config.data
-  d.source, d.name = 'folder', 'image_folder/ffhq1024'
-  d.resolution, d.crop, d.to_crop = 1024, 256, False
+  d.name = 'image_folder/ffhq1024'
+  d.resolution, d.crop = 1024, 256
   config.train.num_steps = 200_000
   config.train.compute_dtype = 'bfloat16'
-  config.logging.eval_every_steps = 50_000   # FID/KID in TensorBoard (0 turns it off)
+  # FID/KID in TensorBoard (0 turns it off)
+  config.logging.eval_every_steps = 50_000
   return config

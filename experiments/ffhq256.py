@@ -1,6 +1,9 @@
-"""FFHQ 256: the reference recipe on FFHQ (CIPSskip; the paper reports FID 4.38).
+r"""FFHQ 256: the reference recipe on FFHQ.
 
-    python -m cips_jax.data folder $FFHQ_IMAGES --name=ffhq --resolution=256 --data_dir=$DATA
+CIPSskip; the paper reports FID 4.38.
+
+    python -m cips_jax.data folder $FFHQ_IMAGES --name=ffhq --resolution=256 \
+        --data_dir=$DATA
     python -m cips_jax.main --config=experiments/ffhq256.py --workdir=$WORKDIR \
         --config.data.data_dir=$DATA
 
@@ -14,7 +17,7 @@ from cips_jax import configs
 def get_config():
   config = configs.reference_config()
   d = config.data
-  d.source, d.name = 'folder', 'image_folder/ffhq'
-  d.to_crop = False      # FFHQ images are square
-  config.logging.eval_every_steps = 50_000   # FID/KID in TensorBoard (0 turns it off)
+  d.name = 'image_folder/ffhq'
+  # FID/KID in TensorBoard (0 turns it off)
+  config.logging.eval_every_steps = 50_000
   return config

@@ -1,13 +1,18 @@
-"""Landscapes: CIPSres (the released Landscapes model) on random 256 crops of larger photos.
+r"""Landscapes: CIPSres on random 256 crops of larger photos.
 
-    python -m cips_jax.data folder $PHOTOS --name=landscapes --resolution=256 --data_dir=$DATA
-    python -m cips_jax.main --config=experiments/landscapes.py --workdir=$WORKDIR \
-        --config.data.data_dir=$DATA
+CIPSres is the architecture of the released Landscapes model.
 
-Photos are stored with their shorter side at 256 and random 256x256 windows are cropped at
-every step (the reference's --to_crop), so wide photos give many different crops.
-Hardware: as churches.py. Expected result: the paper reports FID 3.61 on its (unreleased)
-Flickr landscapes set; any folder of landscape photos works.
+    python -m cips_jax.data folder $PHOTOS --name=landscapes --resolution=256 \
+        --data_dir=$DATA
+    python -m cips_jax.main --config=experiments/landscapes.py \
+        --workdir=$WORKDIR --config.data.data_dir=$DATA
+
+Photos are stored with their shorter side at 256 and random 256x256 windows are
+cropped at every step (the reference's --to_crop), so wide photos give many
+different crops.
+Hardware: as churches.py.
+Expected result: the paper reports FID 3.61 on its (unreleased) Flickr
+landscapes set; any folder of landscape photos works.
 """
 
 from cips_jax import configs
@@ -17,6 +22,7 @@ def get_config():
   config = configs.reference_config()
   config.model.arch = 'CIPSres'
   d = config.data
-  d.source, d.name, d.to_crop = 'folder', 'image_folder/landscapes', True
-  config.logging.eval_every_steps = 50_000   # FID/KID in TensorBoard (0 turns it off)
+  d.name = 'image_folder/landscapes'
+  # FID/KID in TensorBoard (0 turns it off)
+  config.logging.eval_every_steps = 50_000
   return config

@@ -1,7 +1,9 @@
-"""Loads the reference fixtures in tests/data (outputs of the PyTorch reference code).
+"""Loads the reference fixtures in tests/data (outputs of the PyTorch reference
+code).
 
-Weights are rebuilt from the seed exactly as ../shared/fixtures/README.md describes, in the
-reference's own layout and names: a state dict that `cips_jax.convert` must understand.
+Weights are rebuilt from the seed exactly as ../shared/fixtures/README.md
+describes, in the reference's own layout and names: a state dict that
+`cips_jax.convert` must understand.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ def reference_state_dict(name: str) -> tuple[dict, dict[str, np.ndarray]]:
     if entry.get('buffer'):
       continue  # blur kernels: the model builds them itself
     noise = rng.standard_normal(entry['shape'])
-    state_dict[entry['key']] = (entry['base'] + entry['std'] * noise).astype(np.float32)
+    state_dict[entry['key']] = (entry['base'] + entry['std'] * noise).astype(
+      np.float32
+    )
   return spec, state_dict
 
 
@@ -35,5 +39,8 @@ def reference_outputs(name: str) -> dict[str, np.ndarray]:
 
 def relative_error(actual, expected) -> float:
   """max |actual - expected| / max |expected|."""
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  actual, expected = (
+    np.asarray(actual, np.float64),
+    np.asarray(expected, np.float64),
+  )
   return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))

@@ -1,4 +1,6 @@
-"""The data package: procedural images, tfds builders (without TensorFlow) and the pipeline."""
+"""The data package: procedural images, tfds builders (without TensorFlow) and
+the pipeline.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +8,24 @@ import importlib.util
 import logging
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from cips_jax import grids
-from cips_jax.data import builders, pipeline, procedural
+from cips_jax.data import builders
+from cips_jax.data import pipeline
+from cips_jax.data import procedural
 from cips_jax.data.pipeline import TrainBatches
 
-# ------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Procedural images
-# ------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('render, shape', [(procedural.landscape, (32, 48)),
-                                           (procedural.panorama, (16, 64))])
+@pytest.mark.parametrize(
+  'render, shape',
+  [(procedural.landscape, (32, 48)), (procedural.panorama, (16, 64))],
+)
 def test_procedural_is_deterministic(render, shape):
   a, b, c = render(7, *shape), render(7, *shape), render(8, *shape)
   assert a.shape == shape + (3,) and a.dtype == np.uint8
@@ -28,17 +34,29 @@ def test_procedural_is_deterministic(render, shape):
 
 
 def test_procedural_images_have_structure():
-  images = np.stack([procedural.landscape(i, 32, 32) for i in range(32)]).astype(float)
-  # Vertical structure (sky above, ground below) in every image, and varied colours.
-  top, bottom = images[:, :8].mean(axis=(1, 2, 3)), images[:, -8:].mean(axis=(1, 2, 3))
+  images = np.stack(
+    [procedural.landscape(i, 32, 32) for i in range(32)]
+  ).astype(float)
+  # Vertical structure (sky above, ground below) in every image, and varied
+  # colours.
+  top, bottom = (
+    images[:, :8].mean(axis=(1, 2, 3)),
+    images[:, -8:].mean(axis=(1, 2, 3)),
+  )
   assert np.all(np.abs(top - bottom) > 5)
-  assert images.mean(axis=(1, 2)).std(axis=0).min() > 10  # per-image mean colours differ
+  # Per-image mean colours differ.
+  assert images.mean(axis=(1, 2)).std(axis=0).min() > 10
   assert len(np.unique(images.reshape(-1, 3), axis=0)) > 1000
 
 
 def test_procedural_scene_does_not_depend_on_size():
   small = procedural.landscape(3, 32, 32).astype(float)
-  big = procedural.landscape(3, 64, 64).astype(float).reshape(32, 2, 32, 2, 3).mean((1, 3))
+  big = (
+    procedural.landscape(3, 64, 64)
+    .astype(float)
+    .reshape(32, 2, 32, 2, 3)
+    .mean((1, 3))
+  )
   other = procedural.landscape(4, 32, 32).astype(float)
   assert np.abs(small - big).mean() < 0.25 * np.abs(small - other).mean()
 
@@ -46,12 +64,19 @@ def test_procedural_scene_does_not_depend_on_size():
 def test_panorama_wraps_around():
   for seed in range(8):
     pano = procedural.panorama(seed, 32, 128).astype(float)
-    col_diff = lambda a, b: np.abs(pano[:, a] - pano[:, b]).mean()
+
+    def col_diff(a, b):
+      return np.abs(pano[:, a] - pano[:, b]).mean()
+
     seam = col_diff(0, -1)
-    # The seam is just another pair of neighbouring columns: as small as its neighbours.
-    near_seam = np.mean([col_diff(0, 1), col_diff(1, 2), col_diff(-2, -1), col_diff(-3, -2)])
+    # The seam is just another pair of neighbouring columns: as small as its
+    # neighbours.
+    near_seam = np.mean(
+      [col_diff(0, 1), col_diff(1, 2), col_diff(-2, -1), col_diff(-3, -2)]
+    )
     assert seam <= 2 * near_seam + 1.0, seed
-    # Control: a seam anywhere else (here cutting at 3/4 of the width) is much larger.
+    # Control: a seam anywhere else (here cutting at 3/4 of the width) is much
+    # larger.
     shifted_seam = col_diff(0, 95)
     assert seam < 0.5 * shifted_seam + 1.0, seed
   # An ordinary landscape does not wrap.
@@ -59,9 +84,9 @@ def test_panorama_wraps_around():
   assert np.mean([np.abs(x[:, 0] - x[:, -1]).mean() for x in land]) > 5
 
 
-# ------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Builders
-# ------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------
 
 
 def _save(path, array, **kwargs):
@@ -71,12 +96,20 @@ def _save(path, array, **kwargs):
 
 @pytest.fixture(scope='module')
 def image_tree(tmp_path_factory):
-  """A folder of test images; returns (folder, {relative path: (width, height)} readable)."""
+  """A folder of test images; returns (folder, {relative path: (width, height)}
+  readable).
+  """
   root = tmp_path_factory.mktemp('images')
   rng = np.random.default_rng(0)
-  smooth = lambda h, w, c: np.clip(
+
+  def smooth(h, w, c):
+    return np.clip(
       np.linspace(0, 255, w)[None, :, None] * rng.uniform(0.3, 1, c)
-      + np.linspace(0, 255, h)[:, None, None] * rng.uniform(0, 0.5, c), 0, 255).astype(np.uint8)
+      + np.linspace(0, 255, h)[:, None, None] * rng.uniform(0, 0.5, c),
+      0,
+      255,
+    ).astype(np.uint8)
+
   _save(root / 'b_wide.jpg', smooth(40, 60, 3), quality=95)
   _save(root / 'a_tall.PNG', smooth(50, 30, 3))  # upper-case extension
   _save(root / 'nested' / 'deeper' / 'square.jpeg', smooth(24, 24, 3))
@@ -84,12 +117,18 @@ def image_tree(tmp_path_factory):
   _save(root / 'nested' / 'rgba.png', smooth(20, 44, 4))  # mode RGBA
   _save(root / 'small.webp', smooth(12, 18, 3), lossless=True)  # upscaled to 16
   Image.fromarray(smooth(30, 30, 3)).convert('P').save(root / 'palette.png')
-  good = {'b_wide.jpg': (60, 40), 'a_tall.PNG': (30, 50), 'nested/deeper/square.jpeg': (24, 24),
-          'nested/gray.png': (20, 36), 'nested/rgba.png': (44, 20), 'small.webp': (18, 12),
-          'palette.png': (30, 30)}
+  good = {
+    'b_wide.jpg': (60, 40),
+    'a_tall.PNG': (30, 50),
+    'nested/deeper/square.jpeg': (24, 24),
+    'nested/gray.png': (20, 36),
+    'nested/rgba.png': (44, 20),
+    'small.webp': (18, 12),
+    'palette.png': (30, 30),
+  }
   # Broken files: a truncated JPEG and a text file with an image extension.
   jpeg = (root / 'b_wide.jpg').read_bytes()
-  (root / 'nested' / 'truncated.jpg').write_bytes(jpeg[:len(jpeg) // 2])
+  (root / 'nested' / 'truncated.jpg').write_bytes(jpeg[: len(jpeg) // 2])
   (root / 'not_an_image.jpg').write_text('this is not a JPEG')
   (root / 'notes.txt').write_text('ignored: not an image extension')
   return root, good
@@ -101,15 +140,22 @@ def _expected_size(width, height, resolution):
   return int(resolution * width / height), resolution
 
 
-def test_image_folder_prepares_and_skips_corrupt_files(image_tree, tmp_path, caplog):
+def test_image_folder_prepares_and_skips_corrupt_files(
+  image_tree, tmp_path, caplog
+):
   source, good = image_tree
   resolution = 16
   with caplog.at_level(logging.WARNING):
-    builder = builders.prepare_image_folder(source, tmp_path, resolution, 'test_images')
+    builder = builders.prepare_image_folder(
+      source, tmp_path, resolution, 'test_images'
+    )
   skipped = ['nested/truncated.jpg', 'not_an_image.jpg']
   assert builder.info.metadata['skipped_files'] == skipped
   for name in skipped:  # each one named in the log
-    assert any(name in r.getMessage() and r.levelno >= logging.WARNING for r in caplog.records)
+    assert any(
+      name in r.getMessage() and r.levelno >= logging.WARNING
+      for r in caplog.records
+    )
 
   source_ds = builders.load_source(tmp_path, 'image_folder/test_images')
   order = sorted(good)  # the sorted relative paths of the readable files
@@ -119,12 +165,16 @@ def test_image_folder_prepares_and_skips_corrupt_files(image_tree, tmp_path, cap
     w, h = _expected_size(*good[name], resolution)
     assert image.dtype == np.uint8 and image.shape == (h, w, 3), name
     assert min(image.shape[:2]) == resolution
-    # The content is the original, converted to RGB and resized (JPEG 95: small error).
+    # The content is the original, converted to RGB and resized (JPEG 95: small
+    # error).
     with Image.open(source / name) as original:
-      expected = np.asarray(original.convert('RGB').resize((w, h), Image.BILINEAR), float)
+      expected = np.asarray(
+        original.convert('RGB').resize((w, h), Image.BILINEAR), float
+      )
     assert np.abs(image - expected).mean() < 4, name
     if name == 'nested/gray.png':
-      assert np.abs(image.astype(int) - image[..., :1]).max() <= 3  # gray in 3 channels
+      # Gray in 3 channels.
+      assert np.abs(image.astype(int) - image[..., :1]).max() <= 3
 
   # The same name cannot silently stand for another resolution.
   with pytest.raises(ValueError, match='already holds'):
@@ -133,12 +183,14 @@ def test_image_folder_prepares_and_skips_corrupt_files(image_tree, tmp_path, cap
 
 def test_image_folder_from_manual_dir(image_tree, tmp_path):
   import tensorflow_datasets as tfds
+
   source, good = image_tree
   config = builders.ImageFolderConfig(name='manual', resolution=8)
   builder = builders.ImageFolder(config=config, data_dir=str(tmp_path))
   builder.download_and_prepare(
-      file_format='array_record',
-      download_config=tfds.download.DownloadConfig(manual_dir=str(source)))
+    file_format='array_record',
+    download_config=tfds.download.DownloadConfig(manual_dir=str(source)),
+  )
   data = builders.load_source(tmp_path, 'image_folder/manual')
   assert len(data) == len(good)
   assert all(min(data[i]['image'].shape[:2]) == 8 for i in range(len(data)))
@@ -153,10 +205,15 @@ def procedural_s32(tmp_path_factory):
 
 def test_procedural_builder_reads_back(procedural_s32):
   assert len(procedural_s32) == 2048
-  for i in (0, 1, 777, 2047):  # record i is the scene with seed i, losslessly (PNG)
-    np.testing.assert_array_equal(procedural_s32[i]['image'], procedural.landscape(i, 32, 32))
+  # Record i is the scene with seed i, losslessly (PNG)
+  for i in (0, 1, 777, 2047):
+    np.testing.assert_array_equal(
+      procedural_s32[i]['image'], procedural.landscape(i, 32, 32)
+    )
   records = procedural_s32.__getitems__([5, 3])
-  np.testing.assert_array_equal(records[1]['image'], procedural.landscape(3, 32, 32))
+  np.testing.assert_array_equal(
+    records[1]['image'], procedural.landscape(3, 32, 32)
+  )
 
 
 def test_load_source_names_the_missing_directory_and_command(tmp_path):
@@ -164,54 +221,74 @@ def test_load_source_names_the_missing_directory_and_command(tmp_path):
     builders.load_source(tmp_path, 'procedural_landscapes/s64')
   message = str(err.value)
   assert str(tmp_path / 'procedural_landscapes' / 's64') in message
-  assert f'python -m cips_jax.data procedural --data_dir {tmp_path} --config s64' in message
+  assert (
+    f'python -m cips_jax.data procedural --data_dir {tmp_path} --config s64'
+    in message
+  )
   with pytest.raises(FileNotFoundError, match='python -m cips_jax.data folder'):
     builders.load_source(tmp_path, 'image_folder/mine')
 
 
-@pytest.mark.skipif(importlib.util.find_spec('tensorflow') is not None,
-                    reason='TensorFlow is installed')
+@pytest.mark.skipif(
+  importlib.util.find_spec('tensorflow') is not None,
+  reason='TensorFlow is installed',
+)
 def test_lsun_without_tensorflow_says_what_to_install(tmp_path):
   expected = r'preparing LSUN needs TensorFlow: pip install cips_jax\[lsun\]'
   with pytest.raises(ImportError, match=expected):
     builders.prepare_lsun_churches(tmp_path)
 
 
-# ------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Pipeline
-# ------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------
 
 
 def _encoded_images(n, height, width):
-  """Images whose pixels state their own position: R = column, G = row, B = image index."""
+  """Images whose pixels state their own position: R = column, G = row, B =
+  image index.
+  """
   rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing='ij')
-  return [{'image': np.stack([cols, rows, np.full_like(rows, k)], -1).astype(np.uint8)}
-          for k in range(n)]
+  return [
+    {
+      'image': np.stack([cols, rows, np.full_like(rows, k)], -1).astype(
+        np.uint8
+      )
+    }
+    for k in range(n)
+  ]
 
 
 def _decode(image):
-  """Source (column, row, image index) of every pixel of a float image in [-1, 1]."""
+  """Source (column, row, image index) of every pixel of a float image in [-1,
+  1].
+  """
   values = np.round((image + 1.0) * 127.5).astype(int)
   return values[..., 0], values[..., 1], values[..., 2]
 
 
 def _reference_patch(frame, scale, offsets, starts, crop):
-  """The reference's multi-scale sampling, written from its description (not the module's).
+  """The reference's multi-scale sampling, written from its description (not the
+  module's).
 
-  frame: (R, R, C) image + coords stack; offsets/starts: the strided offset and the window
-  start per axis (for scale 0, `starts` is the window's corner and `offsets` is unused).
+  frame: (R, R, C) image + coords stack; offsets/starts: the strided offset and
+    the window
+  start per axis (for scale 0, `starts` is the window's corner and `offsets` is
+  unused).
   """
   if scale == 0:
-    return frame[starts[0]:starts[0] + crop, starts[1]:starts[1] + crop]
-  stride = 2 ** scale
-  strided = frame[offsets[0]::stride, offsets[1]::stride]
-  return strided[starts[0]:starts[0] + crop, starts[1]:starts[1] + crop]
+    return frame[starts[0] : starts[0] + crop, starts[1] : starts[1] + crop]
+  stride = 2**scale
+  strided = frame[offsets[0] :: stride, offsets[1] :: stride]
+  return strided[starts[0] : starts[0] + crop, starts[1] : starts[1] + crop]
 
 
 def _small_batches(source=None, **overrides):
   """Patches of 8 from 32x32 frames of twenty self-describing 40x48 images."""
   kwargs = dict(global_batch_size=8, resolution=32, crop=8, seed=3) | overrides
-  return TrainBatches(_encoded_images(20, 40, 48) if source is None else source, **kwargs)
+  return TrainBatches(
+    _encoded_images(20, 40, 48) if source is None else source, **kwargs
+  )
 
 
 def test_batch_shapes_dtypes_and_range():
@@ -221,8 +298,14 @@ def test_batch_shapes_dtypes_and_range():
   for step in range(12):
     batch = batches.batch_at(step)
     assert set(batch) == {'image', 'coords', 'scale'}
-    assert batch['image'].shape == (8, 8, 8, 3) and batch['image'].dtype == np.float32
-    assert batch['coords'].shape == (8, 8, 8, 2) and batch['coords'].dtype == np.float32
+    assert (
+      batch['image'].shape == (8, 8, 8, 3)
+      and batch['image'].dtype == np.float32
+    )
+    assert (
+      batch['coords'].shape == (8, 8, 8, 2)
+      and batch['coords'].dtype == np.float32
+    )
     assert batch['scale'].shape == (8,) and batch['scale'].dtype == np.int32
     assert batch['image'].min() >= -1 and batch['image'].max() <= 1
     assert batch['coords'].min() >= -1 and batch['coords'].max() <= 1
@@ -238,17 +321,24 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
   assert not np.array_equal(a.batch_at(1)['image'], a.batch_at(2)['image'])
-  assert not np.array_equal(a.batch_at(1)['image'], _small_batches(seed=4).batch_at(1)['image'])
+  assert not np.array_equal(
+    a.batch_at(1)['image'], _small_batches(seed=4).batch_at(1)['image']
+  )
 
 
 def test_host_slices_make_up_the_global_batch():
   whole = _small_batches(flip=True)
-  hosts = [_small_batches(flip=True, process_index=i, process_count=2) for i in range(2)]
+  hosts = [
+    _small_batches(flip=True, process_index=i, process_count=2)
+    for i in range(2)
+  ]
   for step in (0, 7):
     full, parts = whole.batch_at(step), [h.batch_at(step) for h in hosts]
     assert parts[0]['image'].shape[0] == 4
     for key in full:
-      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), full[key])
+      np.testing.assert_array_equal(
+        np.concatenate([p[key] for p in parts]), full[key]
+      )
 
 
 def test_iterate_matches_batch_at():
@@ -263,8 +353,11 @@ def test_iterate_matches_batch_at():
 def test_every_epoch_is_a_permutation():
   batches = _small_batches(global_batch_size=4)  # 20 images: 5 steps per epoch
   for epoch in range(2):
-    seen = [batches.record_index(step, row) for step in range(5 * epoch, 5 * epoch + 5)
-            for row in range(4)]
+    seen = [
+      batches.record_index(step, row)
+      for step in range(5 * epoch, 5 * epoch + 5)
+      for row in range(4)
+    ]
     assert sorted(seen) == list(range(20))
   first = [batches.record_index(s, r) for s in range(5) for r in range(4)]
   second = [batches.record_index(s, r) for s in range(5, 10) for r in range(4)]
@@ -272,12 +365,15 @@ def test_every_epoch_is_a_permutation():
   # The images really are the records: channel 2 holds the image index.
   step, batch = 6, batches.batch_at(6)
   assert [int(_decode(im)[2][0, 0]) for im in batch['image']] == [
-      batches.record_index(step, row) for row in range(4)]
+    batches.record_index(step, row) for row in range(4)
+  ]
 
 
 @pytest.mark.parametrize('flip', [False, True])
 def test_coordinates_travel_with_the_pixels(flip):
-  """Patches of self-describing images: pixels and coordinates agree at every scale."""
+  """Patches of self-describing images: pixels and coordinates agree at every
+  scale.
+  """
   r, c = 32, 8
   batches = _small_batches(flip=flip, global_batch_size=16)
   grid = grids.uniform(r, r)
@@ -286,22 +382,25 @@ def test_coordinates_travel_with_the_pixels(flip):
   for step in range(24):
     batch = batches.batch_at(step)
     scale = int(batch['scale'][0])
-    stride = 2 ** scale
+    stride = 2**scale
     for image, coords in zip(batch['image'], batch['coords']):
       src_cols, src_rows, _ = _decode(image)
       # Frame indices of the coordinates: they must be points of the R x R grid.
       frame_cols = np.round((coords[..., 0] + 1) * (r - 1) / 2).astype(int)
       frame_rows = np.round((coords[..., 1] + 1) * (r - 1) / 2).astype(int)
       top, left = frame_rows[0, 0], frame_cols[0, 0]
-      # The independent reference: recover (offset, window start) from the patch corner.
+      # The independent reference: recover (offset, window start) from the patch
+      # corner.
       offsets = (top % stride, left % stride) if scale else (0, 0)
       starts = ((top - offsets[0]) // stride, (left - offsets[1]) // stride)
       assert all(0 <= o < r - stride * c + stride for o in offsets)
-      assert all(0 <= s <= -(-(r - o) // stride) - c for s, o in zip(starts, offsets))
+      assert all(
+        0 <= s <= -(-(r - o) // stride) - c for s, o in zip(starts, offsets)
+      )
       expected = _reference_patch(np.asarray(grid), scale, offsets, starts, c)
       np.testing.assert_array_equal(coords, expected)
-      # Pixels: a crop of the stored 40x48 image at one frame offset (row0, col0); columns
-      # mirrored inside the frame when flipped.
+      # Pixels: a crop of the stored 40x48 image at one frame offset (row0,
+      # col0); columns mirrored inside the frame when flipped.
       row0 = src_rows[0, 0] - top
       assert 0 <= row0 <= 40 - r
       np.testing.assert_array_equal(src_rows, row0 + frame_rows)
@@ -313,8 +412,8 @@ def test_coordinates_travel_with_the_pixels(flip):
       np.testing.assert_array_equal(src_cols, col0 + pixel_frame_cols)
       first_cols[scale].add(int(left))
   assert (n_flipped > 0) == flip
-  # The windows reach the frame's borders: scale 0 from 0 to R - c, the coarsest scale
-  # (stride R/c) starts at every phase 0 .. stride-1.
+  # The windows reach the frame's borders: scale 0 from 0 to R - c, the coarsest
+  # scale (stride R/c) starts at every phase 0 .. stride-1.
   assert {0, r - c} <= first_cols[0]
   assert first_cols[2] == {0, 1, 2, 3}
 
@@ -322,48 +421,69 @@ def test_coordinates_travel_with_the_pixels(flip):
 def test_flip_mirrors_half_the_pixels_and_never_the_coordinates():
   batches = _small_batches(crop=32, global_batch_size=64, flip=True)
   batch = batches.batch_at(0)
-  np.testing.assert_array_equal(batch['coords'], np.broadcast_to(grids.uniform(32, 32),
-                                                                 (64, 32, 32, 2)))
+  np.testing.assert_array_equal(
+    batch['coords'], np.broadcast_to(grids.uniform(32, 32), (64, 32, 32, 2))
+  )
   src_cols = _decode(batch['image'])[0]
   flipped = src_cols[:, 0, 1] < src_cols[:, 0, 0]
   assert 16 <= flipped.sum() <= 48
 
 
 def test_whole_images_with_the_training_grid(procedural_s32):
-  batches = TrainBatches(procedural_s32, global_batch_size=4, resolution=32, flip=False, seed=0)
+  batches = TrainBatches(
+    procedural_s32, global_batch_size=4, resolution=32, flip=False, seed=0
+  )
   batch = batches.batch_at(3)
   assert batches.n_scales == 1 and set(batch['scale']) == {0}
-  np.testing.assert_array_equal(batch['coords'], np.broadcast_to(grids.uniform(32, 32),
-                                                                 (4, 32, 32, 2)))
-  np.testing.assert_array_equal(pipeline.coordinate_grid(32, 32), grids.uniform(32, 32))
+  np.testing.assert_array_equal(
+    batch['coords'], np.broadcast_to(grids.uniform(32, 32), (4, 32, 32, 2))
+  )
+  np.testing.assert_array_equal(
+    pipeline.coordinate_grid(32, 32), grids.uniform(32, 32)
+  )
   for row in range(4):
     original = procedural.landscape(batches.record_index(3, row), 32, 32)
-    np.testing.assert_allclose(batch['image'][row], original / 127.5 - 1, atol=1e-6)
+    np.testing.assert_allclose(
+      batch['image'][row], original / 127.5 - 1, atol=1e-6
+    )
 
 
 def test_cylindrical_crops_wrap_around():
   r, width = 16, 40
   source = _encoded_images(6, r, width)
-  batches = TrainBatches(source, global_batch_size=8, resolution=r, crop=8, flip=False,
-                         seed=1, cylindrical=True)
+  batches = TrainBatches(
+    source,
+    global_batch_size=8,
+    resolution=r,
+    crop=8,
+    flip=False,
+    seed=1,
+    cylindrical=True,
+  )
   wrapped = 0
   for step in range(16):
     batch = batches.batch_at(step)
     assert batch['phase'].shape == (8,) and batch['phase'].dtype == np.float32
     scale = int(batch['scale'][0])
-    for image, coords, phase in zip(batch['image'], batch['coords'], batch['phase']):
+    for image, coords, phase in zip(
+      batch['image'], batch['coords'], batch['phase']
+    ):
       src_cols, src_rows, _ = _decode(image)
       col0 = int(round(phase * width))
       assert 0 <= col0 < width
-      # x is the angle: [-1, 1) spans the panorama's W columns once, unwrapped past the seam.
+      # x is the angle: [-1, 1) spans the panorama's W columns once, unwrapped
+      # past the seam.
       unwrapped = np.round((coords[..., 0] + 1) * width / 2).astype(int)
       frame_cols = unwrapped - col0
       assert frame_cols.min() >= 0 and frame_cols.max() < r
-      np.testing.assert_allclose(coords[..., 0], -1 + 2 * unwrapped / width, atol=1e-6)
+      np.testing.assert_allclose(
+        coords[..., 0], -1 + 2 * unwrapped / width, atol=1e-6
+      )
       np.testing.assert_array_equal(src_cols, unwrapped % width)
-      assert np.all(np.diff(unwrapped, axis=1) == 2 ** scale)
+      assert np.all(np.diff(unwrapped, axis=1) == 2**scale)
       np.testing.assert_array_equal(
-          src_rows, np.round((coords[..., 1] + 1) * (r - 1) / 2).astype(int))
+        src_rows, np.round((coords[..., 1] + 1) * (r - 1) / 2).astype(int)
+      )
       wrapped += bool(np.any(np.diff(src_cols, axis=1) < 0))
   assert wrapped > 0  # some crops cross the 360 degree seam
 

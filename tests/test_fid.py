@@ -14,7 +14,9 @@ def random_covariance(rng, dim, scale=1.0):
 
 
 def sqrtm_by_schur(matrix):
-  """An independent matrix square root (scipy's Schur method), the classic FID code's path."""
+  """An independent matrix square root (scipy's Schur method), the classic FID
+  code's path.
+  """
   scipy_linalg = pytest.importorskip('scipy.linalg')
   root = scipy_linalg.sqrtm(matrix)
   return np.real(root)
@@ -24,10 +26,19 @@ def test_frechet_distance_matches_a_float64_reference_on_random_gaussians():
   rng = np.random.default_rng(0)
   for dim in (2, 16, 64):
     mean1, mean2 = rng.standard_normal(dim), rng.standard_normal(dim)
-    cov1, cov2 = random_covariance(rng, dim), random_covariance(rng, dim, scale=2.0)
-    expected = (np.sum((mean1 - mean2) ** 2) + np.trace(cov1) + np.trace(cov2)
-                - 2 * np.trace(sqrtm_by_schur(cov1 @ cov2)))
-    got = fid.frechet_distance(fid.Statistics(mean1, cov1, 10), fid.Statistics(mean2, cov2, 10))
+    cov1, cov2 = (
+      random_covariance(rng, dim),
+      random_covariance(rng, dim, scale=2.0),
+    )
+    expected = (
+      np.sum((mean1 - mean2) ** 2)
+      + np.trace(cov1)
+      + np.trace(cov2)
+      - 2 * np.trace(sqrtm_by_schur(cov1 @ cov2))
+    )
+    got = fid.frechet_distance(
+      fid.Statistics(mean1, cov1, 10), fid.Statistics(mean2, cov2, 10)
+    )
     assert got == pytest.approx(expected, rel=1e-9)
 
 
@@ -35,23 +46,32 @@ def test_frechet_distance_by_hand_for_commuting_covariances():
   # Same eigenvectors: FID = |dmu|^2 + sum (sqrt(a_i) - sqrt(b_i))^2.
   rng = np.random.default_rng(1)
   q, _ = np.linalg.qr(rng.standard_normal((5, 5)))
-  a, b = np.array([1.0, 4.0, 9.0, 0.25, 2.0]), np.array([4.0, 1.0, 9.0, 1.0, 0.5])
+  a, b = (
+    np.array([1.0, 4.0, 9.0, 0.25, 2.0]),
+    np.array([4.0, 1.0, 9.0, 1.0, 0.5]),
+  )
   stats1 = fid.Statistics(np.zeros(5), q @ np.diag(a) @ q.T, 10)
   stats2 = fid.Statistics(np.full(5, 0.5), q @ np.diag(b) @ q.T, 10)
   expected = 5 * 0.25 + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-  assert fid.frechet_distance(stats1, stats2) == pytest.approx(expected, rel=1e-10)
+  assert fid.frechet_distance(stats1, stats2) == pytest.approx(
+    expected, rel=1e-10
+  )
 
 
 def test_statistics_stream_like_numpy():
   rng = np.random.default_rng(2)
-  features = 1000.0 + rng.standard_normal((500, 8)) @ rng.standard_normal((8, 8))
+  features = 1000.0 + rng.standard_normal((500, 8)) @ rng.standard_normal(
+    (8, 8)
+  )
   running = fid.RunningStatistics(8)
   for chunk in np.array_split(features, 7):
     running.update(chunk.astype(np.float32))
   stats = running.result()
   f32 = features.astype(np.float32).astype(np.float64)
   np.testing.assert_allclose(stats.mean, f32.mean(0), rtol=1e-12)
-  np.testing.assert_allclose(stats.cov, np.cov(f32, rowvar=False), rtol=1e-9, atol=1e-9)
+  np.testing.assert_allclose(
+    stats.cov, np.cov(f32, rowvar=False), rtol=1e-9, atol=1e-9
+  )
   with pytest.raises(FloatingPointError):
     running.update(np.full((1, 8), np.nan))
 
@@ -61,21 +81,37 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_perturbation():
   features = rng.standard_normal((2000, 32)) @ rng.standard_normal((32, 32))
   base = fid.Statistics.from_features(features)
   assert fid.frechet_distance(base, base) == pytest.approx(0.0, abs=1e-8)
-  scores = [fid.frechet_distance(base, fid.Statistics.from_features(
-      features + sigma * rng.standard_normal(features.shape))) for sigma in (0.1, 0.5, 1.0, 2.0)]
+  scores = [
+    fid.frechet_distance(
+      base,
+      fid.Statistics.from_features(
+        features + sigma * rng.standard_normal(features.shape)
+      ),
+    )
+    for sigma in (0.1, 0.5, 1.0, 2.0)
+  ]
   assert all(a < b for a, b in zip(scores, scores[1:])), scores
-  shifted = [fid.frechet_distance(base, fid.Statistics.from_features(features + shift))
-             for shift in (0.1, 1.0)]
-  assert shifted[0] == pytest.approx(32 * 0.01, rel=1e-6)    # |dmu|^2 only
+  shifted = [
+    fid.frechet_distance(base, fid.Statistics.from_features(features + shift))
+    for shift in (0.1, 1.0)
+  ]
+  assert shifted[0] == pytest.approx(32 * 0.01, rel=1e-6)  # |dmu|^2 only
   assert shifted[1] == pytest.approx(32 * 1.0, rel=1e-6)
 
 
 def kid_by_loops(x, y):
   """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, written out pair by pair."""
   d, m = x.shape[1], len(x)
-  k = lambda a, b: (np.dot(a, b) / d + 1.0) ** 3
-  xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
-  yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+
+  def k(a, b):
+    return (np.dot(a, b) / d + 1.0) ** 3
+
+  xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (
+    m * (m - 1)
+  )
+  yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (
+    m * (m - 1)
+  )
   xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
   return xx + yy - 2 * xy
 
@@ -84,13 +120,21 @@ def test_kid_equals_the_pairwise_formula_and_grows_with_perturbation():
   rng = np.random.default_rng(4)
   x, y = rng.standard_normal((12, 6)), rng.standard_normal((12, 6)) + 0.3
   mean, std = fid.kernel_inception_distance(x, y, num_subsets=3, subset_size=12)
-  assert mean == pytest.approx(kid_by_loops(x, y), rel=1e-10) and std == pytest.approx(0, abs=1e-12)
+  assert mean == pytest.approx(
+    kid_by_loops(x, y), rel=1e-10
+  ) and std == pytest.approx(0, abs=1e-12)
   features = rng.standard_normal((600, 16))
   other = rng.standard_normal((600, 16))
-  same, _ = fid.kernel_inception_distance(features, other, num_subsets=20, subset_size=300)
+  same, _ = fid.kernel_inception_distance(
+    features, other, num_subsets=20, subset_size=300
+  )
   assert abs(same) < 0.01
-  kids = [fid.kernel_inception_distance(features, other + s, num_subsets=20, subset_size=300)[0]
-          for s in (0.2, 0.5, 1.0)]
+  kids = [
+    fid.kernel_inception_distance(
+      features, other + s, num_subsets=20, subset_size=300
+    )[0]
+    for s in (0.2, 0.5, 1.0)
+  ]
   assert same < kids[0] < kids[1] < kids[2]
 
 

@@ -1,4 +1,6 @@
-"""The generators against the reference: fixtures, parameter counts, and an explicit oracle."""
+"""The generators against the reference: fixtures, parameter counts, and an
+explicit oracle.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reference_fixtures import reference_outputs, reference_state_dict, relative_error
-
-from cips_jax import convert, grids, models, sampling
+from cips_jax import convert
+from cips_jax import grids
+from cips_jax import models
+from cips_jax import sampling
+from reference_fixtures import reference_outputs
+from reference_fixtures import reference_state_dict
+from reference_fixtures import relative_error
 
 GENERATOR_FIXTURES = ['cips_skip_s8', 'cips_res_s8', 'cips_skip_s4']
 PARITY_ATOL = 1e-4
@@ -35,47 +41,68 @@ def test_architecture_is_inferred(fixture):
 
 def test_mapping_matches_reference(fixture):
   _, _, gen, variables, out = fixture
-  np.testing.assert_allclose(sampling.mapping(gen, variables, out['z']), out['w'],
-                             atol=PARITY_ATOL, rtol=0)
+  np.testing.assert_allclose(
+    sampling.mapping(gen, variables, out['z']),
+    out['w'],
+    atol=PARITY_ATOL,
+    rtol=0,
+  )
 
 
 def test_evaluation_grids_match_reference(fixture):
-  """Every stored evaluation grid (size, 5 and 2 x size pixels): bilinear embedding path."""
+  """Every stored evaluation grid (size, 5 and 2 x size pixels): bilinear
+  embedding path.
+  """
   _, spec, gen, variables, out = fixture
   render = jax.jit(lambda v, c, w: sampling.synthesize(gen, v, w, c))
   grids_checked = [key for key in out if key.startswith('coords_')]
   assert len(grids_checked) == 3
   for key in grids_checked:
     side = key.split('_')[1]
-    # The stored grid is the reference's linspace grid, which grids.uniform reproduces.
-    np.testing.assert_allclose(grids.uniform(int(side), int(side)), out[key][0], atol=1e-7)
+    # The stored grid is the reference's linspace grid, which grids.uniform
+    # reproduces.
+    np.testing.assert_allclose(
+      grids.uniform(int(side), int(side)), out[key][0], atol=1e-7
+    )
     img = render(variables, out[key], out['w'])
-    np.testing.assert_allclose(img, out[f'eval_img_{side}'], atol=PARITY_ATOL, rtol=0,
-                               err_msg=key)
+    np.testing.assert_allclose(
+      img, out[f'eval_img_{side}'], atol=PARITY_ATOL, rtol=0, err_msg=key
+    )
 
 
 def test_point_set_outside_the_square_matches_reference(fixture):
   _, _, gen, variables, out = fixture
-  assert np.abs(out['points']).max() > 1.0  # partly outside [-1, 1]: border clamp matters
+  # Partly outside [-1, 1]: border clamp matters.
+  assert np.abs(out['points']).max() > 1.0
   img = sampling.synthesize(gen, variables, out['w'], out['points'])
-  np.testing.assert_allclose(img, out['eval_img_points'], atol=PARITY_ATOL, rtol=0)
+  np.testing.assert_allclose(
+    img, out['eval_img_points'], atol=PARITY_ATOL, rtol=0
+  )
 
 
 def test_truncation_in_w_matches_reference(fixture):
   _, spec, gen, variables, out = fixture
   size = spec['kwargs']['size']
-  img = sampling.generate(gen, variables, out['z'], grids.uniform(size, size),
-                          truncation_psi=0.6, w_avg=out['w_avg'])
+  img = sampling.generate(
+    gen,
+    variables,
+    out['z'],
+    grids.uniform(size, size),
+    truncation_psi=0.6,
+    w_avg=out['w_avg'],
+  )
   np.testing.assert_allclose(img, out['trunc06_img'], atol=PARITY_ATOL, rtol=0)
 
 
 def test_training_path_reads_the_table(fixture):
   _, spec, gen, variables, out = fixture
   size = spec['kwargs']['size']
-  img = sampling.synthesize(gen, variables, out['w'], grids.uniform(size, size),
-                            embedding_mode='table')
+  img = sampling.synthesize(
+    gen, variables, out['w'], grids.uniform(size, size), embedding_mode='table'
+  )
   np.testing.assert_allclose(img, out['train_img'], atol=PARITY_ATOL, rtol=0)
-  # The training and evaluation paths of the reference really differ (its quirk 1.8.1).
+  # The training and evaluation paths of the reference really differ
+  # (docs/reference.md, quirk 6.1).
   assert np.abs(out['train_img'] - out[f'eval_img_{size}']).max() > 1e-2
 
 
@@ -83,82 +110,122 @@ def test_aligned_mode_equals_table_on_the_training_grid(fixture):
   _, spec, gen, variables, out = fixture
   size = spec['kwargs']['size']
   coords = grids.uniform(size, size)
-  aligned = sampling.synthesize(gen, variables, out['w'], coords, embedding_mode='aligned')
-  np.testing.assert_allclose(aligned, out['train_img'], atol=PARITY_ATOL, rtol=0)
+  aligned = sampling.synthesize(
+    gen, variables, out['w'], coords, embedding_mode='aligned'
+  )
+  np.testing.assert_allclose(
+    aligned, out['train_img'], atol=PARITY_ATOL, rtol=0
+  )
 
 
-@pytest.mark.parametrize('cls, expected', [(models.CIPSskip, 44_317_092),
-                                           (models.CIPSres, 43_027_858)])
+@pytest.mark.parametrize(
+  'cls, expected', [(models.CIPSskip, 44_317_092), (models.CIPSres, 43_027_858)]
+)
 def test_parameter_counts_equal_the_reference(cls, expected):
   shapes = jax.eval_shape(lambda: models.init(cls(), jax.random.key(0)))
   assert models.param_count(shapes) == expected
 
 
 def test_discriminator_parameter_count_through_models_init():
-  shapes = jax.eval_shape(lambda: models.init(models.Discriminator(size=256), jax.random.key(0)))
+  shapes = jax.eval_shape(
+    lambda: models.init(models.Discriminator(size=256), jax.random.key(0))
+  )
   assert models.param_count(shapes) == 28_864_129
 
 
 def test_reference_initialisation():
-  """Fresh parameters follow the reference's init (the Fourier layer is not equalized)."""
+  """Fresh parameters follow the reference's init (the Fourier layer is not
+  equalized).
+  """
   gen = models.CIPSskip(size=8, hidden_size=512, style_dim=32, n_mlp=2)
   params = models.init(gen, jax.random.key(3))['params']
   fourier = params['fourier']['kernel']
-  assert 2.0 < np.abs(fourier).max() <= np.sqrt(4.5) and abs(float(fourier.std()) - 1.2247) < 0.1
+  assert (
+    2.0 < np.abs(fourier).max() <= np.sqrt(4.5)
+    and abs(float(fourier.std()) - 1.2247) < 0.1
+  )
   assert 0.6 < np.abs(params['fourier']['bias']).max() <= np.sqrt(0.5)
   assert float(params['conv1']['noise_strength']) == 0.0
-  np.testing.assert_array_equal(params['conv1']['modulated']['modulation']['bias'], 1.0)
+  np.testing.assert_array_equal(
+    params['conv1']['modulated']['modulation']['bias'], 1.0
+  )
   mapping_kernel = params['mapping']['dense_0']['kernel']
-  assert abs(float(mapping_kernel.std()) - 100.0) < 5.0   # N(0, 1) / lr_mul
+  assert abs(float(mapping_kernel.std()) - 100.0) < 5.0  # N(0, 1) / lr_mul
 
 
-# ------------------------------------------------------------------------------------------
-# An explicit oracle: the reference's maths in float64 numpy, building every per-style weight.
+# ----------------------------------------------------------------------------
+# An explicit oracle: the reference's maths in float64 numpy, building every
+# per-style weight.
+
 
 def _oracle_modulated(state_dict, prefix, x, w, demodulate=True):
-  """x (P, in), w (P, D) -> (P, out): builds W'[p] = c W s[p] (and demodulates) per pixel."""
-  weight = state_dict[f'{prefix}.weight'][0, :, :, 0, 0].astype(np.float64)     # (out, in)
-  a = state_dict[f'{prefix}.modulation.weight'].astype(np.float64)               # (in, D)
+  """x (P, in), w (P, D) -> (P, out): builds W'[p] = c W s[p] (and demodulates)
+  per pixel.
+  """
+  # (out, in)
+  weight = state_dict[f'{prefix}.weight'][0, :, :, 0, 0].astype(np.float64)
+  a = state_dict[f'{prefix}.modulation.weight'].astype(np.float64)  # (in, D)
   b = state_dict[f'{prefix}.modulation.bias'].astype(np.float64)
-  s = w @ (a / np.sqrt(a.shape[1])).T + b                                         # (P, in)
-  modulated = weight[None] / np.sqrt(weight.shape[1]) * s[:, None, :]           # (P, out, in)
+  s = w @ (a / np.sqrt(a.shape[1])).T + b  # (P, in)
+  # (P, out, in)
+  modulated = weight[None] / np.sqrt(weight.shape[1]) * s[:, None, :]
   if demodulate:
-    modulated = modulated / np.sqrt((modulated ** 2).sum(-1, keepdims=True) + 1e-8)
+    modulated = modulated / np.sqrt(
+      (modulated**2).sum(-1, keepdims=True) + 1e-8
+    )
   return np.einsum('poi,pi->po', modulated, x)
 
 
 def _oracle_styled(state_dict, prefix, x, w):
-  y = _oracle_modulated(state_dict, f'{prefix}.conv', x, w) + state_dict[f'{prefix}.activate.bias']
+  y = (
+    _oracle_modulated(state_dict, f'{prefix}.conv', x, w)
+    + state_dict[f'{prefix}.activate.bias']
+  )
   return np.where(y > 0, y, 0.2 * y) * np.sqrt(2)
 
 
 def _oracle_grid_sample(table, xy):
-  """grid_sample(bilinear, border, align_corners=False) of table (C, S, S) at xy (P, 2)."""
+  """grid_sample(bilinear, border, align_corners=False) of table (C, S, S) at xy
+  (P, 2).
+  """
   size = table.shape[-1]
   pos = np.clip(((xy + 1) * size - 1) / 2, 0, size - 1)
   out = []
-  for (px, py) in pos:
+  for px, py in pos:
     x0, y0 = int(np.floor(px)), int(np.floor(py))
     x1, y1 = min(x0 + 1, size - 1), min(y0 + 1, size - 1)
     fx, fy = px - x0, py - y0
-    out.append(table[:, y0, x0] * (1 - fx) * (1 - fy) + table[:, y0, x1] * fx * (1 - fy)
-               + table[:, y1, x0] * (1 - fx) * fy + table[:, y1, x1] * fx * fy)
+    out.append(
+      table[:, y0, x0] * (1 - fx) * (1 - fy)
+      + table[:, y0, x1] * fx * (1 - fy)
+      + table[:, y1, x0] * (1 - fx) * fy
+      + table[:, y1, x1] * fx * fy
+    )
   return np.array(out)
 
 
 def oracle_cips_skip(state_dict, xy, w):
-  """CIPSskip in float64 for pixels xy (P, 2) with one w per pixel (P, D) -> (P, 3)."""
+  """CIPSskip in float64 for pixels xy (P, 2) with one w per pixel (P, D) -> (P,
+  3).
+  """
   sd = {k: v.astype(np.float64) for k, v in state_dict.items()}
-  fourier = np.sin(xy @ sd['lff.ffm.conv.weight'][:, :, 0, 0].T + sd['lff.ffm.conv.bias'])
-  h = np.concatenate([fourier, _oracle_grid_sample(sd['emb.input'][0], xy)], axis=1)
+  fourier = np.sin(
+    xy @ sd['lff.ffm.conv.weight'][:, :, 0, 0].T + sd['lff.ffm.conv.bias']
+  )
+  h = np.concatenate(
+    [fourier, _oracle_grid_sample(sd['emb.input'][0], xy)], axis=1
+  )
   h = _oracle_styled(sd, 'conv1', h, w)
   rgb = 0.0
   num_pairs = len([k for k in sd if re.fullmatch(r'to_rgbs\.\d+\.bias', k)])
   for i in range(num_pairs):
     h = _oracle_styled(sd, f'linears.{2 * i}', h, w)
     h = _oracle_styled(sd, f'linears.{2 * i + 1}', h, w)
-    rgb = rgb + _oracle_modulated(sd, f'to_rgbs.{i}.conv', h, w, demodulate=False) \
-        + sd[f'to_rgbs.{i}.bias'].reshape(3)
+    rgb = (
+      rgb
+      + _oracle_modulated(sd, f'to_rgbs.{i}.conv', h, w, demodulate=False)
+      + sd[f'to_rgbs.{i}.bias'].reshape(3)
+    )
   return rgb
 
 
@@ -168,7 +235,7 @@ def oracle_setup():
   gen = convert.infer_generator(state_dict)
   variables = convert.generator_params(state_dict, gen)
   rng = np.random.default_rng(0)
-  coords = np.asarray(grids.uniform(5, 6))          # non-square on purpose
+  coords = np.asarray(grids.uniform(5, 6))  # non-square on purpose
   ws = rng.standard_normal((2, 3, gen.style_dim)).astype(np.float32)
   return state_dict, gen, variables, coords, ws
 
@@ -176,22 +243,33 @@ def oracle_setup():
 def _oracle_images(state_dict, coords, w_per_pixel):
   """Runs the oracle image by image; w_per_pixel (B, H, W, D)."""
   xy = coords.reshape(-1, 2).astype(np.float64)
-  return np.stack([oracle_cips_skip(state_dict, xy, w.reshape(-1, w.shape[-1]).astype(np.float64))
-                   .reshape(*coords.shape[:-1], 3) for w in w_per_pixel])
+  return np.stack(
+    [
+      oracle_cips_skip(
+        state_dict, xy, w.reshape(-1, w.shape[-1]).astype(np.float64)
+      ).reshape(*coords.shape[:-1], 3)
+      for w in w_per_pixel
+    ]
+  )
 
 
 def test_per_image_styles_equal_the_oracle(oracle_setup):
   state_dict, gen, variables, coords, ws = oracle_setup
   w = ws[:, 0]
   img = sampling.synthesize(gen, variables, w, coords)
-  expected = _oracle_images(state_dict, coords,
-                            np.broadcast_to(w[:, None, None], (2, *coords.shape[:-1], w.shape[-1])))
+  expected = _oracle_images(
+    state_dict,
+    coords,
+    np.broadcast_to(w[:, None, None], (2, *coords.shape[:-1], w.shape[-1])),
+  )
   assert relative_error(img, expected) <= 1e-5
 
 
 def test_per_pixel_styles_equal_the_oracle(oracle_setup):
   state_dict, gen, variables, coords, _ = oracle_setup
-  w = np.random.default_rng(1).standard_normal((2, *coords.shape[:-1], gen.style_dim))
+  w = np.random.default_rng(1).standard_normal(
+    (2, *coords.shape[:-1], gen.style_dim)
+  )
   img = sampling.synthesize(gen, variables, w.astype(np.float32), coords)
   assert relative_error(img, _oracle_images(state_dict, coords, w)) <= 1e-5
 
@@ -200,19 +278,29 @@ def test_style_mixtures_equal_the_oracle(oracle_setup):
   state_dict, gen, variables, coords, ws = oracle_setup
   logits = np.random.default_rng(2).standard_normal((2, *coords.shape[:-1], 3))
   mix = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-  img = sampling.synthesize(gen, variables, ws, coords, mix=mix.astype(np.float32))
+  img = sampling.synthesize(
+    gen, variables, ws, coords, mix=mix.astype(np.float32)
+  )
   w_per_pixel = np.einsum('bhwk,bkd->bhwd', mix, ws.astype(np.float64))
-  assert relative_error(img, _oracle_images(state_dict, coords, w_per_pixel)) <= 1e-5
+  assert (
+    relative_error(img, _oracle_images(state_dict, coords, w_per_pixel)) <= 1e-5
+  )
 
 
 def test_cips_res_per_pixel_equals_per_image_when_constant(fixture):
-  """All three style forms agree when they describe the same styles (both architectures)."""
+  """All three style forms agree when they describe the same styles (both
+  architectures).
+  """
   _, _, gen, variables, out = fixture
   coords = out['coords_5'][0]
   w = out['w']
   per_image = sampling.synthesize(gen, variables, w, coords)
-  per_pixel = sampling.synthesize(gen, variables, np.broadcast_to(w[:, None, None],
-                                                                  (3, 5, 5, w.shape[-1])), coords)
+  per_pixel = sampling.synthesize(
+    gen,
+    variables,
+    np.broadcast_to(w[:, None, None], (3, 5, 5, w.shape[-1])),
+    coords,
+  )
   ws = np.stack([w, np.roll(w, 1, axis=0)], axis=1)
   one_hot = np.zeros((3, 5, 5, 2), np.float32)
   one_hot[..., 0] = 1.0
@@ -221,16 +309,21 @@ def test_cips_res_per_pixel_equals_per_image_when_constant(fixture):
   np.testing.assert_allclose(mixture, per_image, atol=1e-5, rtol=0)
 
 
-# ------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # Shapes, transforms, noise.
+
 
 @pytest.fixture(scope='module')
 def tiny():
-  gen = models.CIPSskip(size=8, hidden_size=16, style_dim=16, n_mlp=2, max_channels=32)
+  gen = models.CIPSskip(
+    size=8, hidden_size=16, style_dim=16, n_mlp=2, max_channels=32
+  )
   return gen, models.init(gen, jax.random.key(0))
 
 
-@pytest.mark.parametrize('shape', [(2,), (7, 2), (4, 6, 2), (3, 2, 5, 2), (3, 2, 2, 3, 2)])
+@pytest.mark.parametrize(
+  'shape', [(2,), (7, 2), (4, 6, 2), (3, 2, 5, 2), (3, 2, 2, 3, 2)]
+)
 def test_coordinates_of_any_leading_shape(tiny, shape):
   gen, variables = tiny
   coords = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
@@ -241,8 +334,11 @@ def test_coordinates_of_any_leading_shape(tiny, shape):
   assert img.shape == expected_shape
   # The same points laid out flat give the same pixels.
   flat = coords.reshape(-1, 2) if shared else coords.reshape(3, 1, -1, 2)
-  np.testing.assert_allclose(np.asarray(img).reshape(-1), np.asarray(
-      sampling.synthesize(gen, variables, w, flat)).reshape(-1), atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(img).reshape(-1),
+    np.asarray(sampling.synthesize(gen, variables, w, flat)).reshape(-1),
+    atol=1e-5,
+  )
 
 
 def test_jit_and_grad(tiny):
@@ -257,25 +353,37 @@ def test_jit_and_grad(tiny):
   assert np.isfinite(value)
   leaves = jax.tree_util.tree_leaves(grads)
   assert all(np.all(np.isfinite(g)) for g in leaves)
-  # Gradients reach the embedding table, the Fourier features and the mapping network.
-  for path in (('embedding',), ('fourier', 'kernel'), ('mapping', 'dense_0', 'kernel')):
+  # Gradients reach the embedding table, the Fourier features and the mapping
+  # network.
+  for path in (
+    ('embedding',),
+    ('fourier', 'kernel'),
+    ('mapping', 'dense_0', 'kernel'),
+  ):
     grad = grads
     for key in path:
       grad = grad[key]
     assert np.abs(grad).max() > 0, path
   # A finite difference along the gradient agrees with it (first order).
   eps = 1e-3
-  direction = jax.tree_util.tree_map(lambda g: g / (jnp.linalg.norm(g.ravel()) + 1e-12), grads)
-  shifted = jax.tree_util.tree_map(lambda p, d: p + eps * d, variables['params'], direction)
+  direction = jax.tree_util.tree_map(
+    lambda g: g / (jnp.linalg.norm(g.ravel()) + 1e-12), grads
+  )
+  shifted = jax.tree_util.tree_map(
+    lambda p, d: p + eps * d, variables['params'], direction
+  )
   slope = (loss(shifted) - value) / eps
-  expected = sum(float(jnp.vdot(g, d)) for g, d in zip(leaves, jax.tree_util.tree_leaves(direction)))
+  expected = sum(
+    float(jnp.vdot(g, d))
+    for g, d in zip(leaves, jax.tree_util.tree_leaves(direction))
+  )
   assert abs(float(slope) - expected) <= 0.05 * abs(expected)
 
 
 def test_noise_is_zero_without_rng_and_fresh_with_it(tiny):
   gen, variables = tiny
   params = jax.tree_util.tree_map(lambda x: x, variables['params'])
-  params['conv1']['noise_strength'] = jnp.asarray(0.5)   # make the noise visible
+  params['conv1']['noise_strength'] = jnp.asarray(0.5)  # make the noise visible
   v = {'params': params}
   coords, z = grids.uniform(8, 8), jax.random.normal(jax.random.key(2), (2, 16))
   a = sampling.generate(gen, v, z, coords)
@@ -283,10 +391,15 @@ def test_noise_is_zero_without_rng_and_fresh_with_it(tiny):
   b = sampling.generate(gen, v, z, coords, rng=jax.random.key(5))
   c = sampling.generate(gen, v, z, coords, rng=jax.random.key(6))
   assert np.abs(b - a).max() > 1e-3 and np.abs(b - c).max() > 1e-3
-  np.testing.assert_array_equal(b, sampling.generate(gen, v, z, coords, rng=jax.random.key(5)))
+  np.testing.assert_array_equal(
+    b, sampling.generate(gen, v, z, coords, rng=jax.random.key(5))
+  )
   # With strength 0 (the reference's init), noise changes nothing.
-  np.testing.assert_allclose(sampling.generate(gen, variables, z, coords, rng=jax.random.key(5)),
-                             sampling.generate(gen, variables, z, coords), atol=0)
+  np.testing.assert_allclose(
+    sampling.generate(gen, variables, z, coords, rng=jax.random.key(5)),
+    sampling.generate(gen, variables, z, coords),
+    atol=0,
+  )
 
 
 def test_chunked_rendering_matches_unchunked(tiny):
@@ -300,16 +413,27 @@ def test_chunked_rendering_matches_unchunked(tiny):
 @pytest.mark.parametrize('activation', ['sin', 'sinrelu'])
 def test_sine_activations(activation):
   from cips_jax import layers
+
   y = jnp.arange(6.0) - 2.5
   out = layers.apply_activation(y, activation)
   if activation == 'sin':
     np.testing.assert_allclose(out, np.sin(y))
-  else:  # even channels through leaky ReLU first, then odd channels through sin, times sqrt 2
+  # even channels through leaky ReLU first, then odd channels through sin, times
+  # sqrt 2
+  else:
     even, odd = np.asarray(y[0::2]), np.asarray(y[1::2])
-    expected = np.concatenate([np.where(even > 0, even, 0.2 * even), np.sin(odd)]) * np.sqrt(2)
+    expected = np.concatenate(
+      [np.where(even > 0, even, 0.2 * even), np.sin(odd)]
+    ) * np.sqrt(2)
     np.testing.assert_allclose(out, expected, rtol=1e-6)
-  gen = models.CIPSres(size=4, hidden_size=8, style_dim=8, n_mlp=1, max_channels=16,
-                       activation=activation)
+  gen = models.CIPSres(
+    size=4,
+    hidden_size=8,
+    style_dim=8,
+    n_mlp=1,
+    max_channels=16,
+    activation=activation,
+  )
   variables = models.init(gen, jax.random.key(0))
   img = sampling.generate(gen, variables, jnp.ones((1, 8)), grids.uniform(4, 4))
   assert img.shape == (1, 4, 4, 3) and np.all(np.isfinite(img))
@@ -323,60 +447,106 @@ def test_bad_inputs_name_the_problem(tiny):
   with pytest.raises(ValueError, match='style_dim=16'):
     sampling.synthesize(gen, variables, jnp.zeros((2, 8)), grids.uniform(4, 4))
   with pytest.raises(ValueError, match='mix must have shape'):
-    sampling.synthesize(gen, variables, jnp.zeros((2, 2, 16)), grids.uniform(4, 4),
-                        mix=jnp.ones((2, 4, 5, 2)))
+    sampling.synthesize(
+      gen,
+      variables,
+      jnp.zeros((2, 2, 16)),
+      grids.uniform(4, 4),
+      mix=jnp.ones((2, 4, 5, 2)),
+    )
   with pytest.raises(ValueError, match='embedding_mode'):
-    sampling.synthesize(gen, variables, w, grids.uniform(4, 4), embedding_mode='nearest')
+    sampling.synthesize(
+      gen, variables, w, grids.uniform(4, 4), embedding_mode='nearest'
+    )
   with pytest.raises(ValueError, match='w_avg'):
-    sampling.generate(gen, variables, w, grids.uniform(4, 4), truncation_psi=0.5)
+    sampling.generate(
+      gen, variables, w, grids.uniform(4, 4), truncation_psi=0.5
+    )
   with pytest.raises(ValueError, match='power of two'):
     models.init(models.CIPSskip(size=12), jax.random.key(0))
 
 
 def test_gradients_through_per_pixel_styles_and_mixtures(tiny):
-  """Inversion needs d(image)/d(w) for per-pixel w and mixtures; check them against per-image."""
+  """Inversion needs d(image)/d(w) for per-pixel w and mixtures; check them
+  against per-image.
+  """
   gen, variables = tiny
   coords = grids.uniform(5, 6)
   w = jax.random.normal(jax.random.key(4), (2, 16))
   target = jax.random.normal(jax.random.key(5), (2, 5, 6, 3))
 
   def loss_per_image(w):
-    return jnp.sum((sampling.synthesize(gen, variables, w, coords) - target) ** 2)
+    return jnp.sum(
+      (sampling.synthesize(gen, variables, w, coords) - target) ** 2
+    )
 
   def loss_per_pixel(w_pixels):
-    return jnp.sum((sampling.synthesize(gen, variables, w_pixels, coords) - target) ** 2)
+    return jnp.sum(
+      (sampling.synthesize(gen, variables, w_pixels, coords) - target) ** 2
+    )
 
   def loss_mixture(ws):
     mix = jnp.broadcast_to(jnp.array([0.25, 0.75]), (2, 5, 6, 2))
-    return jnp.sum((sampling.synthesize(gen, variables, ws, coords, mix=mix) - target) ** 2)
+    return jnp.sum(
+      (sampling.synthesize(gen, variables, ws, coords, mix=mix) - target) ** 2
+    )
 
   expected = jax.grad(loss_per_image)(w)
-  per_pixel = jax.grad(loss_per_pixel)(jnp.broadcast_to(w[:, None, None], (2, 5, 6, 16)))
-  np.testing.assert_allclose(per_pixel.sum(axis=(1, 2)), expected, rtol=1e-4, atol=1e-4)
-  mixture = jax.grad(loss_mixture)(jnp.stack([w, w], axis=1))   # both styles equal to w
-  np.testing.assert_allclose(mixture[:, 0], 0.25 * expected, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(mixture[:, 1], 0.75 * expected, rtol=1e-4, atol=1e-4)
+  per_pixel = jax.grad(loss_per_pixel)(
+    jnp.broadcast_to(w[:, None, None], (2, 5, 6, 16))
+  )
+  np.testing.assert_allclose(
+    per_pixel.sum(axis=(1, 2)), expected, rtol=1e-4, atol=1e-4
+  )
+  # Both styles equal to w.
+  mixture = jax.grad(loss_mixture)(jnp.stack([w, w], axis=1))
+  np.testing.assert_allclose(
+    mixture[:, 0], 0.25 * expected, rtol=1e-4, atol=1e-4
+  )
+  np.testing.assert_allclose(
+    mixture[:, 1], 0.75 * expected, rtol=1e-4, atol=1e-4
+  )
 
 
 @pytest.mark.parametrize('arch', [models.CIPSskip, models.CIPSres])
 def test_per_image_path_parameter_gradients_equal_the_per_pixel_path(arch):
-  """Per-image styles take their own path (style terms once per image, one flat vmap); its
-  parameter gradients must equal those of the nested per-pixel path given the same w everywhere."""
-  gen = arch(size=8, hidden_size=16, style_dim=16, n_mlp=2, max_channels=32, channel_multiplier=1)
+  """Per-image styles take their own path (style terms once per image, one flat
+  vmap); its parameter gradients must equal those of the nested per-pixel path
+  given the same w everywhere."""
+  gen = arch(
+    size=8,
+    hidden_size=16,
+    style_dim=16,
+    n_mlp=2,
+    max_channels=32,
+    channel_multiplier=1,
+  )
   variables = models.init(gen, jax.random.key(0))
-  coords = np.stack([grids.uniform(5, 6), grids.scaled(5, 6, scale=0.5)])   # per-image grids
+  # Per-image grids.
+  coords = np.stack([grids.uniform(5, 6), grids.scaled(5, 6, scale=0.5)])
   w = jax.random.normal(jax.random.key(6), (2, 16))
   target = jax.random.normal(jax.random.key(7), (2, 5, 6, 3))
 
   def loss(params, styles):
-    out = gen.apply({'params': params}, coords, styles, rngs={'noise': jax.random.key(8)})
+    out = gen.apply(
+      {'params': params}, styles, coords, rngs={'noise': jax.random.key(8)}
+    )
     return jnp.sum((out - target) ** 2)
 
   per_image = jax.grad(loss)(variables['params'], w)
-  per_pixel = jax.grad(loss)(variables['params'], jnp.broadcast_to(w[:, None, None], (2, 5, 6, 16)))
+  per_pixel = jax.grad(loss)(
+    variables['params'], jnp.broadcast_to(w[:, None, None], (2, 5, 6, 16))
+  )
   for path, expected in jax.tree_util.tree_leaves_with_path(per_pixel):
     got = functools.reduce(lambda tree, key: tree[key.key], path, per_image)
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max(),
-                               err_msg=jax.tree_util.keystr(path))
-  assert np.abs(per_image['conv1']['modulated']['modulation']['kernel']).max() > 0
+    np.testing.assert_allclose(
+      got,
+      expected,
+      rtol=1e-4,
+      atol=1e-5 * np.abs(expected).max(),
+      err_msg=jax.tree_util.keystr(path),
+    )
+  assert (
+    np.abs(per_image['conv1']['modulated']['modulation']['kernel']).max() > 0
+  )
   assert np.abs(per_image['conv1']['noise_strength']) > 0

@@ -1,8 +1,10 @@
-"""The demo notebook runs top to bottom (in its TINY mode) and shows every one of its pictures.
+"""The demo notebook runs top to bottom (in its TINY mode) and shows every one
+of its pictures.
 
-notebooks/cips_jax_demo.ipynb is executed in a fresh Jupyter kernel with nbclient, with
-CIPS_DEMO_TINY=1 (a few training steps, small renders) and CIPS_DEMO_WORKDIR in a temporary
-directory. Each picture cell carries a tag `picture:<name>` and must display a PNG.
+notebooks/cips_jax_demo.ipynb is executed in a fresh Jupyter kernel with
+nbclient, with CIPS_DEMO_TINY=1 (a few training steps, small renders) and
+CIPS_DEMO_WORKDIR in a temporary directory. Each picture cell carries a tag
+`picture:<name>` and must display a PNG.
 """
 
 from __future__ import annotations
@@ -14,8 +16,17 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / 'notebooks' / 'cips_jax_demo.ipynb'
-PICTURES = ('grid', 'truncation', 'interpolation', 'superres', 'foveated', 'mixing', 'panorama')
-TIMEOUT_S = 600   # per cell; the whole notebook takes about a minute and a half on 2 CPU cores
+PICTURES = (
+  'grid',
+  'truncation',
+  'interpolation',
+  'superres',
+  'foveated',
+  'mixing',
+  'panorama',
+)
+# per cell; the whole notebook takes about a minute and a half on 2 CPU cores
+TIMEOUT_S = 600
 
 
 def _notebook_tools():
@@ -24,8 +35,10 @@ def _notebook_tools():
     import nbclient
     import nbformat
   except ImportError as error:
-    pytest.fail(f"running the demo notebook needs nbclient, nbformat and ipykernel ({error}); "
-                "install the test dependencies: pip install -e '.[test]'")
+    pytest.fail(
+      'running the demo notebook needs nbclient, nbformat and ipykernel '
+      f"({error}); install the test dependencies: pip install -e '.[test]'"
+    )
   return nbclient, nbformat
 
 
@@ -50,8 +63,15 @@ def test_notebook_is_stored_without_outputs():
   for cell in nb.cells:
     if cell.cell_type == 'code':
       assert not cell.outputs and cell.execution_count is None, (
-          f'clear the outputs of the notebook before committing it: {cell.source[:60]!r}')
-  tagged = [tag for cell in nb.cells for tag in _tags(cell) if tag.startswith('picture:')]
+        'clear the outputs of the notebook before committing it: '
+        f'{cell.source[:60]!r}'
+      )
+  tagged = [
+    tag
+    for cell in nb.cells
+    for tag in _tags(cell)
+    if tag.startswith('picture:')
+  ]
   assert sorted(tagged) == sorted(f'picture:{name}' for name in PICTURES)
 
 
@@ -59,21 +79,34 @@ def test_notebook_runs_and_shows_every_picture(tmp_path, monkeypatch):
   nbclient, nbformat = _notebook_tools()
   nb = nbformat.read(NOTEBOOK, as_version=4)
 
-  # The kernel inherits this environment: TINY mode, a private workdir, and this checkout
-  # first on its path, so it imports the package under test whatever else is installed.
+  # The kernel inherits this environment: TINY mode, a private workdir, and this
+  # checkout first on its path, so it imports the package under test whatever
+  # else is installed.
   monkeypatch.setenv('CIPS_DEMO_TINY', '1')
   monkeypatch.setenv('CIPS_DEMO_WORKDIR', str(tmp_path / 'workdir'))
-  monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
-      [str(REPO)] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
+  monkeypatch.setenv(
+    'PYTHONPATH',
+    os.pathsep.join(
+      [str(REPO)]
+      + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]
+    ),
+  )
   kernel_dir = tmp_path / 'kernel'
   kernel_dir.mkdir()
 
-  client = nbclient.NotebookClient(nb, timeout=TIMEOUT_S, kernel_name='python3',
-                                   resources={'metadata': {'path': str(kernel_dir)}})
-  client.execute()   # raises nbclient.exceptions.CellExecutionError if a cell fails
+  client = nbclient.NotebookClient(
+    nb,
+    timeout=TIMEOUT_S,
+    kernel_name='python3',
+    resources={'metadata': {'path': str(kernel_dir)}},
+  )
+  # raises nbclient.exceptions.CellExecutionError if a cell fails
+  client.execute()
 
   text = '\n'.join(_text(cell) for cell in nb.cells if cell.cell_type == 'code')
-  assert f'from {REPO / "cips_jax"}' in text, 'the kernel did not import this checkout'
+  assert f'from {REPO / "cips_jax"}' in text, (
+    'the kernel did not import this checkout'
+  )
   assert 'TINY=True' in text
 
   pictures = {}
@@ -81,7 +114,8 @@ def test_notebook_runs_and_shows_every_picture(tmp_path, monkeypatch):
     for tag in _tags(cell):
       if tag.startswith('picture:'):
         pictures[tag.split(':', 1)[1]] = sum(
-            'image/png' in output.get('data', {}) for output in cell.outputs)
+          'image/png' in output.get('data', {}) for output in cell.outputs
+        )
   assert set(pictures) == set(PICTURES)
   missing = [name for name, count in pictures.items() if count < 1]
   assert not missing, f'picture cells without a PNG output: {missing}'

@@ -1,6 +1,10 @@
-"""Training: one step against hand-derived maths, config validation, R1 against the reference."""
+"""Training: one step against hand-derived maths, config validation, R1 against
+the reference.
+"""
 
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,24 +12,24 @@ import numpy as np
 import optax
 import pytest
 
-from reference_fixtures import reference_outputs, reference_state_dict, relative_error
-
-from cips_jax import config_validation, configs, convert, losses, parallel, train
+from cips_jax import config_validation
+from cips_jax import configs
+from cips_jax import convert
+from cips_jax import losses
+from cips_jax import parallel
+from cips_jax import train
+from reference_fixtures import reference_outputs
+from reference_fixtures import reference_state_dict
+from reference_fixtures import relative_error
+import support
+from support import fake_batch
 
 
 def tiny_config():
-  """tests/configs/tiny.py: an 8x8 CIPSskip with 16-wide layers, batch 4."""
-  from test_train_e2e import tiny_config as load_tiny
-  return load_tiny('/tmp/cips_jax_test_data')
-
-
-def fake_batch(config, seed=0):
-  rng = np.random.default_rng(seed)
-  b, c = config.train.global_batch_size, config.data.crop
-  from cips_jax import grids
-  coords = np.broadcast_to(np.asarray(grids.uniform(c, c)), (b, c, c, 2))
-  return {'image': rng.uniform(-1, 1, (b, c, c, 3)).astype(np.float32),
-          'coords': np.ascontiguousarray(coords, dtype=np.float32)}
+  """tests/configs/tiny.py: an 8x8 CIPSskip with 16-wide layers, batch 4 (reads
+  no data).
+  """
+  return support.tiny_config('data-dir-unused')
 
 
 @pytest.fixture(scope='module')
@@ -34,12 +38,16 @@ def setup():
   gen, disc = train.build_models(config)
   g_tx, d_tx = train.make_optimizers(config)
   state = train.create_state(gen, disc, g_tx, d_tx, config.train.seed)
-  step = jax.jit(train.make_train_step(config, gen, disc, g_tx, d_tx), static_argnums=2)
+  step = jax.jit(
+    train.make_train_step(config, gen, disc, g_tx, d_tx), static_argnums=2
+  )
   return config, gen, disc, state, step
 
 
 def _first_adam_update(grads, lr, eps=1e-8):
-  """Adam's first step with b1 = 0 from zero moments, derived by hand: -lr g / (|g| + eps)."""
+  """Adam's first step with b1 = 0 from zero moments, derived by hand: -lr g /
+  (|g| + eps).
+  """
   return jax.tree_util.tree_map(lambda g: -lr * g / (jnp.abs(g) + eps), grads)
 
 
@@ -47,54 +55,76 @@ def test_one_step_moves_g_d_and_ema_as_the_maths_says(setup):
   config, gen, disc, state, step = setup
   t = config.train
   batch = fake_batch(config)
-  state = state.replace(step=jnp.asarray(1, jnp.int32))   # a step without R1
+  state = state.replace(step=jnp.asarray(1, jnp.int32))  # a step without R1
   new_state, out = step(state, batch, False)
 
-  # Recompute the step independently: the same keys, explicit losses, hand-derived Adam.
+  # Recompute the step independently: the same keys, explicit losses,
+  # hand-derived Adam.
   keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(t.seed), 1), 4)
   z_d = jax.random.normal(keys[0], (4, gen.style_dim))
   z_g = jax.random.normal(keys[2], (4, gen.style_dim))
   coords, real = jnp.asarray(batch['coords']), jnp.asarray(batch['image'])
 
   def generate(g_params, z, key):
-    return gen.apply({'params': g_params}, z, coords, embedding_mode='table',
-                     method=type(gen).generate, rngs={'noise': key})
+    return gen.apply(
+      {'params': g_params},
+      z,
+      coords,
+      embedding_mode='table',
+      method=type(gen).generate,
+      rngs={'noise': key},
+    )
 
   fake = generate(state.g_params, z_d, keys[1])
 
   def d_loss(d_params):
     real_logits = disc.apply({'params': d_params}, real)
     fake_logits = disc.apply({'params': d_params}, fake)
-    return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(jax.nn.softplus(fake_logits))
+    return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(
+      jax.nn.softplus(fake_logits)
+    )
 
   d_value, d_grads = jax.value_and_grad(d_loss)(state.d_params)
-  expected_d = optax.apply_updates(state.d_params, _first_adam_update(d_grads, t.d_lr))
+  expected_d = optax.apply_updates(
+    state.d_params, _first_adam_update(d_grads, t.d_lr)
+  )
   np.testing.assert_allclose(out['d_loss'], d_value, rtol=1e-5)
-  for got, want in zip(jax.tree_util.tree_leaves(new_state.d_params),
-                       jax.tree_util.tree_leaves(expected_d)):
+  for got, want in zip(
+    jax.tree_util.tree_leaves(new_state.d_params),
+    jax.tree_util.tree_leaves(expected_d),
+  ):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
   def g_loss(g_params):
-    logits = disc.apply({'params': expected_d}, generate(g_params, z_g, keys[3]))
+    logits = disc.apply(
+      {'params': expected_d}, generate(g_params, z_g, keys[3])
+    )
     return jnp.mean(jax.nn.softplus(-logits))
 
   g_value, g_grads = jax.value_and_grad(g_loss)(state.g_params)
-  expected_g = optax.apply_updates(state.g_params, _first_adam_update(g_grads, t.g_lr))
+  expected_g = optax.apply_updates(
+    state.g_params, _first_adam_update(g_grads, t.g_lr)
+  )
   np.testing.assert_allclose(out['g_loss'], g_value, rtol=1e-5)
   moved = 0
-  for got, want, old in zip(jax.tree_util.tree_leaves(new_state.g_params),
-                            jax.tree_util.tree_leaves(expected_g),
-                            jax.tree_util.tree_leaves(state.g_params)):
+  for got, want, old in zip(
+    jax.tree_util.tree_leaves(new_state.g_params),
+    jax.tree_util.tree_leaves(expected_g),
+    jax.tree_util.tree_leaves(state.g_params),
+  ):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     moved += int(np.any(np.asarray(got) != np.asarray(old)))
-  assert moved > 10   # G really moved (nearly every parameter gets a gradient)
+  assert moved > 10  # G really moved (nearly every parameter gets a gradient)
 
   # EMA: decay * (EMA before = G before) + (1 - decay) * G after.
-  for ema, old, new in zip(jax.tree_util.tree_leaves(new_state.ema_params),
-                           jax.tree_util.tree_leaves(state.g_params),
-                           jax.tree_util.tree_leaves(new_state.g_params)):
-    np.testing.assert_allclose(ema, t.ema_decay * old + (1 - t.ema_decay) * new, rtol=1e-6,
-                               atol=1e-7)
+  for ema, old, new in zip(
+    jax.tree_util.tree_leaves(new_state.ema_params),
+    jax.tree_util.tree_leaves(state.g_params),
+    jax.tree_util.tree_leaves(new_state.g_params),
+  ):
+    np.testing.assert_allclose(
+      ema, t.ema_decay * old + (1 - t.ema_decay) * new, rtol=1e-6, atol=1e-7
+    )
   assert int(new_state.step) == 2
 
 
@@ -104,9 +134,15 @@ def test_r1_step_adds_a_second_d_update(setup):
   without, _ = step(state, batch, False)
   with_r1, out = step(state, batch, True)
   assert float(out['r1_penalty']) > 0
-  # G and EMA are computed after D, so they differ too, but the D difference is the R1 update.
-  diffs = [float(jnp.abs(a - b).max()) for a, b in zip(
-      jax.tree_util.tree_leaves(with_r1.d_params), jax.tree_util.tree_leaves(without.d_params))]
+  # G and EMA are computed after D, so they differ too, but the D difference is
+  # the R1 update.
+  diffs = [
+    float(jnp.abs(a - b).max())
+    for a, b in zip(
+      jax.tree_util.tree_leaves(with_r1.d_params),
+      jax.tree_util.tree_leaves(without.d_params),
+    )
+  ]
   assert max(diffs) > 0
 
 
@@ -114,46 +150,98 @@ def test_r1_penalty_matches_the_reference_fixture():
   _, state_dict = reference_state_dict('disc_s16')
   disc, variables = convert.from_state_dict(state_dict, which='d')
   out = reference_outputs('disc_s16')
-  penalty = losses.r1_penalty(lambda x: disc.apply(variables, x), jnp.asarray(out['images']))
+  penalty = losses.r1_penalty(
+    lambda x: disc.apply(variables, x), jnp.asarray(out['images'])
+  )
   assert relative_error(penalty, out['r1_penalty']) <= 1e-4
 
 
 def test_reference_recipe_values():
   config = configs.reference_config()
   t = config.train
-  assert t.g_lr == pytest.approx(0.0016) and t.g_betas[1] == pytest.approx(0.991992, abs=1e-6)
+  assert t.g_lr == pytest.approx(0.0016) and t.g_betas[1] == pytest.approx(
+    0.991992, abs=1e-6
+  )
   assert t.d_lr == pytest.approx(0.00188235, abs=1e-8)
   assert t.d_betas[1] == pytest.approx(0.990585, abs=1e-6)
   assert t.g_betas[0] == t.d_betas[0] == 0.0
   assert t.ema_decay == pytest.approx(0.997784, abs=1e-6)
-  assert (t.r1_gamma, t.r1_every, t.global_batch_size, t.num_steps) == (10.0, 16, 32, 1_200_000)
+  assert (t.r1_gamma, t.r1_every, t.global_batch_size, t.num_steps) == (
+    10.0,
+    16,
+    32,
+    1_200_000,
+  )
 
 
 def test_embedding_mode_follows_the_reference():
   config = tiny_config()
-  assert train.train_embedding_mode(config) == 'table'          # full 8x8 grid
+  assert train.train_embedding_mode(config) == 'table'  # full 8x8 grid
   config.data.resolution, config.data.crop = 16, 8
-  assert train.train_embedding_mode(config) == 'bilinear'       # patches
+  assert train.train_embedding_mode(config) == 'bilinear'  # patches
   config.train.embedding_mode = 'aligned'
   assert train.train_embedding_mode(config) == 'aligned'
 
 
-@pytest.mark.parametrize('field, value, message', [
+@pytest.mark.parametrize(
+  'field, value, message',
+  [
     ('data.crop', 12, 'config.data.crop = 12: must be a power of two'),
-    ('data.crop', 16, 'config.data.crop = 16: must be <= config.data.resolution'),
+    (
+      'data.crop',
+      16,
+      'config.data.crop = 16: must be <= config.data.resolution',
+    ),
     ('model.size', 48, 'config.model.size = 48'),
     ('train.global_batch_size', 6, 'divisible by the number of devices'),
     ('model.arch', 'CIPS', 'config.model.arch'),
     ('train.compute_dtype', 'float16', 'config.train.compute_dtype'),
     ('data.source', 'imagenet', 'config.data.source'),
     ('logging.checkpoint_every', 0, 'config.logging.checkpoint_every'),
-])
+  ],
+)
 def test_config_validation_names_the_field(field, value, message):
   config = tiny_config()
   section, key = field.split('.')
   config[section][key] = value
-  with pytest.raises(config_validation.ConfigError, match=message.replace('(', r'\(')):
+  with pytest.raises(
+    config_validation.ConfigError, match=message.replace('(', r'\(')
+  ):
     config_validation.validate(config, num_devices=4)
+
+
+@pytest.mark.parametrize(
+  'fields, message',
+  [
+    # The reference's table lookup reads the table at the training grid.
+    (
+      {'train.embedding_mode': 'table', 'model.size': 16},
+      'config.model.size = 16: must equal config.data.resolution = 8',
+    ),
+    # A cylindrical model trains on windows of panoramas, not on the R x R grid.
+    (
+      {'model.cylindrical': True},
+      "config.train.embedding_mode = 'reference': must be 'bilinear'",
+    ),
+    # Fields that were removed are named, with what replaced them.
+    ({'data.to_crop': True}, 'config.data.to_crop: not a field'),
+    ({'data.cylindrical': True}, 'model.cylindrical says whether'),
+  ],
+)
+def test_config_validation_names_contradictions_and_stale_fields(
+  fields, message
+):
+  config = tiny_config()
+  config.unlock()
+  for field, value in fields.items():
+    section, key = field.split('.')
+    config[section][key] = value
+  with pytest.raises(config_validation.ConfigError, match=re.escape(message)):
+    config_validation.validate(config, num_devices=4)
+  config = tiny_config()
+  config.model.cylindrical = True
+  config.train.embedding_mode = 'bilinear'
+  config_validation.validate(config, num_devices=4)  # consistent: accepted
 
 
 def test_global_batches_are_sharded_over_the_mesh():
@@ -164,13 +252,17 @@ def test_global_batches_are_sharded_over_the_mesh():
 
 
 def test_bfloat16_compute_and_remat_step():
-  """bfloat16 matmuls/convolutions with float32 parameters, and per-layer remat, train."""
+  """bfloat16 matmuls/convolutions with float32 parameters, and per-layer remat,
+  train.
+  """
   config = tiny_config()
   config.train.compute_dtype, config.train.remat = 'bfloat16', True
   gen, disc = train.build_models(config)
   g_tx, d_tx = train.make_optimizers(config)
   state = train.create_state(gen, disc, g_tx, d_tx, 0)
-  step = jax.jit(train.make_train_step(config, gen, disc, g_tx, d_tx), static_argnums=2)
+  step = jax.jit(
+    train.make_train_step(config, gen, disc, g_tx, d_tx), static_argnums=2
+  )
   new_state, out = step(state, fake_batch(config), True)
   assert all(np.isfinite(float(v)) for v in out.values())
   leaves = jax.tree_util.tree_leaves(new_state.g_params)
@@ -178,6 +270,8 @@ def test_bfloat16_compute_and_remat_step():
   # Same step in float32 without remat: close, not equal (bfloat16 rounding).
   config32 = tiny_config()
   gen32, disc32 = train.build_models(config32)
-  step32 = jax.jit(train.make_train_step(config32, gen32, disc32, g_tx, d_tx), static_argnums=2)
+  step32 = jax.jit(
+    train.make_train_step(config32, gen32, disc32, g_tx, d_tx), static_argnums=2
+  )
   _, out32 = step32(state, fake_batch(config), True)
   assert float(out['d_loss']) == pytest.approx(float(out32['d_loss']), rel=0.05)

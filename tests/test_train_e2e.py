@@ -1,4 +1,6 @@
-"""Training end to end: several devices, exact resume after SIGKILL and SIGTERM, guards."""
+"""Training end to end: several devices, exact resume after SIGKILL and SIGTERM,
+guards.
+"""
 
 from __future__ import annotations
 
@@ -8,58 +10,40 @@ import pathlib
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
-from cips_jax import checkpoints, parallel, train
+from cips_jax import sampling
+from cips_jax import train
+import support
+from support import final_state
+from support import tiny_config
 
-HERE = pathlib.Path(__file__).parent
-TINY = str(HERE / 'configs' / 'tiny.py')
-REPO = str(HERE.parent)
-
-
-def tiny_config(data_dir, **overrides):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('tiny_config', TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.data.data_dir = str(data_dir)
-  for dotted, value in overrides.items():
-    section, key = dotted.split('.')
-    config[section][key] = value
-  return config
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  """The procedural data set, prepared once for the module."""
-  path = tmp_path_factory.mktemp('data')
-  from cips_jax import data
-  data.prepare_procedural(str(path), 's32')
-  return path
-
-
-def final_state(config, workdir):
-  """The latest checkpoint of a run, restored on this process's devices."""
-  gen, disc = train.build_models(config)
-  g_tx, d_tx = train.make_optimizers(config)
-  abstract = jax.eval_shape(lambda: train.create_state(gen, disc, g_tx, d_tx, 0))
-  manager = checkpoints.TrainCheckpoints(os.path.join(workdir, 'checkpoints'), keep=20,
-                                         config=config)
-  return manager.latest_step(), manager.restore_latest(
-      abstract, parallel.replicated(parallel.make_mesh()))
+TINY_STEPS = (
+  120  # conftest's tiny_run: the uninterrupted run the others are compared with
+)
 
 
 def run_main(workdir, data_dir, *extra, wait=True):
-  command = [sys.executable, '-m', 'cips_jax.main', f'--config={TINY}', f'--workdir={workdir}',
-             f'--config.data.data_dir={data_dir}', *extra]
-  process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+  command = [
+    sys.executable,
+    '-m',
+    'cips_jax.main',
+    f'--workdir={workdir}',
+    *support.tiny_run_flags(data_dir, TINY_STEPS),
+    *extra,
+  ]
+  process = subprocess.Popen(
+    command,
+    cwd=support.REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   if wait:
     output, _ = process.communicate(timeout=600)
     return process.returncode, output
@@ -69,29 +53,33 @@ def run_main(workdir, data_dir, *extra, wait=True):
 def wait_for_checkpoint(workdir, step, process, timeout=300):
   path = pathlib.Path(workdir) / 'checkpoints' / str(step)
   start = time.time()
-  while not (path / 'state').exists() or any(pathlib.Path(workdir, 'checkpoints').glob('*tmp*')):
+  while not (path / 'state').exists() or any(
+    pathlib.Path(workdir, 'checkpoints').glob('*tmp*')
+  ):
     assert process.poll() is None, process.stdout.read()
     assert time.time() - start < timeout, 'no checkpoint appeared'
     time.sleep(0.02)
 
 
 def assert_identical(state_a, state_b):
-  leaves_a, leaves_b = jax.tree_util.tree_leaves(state_a), jax.tree_util.tree_leaves(state_b)
+  leaves_a, leaves_b = (
+    jax.tree_util.tree_leaves(state_a),
+    jax.tree_util.tree_leaves(state_b),
+  )
   assert len(leaves_a) == len(leaves_b)
   for a, b in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.fixture(scope='module')
-def uninterrupted(tmp_path_factory, data_dir):
-  workdir = tmp_path_factory.mktemp('uninterrupted')
-  code, output = run_main(workdir, data_dir, '--config.train.num_steps=120')
-  assert code == 0, output
-  return workdir
+def uninterrupted(tiny_run):
+  return tiny_run[0]
 
 
 def test_run_writes_what_a_user_watches(uninterrupted, data_dir):
-  step, state = final_state(tiny_config(data_dir, **{'train.num_steps': 120}), uninterrupted)
+  step, state = final_state(
+    tiny_config(data_dir, **{'train.num_steps': TINY_STEPS}), uninterrupted
+  )
   assert step == 120 and int(state.step) == 120
   samples = sorted(os.listdir(uninterrupted / 'samples'))
   assert samples[-1] == 'step_0000120.png' and len(samples) == 6
@@ -100,39 +88,52 @@ def test_run_writes_what_a_user_watches(uninterrupted, data_dir):
 
 
 def test_resume_after_sigkill_is_bit_exact(uninterrupted, data_dir, tmp_path):
-  process = run_main(tmp_path, data_dir, '--config.train.num_steps=120', wait=False)
+  process = run_main(tmp_path, data_dir, wait=False)
   wait_for_checkpoint(tmp_path, 40, process)
   process.send_signal(signal.SIGKILL)
   process.wait()
   assert process.returncode == -signal.SIGKILL
-  killed_at = max(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
-  assert killed_at < 120   # it really stopped mid-way
-  code, output = run_main(tmp_path, data_dir, '--config.train.num_steps=120')
+  killed_at = max(
+    int(p.name)
+    for p in (tmp_path / 'checkpoints').iterdir()
+    if p.name.isdigit()
+  )
+  assert killed_at < 120  # it really stopped mid-way
+  code, output = run_main(tmp_path, data_dir)
   assert code == 0, output
   assert f'resuming {tmp_path} from step {killed_at}' in output
   config = tiny_config(data_dir, **{'train.num_steps': 120})
-  assert_identical(final_state(config, tmp_path)[1], final_state(config, uninterrupted)[1])
+  assert_identical(
+    final_state(config, tmp_path)[1], final_state(config, uninterrupted)[1]
+  )
 
 
 def test_sigterm_saves_and_resumes_exactly(uninterrupted, data_dir, tmp_path):
-  process = run_main(tmp_path, data_dir, '--config.train.num_steps=120', wait=False)
-  wait_for_checkpoint(tmp_path, 10, process)
+  process = run_main(tmp_path, data_dir, wait=False)
+  wait_for_checkpoint(tmp_path, 20, process)
   process.send_signal(signal.SIGTERM)
   output, _ = process.communicate(timeout=300)
   assert process.returncode == 0, output
   assert 'stopped by SIGTERM' in output
   config = tiny_config(data_dir, **{'train.num_steps': 120})
   stopped_at, _ = final_state(config, tmp_path)
-  assert 10 <= stopped_at < 120
-  code, output = run_main(tmp_path, data_dir, '--config.train.num_steps=120')
+  assert 20 <= stopped_at < 120
+  code, output = run_main(tmp_path, data_dir)
   assert code == 0, output
-  assert_identical(final_state(config, tmp_path)[1], final_state(config, uninterrupted)[1])
+  assert_identical(
+    final_state(config, tmp_path)[1], final_state(config, uninterrupted)[1]
+  )
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
-  train.train_and_evaluate(tiny_config(data_dir, **{'train.num_steps': 10}), str(tmp_path))
-  exploding = tiny_config(data_dir, **{'train.num_steps': 40, 'train.g_lr': 1e30,
-                                       'train.d_lr': 1e30})
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
+  data_dir, tmp_path
+):
+  train.train_and_evaluate(
+    tiny_config(data_dir, **{'train.num_steps': 10}), str(tmp_path)
+  )
+  exploding = tiny_config(
+    data_dir, **{'train.num_steps': 40, 'train.g_lr': 1e30, 'train.d_lr': 1e30}
+  )
   with pytest.raises(FloatingPointError, match='non-finite training metrics'):
     train.train_and_evaluate(exploding, str(tmp_path))
   step, state = final_state(tiny_config(data_dir), tmp_path)
@@ -140,21 +141,35 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state))
 
 
-def test_resuming_with_another_architecture_names_the_difference(data_dir, tmp_path):
-  train.train_and_evaluate(tiny_config(data_dir, **{'train.num_steps': 5}), str(tmp_path))
-  other = tiny_config(data_dir, **{'train.num_steps': 10, 'model.hidden_size': 32})
-  with pytest.raises(ValueError, match=r'model\.hidden_size: checkpoint 16, config 32'):
+def test_resuming_with_another_architecture_names_the_difference(
+  data_dir, tmp_path
+):
+  train.train_and_evaluate(
+    tiny_config(data_dir, **{'train.num_steps': 5}), str(tmp_path)
+  )
+  other = tiny_config(
+    data_dir, **{'train.num_steps': 10, 'model.hidden_size': 32}
+  )
+  with pytest.raises(
+    ValueError, match=r'model\.hidden_size: checkpoint 16, config 32'
+  ):
     train.train_and_evaluate(other, str(tmp_path))
-  assert final_state(tiny_config(data_dir), tmp_path)[0] == 5   # nothing lost
+  assert final_state(tiny_config(data_dir), tmp_path)[0] == 5  # nothing lost
 
 
 def test_a_finished_run_says_so_instead_of_resuming(data_dir, tmp_path, caplog):
-  train.train_and_evaluate(tiny_config(data_dir, **{'train.num_steps': 2}), str(tmp_path))
+  train.train_and_evaluate(
+    tiny_config(data_dir, **{'train.num_steps': 2}), str(tmp_path)
+  )
   caplog.set_level('WARNING')
-  state = train.train_and_evaluate(tiny_config(data_dir, **{'train.num_steps': 1}),
-                                   str(tmp_path))
+  state = train.train_and_evaluate(
+    tiny_config(data_dir, **{'train.num_steps': 1}), str(tmp_path)
+  )
   assert int(state.step) == 2
-  assert 'already holds step 2 >= train.num_steps = 1: nothing to train' in caplog.text
+  assert (
+    'already holds step 2 >= train.num_steps = 1: nothing to train'
+    in caplog.text
+  )
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
 
 
@@ -162,54 +177,22 @@ def test_bad_config_on_the_command_line_names_the_field(data_dir, tmp_path):
   code, output = run_main(tmp_path, data_dir, '--config.data.crop=6')
   assert code != 0 and 'config.data.crop = 6: must be a power of two' in output
   code, output = run_main(tmp_path, data_dir, '--config.data.crops=8')
-  assert code != 0 and 'crops' in output   # the config is locked against typos
-
-
-EIGHT_DEVICES = textwrap.dedent('''
-    import json, sys
-    import jax, numpy as np
-    sys.path.insert(0, {tests!r})
-    from test_train_e2e import tiny_config
-    from test_train import fake_batch
-    from cips_jax import parallel, train
-
-    config = tiny_config({data!r}, **{{'train.global_batch_size': 8}})
-    gen, disc = train.build_models(config)
-    g_tx, d_tx = train.make_optimizers(config)
-    # Host copies: each mesh gets its own buffers (the step donates them).
-    state = jax.tree_util.tree_map(np.asarray, train.create_state(gen, disc, g_tx, d_tx, 0))
-    batch = fake_batch(config)
-    results = {{}}
-    for name, devices in (('one', jax.devices()[:1]), ('eight', jax.devices())):
-      mesh = parallel.make_mesh(devices)
-      steps = train.jit_train_steps(train.make_train_step(config, gen, disc, g_tx, d_tx), mesh)
-      s = jax.device_put(state, parallel.replicated(mesh))
-      outs = []
-      for step in range(2):          # step 0 runs R1, step 1 does not
-        s, out = steps[step % config.train.r1_every == 0](s, parallel.global_batch(batch, mesh))
-        outs.append({{k: float(v) for k, v in out.items()}})
-      results[name] = (s, outs)
-    (one, one_out), (eight, eight_out) = results['one'], results['eight']
-    diffs = [float(np.max(np.abs(np.asarray(a) - np.asarray(b)) / (np.abs(np.asarray(a)) + 1e-3)))
-             for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(eight))]
-    print(json.dumps({{'devices': jax.device_count(), 'one': one_out, 'eight': eight_out,
-                      'max_param_rel_diff': max(diffs)}}))
-''')
+  assert code != 0 and 'crops' in output  # the config is locked against typos
 
 
 def test_eight_devices_match_one_device(data_dir):
   """One step on 8 simulated devices equals one device on the same global batch.
 
-  The only difference is the order of float32 reductions (batch means and the gradient
-  all-reduce over 8 shards instead of one sum): relative differences of a few 1e-7 in
-  the gradients. Adam's first steps normalise updates to about lr * sign(g), which can
-  amplify them for parameters whose gradient is ~0, hence a parameter tolerance of 1e-4
-  relative to max(|p|, 1e-3); losses agree to 1e-5.
+  The only difference is the order of float32 reductions (batch means and the
+  gradient all-reduce over 8 shards instead of one sum): relative differences of
+  a few 1e-7 in the gradients. Adam's first steps normalise updates to about
+  lr * sign(g), which can amplify them for parameters whose gradient is ~0,
+  hence a parameter tolerance of 1e-4 relative to max(|p|, 1e-3); losses agree
+  to 1e-5.
   """
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  script = EIGHT_DEVICES.format(tests=str(HERE), data=str(data_dir))
-  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+  env = support.environment_with_devices(8)
+  script = support.TESTS / 'scripts' / 'one_vs_eight_devices.py'
+  result = support.run_python(script, data_dir, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report['devices'] == 8
@@ -219,26 +202,37 @@ def test_eight_devices_match_one_device(data_dir):
   assert report['max_param_rel_diff'] < 1e-4
 
 
-def test_panorama_training_renders_the_whole_cylinder(tmp_path):
-  """The cylindrical path end to end: wrapped windows, a periodic generator, 360 samples."""
-  config = tiny_config(tmp_path / 'data', **{
-      'train.num_steps': 2, 'logging.sample_every': 2, 'logging.checkpoint_every': 2,
-      'logging.swd_num_images': 8})
+def test_panorama_training_renders_the_whole_cylinder(data_dir, tmp_path):
+  """The cylindrical path end to end: wrapped windows, a periodic generator, 360
+  samples.
+  """
+  config = tiny_config(
+    data_dir,
+    **{
+      'train.num_steps': 2,
+      'logging.sample_every': 2,
+      'logging.checkpoint_every': 2,
+      'logging.swd_num_images': 8,
+    },
+  )
   config.model.cylindrical = True
-  config.data.name, config.data.cylindrical = 'procedural_landscapes/panorama_s64', True
+  config.data.name = 'procedural_landscapes/panorama_s64'
+  config.train.embedding_mode = 'bilinear'
   config.data.resolution, config.data.crop = 8, 8
   state = train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert int(state.step) == 2
-  from PIL import Image
-  grid = np.asarray(Image.open(tmp_path / 'run' / 'samples' / 'step_0000002.png'))
+  grid = np.asarray(
+    Image.open(tmp_path / 'run' / 'samples' / 'step_0000002.png')
+  )
   # 4 samples in a 2 x 2 grid of 8-row, 256-column panoramas (1-pixel borders).
   assert grid.shape[:2] == (2 * 8 + 3, 2 * 256 + 3)
   # The generator is periodic in x: x = -1 and x = 1 render the same pixels.
   gen, _ = train.build_models(config)
-  from cips_jax import sampling
   z = jax.random.normal(jax.random.key(0), (2, gen.style_dim))
   edges = np.zeros((8, 2, 2), np.float32)
   edges[:, 0, 0], edges[:, 1, 0] = -1.0, 1.0
   edges[..., 1] = np.linspace(-1, 1, 8)[:, None]
-  img = np.asarray(sampling.generate(gen, {'params': state.ema_params}, z, edges))
+  img = np.asarray(
+    sampling.generate(gen, {'params': state.ema_params}, z, edges)
+  )
   np.testing.assert_allclose(img[:, :, 0], img[:, :, 1], atol=1e-5)

@@ -1,28 +1,48 @@
-"""Training data: procedural landscapes, image folders, LSUN, and the input pipeline.
+"""Training data: procedural landscapes, image folders, LSUN, input pipeline.
 
     from cips_jax import data
-    data.prepare_procedural('/data', 's32')                     # or python -m cips_jax.data ...
-    source = data.load_source('/data', 'procedural_landscapes/s32')
-    batches = data.TrainBatches(source, global_batch_size=32, resolution=32, crop=16, seed=0)
-    batch = batches.batch_at(step)                              # {'image', 'coords', 'scale'}
+    # made on first use:
+    source = data.open_source('/data', 'procedural_landscapes/s32')
+    # prepared before:
+    source = data.load_source('/data', 'image_folder/churches_256')
+    batches = data.TrainBatches(
+        source, global_batch_size=32, resolution=32, crop=16, seed=0
+    )
+    batch = batches.batch_at(step)  # {'image', 'coords', 'scale'}
 
-Neither preparing nor reading needs TensorFlow (except preparing LSUN); see `builders`.
+Neither preparing nor reading needs TensorFlow (except preparing LSUN through
+the tfds catalog); see `builders`. `python -m cips_jax.data` prepares data sets
+from the shell.
 """
 
-from cips_jax.data.pipeline import TrainBatches, coordinate_grid
-from cips_jax.data.procedural import landscape, panorama
+from cips_jax.data.builders import ImageFolder
+from cips_jax.data.builders import ImageFolderConfig
+from cips_jax.data.builders import ProceduralConfig
+from cips_jax.data.builders import ProceduralLandscapes
+from cips_jax.data.builders import load_source
+from cips_jax.data.builders import open_source
+from cips_jax.data.builders import prepare_command
+from cips_jax.data.builders import prepare_image_folder
+from cips_jax.data.builders import prepare_lsun_churches
+from cips_jax.data.builders import prepare_procedural
+from cips_jax.data.pipeline import TrainBatches
+from cips_jax.data.pipeline import coordinate_grid
+from cips_jax.data.procedural import landscape
+from cips_jax.data.procedural import panorama
 
-# The builders import tensorflow_datasets (a second or two): load them on first use.
-_BUILDER_NAMES = ('ImageFolder', 'ImageFolderConfig', 'ProceduralConfig', 'ProceduralLandscapes',
-                  'find_images', 'load_source', 'prepare_command', 'prepare_image_folder',
-                  'prepare_lsun_churches', 'prepare_procedural')
-
-__all__ = ['TrainBatches', 'coordinate_grid', 'landscape', 'panorama', *_BUILDER_NAMES]
-
-
-def __getattr__(name):
-  if name in _BUILDER_NAMES or name == 'builders':
-    import importlib  # import_module: `from cips_jax.data import builders` would recurse here
-    builders = importlib.import_module('cips_jax.data.builders')
-    return builders if name == 'builders' else getattr(builders, name)
-  raise AttributeError(f'module cips_jax.data has no attribute {name!r}')
+__all__ = [
+  'ImageFolder',
+  'ImageFolderConfig',
+  'ProceduralConfig',
+  'ProceduralLandscapes',
+  'TrainBatches',
+  'coordinate_grid',
+  'landscape',
+  'load_source',
+  'open_source',
+  'panorama',
+  'prepare_command',
+  'prepare_image_folder',
+  'prepare_lsun_churches',
+  'prepare_procedural',
+]

@@ -1,58 +1,111 @@
-"""Prepares the training data sets (ArrayRecord, read by `cips_jax.data.load_source`).
+r"""The data command: prepares the training data sets.
 
-    python -m cips_jax.data procedural --data_dir DATA_DIR --config s32
-    python -m cips_jax.data folder SOURCE_DIR --data_dir DATA_DIR --resolution 256 [--name N]
-    python -m cips_jax.data lsun --data_dir DATA_DIR          # needs TensorFlow to prepare
+They are stored as ArrayRecord files, which `data.load_source` reads.
+
+    python -m cips_jax.data procedural --data_dir=DATA_DIR [--config=s32]
+    python -m cips_jax.data folder SOURCE_DIR --data_dir=DATA_DIR \
+        --resolution=256 [--name=N]
+    # needs TensorFlow to prepare:
+    python -m cips_jax.data lsun --data_dir=DATA_DIR
+
+`procedural` writes `procedural_landscapes/<config>`, `folder` writes
+`image_folder/<name>` (unreadable files are skipped and named), `lsun` writes
+`lsun/church_outdoor`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from absl import flags
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m cips_jax.data', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  commands = parser.add_subparsers(dest='command', required=True)
-  proc = commands.add_parser('procedural', help='procedural landscapes (no download)')
-  proc.add_argument('--config', default='s32', choices=['s32', 's64', 's256', 'panorama_s64'])
-  folder = commands.add_parser('folder', help='a folder of JPEG/PNG/WebP images')
-  folder.add_argument('source_dir')
-  folder.add_argument('--resolution', type=int, required=True, help='shorter side in pixels')
-  folder.add_argument('--name', default=None, help='default: <folder name>_<resolution>')
-  folder.add_argument('--num_threads', type=int, default=None)
-  lsun = commands.add_parser('lsun', help='LSUN church_outdoor (tfds catalog; needs TF)')
-  lsun.add_argument('--download_dir', default=None)
-  for sub in (proc, folder, lsun):
-    sub.add_argument('--data_dir', required=True, help='root of the prepared data sets')
-  args = parser.parse_args(argv)
+from cips_jax import cli
+from cips_jax.data import builders
 
-  if args.command == 'folder' and not os.path.isdir(args.source_dir):
-    print(f'error: image folder {args.source_dir} does not exist', file=sys.stderr)
-    return 1
-  from cips_jax.data import builders  # imports tensorflow_datasets: after parsing
-  try:
-    if args.command == 'procedural':
-      builder = builders.prepare_procedural(args.data_dir, args.config)
-    elif args.command == 'folder':
-      builder = builders.prepare_image_folder(args.source_dir, args.data_dir, args.resolution,
-                                              args.name, num_threads=args.num_threads)
-    else:
-      builder = builders.prepare_lsun_churches(args.data_dir, download_dir=args.download_dir)
-  except (ImportError, OSError, ValueError) as error:
-    # A missing extra, folder or bad value: the message says what to do; no traceback.
-    print(f'error: {error}', file=sys.stderr)
-    return 1
-  if args.command == 'folder':
+_KINDS = ('procedural', 'folder', 'lsun')
+_DATA_DIR = flags.DEFINE_string(
+  'data_dir', None, 'Root of the prepared data sets.'
+)
+_CONFIG = flags.DEFINE_enum(
+  'config',
+  's32',
+  [c.name for c in builders.ProceduralLandscapes.BUILDER_CONFIGS],
+  'procedural: which size.',
+)
+_RESOLUTION = flags.DEFINE_integer(
+  'resolution', None, 'folder: shorter side in pixels.'
+)
+_NAME = flags.DEFINE_string(
+  'name', None, 'folder: data set name (default: <folder name>_<resolution>).'
+)
+_NUM_THREADS = flags.DEFINE_integer(
+  'num_threads', None, 'folder: parallel image conversions.'
+)
+_DOWNLOAD_DIR = flags.DEFINE_string(
+  'download_dir', None, 'lsun: where the zips are downloaded.'
+)
+flags.mark_flags_as_required(['data_dir'])
+
+
+def _positional(argv: list[str]) -> tuple[str, list[str]]:
+  """(the kind of data set, its other positional arguments)."""
+  if len(argv) < 2 or argv[1] not in _KINDS:
+    raise ValueError(
+      f'the first argument must be one of {", ".join(_KINDS)}; got '
+      f'{" ".join(argv[1:]) or "nothing"}'
+    )
+  kind, rest = argv[1], argv[2:]
+  expected = 1 if kind == 'folder' else 0
+  if len(rest) != expected:
+    usage = 'folder SOURCE_DIR' if kind == 'folder' else kind
+    raise ValueError(
+      f'usage: python -m cips_jax.data {usage} --data_dir=DATA_DIR ...; '
+      f'got {" ".join(argv[1:])}'
+    )
+  return kind, rest
+
+
+def main(argv):
+  kind, rest = _positional(argv)
+  if kind == 'procedural':
+    builder = builders.prepare_procedural(_DATA_DIR.value, _CONFIG.value)
+  elif kind == 'folder':
+    (source_dir,) = rest
+    if not os.path.isdir(source_dir):
+      raise FileNotFoundError(f'image folder {source_dir} does not exist')
+    if _RESOLUTION.value is None:
+      raise ValueError(
+        'folder needs --resolution=PIXELS (the shorter side of the stored '
+        'images)'
+      )
+    builder = builders.prepare_image_folder(
+      source_dir,
+      _DATA_DIR.value,
+      _RESOLUTION.value,
+      _NAME.value,
+      num_threads=_NUM_THREADS.value,
+    )
     skipped = builder.info.metadata.get('skipped_files', [])
     if skipped:
-      print(f'skipped {len(skipped)} unreadable file(s): {", ".join(skipped)}', file=sys.stderr)
-  print(f'prepared {builder.info.full_name} in {builder.data_dir}: '
-        f'{builder.info.splits["train"].num_examples} train images')
-  return 0
+      print(
+        f'skipped {len(skipped)} unreadable file(s): {", ".join(skipped)}',
+        file=sys.stderr,
+      )
+  else:
+    try:
+      builder = builders.prepare_lsun_churches(
+        _DATA_DIR.value, download_dir=_DOWNLOAD_DIR.value
+      )
+    except (
+      ImportError
+    ) as error:  # the missing extra: the message says what to install
+      raise ValueError(str(error)) from None
+  print(
+    f'prepared {builder.info.full_name} in {builder.data_dir}: '
+    f'{builder.info.splits["train"].num_examples} train images'
+  )
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main, 'cips_jax.data')

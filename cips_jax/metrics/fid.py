@@ -1,15 +1,17 @@
 """FID and KID from Inception features, computed the standard way in float64.
 
-    stats = fid.Statistics.from_features(features)             # features (N, 2048)
-    score = fid.frechet_distance(real_stats, fake_stats)        # FID
-    mean, std = fid.kernel_inception_distance(real_features, fake_features)   # KID
+    stats = fid.Statistics.from_features(features)  # features (N, 2048)
+    score = fid.frechet_distance(real_stats, fake_stats)  # FID
+    # KID
+    mean, std = fid.kernel_inception_distance(real_features, fake_features)
 
-FID (Heusel et al. 2017) is the Frechet distance between Gaussians fitted to the features:
-|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)). The trace of the matrix square root is
-computed from symmetric eigendecompositions, tr((S1 S2)^(1/2)) = sum sqrt(eig(A S2 A)) with
-A = S1^(1/2), which is real and stable for covariance matrices (no complex `sqrtm`, no
-"imaginary component" failures). KID (Binkowski et al. 2018) is the unbiased MMD^2 with the
-polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets.
+FID (Heusel et al. 2017) is the Frechet distance between Gaussians fitted to the
+features: |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)). The trace of
+the matrix square root is computed from symmetric eigendecompositions,
+tr((S1 S2)^(1/2)) = sum sqrt(eig(A S2 A)) with A = S1^(1/2), which is real and
+stable for covariance matrices (no complex `sqrtm`, no "imaginary component"
+failures). KID (Binkowski et al. 2018) is the unbiased MMD^2 with the polynomial
+kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 @dataclasses.dataclass
 class Statistics:
   """Mean (D,) and covariance (D, D) of N feature vectors, in float64."""
+
   mean: np.ndarray
   cov: np.ndarray
   count: int
@@ -34,18 +37,27 @@ class Statistics:
     accumulator.update(features)
     return accumulator.result()
 
-  def save(self, path: str | os.PathLike, features: Optional[np.ndarray] = None) -> None:
-    """Writes an .npz (mean, cov, count and, optionally, features kept for KID)."""
-    arrays = {'mean': self.mean, 'cov': self.cov, 'count': np.asarray(self.count)}
+  def save(
+    self, path: str | os.PathLike, features: Optional[np.ndarray] = None
+  ) -> None:
+    """Writes an .npz of mean, cov, count and, optionally, features for KID."""
+    arrays = {
+      'mean': self.mean,
+      'cov': self.cov,
+      'count': np.asarray(self.count),
+    }
     if features is not None:
       arrays['features'] = np.asarray(features, np.float32)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = f'{os.fspath(path)}.tmp.npz'
     np.savez(temporary, **arrays)
-    os.replace(temporary, path)   # a killed write never leaves a half file under `path`
+    # A killed write never leaves a half file under `path`.
+    os.replace(temporary, path)
 
   @classmethod
-  def load(cls, path: str | os.PathLike) -> tuple['Statistics', Optional[np.ndarray]]:
+  def load(
+    cls, path: str | os.PathLike
+  ) -> tuple['Statistics', Optional[np.ndarray]]:
     """Reads what `save` wrote: (statistics, features or None)."""
     with np.load(path) as data:
       stats = cls(mean=data['mean'], cov=data['cov'], count=int(data['count']))
@@ -54,10 +66,12 @@ class Statistics:
 
 
 class RunningStatistics:
-  """Accumulates the sum and the sum of outer products of features, batch by batch.
+  """Accumulates the sum and the sum of outer products of features.
 
-  The covariance is formed from sums shifted by the first batch's mean, which keeps float64
-  cancellation small even for features with a large common offset.
+  Batch by batch.
+
+  The covariance is formed from sums shifted by the first batch's mean, which
+  keeps float64 cancellation small even for features with a large common offset.
   """
 
   def __init__(self, dim: int):
@@ -70,7 +84,9 @@ class RunningStatistics:
   def update(self, features) -> None:
     x = np.asarray(features, np.float64).reshape(-1, self.dim)
     if not np.all(np.isfinite(x)):
-      raise FloatingPointError('non-finite Inception features (are the images finite?)')
+      raise FloatingPointError(
+        'non-finite Inception features (are the images finite?)'
+      )
     if not len(x):
       return
     if self._shift is None:
@@ -82,10 +98,16 @@ class RunningStatistics:
 
   def result(self) -> Statistics:
     if self.count < 2:
-      raise ValueError(f'statistics need at least 2 feature vectors, got {self.count}')
+      raise ValueError(
+        f'statistics need at least 2 feature vectors, got {self.count}'
+      )
     centred_mean = self._sum / self.count
-    cov = (self._outer - self.count * np.outer(centred_mean, centred_mean)) / (self.count - 1)
-    return Statistics(mean=centred_mean + self._shift, cov=(cov + cov.T) / 2, count=self.count)
+    cov = (self._outer - self.count * np.outer(centred_mean, centred_mean)) / (
+      self.count - 1
+    )
+    return Statistics(
+      mean=centred_mean + self._shift, cov=(cov + cov.T) / 2, count=self.count
+    )
 
 
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
@@ -95,10 +117,11 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
 
 
 def trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray) -> float:
-  """tr((cov1 cov2)^(1/2)) for covariance matrices, via sqrt(cov1) cov2 sqrt(cov1).
+  """tr((cov1 cov2)^(1/2)) for covariance matrices.
 
-  cov1 cov2 is similar to the symmetric PSD matrix A cov2 A (A = cov1^(1/2)), so their
-  eigenvalues agree and are real and non-negative.
+  Computed via sqrt(cov1) cov2 sqrt(cov1): cov1 cov2 is similar to the symmetric
+  PSD matrix A cov2 A (A = cov1^(1/2)), so their eigenvalues agree and are real
+  and non-negative.
   """
   root = _psd_sqrt(cov1)
   values = np.linalg.eigvalsh(root @ cov2 @ root)
@@ -106,37 +129,59 @@ def trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray) -> float:
 
 
 def frechet_distance(stats1: Statistics, stats2: Statistics) -> float:
-  """The Frechet distance between the Gaussians N(mean1, cov1) and N(mean2, cov2)."""
+  """Frechet distance between Gaussians N(mean1, cov1) and N(mean2, cov2)."""
   if stats1.mean.shape != stats2.mean.shape:
-    raise ValueError(f'feature sizes differ: {stats1.mean.shape} vs {stats2.mean.shape}')
+    raise ValueError(
+      f'feature sizes differ: {stats1.mean.shape} vs {stats2.mean.shape}'
+    )
   diff = stats1.mean - stats2.mean
-  value = (diff @ diff + np.trace(stats1.cov) + np.trace(stats2.cov)
-           - 2.0 * trace_sqrt_product(stats1.cov, stats2.cov))
-  return float(max(value, 0.0))   # rounding can leave -1e-12 for identical sets
+  value = (
+    diff @ diff
+    + np.trace(stats1.cov)
+    + np.trace(stats2.cov)
+    - 2.0 * trace_sqrt_product(stats1.cov, stats2.cov)
+  )
+  return float(max(value, 0.0))  # rounding can leave -1e-12 for identical sets
 
 
 def _polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
   return (x @ y.T / x.shape[1] + 1.0) ** 3
 
 
-def kernel_inception_distance(features1, features2, num_subsets: int = 100,
-                              subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
-  """KID: the unbiased MMD^2 (polynomial kernel) over random subsets; returns (mean, std).
+def kernel_inception_distance(
+  features1,
+  features2,
+  num_subsets: int = 100,
+  subset_size: int = 1000,
+  seed: int = 0,
+) -> tuple[float, float]:
+  """KID: the unbiased MMD^2 (polynomial kernel) over random subsets.
 
-  Each subset draws min(subset_size, N1, N2) vectors from each set without replacement.
+  Returns (mean, std).
+
+  Each subset draws min(subset_size, N1, N2) vectors from each set without
+  replacement.
   """
   x = np.asarray(features1, np.float64)
   y = np.asarray(features2, np.float64)
   m = min(subset_size, len(x), len(y))
   if m < 2:
-    raise ValueError(f'KID needs at least 2 feature vectors per set, got {len(x)} and {len(y)}')
+    raise ValueError(
+      f'KID needs at least 2 feature vectors per set, got {len(x)} and {len(y)}'
+    )
   rng = np.random.default_rng(seed)
   estimates = []
   for _ in range(num_subsets):
     a = x[rng.choice(len(x), m, replace=False)]
     b = y[rng.choice(len(y), m, replace=False)]
-    k_aa, k_bb, k_ab = _polynomial_kernel(a, a), _polynomial_kernel(b, b), _polynomial_kernel(a, b)
-    within = (k_aa.sum() - np.trace(k_aa) + k_bb.sum() - np.trace(k_bb)) / (m * (m - 1))
+    k_aa, k_bb, k_ab = (
+      _polynomial_kernel(a, a),
+      _polynomial_kernel(b, b),
+      _polynomial_kernel(a, b),
+    )
+    within = (k_aa.sum() - np.trace(k_aa) + k_bb.sum() - np.trace(k_bb)) / (
+      m * (m - 1)
+    )
     estimates.append(within - 2.0 * k_ab.mean())
   estimates = np.asarray(estimates)
   return float(estimates.mean()), float(estimates.std())

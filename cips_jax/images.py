@@ -1,0 +1,302 @@
+"""Images as arrays and files.
+
+Conversion, grids, PNG and GIF files, plots, image folders.
+
+    uint8 = images.to_uint8(samples)  # float [-1, 1] -> uint8
+    images.save_png('grid.png', images.image_grid(samples))
+    images.save_gif('walk.gif', frames, fps=12)
+    files = images.find_images('photos/')  # sorted JPEG/PNG/WebP paths
+    target = images.read_image('photo.jpg', 256, 256)
+
+Everything here is numpy and pillow; nothing imports JAX.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+from typing import Any, Mapping, Optional
+
+import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+from PIL import UnidentifiedImageError
+
+
+def to_uint8(images: Any) -> np.ndarray:
+  """Float images in [-1, 1] (clamped) or uint8 -> uint8 in [0, 255].
+
+  The shape is kept.
+
+  Floats map like torchvision's save_image(normalize=True, range=(-1, 1)):
+  floor(255 * (clip(x, -1, 1) + 1) / 2 + 0.5); NaN becomes 0 (mid-grey).
+  """
+  x = np.asarray(images)
+  if x.dtype == np.uint8:
+    return x
+  if x.dtype == np.bool_:
+    return x.astype(np.uint8) * np.uint8(255)
+  x = np.nan_to_num(x.astype(np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
+  x = (np.clip(x, -1.0, 1.0) + 1.0) * 127.5 + 0.5
+  return np.clip(np.floor(x), 0, 255).astype(np.uint8)
+
+
+def as_rgb(x: np.ndarray) -> np.ndarray:
+  """(..., H, W), (..., H, W, 1) or (..., H, W, 3) -> (..., H, W, 3)."""
+  if x.shape[-1] not in (1, 3):
+    x = x[..., None]
+  if x.shape[-1] == 1:
+    x = np.repeat(x, 3, axis=-1)
+  return x
+
+
+def image_grid(
+  images: Any, ncols: Optional[int] = None, padding: int = 1, pad_value: int = 0
+) -> np.ndarray:
+  """Tiles a batch of images into one uint8 picture.
+
+  Args:
+    images: (N, H, W, 3) or (N, H, W, 1) batch (or one (H, W, 3) image), float
+      in [-1, 1] (values outside are clamped) or uint8.
+    ncols: images per row; default ceil(sqrt(N)). Rows = ceil(N / ncols); unused
+      cells stay `pad_value`.
+    padding: border in pixels around and between the images.
+    pad_value: uint8 value of the border.
+
+  Returns:
+    uint8 array
+    (rows * (H + padding) + padding, ncols * (W + padding) + padding, 3).
+  """
+  x = to_uint8(images)
+  if x.ndim == 3 and x.shape[-1] in (1, 3):
+    x = x[None]
+  if x.ndim != 4 or x.shape[-1] not in (1, 3):
+    raise ValueError(
+      f'expected images (N, H, W, 3) or (N, H, W, 1), got shape {x.shape}'
+    )
+  x = as_rgb(x)
+  n, h, w, _ = x.shape
+  if n == 0:
+    raise ValueError('image_grid needs at least one image')
+  ncols = int(ncols) if ncols else math.ceil(math.sqrt(n))
+  ncols = max(1, min(ncols, n))
+  nrows = math.ceil(n / ncols)
+  grid = np.full(
+    (nrows * (h + padding) + padding, ncols * (w + padding) + padding, 3),
+    pad_value,
+    np.uint8,
+  )
+  for i in range(n):
+    r, c = divmod(i, ncols)
+    top = padding + r * (h + padding)
+    left = padding + c * (w + padding)
+    grid[top : top + h, left : left + w] = x[i]
+  return grid
+
+
+def save_png(path: str | os.PathLike, image: Any) -> str:
+  """Writes an image as PNG, creating parent directories.
+
+  Args:
+    path: file to write.
+    image: uint8 (H, W, 3), (H, W, 1) or (H, W); float images in [-1, 1] are
+      converted as in `to_uint8`; a batch (N, H, W, C) is tiled with
+      `image_grid` first.
+
+  Returns:
+    the path written, as a string.
+  """
+  x = np.asarray(image)
+  if x.ndim == 4:
+    x = image_grid(x)
+  x = to_uint8(x)
+  if x.ndim == 3 and x.shape[-1] == 1:
+    x = x[..., 0]
+  if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[-1] not in (3, 4)):
+    raise ValueError(f'expected an image (H, W, 3), got shape {x.shape}')
+  path = os.fspath(path)
+  parent = os.path.dirname(path)
+  if parent:
+    os.makedirs(parent, exist_ok=True)
+  Image.fromarray(x).save(path, format='PNG')
+  return path
+
+
+def save_gif(
+  path: str | os.PathLike, frames: Any, fps: float = 12.0, loop: bool = True
+) -> str:
+  """Writes frames (T, H, W, 3) as an animated GIF.
+
+  The frames are float in [-1, 1] or uint8.
+  """
+  x = to_uint8(frames)
+  if x.ndim != 4 or x.shape[-1] != 3 or len(x) < 1:
+    raise ValueError(f'expected frames (T, H, W, 3), got shape {x.shape}')
+  path = os.fspath(path)
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  images = [Image.fromarray(frame) for frame in x]
+  images[0].save(
+    path,
+    format='GIF',
+    save_all=True,
+    append_images=images[1:],
+    duration=int(round(1000 / fps)),
+    loop=0 if loop else 1,
+  )
+  return path
+
+
+PLOT_COLOURS = [
+  (31, 119, 180),
+  (214, 39, 40),
+  (44, 160, 44),
+  (148, 103, 189),
+  (255, 127, 14),
+]
+
+
+def save_line_plot(
+  path: str | os.PathLike,
+  curves: Mapping[str, tuple[Any, Any]],
+  x_label: str = '',
+  y_label: str = '',
+  log_y: bool = False,
+  title: str = '',
+  size: tuple[int, int] = (640, 420),
+) -> str:
+  """A small PNG line plot, drawn without a plotting library.
+
+  `curves` is {name: (x (N,), y (N,))}.
+  """
+  if not curves:
+    raise ValueError('save_line_plot needs at least one curve')
+  prepared = {}
+  for name, (x, y) in curves.items():
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if log_y:
+      keep = y > 0
+      x, y = x[keep], np.log10(y[keep])
+    prepared[name] = (x, y)
+  xs = np.concatenate([x for x, _ in prepared.values()])
+  ys = np.concatenate([y for _, y in prepared.values()])
+  if not len(xs):
+    raise ValueError('nothing to plot (no positive values on a log scale?)')
+  x_lo, x_hi = float(xs.min()), float(xs.max()) or 1.0
+  y_lo, y_hi = float(ys.min()), float(ys.max())
+  if y_hi == y_lo:
+    y_lo, y_hi = y_lo - 1, y_hi + 1
+  width, height = size
+  left, right, top, bottom = 70, 20, 30, 50
+  image = Image.new('RGB', size, (255, 255, 255))
+  draw = ImageDraw.Draw(image)
+
+  def to_pixel(x, y):
+    px = left + (x - x_lo) / max(x_hi - x_lo, 1e-12) * (width - left - right)
+    py = height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom)
+    return float(px), float(py)
+
+  draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
+  for i in range(5):  # axis ticks with their values
+    fraction = i / 4
+    xv, yv = x_lo + fraction * (x_hi - x_lo), y_lo + fraction * (y_hi - y_lo)
+    px, _ = to_pixel(xv, y_lo)
+    _, py = to_pixel(x_lo, yv)
+    draw.line([px, height - bottom, px, height - bottom + 4], fill=(0, 0, 0))
+    draw.text((px - 12, height - bottom + 6), f'{xv:.3g}', fill=(0, 0, 0))
+    draw.line([left - 4, py, left, py], fill=(0, 0, 0))
+    draw.text(
+      (4, py - 6), f'1e{yv:.1f}' if log_y else f'{yv:.3g}', fill=(0, 0, 0)
+    )
+  draw.text((left + 4, 8), title, fill=(0, 0, 0))
+  draw.text((width // 2 - 60, height - 18), x_label, fill=(0, 0, 0))
+  draw.text((4, 12), y_label + (' (log10)' if log_y else ''), fill=(0, 0, 0))
+  legend_x = (
+    width - right - 30 - max(draw.textlength(name) for name in prepared)
+  )
+  for index, (name, (x, y)) in enumerate(prepared.items()):
+    colour = PLOT_COLOURS[index % len(PLOT_COLOURS)]
+    points = [to_pixel(a, b) for a, b in zip(x, y)]
+    if len(points) > 1:
+      draw.line(points, fill=colour, width=2)
+    legend_y = top + 8 + 14 * index
+    draw.line(
+      [legend_x, legend_y + 6, legend_x + 20, legend_y + 6],
+      fill=colour,
+      width=2,
+    )
+    draw.text((legend_x + 25, legend_y), name, fill=colour)
+  path = os.fspath(path)
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  image.save(path, format='PNG')
+  return path
+
+
+# Matched case-insensitively.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')
+
+
+def find_images(source_dir: str | os.PathLike) -> list[pathlib.Path]:
+  """All image files under `source_dir`, sorted.
+
+  The search is recursive; extensions are case-insensitive.
+  """
+  source = pathlib.Path(source_dir)
+  if not source.is_dir():
+    raise FileNotFoundError(f'image folder {source} does not exist')
+  files = [
+    p
+    for p in source.rglob('*')
+    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+  ]
+  return sorted(files, key=lambda p: p.relative_to(source).as_posix())
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """RGB version of any PIL image.
+
+  Grayscale, palette, RGBA (alpha dropped), 16-bit and float all work.
+  """
+  if image.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
+    # PIL's convert would clip 16-bit values at 255; rescale to 8 bits instead.
+    arr = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+    image = Image.fromarray(
+      np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)
+    )
+  return image if image.mode == 'RGB' else image.convert('RGB')
+
+
+def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+  """Bilinear resize so that the shorter side is `size`.
+
+  As torchvision's resize(img, size).
+  """
+  w, h = image.size
+  if min(w, h) == size:
+    return image
+  if w <= h:
+    new_w, new_h = size, int(size * h / w)
+  else:
+    new_w, new_h = int(size * w / h), size
+  return image.resize((new_w, new_h), Image.BILINEAR)
+
+
+def read_image(path: str | os.PathLike, height: int, width: int) -> np.ndarray:
+  """An image file as uint8 (height, width, 3).
+
+  The shorter side is resized, then the image is centre-cropped.
+
+  Raises:
+    ValueError: if the file cannot be read as an image (the message names it).
+  """
+  try:
+    with Image.open(path) as image:
+      image = resize_shorter_side(to_rgb(image), max(height, width))
+  except (OSError, UnidentifiedImageError) as error:
+    raise ValueError(f'cannot read the image {path}: {error}') from None
+  array = np.asarray(image)
+  top, left = (array.shape[0] - height) // 2, (array.shape[1] - width) // 2
+  return array[top : top + height, left : left + width]

@@ -1,0 +1,440 @@
+"""The pictures of `python -m cips_jax.sample`, callable without flags.
+
+One function per mode:
+
+    options = pictures.Options(width=1024)
+    # raises OptionError naming the flag:
+    pictures.check('panorama', 'pano.png', options)
+    report = pictures.run('panorama', gen, variables, options, 'pano.png')
+
+`Options` is declared once: the command defines one flag per field (same name,
+type, default and help), so `--width=1024` on the command line is
+`Options(width=1024)` here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from cips_jax import grids
+from cips_jax import images as images_lib
+from cips_jax import inversion
+from cips_jax import sampling
+from cips_jax import style_fields
+from cips_jax import summary
+from cips_jax.metrics import seam as seam_lib
+from cips_jax.metrics import spectrum as spectrum_lib
+
+MODES = (
+  'grid',
+  'superres',
+  'panorama',
+  'blend',
+  'foveated',
+  'interpolate',
+  'mix',
+  'invert',
+  'spectrum',
+)
+EXTENSIONS = {'interpolate': '.gif'}  # every other mode writes a .png
+
+
+class ModeError(ValueError):
+  """The mode cannot run with this generator or these inputs.
+
+  The message says why.
+  """
+
+
+class OptionError(ValueError):
+  """An option value that cannot work.
+
+  The message names it as its flag, `--name=value`.
+  """
+
+
+def _option(default: Any, help_text: str, **metadata) -> Any:
+  return dataclasses.field(
+    default=default, metadata={'help': help_text, **metadata}
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How the modes render.
+
+  Every field is also a flag of `python -m cips_jax.sample`.
+  """
+
+  seed: int = _option(0, 'Seed of the latents.')
+  num_images: int = _option(16, 'grid: number of samples.')
+  truncation_psi: float = _option(1.0, 'W-space truncation (1 = none).')
+  height: Optional[int] = _option(
+    None, 'Output height (default: the training size).'
+  )
+  width: Optional[int] = _option(
+    None,
+    'Output width (default: the height; panorama and '
+    'cylindrical blend: 4 x the height).',
+  )
+  scale: float = _option(4.0, 'superres: resolution factor.')
+  chunk_size: int = _option(
+    sampling.RENDER_CHUNK, 'Pixels per image per rendered chunk.'
+  )
+  frames: int = _option(24, 'interpolate: number of frames.')
+  space: str = _option(
+    'w', 'interpolate: lerp in W or slerp in Z.', choices=('w', 'z')
+  )
+  fps: float = _option(12.0, 'interpolate: frames per second.')
+  num_points: Optional[int] = _option(
+    None,
+    'foveated: number of samples (default: a quarter of the output pixels).',
+  )
+  fixation: str = _option(
+    '0,0', 'foveated: x,y of the densest point, in [-1, 1].'
+  )
+  falloff: float = _option(1.0, 'foveated: density ~ r^-falloff, in [0, 2).')
+  num_styles: int = _option(2, 'mix: number of latents.')
+  softness: float = _option(2.0, 'mix and blend: border blur in pixels.')
+  target: Optional[str] = _option(None, 'invert: the image file to project.')
+  steps: int = _option(300, 'invert: optimisation steps.')
+  perceptual_weight: float = _option(
+    0.0,
+    'invert: weight of the Inception feature distance '
+    '(needs the Inception weights).',
+  )
+  real_images: Optional[str] = _option(
+    None, 'spectrum: a folder of real images.'
+  )
+  progress: bool = _option(
+    True, 'Draw a progress bar on stderr while rendering.'
+  )
+
+  def fixation_point(self) -> tuple[float, float]:
+    """`fixation` as numbers (x, y)."""
+    return tuple(float(v) for v in self.fixation.split(','))
+
+
+def check(mode: str, out: str, options: Options) -> None:
+  """Names every bad argument before anything is loaded.
+
+  Raises:
+    OptionError: naming the option as its flag (`--frames=1: ...`).
+  """
+  if mode not in MODES:
+    raise OptionError(f'--mode={mode}: expected one of {", ".join(MODES)}')
+  expected = EXTENSIONS.get(mode, '.png')
+  if os.path.splitext(out)[1].lower() != expected:
+    raise OptionError(f'--out={out}: mode {mode} writes a {expected} file')
+  o = options
+  for name in (
+    'num_images',
+    'chunk_size',
+    'steps',
+    'height',
+    'width',
+    'num_points',
+  ):
+    value = getattr(o, name)
+    if value is not None and value < 1:
+      raise OptionError(f'--{name}={value}: must be positive')
+  if o.frames < 2:
+    raise OptionError(f'--frames={o.frames}: an interpolation needs at least 2')
+  if o.scale <= 0:
+    raise OptionError(f'--scale={o.scale}: must be positive')
+  if o.num_styles < 2:
+    raise OptionError(f'--num_styles={o.num_styles}: mixing needs at least 2')
+  if not 0.0 <= o.falloff < 2.0:
+    raise OptionError(f'--falloff={o.falloff}: must be in [0, 2)')
+  if o.perceptual_weight < 0:
+    raise OptionError(
+      f'--perceptual_weight={o.perceptual_weight}: must be >= 0'
+    )
+  if o.softness < 0:
+    raise OptionError(f'--softness={o.softness}: must be >= 0')
+  if o.space not in ('w', 'z'):
+    raise OptionError(f"--space={o.space}: must be 'w' or 'z'")
+  try:
+    fixation = o.fixation_point()
+  except ValueError:
+    fixation = ()
+  if len(fixation) != 2 or max(abs(v) for v in fixation) > 1:
+    raise OptionError(f'--fixation={o.fixation}: expected x,y in [-1, 1]')
+  if mode == 'invert' and not o.target:
+    raise OptionError('--mode=invert needs --target=IMAGE_FILE')
+  if mode == 'spectrum' and not o.real_images:
+    raise OptionError('--mode=spectrum needs --real_images=FOLDER')
+  for name in ('target', 'real_images'):
+    value = getattr(o, name)
+    if value and not os.path.exists(os.path.expanduser(value)):
+      raise OptionError(f'--{name}={value}: no such file or folder')
+
+
+class _Context:
+  """The generator, its options and the helpers every mode shares."""
+
+  def __init__(self, gen, variables, options: Options):
+    self.gen, self.variables, self.options = gen, variables, options
+    self._w_avg = None
+
+  def size(self, default_width: Optional[int] = None) -> tuple[int, int]:
+    height = self.options.height or self.gen.size
+    return height, self.options.width or default_width or height
+
+  def latents(self, count: int) -> jax.Array:
+    return jax.random.normal(
+      jax.random.PRNGKey(self.options.seed), (count, self.gen.style_dim)
+    )
+
+  def w_avg(self) -> Optional[jax.Array]:
+    if self.options.truncation_psi == 1.0:
+      return None
+    if self._w_avg is None:
+      self._w_avg = sampling.w_avg(
+        self.gen, self.variables, jax.random.PRNGKey(1234)
+      )
+    return self._w_avg
+
+  def styles(self, count: int) -> jax.Array:
+    w = sampling.mapping(self.gen, self.variables, self.latents(count))
+    return sampling.truncate(w, self.w_avg(), self.options.truncation_psi)
+
+  def render(self, w, coords, mix=None, label='rendering') -> np.ndarray:
+    progress = summary.ProgressBar(label) if self.options.progress else None
+    return sampling.render(
+      self.gen,
+      self.variables,
+      w,
+      coords,
+      mix=mix,
+      chunk_size=self.options.chunk_size,
+      progress=progress,
+    )
+
+
+def _grid(ctx: _Context, out: str) -> dict[str, Any]:
+  height, width = ctx.size()
+  images = ctx.render(
+    ctx.styles(ctx.options.num_images), grids.uniform(height, width)
+  )
+  images_lib.save_png(out, images_lib.image_grid(images))
+  return {'shape': list(images.shape)}
+
+
+def _superres(ctx: _Context, out: str) -> dict[str, Any]:
+  height, width = ctx.size()
+  height, width = (
+    int(round(ctx.options.scale * side)) for side in (height, width)
+  )
+  image = ctx.render(ctx.styles(1), grids.scaled(height, width))[0]
+  images_lib.save_png(out, image)
+  return {'shape': list(image.shape)}
+
+
+def _require_cylindrical(ctx: _Context, mode: str) -> None:
+  if not ctx.gen.cylindrical:
+    raise ModeError(
+      f'--mode={mode} around a cylinder needs a generator built with '
+      'cylindrical=True (trained with experiments/panorama.py); this one is not'
+    )
+
+
+def _panorama(ctx: _Context, out: str) -> dict[str, Any]:
+  _require_cylindrical(ctx, 'panorama')
+  height, width = ctx.size(
+    default_width=4 * (ctx.options.height or ctx.gen.size)
+  )
+  image = ctx.render(ctx.styles(1), grids.cylindrical(height, width))[0]
+  images_lib.save_png(out, image)
+  stats = seam_lib.panorama_seam(images_lib.to_uint8(image).astype(np.float64))
+  return {'shape': list(image.shape), 'seam': stats}
+
+
+def _blend(ctx: _Context, out: str) -> dict[str, Any]:
+  """Two latents: the blend between the two pure renders (rows: A, blend, B)."""
+  ws = ctx.styles(2)
+  if ctx.gen.cylindrical:
+    height, width = ctx.size(
+      default_width=4 * (ctx.options.height or ctx.gen.size)
+    )
+    coords = grids.cylindrical(height, width)
+    field = style_fields.around_cylinder(height, width)
+  else:
+    height, width = ctx.size()
+    coords = grids.uniform(height, width)
+    ramp = np.linspace(0.0, 1.0, width, dtype=np.float32)
+    field = np.broadcast_to(
+      np.stack([1.0 - ramp, ramp], axis=-1), (height, width, 2)
+    )
+  pure = ctx.render(ws, coords, label='rendering A and B')
+  blended = ctx.render(
+    ws[None], coords, mix=field[None], label='rendering the blend'
+  )[0]
+  images_lib.save_png(
+    out, images_lib.image_grid(np.stack([pure[0], blended, pure[1]]), ncols=1)
+  )
+  report = {'shape': list(blended.shape)}
+  if ctx.gen.cylindrical:
+    report['seam'] = seam_lib.panorama_seam(
+      images_lib.to_uint8(blended).astype(np.float64)
+    )
+  return report
+
+
+def _foveated(ctx: _Context, out: str) -> dict[str, Any]:
+  """The foveated samples beside the full render of the same w.
+
+  Left: the foveated samples as a Voronoi mosaic; right: the full render.
+  """
+  height, width = ctx.size()
+  num_points = ctx.options.num_points or max(1, height * width // 4)
+  points = grids.foveated(
+    num_points, ctx.options.fixation_point(), ctx.options.falloff
+  )
+  w = ctx.styles(1)
+  rgb = ctx.render(w, points, label='rendering points')
+  mosaic = grids.points_to_image(points, rgb[0], height, width)
+  full = ctx.render(
+    w, grids.uniform(height, width), label='rendering the full grid'
+  )[0]
+  images_lib.save_png(out, images_lib.image_grid(np.stack([mosaic, full])))
+  return {
+    'shape': [height, width, 3],
+    'num_points': int(points.shape[0]),
+    'fraction_of_full_grid': round(points.shape[0] / (height * width), 4),
+  }
+
+
+def _interpolate(ctx: _Context, out: str) -> dict[str, Any]:
+  height, width = ctx.size()
+  z = ctx.latents(2)
+  ws = sampling.interpolation_styles(
+    ctx.gen,
+    ctx.variables,
+    z[0],
+    z[1],
+    ctx.options.frames,
+    space=ctx.options.space,
+    truncation_psi=ctx.options.truncation_psi,
+    w_avg=ctx.w_avg(),
+  )
+  frames = ctx.render(
+    ws, grids.uniform(height, width), label='rendering frames'
+  )
+  images_lib.save_gif(out, frames, fps=ctx.options.fps)
+  return {'shape': list(frames.shape)}
+
+
+def _mix(ctx: _Context, out: str) -> dict[str, Any]:
+  """num_styles latents in vertical bands with feathered borders.
+
+  The last panel is the mix.
+  """
+  height, width = ctx.size()
+  k = ctx.options.num_styles
+  labels = np.broadcast_to(
+    np.minimum(np.arange(width) * k // width, k - 1), (height, width)
+  )
+  field = style_fields.from_labels(labels, k, softness=ctx.options.softness)
+  ws = ctx.styles(k)
+  coords = grids.uniform(height, width)
+  pure = ctx.render(ws, coords, label='rendering the styles')
+  mixed = ctx.render(
+    ws[None], coords, mix=field[None], label='rendering the mix'
+  )[0]
+  images_lib.save_png(
+    out, images_lib.image_grid(np.concatenate([pure, mixed[None]]), ncols=k + 1)
+  )
+  return {'shape': list(mixed.shape), 'num_styles': k}
+
+
+def _invert(ctx: _Context, out: str) -> dict[str, Any]:
+  """Panels: target, reconstruction from one w, from a w per pixel."""
+  height, width = ctx.size()
+  target = images_lib.read_image(ctx.options.target, height, width)
+  perceptual = None
+  if ctx.options.perceptual_weight:
+    try:
+      perceptual = inversion.inception_distance()
+    except FileNotFoundError as error:
+      raise ModeError(
+        f'--perceptual_weight needs the Inception weights: {error}'
+      )
+  results = {
+    space: inversion.invert(
+      ctx.gen,
+      ctx.variables,
+      target,
+      space=space,
+      steps=ctx.options.steps,
+      seed=ctx.options.seed,
+      perceptual=perceptual,
+      perceptual_weight=ctx.options.perceptual_weight,
+    )
+    for space in inversion.SPACES
+  }
+  panels = [inversion.as_signed_image(target)] + [
+    results[s].image for s in inversion.SPACES
+  ]
+  images_lib.save_png(out, images_lib.image_grid(np.stack(panels)))
+  return {
+    'psnr_start': round(results['w'].psnr[0], 3),
+    **{
+      f'psnr_{space}': round(results[space].psnr[-1], 3)
+      for space in inversion.SPACES
+    },
+  }
+
+
+def _spectrum(ctx: _Context, out: str) -> dict[str, Any]:
+  height, width = ctx.size()
+  files = images_lib.find_images(ctx.options.real_images)[
+    : ctx.options.num_images
+  ]
+  if not files:
+    raise ModeError(f'no image files in {ctx.options.real_images}')
+  reals = np.stack([images_lib.read_image(f, height, width) for f in files])
+  fakes = ctx.render(ctx.styles(len(reals)), grids.uniform(height, width))
+  fakes = images_lib.to_uint8(fakes)
+  spectrum_lib.plot_spectra(out, {'real': reals, 'generated': fakes})
+  return {
+    'num_images': len(reals),
+    'high_frequency_log10_ratio': round(
+      spectrum_lib.high_frequency_ratio(fakes, reals), 4
+    ),
+  }
+
+
+_MODES = {
+  'grid': _grid,
+  'superres': _superres,
+  'panorama': _panorama,
+  'blend': _blend,
+  'foveated': _foveated,
+  'interpolate': _interpolate,
+  'mix': _mix,
+  'invert': _invert,
+  'spectrum': _spectrum,
+}
+
+
+def run(
+  mode: str, gen, variables, options: Options, out: str
+) -> dict[str, Any]:
+  """Renders `mode` with `gen` and writes `out`.
+
+  Returns:
+    A JSON-friendly report: 'mode', 'out' (absolute path) and the mode's own
+    figures.
+  Raises:
+    OptionError: a bad option (see `check`); ModeError: the mode does not fit
+      the generator.
+  """
+  check(mode, out, options)
+  report = _MODES[mode](_Context(gen, variables, options), out)
+  return {'mode': mode, 'out': os.path.abspath(out), **report}

@@ -1,0 +1,169 @@
+"""Fixtures the test modules share: prepared data, tiny models, one trained run.
+
+The suite runs on two workers (pytest-xdist, `-n 2` in pyproject.toml). What the
+session shares is made once for all of them, under a file lock, in the shared
+temporary folder: the prepared data and the trained tiny run.
+
+Two settings make the suite's many small compilations cheaper, for this process
+and every subprocess the tests start (they inherit the environment):
+- one persistent XLA compilation cache (a temporary folder, removed at the end):
+  the training, sampling and evaluation commands that several tests run compile
+  the same programs, and each is compiled once;
+- XLA:CPU's backend optimisation level 0 (`--xla_backend_optimization_level=0`):
+  LLVM spends less time on code that runs on tiny shapes. Results keep their
+  meaning (the tests compare programs compiled the same way, or against
+  tolerances); set XLA_FLAGS yourself to test other settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+import filelock
+import jax
+import pytest
+
+from cips_jax import checkpoints
+from cips_jax import data
+from cips_jax import models
+from cips_jax.metrics import inception
+import support
+
+_CACHE_VARIABLES = {
+  'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+  'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+}
+
+
+def pytest_configure(config):
+  del config
+  if 'XLA_FLAGS' not in os.environ:  # read when the backend starts, after this
+    os.environ['XLA_FLAGS'] = '--xla_backend_optimization_level=0'
+  if 'JAX_COMPILATION_CACHE_DIR' in os.environ:  # the caller chose one: keep it
+    return
+  cache = tempfile.mkdtemp(prefix='cips_jax_test_xla_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = cache
+  os.environ['CIPS_JAX_TEST_CACHE_TO_REMOVE'] = cache
+  os.environ.update(_CACHE_VARIABLES)
+  jax.config.update('jax_compilation_cache_dir', cache)
+  for name, value in _CACHE_VARIABLES.items():
+    jax.config.update(
+      name.lower(), float(value) if 'TIME' in name else int(value)
+    )
+
+
+def pytest_unconfigure(config):
+  if hasattr(
+    config, 'workerinput'
+  ):  # an xdist worker: the controller cleans up
+    return
+  cache = os.environ.pop('CIPS_JAX_TEST_CACHE_TO_REMOVE', None)
+  if cache:
+    shutil.rmtree(cache, ignore_errors=True)
+
+
+def _shared_root(tmp_path_factory) -> pathlib.Path:
+  """A folder every worker of this session sees (the workers' common parent)."""
+  root = tmp_path_factory.getbasetemp()
+  if 'PYTEST_XDIST_WORKER' in os.environ:
+    root = root.parent
+  return root
+
+
+def _made_once(tmp_path_factory, name, make):
+  """make(folder) -> JSON-able result, run by the first worker that asks; the
+  others wait for it and get the same (folder, result)."""
+  root = _shared_root(tmp_path_factory)
+  folder, done = root / name, root / f'{name}.json'
+  with filelock.FileLock(str(root / f'{name}.lock')):
+    if not done.exists():
+      folder.mkdir(exist_ok=True)
+      done.write_text(json.dumps(make(folder)))
+  return folder, json.loads(done.read_text())
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  """A data root with the procedural 32x32 landscapes and 64x256 panoramas."""
+
+  def prepare(folder):
+    for config in ('s32', 'panorama_s64'):
+      data.prepare_procedural(folder, config)
+    return None
+
+  return _made_once(tmp_path_factory, 'data', prepare)[0]
+
+
+@pytest.fixture(scope='session')
+def inception_extractor():
+  """The real Inception-v3 feature extractor; skips (or fails in CI) without its
+  weights.
+  """
+  try:
+    return inception.InceptionFeatures(batch_size=8)
+  except FileNotFoundError as err:
+    if os.environ.get('CIPS_JAX_REQUIRE_INCEPTION') == '1':
+      pytest.fail(f'CIPS_JAX_REQUIRE_INCEPTION=1 but no weights: {err}')
+    pytest.skip(f'Inception weights not installed ({str(err).splitlines()[1]})')
+
+
+def _inception_installed() -> bool:
+  try:
+    inception.find_weights()
+    return True
+  except FileNotFoundError:
+    return False
+
+
+TINY_RUN_STEPS = 120
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory, data_dir):
+  """One training run of tests/configs/tiny.py, by the command line, 120 steps.
+
+  Checkpoints and samples every 20 steps, and (when the Inception weights
+  are installed) FID/KID of 8 samples at the end. Tests that sample, evaluate,
+  resume or compare against an uninterrupted run read this one workdir; none
+  writes into it. Returns (workdir, the command's output).
+  """
+
+  def train(workdir):
+    args = support.tiny_run_flags(data_dir, num_steps=TINY_RUN_STEPS)
+    if _inception_installed():
+      args += [
+        '--config.logging.eval_every_steps=120',
+        '--config.logging.eval_num_samples=8',
+        '--config.logging.eval_num_real=8',
+      ]
+    result = support.run_python(
+      '-m', 'cips_jax.main', f'--workdir={workdir}', *args
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+  return _made_once(tmp_path_factory, 'tiny_run', train)
+
+
+@pytest.fixture(scope='session')
+def exported_generators(tmp_path_factory):
+  """{cylindrical: path} of two exported tiny (8x8, 16-wide) generators."""
+  root = tmp_path_factory.mktemp('exports')
+  paths = {}
+  for cylindrical in (False, True):
+    gen = models.CIPSskip(
+      size=8,
+      hidden_size=16,
+      style_dim=16,
+      n_mlp=1,
+      max_channels=16,
+      cylindrical=cylindrical,
+    )
+    variables = models.init(gen, jax.random.PRNGKey(int(cylindrical)))
+    paths[cylindrical] = str(root / f'cylindrical_{cylindrical}')
+    checkpoints.export_generator(paths[cylindrical], gen, variables)
+  return paths

@@ -1,0 +1,60 @@
+"""Two training steps on one device and on eight, from the same state and batch.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python tests/scripts/one_vs_eight_devices.py DATA_DIR
+
+Prints a JSON line: the device count, both runs' metrics per step and the
+largest relative difference between their final states.
+"""
+
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+
+from cips_jax import parallel
+from cips_jax import train
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from support import fake_batch  # noqa: E402
+from support import tiny_config  # noqa: E402
+
+config = tiny_config(sys.argv[1], **{'train.global_batch_size': 8})
+gen, disc = train.build_models(config)
+g_tx, d_tx = train.make_optimizers(config)
+# Host copies: each mesh gets its own buffers (the step donates them).
+state = jax.tree_util.tree_map(
+  np.asarray, train.create_state(gen, disc, g_tx, d_tx, 0)
+)
+batch = fake_batch(config)
+results = {}
+for name, devices in (('one', jax.devices()[:1]), ('eight', jax.devices())):
+  mesh = parallel.make_mesh(devices)
+  step_fn = train.make_train_step(config, gen, disc, g_tx, d_tx)
+  steps = train.jit_train_steps(step_fn, mesh)
+  s = jax.device_put(state, parallel.replicated(mesh))
+  outs = []
+  for step in range(2):  # step 0 runs R1, step 1 does not
+    with_r1 = step % config.train.r1_every == 0
+    s, out = steps[with_r1](s, parallel.global_batch(batch, mesh))
+    outs.append({k: float(v) for k, v in out.items()})
+  results[name] = (s, outs)
+(one, one_out), (eight, eight_out) = results['one'], results['eight']
+diffs = []
+for a, b in zip(
+  jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(eight)
+):
+  a, b = np.asarray(a), np.asarray(b)
+  diffs.append(float(np.max(np.abs(a - b) / (np.abs(a) + 1e-3))))
+print(
+  json.dumps(
+    {
+      'devices': jax.device_count(),
+      'one': one_out,
+      'eight': eight_out,
+      'max_param_rel_diff': max(diffs),
+    }
+  )
+)

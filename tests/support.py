@@ -1,0 +1,167 @@
+"""Helpers the tests share (plain functions; fixtures are in conftest.py).
+
+Test modules and the scripts they run in subprocesses import this module; no
+test module imports another.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import pathlib
+import socket
+import struct
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from tensorboardX.proto import event_pb2
+
+from cips_jax import checkpoints
+from cips_jax import grids
+from cips_jax import models
+from cips_jax import parallel
+from cips_jax import train
+
+TESTS = pathlib.Path(__file__).resolve().parent
+REPO = TESTS.parent
+DATA = TESTS / 'data'
+TINY_CONFIG = TESTS / 'configs' / 'tiny.py'
+# A reference training checkpoint (4x4)
+REFERENCE_PT = DATA / 'cips_skip_s4_checkpoint.pt'
+
+
+def tiny_config(data_dir, **overrides):
+  """tests/configs/tiny.py (an 8x8 CIPSskip, 16 wide, batch 4) reading
+  `data_dir`.
+
+  overrides: {'section.field': value}, e.g. tiny_config(d, **{'train.num_steps':
+    5}).
+  """
+  spec = importlib.util.spec_from_file_location('tiny_config', TINY_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.data_dir = str(data_dir)
+  for dotted, value in overrides.items():
+    section, key = dotted.split('.')
+    config[section][key] = value
+  return config
+
+
+def fake_batch(config, seed=0):
+  """A training batch of uniform noise images on the training grid."""
+  rng = np.random.default_rng(seed)
+  b, c = config.train.global_batch_size, config.data.crop
+  coords = np.broadcast_to(np.asarray(grids.uniform(c, c)), (b, c, c, 2))
+  return {
+    'image': rng.uniform(-1, 1, (b, c, c, 3)).astype(np.float32),
+    'coords': np.ascontiguousarray(coords, dtype=np.float32),
+  }
+
+
+def tiny_generator(cylindrical=False, arch=models.CIPSskip, seed=0):
+  """A 16x16, 32-wide generator and its variables."""
+  gen = arch(
+    size=16,
+    hidden_size=32,
+    style_dim=32,
+    n_mlp=2,
+    max_channels=32,
+    cylindrical=cylindrical,
+  )
+  return gen, models.init(gen, jax.random.PRNGKey(seed))
+
+
+def free_port() -> int:
+  """A TCP port nobody listens on now (for jax.distributed's coordinator)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def environment_with_devices(count: int) -> dict[str, str]:
+  """This process's environment, with XLA simulating `count` CPU devices (other
+  XLA flags kept).
+  """
+  flags = os.environ.get('XLA_FLAGS', '')
+  return dict(
+    os.environ,
+    XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count={count}',
+  )
+
+
+def run_python(
+  *args, cwd=REPO, env=None, timeout=600
+) -> subprocess.CompletedProcess:
+  """`python *args` in a subprocess (text output captured)."""
+  return subprocess.run(
+    [sys.executable, *map(str, args)],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def read_events(logdir: str) -> list:
+  """All Event protos of the event files under `logdir` (recursively), parsed
+  from the TFRecord framing: uint64 length, uint32 crc, data, uint32 crc."""
+  events = []
+  for path in sorted(
+    glob.glob(
+      os.path.join(logdir, '**', 'events.out.tfevents.*'), recursive=True
+    )
+  ):
+    with open(path, 'rb') as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack('<Q', data[offset : offset + 8])
+      offset += 12
+      event = event_pb2.Event()
+      event.ParseFromString(data[offset : offset + length])
+      events.append(event)
+      offset += length + 4
+  return events
+
+
+def summary_values(events) -> list:
+  """(step, value) of every summary value in `events`."""
+  return [
+    (event.step, value)
+    for event in events
+    if event.HasField('summary')
+    for value in event.summary.value
+  ]
+
+
+def tiny_run_flags(data_dir, num_steps: int) -> list[str]:
+  """Flags of `python -m cips_jax.main` (from the repository root) for the tiny
+  config.
+  """
+  return [
+    f'--config={TINY_CONFIG}',
+    f'--config.data.data_dir={data_dir}',
+    f'--config.train.num_steps={num_steps}',
+  ]
+
+
+def final_state(config, workdir):
+  """(step, train state) of the latest checkpoint of a run, restored on local
+  devices.
+  """
+  gen, disc = train.build_models(config)
+  g_tx, d_tx = train.make_optimizers(config)
+  abstract = jax.eval_shape(
+    lambda: train.create_state(gen, disc, g_tx, d_tx, 0)
+  )
+  manager = checkpoints.TrainCheckpoints(
+    os.path.join(workdir, 'checkpoints'), keep=20, config=config
+  )
+  return manager.latest_step(), manager.restore_latest(
+    abstract, parallel.replicated(parallel.make_mesh())
+  )

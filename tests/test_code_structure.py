@@ -1,0 +1,139 @@
+"""The shape of the code: imports run one way, and no module reaches into
+another's privates.
+
+- Command lines (`main`, `sample`, `evaluate`, `convert/__main__`,
+  `data/__main__`) import the library; nothing imports a command.
+- No module uses a private name (`module._name`) of another cips_jax module.
+- Imports sit at the top of modules; one inside a function needs a comment
+  saying why.
+- Test modules share helpers through conftest.py and support.py, never import
+  each other, and use temporary directories rather than fixed /tmp paths.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+import support
+
+PACKAGE = support.REPO / 'cips_jax'
+COMMANDS = {
+  'cips_jax.main',
+  'cips_jax.sample',
+  'cips_jax.evaluate',
+  'cips_jax.convert.__main__',
+  'cips_jax.data.__main__',
+}
+
+
+def module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(support.REPO).with_suffix('').parts
+  return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+
+
+def package_modules() -> dict[str, ast.Module]:
+  return {
+    module_name(path): ast.parse(path.read_text(), str(path))
+    for path in sorted(PACKAGE.rglob('*.py'))
+  }
+
+
+def imported_modules(tree: ast.Module) -> set[str]:
+  """Every module an AST imports (`from a import b` counts as a and a.b)."""
+  names = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names.add(node.module)
+      names.update(f'{node.module}.{alias.name}' for alias in node.names)
+  return names
+
+
+def test_the_commands_exist_and_nothing_imports_them():
+  modules = package_modules()
+  assert COMMANDS <= set(modules)
+  offenders = {
+    name: sorted(imported_modules(tree) & COMMANDS)
+    for name, tree in modules.items()
+    if imported_modules(tree) & COMMANDS
+  }
+  assert not offenders, f'modules that import a command line: {offenders}'
+
+
+def test_no_module_reaches_a_private_name_of_another():
+  modules = package_modules()
+  offenders = []
+  for name, tree in modules.items():
+    # Local names bound to cips_jax modules: `from cips_jax import x [as y]`,
+    # `import a.b as c`.
+    aliases = {}
+    for node in ast.walk(tree):
+      if (
+        isinstance(node, ast.ImportFrom)
+        and node.module
+        and node.module.startswith('cips_jax')
+      ):
+        for alias in node.names:
+          aliases[alias.asname or alias.name] = f'{node.module}.{alias.name}'
+          if alias.name.startswith('_'):
+            offenders.append(f'{name} imports {node.module}.{alias.name}')
+      elif isinstance(node, ast.Import):
+        for alias in node.names:
+          if alias.name.startswith('cips_jax') and alias.asname:
+            aliases[alias.asname] = alias.name
+    for node in ast.walk(tree):
+      if (
+        isinstance(node, ast.Attribute)
+        and node.attr.startswith('_')
+        and not node.attr.startswith('__')
+        and isinstance(node.value, ast.Name)
+        and node.value.id in aliases
+      ):
+        offenders.append(f'{name}: {node.value.id}.{node.attr}')
+  assert not offenders
+
+
+def test_imports_are_at_the_top_unless_a_comment_says_why():
+  offenders = []
+  for path in sorted(PACKAGE.rglob('*.py')):
+    lines = path.read_text().splitlines()
+    for node in ast.walk(ast.parse('\n'.join(lines))):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        for inner in ast.walk(node):
+          if (
+            isinstance(inner, (ast.Import, ast.ImportFrom))
+            and '#' not in lines[inner.lineno - 1]
+          ):
+            offenders.append(f'{path.relative_to(support.REPO)}:{inner.lineno}')
+  assert not offenders, f'function-local imports without a reason: {offenders}'
+
+
+@pytest.mark.parametrize(
+  'path', sorted(support.TESTS.glob('*.py')), ids=lambda p: p.name
+)
+def test_test_modules_share_helpers_without_importing_each_other(path):
+  tree = ast.parse(path.read_text())
+  tests = {p.stem for p in support.TESTS.glob('test_*.py')}
+  assert not imported_modules(tree) & tests
+  literals = [
+    node.value
+    for node in ast.walk(tree)
+    if isinstance(node, ast.Constant) and isinstance(node.value, str)
+  ]
+  fixed = [
+    text for text in literals if text.startswith('/tmp/') and text != '/tmp/'
+  ]
+  assert not fixed, f'fixed /tmp paths (use tmp_path): {fixed}'
+  # Scripts run in subprocesses import helpers too.
+  scripts = [
+    text
+    for text in literals
+    if any(
+      f'import {test}' in text or f'from {test} ' in text for test in tests
+    )
+  ]
+  assert not scripts, scripts
