@@ -183,6 +183,13 @@ def validate(
     'model.cylindrical', lambda v: isinstance(v, bool), 'must be True or False'
   )
   # Contradictions between fields.
+  if config.train.continue_from:
+    req(
+      'train.init_generator_from',
+      lambda v: not v,
+      'contradicts train.continue_from (a continued run takes its generator '
+      'from the training checkpoint)',
+    )
   if config.train.embedding_mode == 'table':
     req(
       'model.size',

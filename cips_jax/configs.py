@@ -83,6 +83,9 @@ def reference_config() -> ml_collections.ConfigDict:
   train.embedding_mode = 'reference'
   # a .pt or exported generator to start G and EMA from
   train.init_generator_from = ''
+  # a reference (PyTorch) training checkpoint .pt to continue: G, D, EMA, both
+  # Adam states and the step (a workdir's own checkpoint takes precedence)
+  train.continue_from = ''
   # split the coordinate-embedding tables (and their Adam moments) by rows over
   # the devices instead of replicating
   train.shard_embedding = False

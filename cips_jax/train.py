@@ -24,7 +24,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from absl import logging
 from clu import metrics as clu_metrics
@@ -155,6 +155,93 @@ def start_from_generator(
   )
 
 
+def with_adam_state(opt_state, adam: convert.AdamState):
+  """`opt_state` of `optax.adam` with its count and moments replaced."""
+  replaced = [
+    part._replace(
+      count=jnp.asarray(adam.count, jnp.int32), mu=adam.mu, nu=adam.nu
+    )
+    if isinstance(part, optax.ScaleByAdamState)
+    else part
+    for part in opt_state
+  ]
+  if replaced == list(opt_state):
+    raise TypeError('the optimizer state holds no optax.ScaleByAdamState')
+  return type(opt_state)(replaced)
+
+
+def _warn_about_hyperparameters(config, run: convert.TrainingRun) -> None:
+  """Logs where the config's Adam settings differ from the checkpoint's."""
+  t = config.train
+  for name, adam, lr, betas in (
+    ('G', run.g_adam, t.g_lr, t.g_betas),
+    ('D', run.d_adam, t.d_lr, t.d_betas),
+  ):
+    theirs = adam.hyperparameters
+    ours = {'lr': lr, 'betas': tuple(betas), 'eps': 1e-8}
+    differ = {
+      k: (theirs[k], ours[k])
+      for k in ours
+      if theirs.get(k) is not None and not np.allclose(theirs[k], ours[k])
+    }
+    if differ:
+      logging.warning(
+        "%s's Adam settings differ from the checkpoint's (checkpoint, "
+        'config): %s; training continues with the config',
+        name,
+        differ,
+      )
+
+
+def continue_reference_run(
+  config, path: str, gen, disc, g_tx, d_tx, abstract_state: TrainState
+) -> TrainState:
+  """The train state of a reference (PyTorch) training checkpoint.
+
+  G, D, the EMA, both Adam states (moments and step counts) and the step come
+  from the .pt file `path`, so training continues at the step where the
+  PyTorch run stopped, with the same R1 schedule. Returns host arrays shaped
+  like `abstract_state`; raises `convert.CheckpointMismatchError` naming the
+  keys when the checkpoint does not fit the config's models.
+  """
+  run = convert.load_training_run(os.path.expanduser(path), gen, disc)
+  _warn_about_hyperparameters(config, run)
+  state = TrainState(
+    step=np.asarray(run.step, np.int32),
+    g_params=run.g,
+    d_params=run.d,
+    ema_params=run.g_ema,
+    g_opt_state=with_adam_state(g_tx.init(run.g), run.g_adam),
+    d_opt_state=with_adam_state(d_tx.init(run.d), run.d_adam),
+  )
+  state = jax.tree_util.tree_map(np.asarray, state)
+  expected = jax.tree_util.tree_structure(abstract_state)
+  if jax.tree_util.tree_structure(state) != expected:
+    raise convert.CheckpointMismatchError(
+      f'{path}: the converted state does not have the structure of this '
+      "config's train state"
+    )
+  r1_steps = -(-run.step // config.train.r1_every)
+  if run.d_adam.count != run.step + r1_steps:
+    logging.warning(
+      "%s: D's Adam count %d is not step %d + %d R1 steps "
+      '(r1_every=%d): the run used another R1 schedule',
+      path,
+      run.d_adam.count,
+      run.step,
+      r1_steps,
+      config.train.r1_every,
+    )
+  logging.info(
+    'continuing the reference run %s at step %d (Adam counts: G %d, D %d)',
+    path,
+    run.step,
+    run.g_adam.count,
+    run.d_adam.count,
+  )
+  return state
+
+
 def train_embedding_mode(config: ml_collections.ConfigDict) -> str:
   """How G reads its embedding while training.
 
@@ -173,10 +260,42 @@ def train_embedding_mode(config: ml_collections.ConfigDict) -> str:
 # The step.
 
 
-def make_train_step(config, gen, disc, g_tx, d_tx) -> Callable:
-  """Returns `train_step(state, batch, with_r1) -> (state, metrics)`.
+@flax.struct.dataclass
+class StepInputs:
+  """Everything random in one training step, drawn or given explicitly.
 
-  The step is not yet jitted.
+  real: (B, H, W, 3) the pixels D sees; coords: (B, H, W, 2) their grid, for
+  both G steps; d_z, g_z: (B, style_dim) latents of the D and G steps' fakes;
+  d_noise_key, g_noise_key: keys of G's per-pixel noise in those steps, or
+  None for zero noise.
+  """
+
+  real: jax.Array
+  coords: jax.Array
+  d_z: jax.Array
+  g_z: jax.Array
+  d_noise_key: Optional[jax.Array] = None
+  g_noise_key: Optional[jax.Array] = None
+
+
+def draw_step_inputs(seed: int, step, batch, style_dim: int) -> StepInputs:
+  """The inputs of step `step`: latents and noise keys from (seed, step)."""
+  keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), step), 4)
+  batch_size = batch['image'].shape[0]
+  return StepInputs(
+    real=batch['image'],
+    coords=batch['coords'],
+    d_z=jax.random.normal(keys[0], (batch_size, style_dim)),
+    g_z=jax.random.normal(keys[2], (batch_size, style_dim)),
+    d_noise_key=keys[1],
+    g_noise_key=keys[3],
+  )
+
+
+def make_gan_step(config, gen, disc, g_tx, d_tx) -> Callable:
+  """Returns `gan_step(state, inputs: StepInputs, with_r1) -> (state, metrics)`.
+
+  The reference trainer's arithmetic on explicit inputs; not yet jitted.
   """
   t = config.train
   embedding_mode = train_embedding_mode(config)
@@ -186,29 +305,27 @@ def make_train_step(config, gen, disc, g_tx, d_tx) -> Callable:
     return jnp.concatenate([pixels, coords], -1) if t.d_input_coords else pixels
 
   def render(g_params, z, coords, noise_key):
+    # Without a noise key the generator injects zero noise.
+    rngs = {} if noise_key is None else {'noise': noise_key}
     return gen.apply(
       {'params': g_params},
       z,
       coords,
       embedding_mode=embedding_mode,
       method=type(gen).generate,
-      rngs={'noise': noise_key},
+      rngs=rngs,
     )
 
   def discriminate(d_params, inputs):
     return disc.apply({'params': d_params}, inputs)
 
-  def train_step(state: TrainState, batch, with_r1: bool):
-    real, coords = batch['image'], batch['coords']
-    batch_size = real.shape[0]
-    keys = jax.random.split(
-      jax.random.fold_in(jax.random.PRNGKey(t.seed), state.step), 4
-    )
-    d_z = jax.random.normal(keys[0], (batch_size, gen.style_dim))
-    g_z = jax.random.normal(keys[2], (batch_size, gen.style_dim))
+  def gan_step(state: TrainState, inputs: StepInputs, with_r1: bool):
+    real, coords = inputs.real, inputs.coords
 
     # D step: G frozen.
-    fake = jax.lax.stop_gradient(render(state.g_params, d_z, coords, keys[1]))
+    fake = jax.lax.stop_gradient(
+      render(state.g_params, inputs.d_z, coords, inputs.d_noise_key)
+    )
 
     def d_loss_fn(d_params):
       real_logits = discriminate(d_params, d_inputs(real, coords))
@@ -249,7 +366,7 @@ def make_train_step(config, gen, disc, g_tx, d_tx) -> Callable:
 
     # G step: D frozen, new z, same coordinates.
     def g_loss_fn(g_params):
-      fake = render(g_params, g_z, coords, keys[3])
+      fake = render(g_params, inputs.g_z, coords, inputs.g_noise_key)
       return losses.generator_loss(
         discriminate(d_params, d_inputs(fake, coords))
       )
@@ -274,6 +391,23 @@ def make_train_step(config, gen, disc, g_tx, d_tx) -> Callable:
       d_opt_state=d_opt_state,
     )
     return new_state, out
+
+  return gan_step
+
+
+def make_train_step(config, gen, disc, g_tx, d_tx) -> Callable:
+  """Returns `train_step(state, batch, with_r1) -> (state, metrics)`.
+
+  `batch` holds 'image' (B, H, W, 3) and 'coords' (B, H, W, 2); the latents
+  and noise come from (config.train.seed, state.step). Not yet jitted.
+  """
+  gan_step = make_gan_step(config, gen, disc, g_tx, d_tx)
+
+  def train_step(state: TrainState, batch, with_r1: bool):
+    inputs = draw_step_inputs(
+      config.train.seed, state.step, batch, gen.style_dim
+    )
+    return gan_step(state, inputs, with_r1)
 
   return train_step
 
@@ -448,12 +582,27 @@ def train_and_evaluate(
   create = jax.jit(new_state, out_shardings=shardings)
   state = manager.restore_latest(abstract_state, shardings)
   if state is None:
-    state = create()
+    if t.continue_from:
+      state = jax.device_put(
+        continue_reference_run(
+          config, t.continue_from, gen, disc, g_tx, d_tx, abstract_state
+        ),
+        shardings,
+      )
+    else:
+      state = create()
+      logging.info('starting a new run in %s', workdir)
     if t.init_generator_from:
       state = start_from_generator(
         state, t.init_generator_from, g_tx, shardings.g_params
       )
-    logging.info('starting a new run in %s', workdir)
+  elif t.continue_from:
+    logging.info(
+      '%s holds its own checkpoint: resuming from it, not from '
+      'train.continue_from=%s',
+      workdir,
+      t.continue_from,
+    )
   start_step = int(state.step)
   if start_step >= t.num_steps:
     # A finished run: say so rather than appear to resume (raise num_steps to go

@@ -17,6 +17,8 @@ checkpoint of the generator from the shell.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import re
 from typing import Any, Callable, Mapping, Optional
 
@@ -100,8 +102,14 @@ def _styled_entries(
   style_dim: int,
   activation: Optional[str],
 ) -> dict[str, Entry]:
-  entries = _modulated_entries(
-    f'{prefix}.conv', path + ('modulated',), fan_in, features, style_dim
+  # In the reference's order: a module's own parameters, then its children's.
+  entries: dict[str, Entry] = {}
+  if activation is not None:  # 'sin' / 'sinrelu': StyledConv owns the bias
+    entries[f'{prefix}.bias'] = (path + ('bias',), (1, features, 1, 1), _flat)
+  entries.update(
+    _modulated_entries(
+      f'{prefix}.conv', path + ('modulated',), fan_in, features, style_dim
+    )
   )
   entries[f'{prefix}.noise.weight'] = (
     path + ('noise_strength',),
@@ -110,25 +118,43 @@ def _styled_entries(
   )
   if activation is None:  # FusedLeakyReLU owns the bias
     entries[f'{prefix}.activate.bias'] = (path + ('bias',), (features,), _flat)
-  else:  # 'sin' / 'sinrelu': the StyledConv holds a (1, C, 1, 1) bias
-    entries[f'{prefix}.bias'] = (path + ('bias',), (1, features, 1, 1), _flat)
   return entries
 
 
 def _to_rgb_entries(
   prefix: str, path: tuple[str, ...], fan_in: int, style_dim: int
 ) -> dict[str, Entry]:
-  entries = _modulated_entries(
-    f'{prefix}.conv', path + ('modulated',), fan_in, 3, style_dim
+  entries = {f'{prefix}.bias': (path + ('bias',), (1, 3, 1, 1), _flat)}
+  entries.update(
+    _modulated_entries(
+      f'{prefix}.conv', path + ('modulated',), fan_in, 3, style_dim
+    )
   )
-  entries[f'{prefix}.bias'] = (path + ('bias',), (1, 3, 1, 1), _flat)
+  return entries
+
+
+def _mapping_entries(module: generator_lib.CIPS) -> dict[str, Entry]:
+  d, entries = module.style_dim, {}
+  for i in range(module.n_mlp):  # style.0 is the parameter-free pixel norm
+    entries[f'style.{i + 1}.weight'] = (
+      ('mapping', f'dense_{i}', 'kernel'),
+      (d, d),
+      _dense_t,
+    )
+    entries[f'style.{i + 1}.bias'] = (
+      ('mapping', f'dense_{i}', 'bias'),
+      (d,),
+      _flat,
+    )
   return entries
 
 
 def generator_layout(module: generator_lib.CIPS) -> dict[str, Entry]:
   """Every reference state-dict key of `module`'s architecture.
 
-  Each comes with where it goes in ours.
+  Each comes with where it goes in ours. The keys are in the reference's
+  state-dict order, which is also its `named_parameters()` order (the order
+  its optimizer numbers them in).
   """
   d, h, act = module.style_dim, module.hidden_size, module.activation
   entries: dict[str, Entry] = {
@@ -140,17 +166,6 @@ def generator_layout(module: generator_lib.CIPS) -> dict[str, Entry]:
       lambda w: w[0].transpose(1, 2, 0),
     ),
   }
-  for i in range(module.n_mlp):
-    entries[f'style.{i + 1}.weight'] = (
-      ('mapping', f'dense_{i}', 'kernel'),
-      (d, d),
-      _dense_t,
-    )
-    entries[f'style.{i + 1}.bias'] = (
-      ('mapping', f'dense_{i}', 'bias'),
-      (d,),
-      _flat,
-    )
   widths = module.layer_widths()
   if isinstance(module, generator_lib.CIPSskip):
     entries.update(
@@ -165,6 +180,7 @@ def generator_layout(module: generator_lib.CIPS) -> dict[str, Entry]:
           )
         )
         fan_in = width
+    for i, width in enumerate(widths):
       entries.update(
         _to_rgb_entries(f'to_rgbs.{i}', (f'to_rgbs_{i}',), width, d)
       )
@@ -193,6 +209,7 @@ def generator_layout(module: generator_lib.CIPS) -> dict[str, Entry]:
         )
       fan_in = width
     entries.update(_to_rgb_entries('to_rgb_last', ('to_rgb',), fan_in, d))
+  entries.update(_mapping_entries(module))
   return entries
 
 
@@ -619,3 +636,324 @@ def load_torch_checkpoint(
   checkpoint = torch_pickle.load(path)
   state_dict = select_state_dict(checkpoint, which, source=str(path))
   return from_state_dict(state_dict, which, activation=activation, **overrides)
+
+
+# ------------------------------------------------------------------------------
+# Training checkpoints: networks, Adam states and the step.
+
+TRAINING_KEYS = ('g', 'd', 'g_ema', 'g_optim', 'd_optim')
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamState:
+  """A torch.optim.Adam state in our layout.
+
+  count: the step count every parameter shares; mu, nu: the first and second
+  moments, trees shaped like the parameters; hyperparameters: the 'lr',
+  'betas' and 'eps' of its (first) parameter group.
+  """
+
+  count: int
+  mu: Any
+  nu: Any
+  hyperparameters: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingRun:
+  """Everything a reference training checkpoint holds, in our layout.
+
+  step: the number of completed steps (the next step's index).
+  g, d, g_ema: parameter trees; g_adam, d_adam: their Adam states.
+  """
+
+  step: int
+  g: Any
+  d: Any
+  g_ema: Any
+  g_adam: AdamState
+  d_adam: AdamState
+
+
+def reference_parameter_names(
+  state_dict: StateDict, buffers: frozenset[str] = frozenset()
+) -> list[str]:
+  """The reference module's `named_parameters()` order.
+
+  That is the order torch's optimizer numbers the parameters in: the state
+  dict's order without its buffers.
+  """
+  return [key for key in state_dict if key not in buffers]
+
+
+def adam_state(
+  optimizer: Any, names: list[str], layout: Mapping[str, Entry], what: str
+) -> AdamState:
+  """A torch Adam `state_dict()` -> AdamState in our layout.
+
+  Args:
+    optimizer: {'state': {i: {'step', 'exp_avg', 'exp_avg_sq'}}, 'param_groups':
+      [{'params': [i, ...], 'lr', 'betas', 'eps', ...}]}; state i belongs to
+      parameter names[i].
+    names: the reference parameter names in optimizer order
+      (`reference_parameter_names`).
+    layout: the module's reference layout (`generator_layout`, ...).
+    what: names the optimizer in errors, e.g. "g_optim".
+  Raises:
+    CheckpointMismatchError naming every parameter whose state is missing or
+    mis-shaped, or whose step count differs from the others.
+  """
+  if not (
+    isinstance(optimizer, Mapping)
+    and isinstance(optimizer.get('state'), Mapping)
+    and isinstance(optimizer.get('param_groups'), (list, tuple))
+  ):
+    raise CheckpointMismatchError(
+      f'{what} is not a torch optimizer state dict (expected the keys '
+      "'state' and 'param_groups')"
+    )
+  groups = optimizer['param_groups']
+  indices = [i for group in groups for i in group.get('params', ())]
+  if len(indices) != len(names):
+    detail = (
+      'no Adam state for ' + ', '.join(names[len(indices) :])
+      if len(indices) < len(names)
+      else f'{len(indices) - len(names)} entries more than the parameters'
+    )
+    raise CheckpointMismatchError(
+      f'{what} optimises {len(indices)} parameters, the model has '
+      f'{len(names)}: {detail}'
+    )
+  problems, moments, counts = [], {'exp_avg': {}, 'exp_avg_sq': {}}, {}
+  for index, name in zip(indices, names):
+    entry = optimizer['state'].get(index)
+    shape = layout[name][1]
+    if not isinstance(entry, Mapping) or not {
+      'step',
+      'exp_avg',
+      'exp_avg_sq',
+    } <= set(entry):
+      problems.append(f'{name}: no Adam state')
+      continue
+    for moment in ('exp_avg', 'exp_avg_sq'):
+      found = tuple(np.shape(entry[moment]))
+      if found != shape:
+        problems.append(f'{name}: {moment} {found}, parameter {shape}')
+      moments[moment][name] = entry[moment]
+    counts[name] = float(np.asarray(entry['step']))
+  if problems:
+    raise CheckpointMismatchError(
+      f'{what} does not fit the model ({len(problems)} parameters): '
+      + '; '.join(problems)
+    )
+  distinct = sorted(set(counts.values()))
+  if len(distinct) != 1 or distinct[0] != int(distinct[0]):
+    raise CheckpointMismatchError(
+      f'{what}: the parameters have different step counts {distinct} '
+      '(optax keeps one count per optimizer)'
+    )
+  mu, nu = (
+    params_from_layout(moments[m], layout, f'{what} {m}')['params']
+    for m in ('exp_avg', 'exp_avg_sq')
+  )
+  group = groups[0]
+  return AdamState(
+    count=int(distinct[0]),
+    mu=mu,
+    nu=nu,
+    hyperparameters={k: group.get(k) for k in ('lr', 'betas', 'eps')},
+  )
+
+
+def load_training_run(
+  path: str,
+  generator: generator_lib.CIPS,
+  discriminator: discriminator_lib.Discriminator,
+) -> TrainingRun:
+  """Reads a reference training checkpoint for these two modules.
+
+  The checkpoint is the dict the reference's train.py saves (g, d, g_ema,
+  g_optim, d_optim), optionally with 'step', the number of completed steps;
+  without it, the step is the generator's Adam count (G takes one Adam step
+  per training step). Every state dict is checked strictly against the
+  modules: a checkpoint of another architecture is refused with the keys that
+  differ.
+  """
+  checkpoint = torch_pickle.load(path)
+  missing = [
+    k
+    for k in TRAINING_KEYS
+    if not isinstance(checkpoint, Mapping) or k not in checkpoint
+  ]
+  if missing:
+    found = (
+      sorted(map(str, checkpoint))
+      if isinstance(checkpoint, Mapping)
+      else type(checkpoint).__name__
+    )
+    raise CheckpointMismatchError(
+      f'{path} is not a reference training checkpoint: it lacks '
+      f'{", ".join(missing)} (found: {found}). A generator alone starts a '
+      'run with config.train.init_generator_from instead.'
+    )
+  g_layout = generator_layout(generator)
+  d_layout, d_buffers = discriminator_layout(discriminator)
+  g = generator_params(checkpoint['g'], generator)['params']
+  g_ema = generator_params(checkpoint['g_ema'], generator)['params']
+  d = discriminator_params(checkpoint['d'], discriminator)['params']
+  g_adam = adam_state(
+    checkpoint['g_optim'],
+    reference_parameter_names(checkpoint['g']),
+    g_layout,
+    'g_optim',
+  )
+  d_adam = adam_state(
+    checkpoint['d_optim'],
+    reference_parameter_names(checkpoint['d'], d_buffers),
+    d_layout,
+    'd_optim',
+  )
+  step = checkpoint.get('step', g_adam.count)
+  if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+    raise CheckpointMismatchError(
+      f"{path}: 'step' must be a non-negative int, got {step!r}"
+    )
+  return TrainingRun(
+    step=step, g=g, d=d, g_ema=g_ema, g_adam=g_adam, d_adam=d_adam
+  )
+
+
+# ------------------------------------------------------------------------------
+# Our layout -> the reference's: state dicts and training checkpoints to hand
+# back to PyTorch.
+
+# torch.optim.Adam's param_group fields (torch 2.x) besides lr, betas, eps.
+_ADAM_GROUP_DEFAULTS = {
+  'weight_decay': 0,
+  'amsgrad': False,
+  'maximize': False,
+  'foreach': None,
+  'capturable': False,
+  'differentiable': False,
+  'fused': None,
+  'decoupled_weight_decay': False,
+}
+
+
+def to_reference(value: np.ndarray, entry: Entry) -> np.ndarray:
+  """Our array -> the reference tensor of `entry`, bit for bit.
+
+  Every conversion in a layout only moves elements (transposes, reshapes, the
+  row order of `final_linear.0.weight`), so its exact inverse is found by
+  converting the element indices of the reference shape.
+  """
+  path, shape, to_ours = entry
+  value = np.asarray(value)
+  positions = to_ours(np.arange(int(np.prod(shape))).reshape(shape))
+  if positions.shape != value.shape:
+    raise CheckpointMismatchError(
+      f'{"/".join(path)}: shape {value.shape}, the layout expects '
+      f'{positions.shape}'
+    )
+  flat = np.empty(positions.size, value.dtype)
+  flat[positions.reshape(-1)] = value.reshape(-1)
+  return flat.reshape(shape)
+
+
+def state_dict_from_layout(
+  params: Any, layout: Mapping[str, Entry]
+) -> collections.OrderedDict:
+  """`params` (our tree) -> the reference state dict, in its key order."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+  missing = [key for key, entry in layout.items() if entry[0] not in flat]
+  if missing:
+    raise CheckpointMismatchError(
+      'the parameters lack what the reference keys need: ' + ', '.join(missing)
+    )
+  return collections.OrderedDict(
+    (key, to_reference(flat[entry[0]], entry)) for key, entry in layout.items()
+  )
+
+
+def generator_state_dict(
+  params: Any, module: generator_lib.CIPS
+) -> collections.OrderedDict:
+  """Our generator parameters -> the reference's state dict for `module`."""
+  return state_dict_from_layout(params, generator_layout(module))
+
+
+def blur_kernel(taps=(1, 3, 3, 1)) -> np.ndarray:
+  """The reference's 2-D blur buffer: outer(taps, taps), summing to 1."""
+  taps = np.asarray(taps, np.float32)
+  kernel = np.outer(taps, taps)
+  return kernel / kernel.sum()
+
+
+def discriminator_state_dict(
+  params: Any, module: discriminator_lib.Discriminator
+) -> collections.OrderedDict:
+  """Our discriminator parameters -> the reference's state dict.
+
+  The blur buffers are included, each where the reference's state dict has
+  it: `P.0.kernel` just before the weight `P.1.weight` of the same layer.
+  """
+  layout, buffers = discriminator_layout(module)
+  parameters = state_dict_from_layout(params, layout)
+  state_dict = collections.OrderedDict()
+  for key, value in parameters.items():
+    buffer = key.removesuffix('.1.weight') + '.0.kernel'
+    if buffer in buffers:
+      state_dict[buffer] = blur_kernel(module.blur_kernel)
+    state_dict[key] = value
+  return state_dict
+
+
+def torch_adam_state_dict(
+  adam: AdamState, layout: Mapping[str, Entry]
+) -> dict[str, Any]:
+  """AdamState -> a `torch.optim.Adam.state_dict()` for the reference module.
+
+  The moments take the reference layout of their parameters; every
+  parameter's step is the shared count, as a 0-d float32 tensor (torch >= 1.12
+  keeps it so).
+  """
+  mu = state_dict_from_layout(adam.mu, layout)
+  nu = state_dict_from_layout(adam.nu, layout)
+  state = {
+    index: {
+      'step': np.asarray(adam.count, np.float32),
+      'exp_avg': mu[key],
+      'exp_avg_sq': nu[key],
+    }
+    for index, key in enumerate(layout)
+  }
+  group = {
+    'lr': float(adam.hyperparameters['lr']),
+    'betas': tuple(float(b) for b in adam.hyperparameters['betas']),
+    'eps': float(adam.hyperparameters['eps']),
+    **_ADAM_GROUP_DEFAULTS,
+    'params': list(range(len(layout))),
+  }
+  return {'state': state, 'param_groups': [group]}
+
+
+def training_checkpoint(
+  run: TrainingRun,
+  generator: generator_lib.CIPS,
+  discriminator: discriminator_lib.Discriminator,
+) -> dict[str, Any]:
+  """A TrainingRun -> the dict the reference's train.py saves, plus 'step'.
+
+  {'g', 'd', 'g_ema': state dicts, 'g_optim', 'd_optim': Adam state dicts,
+  'step': completed steps}. `load_training_run` reads it back exactly.
+  """
+  g_layout = generator_layout(generator)
+  d_layout, _ = discriminator_layout(discriminator)
+  return {
+    'g': generator_state_dict(run.g, generator),
+    'd': discriminator_state_dict(run.d, discriminator),
+    'g_ema': generator_state_dict(run.g_ema, generator),
+    'g_optim': torch_adam_state_dict(run.g_adam, g_layout),
+    'd_optim': torch_adam_state_dict(run.d_adam, d_layout),
+    'step': int(run.step),
+  }
