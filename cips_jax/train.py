@@ -42,6 +42,7 @@ from cips_jax import convert
 from cips_jax import data as data_lib
 from cips_jax import evaluation
 from cips_jax import images as images_lib
+from cips_jax import loading
 from cips_jax import losses
 from cips_jax import models
 from cips_jax import parallel
@@ -240,6 +241,56 @@ def continue_reference_run(
     run.d_adam.count,
   )
   return state
+
+
+def training_run(config, state: TrainState) -> convert.TrainingRun:
+  """A train state as a `convert.TrainingRun` (host arrays).
+
+  The Adam hyperparameters recorded with it are the config's.
+  """
+  host = jax.device_get(state)
+  t = config.train
+
+  def adam(opt_state, lr, betas):
+    (part,) = [s for s in opt_state if isinstance(s, optax.ScaleByAdamState)]
+    return convert.AdamState(
+      count=int(part.count),
+      mu=part.mu,
+      nu=part.nu,
+      hyperparameters={'lr': lr, 'betas': tuple(betas), 'eps': 1e-8},
+    )
+
+  return convert.TrainingRun(
+    step=int(host.step),
+    g=host.g_params,
+    d=host.d_params,
+    g_ema=host.ema_params,
+    g_adam=adam(host.g_opt_state, t.g_lr, t.g_betas),
+    d_adam=adam(host.d_opt_state, t.d_lr, t.d_betas),
+  )
+
+
+def restore_run(workdir: str):
+  """The latest checkpoint of a training workdir.
+
+  Returns (config, generator, discriminator, train state on this host's
+  devices), the models built from the config saved with the checkpoint.
+  """
+  config = loading.workdir_config(workdir)
+  gen, disc = build_models(config)
+  g_tx, d_tx = make_optimizers(config)
+  abstract = jax.eval_shape(
+    lambda: create_state(gen, disc, g_tx, d_tx, config.train.seed)
+  )
+  manager = checkpoints.TrainCheckpoints(
+    os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'checkpoints'),
+    keep=config.logging.keep_checkpoints,
+    config=config,
+  )
+  state = manager.restore_latest(
+    abstract, parallel.replicated(parallel.make_mesh())
+  )
+  return config, gen, disc, state
 
 
 def train_embedding_mode(config: ml_collections.ConfigDict) -> str:

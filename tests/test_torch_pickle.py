@@ -5,11 +5,14 @@ reader.
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import json
 import os
 from pathlib import Path
 import pickle
+import pickletools
+import struct
 import zipfile
 
 import numpy as np
@@ -17,6 +20,7 @@ import pytest
 
 from cips_jax import torch_pickle
 from cips_jax.torch_pickle import UnsafeCheckpointError
+import torch_check_object
 
 DATA = Path(__file__).parent / 'data'
 
@@ -412,6 +416,26 @@ def test_hand_built_tensors_have_the_right_values(tmp_path):
   assert out['transposed'][0, 0] == flat32[0]
 
 
+def test_zero_dim_widened_tensors_stay_arrays(tmp_path):
+  # bfloat16 and bool tensors go through a ufunc after reading, which turns a
+  # 0-d array into a numpy scalar unless the reader keeps it an array.
+  sbf = FakeStorage('0', STORAGE_CLASSES['BFloat16Storage'], 1)
+  sbool = FakeStorage('1', STORAGE_CLASSES['BoolStorage'], 1)
+  payload = {
+    'bf16': FakeTensor(sbf, 0, (), ()),
+    'flag': FakeTensor(sbool, 0, (), ()),
+  }
+  storages = {'0': np.array([0xC020], '<u2').tobytes(), '1': b'\x02'}
+  path = write_checkpoint(
+    tmp_path / 'c.pt', torch_like_dumps(payload), storages
+  )
+  out = torch_pickle.load(path)
+  for name, dtype, value in [('bf16', np.float32, -2.5), ('flag', bool, True)]:
+    assert type(out[name]) is np.ndarray and out[name].shape == (), name
+    assert out[name].dtype == dtype and out[name] == value, name
+    assert out[name].flags.writeable, name
+
+
 def test_big_endian_archive(tmp_path):
   values = np.array([[1.25, -3.0], [1e10, 0.5]], dtype=np.float64)
   storage = FakeStorage('7', STORAGE_CLASSES['DoubleStorage'], 4)
@@ -542,3 +566,473 @@ def test_torchscript_malformed_records_are_refused(tmp_path, body, error):
   path = write_checkpoint(tmp_path / 'bad.pt', b'\x80\x02' + body)
   with pytest.raises(UnsafeCheckpointError, match=error):
     torch_pickle.load(path)
+
+
+# ----------------------------------------------------------------------------
+# Writing checkpoints: save.
+# ------------------------------------------------------------------------------
+
+SAVE_DTYPES = [
+  'float32',
+  'float64',
+  'float16',
+  'int64',
+  'int32',
+  'int16',
+  'int8',
+  'uint8',
+  'bool',
+]
+
+
+def native_bytes(array: np.ndarray) -> bytes:
+  """The C-order bytes of ``array`` in native (little-endian) order.
+
+  Swapped through unsigned integers, so no float conversion can touch a NaN.
+  """
+  array = np.ascontiguousarray(array)
+  if array.dtype.byteorder == '>':
+    width = array.dtype.itemsize
+    return array.view(f'>u{width}').astype(f'<u{width}').tobytes()
+  return array.tobytes()
+
+
+def big_endian(array: np.ndarray) -> np.ndarray:
+  """The same values stored big-endian (bytes swapped, not converted)."""
+  return array.byteswap().view(array.dtype.newbyteorder('>'))
+
+
+def assert_identical(expected, got, path='obj') -> int:
+  """What torch_pickle.load returned is exactly what was saved.
+
+  Containers of the same types with the same keys (and key types); scalars of
+  the same type and bits; arrays C-contiguous, native-order, same bytes.
+  Returns the number of arrays.
+  """
+  if isinstance(expected, np.ndarray):
+    assert type(got) is np.ndarray, f'{path}: {type(got)}'
+    assert got.dtype == expected.dtype.newbyteorder('='), path
+    assert got.dtype.isnative, path
+    assert got.shape == expected.shape and got.flags.c_contiguous, path
+    assert got.tobytes() == native_bytes(expected), f'{path}: bytes differ'
+    return 1
+  assert type(got) is type(expected), f'{path}: {type(got)}'
+  if isinstance(expected, dict):
+    assert [(type(k), k) for k in got] == [(type(k), k) for k in expected], path
+    return sum(
+      assert_identical(value, got[key], f'{path}[{key!r}]')
+      for key, value in expected.items()
+    )
+  if isinstance(expected, (list, tuple)):
+    assert len(got) == len(expected), path
+    return sum(
+      assert_identical(value, item, f'{path}[{i}]')
+      for i, (value, item) in enumerate(zip(expected, got))
+    )
+  if isinstance(expected, float):
+    assert struct.pack('>d', got) == struct.pack('>d', expected), path
+  else:
+    assert got == expected, path
+  return 0
+
+
+def arbitrary_array(dtype: str, shape, seed: int) -> np.ndarray:
+  """Random bit patterns: for floats, NaN payloads, -0.0 and subnormals."""
+  rng = np.random.default_rng(seed)
+  if dtype == 'bool':
+    return rng.integers(0, 2, shape).astype(bool)
+  width = np.dtype(dtype).itemsize
+  n = int(np.prod(shape))
+  return (
+    rng.integers(0, 256, n * width, dtype=np.uint8).view(dtype).reshape(shape)
+  )
+
+
+@pytest.mark.parametrize('dtype', SAVE_DTYPES)
+def test_save_round_trips_every_shape_and_layout(tmp_path, dtype):
+  base = arbitrary_array(dtype, (6, 4), seed=SAVE_DTYPES.index(dtype))
+  arrays = collections.OrderedDict(
+    [
+      ('0-d', arbitrary_array(dtype, (), seed=1)),
+      ('empty', arbitrary_array(dtype, (0,), seed=2)),
+      ('empty_3d', arbitrary_array(dtype, (2, 0, 3), seed=3)),
+      ('vector', arbitrary_array(dtype, (7,), seed=4)),
+      ('5-d', arbitrary_array(dtype, (1, 2, 3, 1, 2), seed=5)),
+      ('contiguous', base),
+      ('transposed', base.T),
+      ('strided', base[::2, ::-1]),
+      ('fortran', np.asfortranarray(base)),
+      ('big_endian', big_endian(base)),
+      ('big_endian_strided', big_endian(base)[1::3, ::2]),
+      ('big_endian_0-d', big_endian(arbitrary_array(dtype, (), seed=6))),
+    ]
+  )
+  assert not arrays['strided'].flags.c_contiguous
+  path = tmp_path / 'arrays.pt'
+  torch_pickle.save(arrays, path)
+  assert assert_identical(arrays, torch_pickle.load(path)) == len(arrays)
+
+  # An array on its own is a checkpoint too (torch.save(tensor)).
+  torch_pickle.save(base.T, path)
+  assert_identical(base.T, torch_pickle.load(path))
+
+
+def test_save_round_trips_special_values_bit_for_bit(tmp_path):
+  def from_bits(values, dtype):
+    width = np.dtype(dtype).itemsize
+    return np.array(values, f'<u{width}').view(dtype)
+
+  arrays = {
+    'f32': from_bits([0x7FC00001, 0xFFA00002, 0x80000000, 1, 0x7F800000], 'f4'),
+    'f64': from_bits([0x7FF8000000000123, 0x8000000000000000, 1], 'f8'),
+    'f16': from_bits([0x7E01, 0xFC01, 0x8000, 0x0001], 'f2'),
+  }
+  arrays['f32_big_endian'] = big_endian(arrays['f32'])
+  path = tmp_path / 'special.pt'
+  torch_pickle.save(arrays, path)
+  back = torch_pickle.load(path)
+  assert_identical(arrays, back)
+  assert back['f32_big_endian'].view('<u4')[:2].tolist() == [
+    0x7FC00001,
+    0xFFA00002,
+  ]
+
+
+def test_save_round_trips_containers_and_scalars(tmp_path):
+  nan = struct.unpack('>d', bytes.fromhex('7ff8000000000123'))[0]
+  obj = collections.OrderedDict(
+    [
+      ('state', {0: {'step': np.array(3.0, np.float32)}, 7: {}}),
+      (
+        'param_groups',
+        [{'betas': (0.0, 0.99), 'foreach': None, 'params': [0]}],
+      ),
+      ('scalars', [True, False, None, 0, 255, 256, 65536, -1, -(2**31)]),
+      ('big_ints', [2**31, -(2**31) - 1, 2**64, -(2**100), 7**1000]),
+      ('floats', (0.1, -0.0, float('inf'), float('-inf'), nan, 5e-324)),
+      ('strings', ['', 'ascii', 'ünïcødé ✓', 'line\nbreak', '\ud800']),
+      ('tuples', ((), (1,), (1, 2), (1, 2, 3), (1, 2, 3, 4), ((),))),
+      ('empties', [[], {}, collections.OrderedDict(), ()]),
+      ('int_keys', {-1: 'a', 0: 'b', 2**40: 'c', 'mixed': 'd'}),
+    ]
+  )
+  path = tmp_path / 'containers.pt'
+  torch_pickle.save(obj, path)
+  back = torch_pickle.load(path)
+  assert type(back) is collections.OrderedDict
+  assert type(back['state']) is dict and list(back['state']) == [0, 7]
+  assert_identical(obj, back)
+
+
+def test_save_round_trips_the_canonical_and_a_real_checkpoint(tmp_path):
+  canonical = torch_check_object.build()
+  torch_pickle.save(canonical, tmp_path / 'canonical.pt')
+  assert (
+    assert_identical(canonical, torch_pickle.load(tmp_path / 'canonical.pt'))
+    == json.loads(torch_check_object.RECORD.read_text())['tensors_compared']
+  )
+
+  real = torch_pickle.load(DATA / 'cips_skip_s4_checkpoint.pt')
+  torch_pickle.save(real, tmp_path / 'again.pt')
+  assert_identical(real, torch_pickle.load(tmp_path / 'again.pt'))
+
+
+def test_save_accepts_a_memory_mapped_array(tmp_path):
+  mapped = np.memmap(tmp_path / 'raw', np.float32, 'w+', shape=(3, 2))
+  mapped[:] = np.arange(6).reshape(3, 2)
+  torch_pickle.save({'w': mapped[:, ::-1]}, tmp_path / 'mapped.pt')
+  assert_identical(
+    {'w': np.array(mapped[:, ::-1])}, torch_pickle.load(tmp_path / 'mapped.pt')
+  )
+
+
+def test_save_writes_the_records_torch_writes(tmp_path):
+  path = tmp_path / 'model.ckpt.pt'
+  torch_pickle.save({'w': np.ones(3, np.float32), 'e': np.zeros(0)}, path)
+  real_path = DATA / 'cips_skip_s4_checkpoint.pt'
+  with zipfile.ZipFile(path) as ours, zipfile.ZipFile(real_path) as real:
+    # The top folder is the file's name less its extension, as torch names it.
+    assert ours.namelist() == [
+      f'model.ckpt/{name}'
+      for name in [
+        'data.pkl',
+        '.format_version',
+        '.storage_alignment',
+        'byteorder',
+        'data/0',
+        'data/1',
+        'version',
+      ]
+    ]
+    real_names = [name.split('/', 1)[1] for name in real.namelist()]
+    # torch's random .data/serialization_id is left out, for reproducible bytes.
+    assert [
+      name
+      for name in real_names
+      if not name.startswith(('data/', '.data/serialization_id'))
+    ] == [
+      name.split('/', 1)[1] for name in ours.namelist() if '/data/' not in name
+    ]
+    for name in [
+      '.format_version',
+      '.storage_alignment',
+      'byteorder',
+      'version',
+    ]:
+      assert ours.read(f'model.ckpt/{name}') == real.read(
+        f'cips_skip_s4_checkpoint/{name}'
+      )
+    for info in ours.infolist():
+      assert info.compress_type == zipfile.ZIP_STORED
+      assert info.date_time == real.infolist()[0].date_time  # no timestamp
+    assert ours.testzip() is None  # every CRC matches
+    assert ours.read('model.ckpt/data/0') == np.ones(3, '<f4').tobytes()
+
+
+# The opcodes torch 2.13's weights_only unpickler accepts that the writer may
+# use (it has no LONG4: an int of 2**2040 or more is written, but only the
+# plain unpickler reads it).
+WEIGHTS_ONLY_OPCODES = {
+  'PROTO',
+  'STOP',
+  'MARK',
+  'GLOBAL',
+  'REDUCE',
+  'BINPERSID',
+  'EMPTY_DICT',
+  'EMPTY_LIST',
+  'EMPTY_TUPLE',
+  'SETITEMS',
+  'APPENDS',
+  'TUPLE',
+  'TUPLE1',
+  'TUPLE2',
+  'TUPLE3',
+  'NONE',
+  'NEWTRUE',
+  'NEWFALSE',
+  'BININT',
+  'BININT1',
+  'BININT2',
+  'LONG1',
+  'BINFLOAT',
+  'BINUNICODE',
+}
+
+
+def test_data_pkl_uses_only_what_torchs_safe_loader_accepts(tmp_path):
+  path = tmp_path / 'canonical.pt'
+  torch_pickle.save(torch_check_object.build(), path)
+  with zipfile.ZipFile(path) as archive:
+    data_pkl = archive.read('canonical/data.pkl')
+  ops = list(pickletools.genops(data_pkl))
+  assert {op.name for op, _, _ in ops} <= WEIGHTS_ONLY_OPCODES
+  assert ops[0][0].name == 'PROTO' and ops[0][1] == 2
+  storages = {f'torch {t}Storage' for t in ['Float', 'Double', 'Half', 'Long']}
+  storages |= {f'torch {t}Storage' for t in ['Int', 'Short', 'Char', 'Byte']}
+  allowed = storages | {
+    'torch BoolStorage',
+    'torch._utils _rebuild_tensor_v2',
+    'collections OrderedDict',
+  }
+  named = {arg for op, arg, _ in ops if op.name == 'GLOBAL'}
+  assert named == allowed  # every storage class is used, nothing else
+
+
+def walk_records(path: Path, zip32_limit: int = 0xFFFFFFFF) -> int:
+  """Check each record lies where torch's reader predicts it; returns count.
+
+  torch.load under ``calculate_storage_offsets`` does not read the headers: it
+  assumes miniz's layout.  Each local header starts right after the previous
+  record's payload and data descriptor (16 bytes, 24 with zip64; none after
+  an empty payload), and its extra field ends in an ``FB`` field of ``Z``
+  bytes just long enough to start the payload on a multiple of 64.
+  """
+  raw = path.read_bytes()
+  with zipfile.ZipFile(path) as archive:
+    infos = archive.infolist()
+    directory = archive.start_dir
+  cursor = 0
+  for info in infos:
+    assert info.header_offset == cursor, info.filename
+    fields = struct.unpack('<IHHHHHIIIHH', raw[cursor : cursor + 30])
+    assert fields[0] == 0x04034B50 and fields[6:9] == (0, 0, 0)
+    name_length, extra_length = fields[9:]
+    extra = raw[cursor + 30 + name_length :][:extra_length]
+    zip64 = 0
+    while extra[:2] != b'FB':
+      assert extra[:2] == b'\x01\x00', info.filename  # only zip64 before FB
+      zip64 = 4 + struct.unpack('<H', extra[2:4])[0]
+      extra = extra[zip64:]
+    padding = struct.unpack('<H', extra[2:4])[0]
+    assert extra[4:] == b'Z' * padding, info.filename
+    start = cursor + 30 + name_length + zip64 + 4
+    assert padding == -start % 64, info.filename
+    payload = start + padding
+    size = info.file_size
+    cursor = payload + size
+    if size:
+      big = max(info.header_offset, size) >= zip32_limit
+      layout = '<IIQQ' if big else '<IIII'
+      descriptor = struct.unpack_from(layout, raw, cursor)
+      assert descriptor == (0x08074B50, info.CRC, size, size), info.filename
+      cursor += struct.calcsize(layout)
+  assert cursor == directory
+  return len(infos)
+
+
+def test_records_lie_where_torch_predicts_them(tmp_path):
+  # The rule is torch's: its own file follows it.
+  assert walk_records(DATA / 'cips_skip_s4_checkpoint.pt') == 32
+  path = tmp_path / 'canonical.pt'
+  torch_pickle.save(torch_check_object.build(), path)
+  assert walk_records(path) > 30
+
+
+def test_zip64_fields_where_sizes_or_offsets_need_them(tmp_path, monkeypatch):
+  # Lowering the writer's threshold writes the zip64 fields a file over 4 GiB
+  # needs, on a small file.
+  monkeypatch.setattr(torch_pickle, '_ZIP32_LIMIT', 100)
+  canonical = torch_check_object.build()
+  path = tmp_path / 'zip64.pt'
+  torch_pickle.save(canonical, path)
+  assert_identical(canonical, torch_pickle.load(path))
+  walk_records(path, zip32_limit=100)
+  with zipfile.ZipFile(path) as archive:
+    assert archive.testzip() is None
+    infos = archive.infolist()
+  assert any(i.file_size < 100 < i.header_offset for i in infos)
+  assert any(i.file_size >= 100 for i in infos)
+  for info in infos:
+    needs_zip64 = max(info.file_size, info.header_offset) >= 100
+    assert info.extra.startswith(b'\x01\x00') == needs_zip64, info.filename
+
+
+def test_save_is_deterministic(tmp_path):
+  (tmp_path / 'a').mkdir()
+  (tmp_path / 'b').mkdir()
+  for folder in ['a', 'b']:
+    torch_pickle.save(torch_check_object.build(), tmp_path / folder / 'x.pt')
+  first = (tmp_path / 'a' / 'x.pt').read_bytes()
+  assert (tmp_path / 'b' / 'x.pt').read_bytes() == first
+
+
+class Point(collections.namedtuple('Point', 'x y')):
+  pass
+
+
+@pytest.mark.parametrize(
+  'obj, where, what',
+  [
+    ({'g': {'x': {1, 2}}}, "obj['g']['x']", "<class 'set'>"),
+    ([1, b'raw'], 'obj[1]', "<class 'bytes'>"),
+    ({'lr': np.float64(0.1)}, "obj['lr']", 'numpy.float64'),
+    ({'n': (1, np.int64(3))}, "obj['n'][1]", 'numpy.int64'),
+    (
+      {'state': {0: {'step': np.zeros(2, np.uint16)}}},
+      "obj['state'][0]['step']",
+      'dtype uint16',
+    ),
+    ([np.zeros(2, np.complex64)], 'obj[0]', 'dtype complex64'),
+    ([np.array([None])], 'obj[0]', 'dtype object'),
+    ([np.ma.masked_array([1.0])], 'obj[0]', 'MaskedArray'),
+    ({'p': Point(1, 2)}, "obj['p']", 'Point'),
+    (collections.defaultdict(list), 'obj', 'defaultdict'),
+    ({'k': {(1, 2): 3}}, "obj['k']", 'dict key'),
+    ({True: 1}, 'obj', 'dict key'),
+    (object(), 'obj', "<class 'object'>"),
+  ],
+)
+def test_save_refuses_what_it_cannot_write(tmp_path, obj, where, what):
+  with pytest.raises(TypeError) as info:
+    torch_pickle.save(obj, tmp_path / 'bad.pt')
+  assert str(info.value).startswith(f'{where}: cannot write'), info.value
+  assert what in str(info.value)
+  assert not list(tmp_path.iterdir())  # nothing written, not even a temporary
+
+
+def test_save_refuses_cycles(tmp_path):
+  loop = {'a': [1]}
+  loop['a'].append(loop)
+  with pytest.raises(ValueError, match=r"obj\['a'\]\[1\]: .* contains itself"):
+    torch_pickle.save(loop, tmp_path / 'loop.pt')
+  assert not list(tmp_path.iterdir())
+  shared = [1, 2]
+  torch_pickle.save({'a': shared, 'b': shared}, tmp_path / 'shared.pt')
+  assert torch_pickle.load(tmp_path / 'shared.pt') == {'a': [1, 2], 'b': [1, 2]}
+
+
+def test_failed_save_leaves_the_existing_file(tmp_path, monkeypatch):
+  path = tmp_path / 'ckpt.pt'
+  torch_pickle.save({'w': np.ones(3, np.float32)}, path)
+  before = path.read_bytes()
+
+  with pytest.raises(TypeError):
+    torch_pickle.save({'w': np.ones(3, np.float32), 'x': {1}}, path)
+  assert path.read_bytes() == before
+  assert os.listdir(tmp_path) == ['ckpt.pt']
+
+  # A failure half-way through writing (a full disk, an interrupt).
+  real_add = torch_pickle._ZipWriter.add
+
+  def fail_on_the_storage(self, name, payload):
+    if name.startswith('data/'):
+      raise OSError(28, 'No space left on device')
+    real_add(self, name, payload)
+
+  monkeypatch.setattr(torch_pickle._ZipWriter, 'add', fail_on_the_storage)
+  with pytest.raises(OSError, match='No space'):
+    torch_pickle.save({'w': np.zeros(5, np.float32)}, path)
+  assert path.read_bytes() == before
+  assert os.listdir(tmp_path) == ['ckpt.pt']
+  monkeypatch.undo()
+
+  # A directory where the file should go: the rename fails.
+  (tmp_path / 'folder.pt').mkdir()
+  with pytest.raises(OSError):
+    torch_pickle.save({'w': np.ones(1)}, tmp_path / 'folder.pt')
+  assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'folder.pt']
+  assert not list((tmp_path / 'folder.pt').iterdir())
+
+
+# ----------------------------------------------------------------------------
+# save against real torch (recorded by tests/make_torch_load_check.py).
+# ------------------------------------------------------------------------------
+
+
+def sha256(path: Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_written_bytes_are_the_ones_checked_with_torch(tmp_path):
+  record = json.loads(torch_check_object.RECORD.read_text())
+  assert record['outcome'] == 'passed', record['outcome']
+  path = tmp_path / torch_check_object.FILE_NAME
+  torch_pickle.save(torch_check_object.build(), path)
+  assert sha256(path) == record['file_sha256'], (
+    'save writes different bytes from the ones torch '
+    f'{record["torch_version"]} read on {record["date"]}: rerun '
+    'tests/make_torch_load_check.py under torch (see its docstring)'
+  )
+
+
+def test_real_torch_load_reads_what_save_writes(tmp_path):
+  record = json.loads(torch_check_object.RECORD.read_text())
+  try:
+    import torch  # optional: never a dependency of cips_jax
+  except ImportError:
+    pytest.skip(
+      f'torch is not installed; torch {record["torch_version"]} read these '
+      f'bytes on {record["date"]} ({record["outcome"]}, '
+      f'{record["tensors_compared"]} tensors; tests/data/torch_load_check.json)'
+    )
+  expected = torch_check_object.build()
+  path = tmp_path / torch_check_object.FILE_NAME
+  torch_pickle.save(expected, path)
+  for mmap in (False, True):
+    got = torch.load(path, weights_only=True, mmap=mmap)
+    assert (
+      torch_check_object.compare_with_torch(expected, got, torch, aligned=mmap)
+      == record['tensors_compared']
+    )
+  torch_check_object.check_layout_with_torch(torch, path)
