@@ -34,7 +34,7 @@ setup(
     # scipy: an independent sqrtm for the FID test; nbclient, nbformat,
     # ipykernel: the notebook test executes notebooks/cips_jax_demo.ipynb;
     # pytest-xdist and filelock: the suite on two workers sharing its fixtures;
-    # ruff: the style check (pyproject.toml).
+    # ruff: the style check (pyproject.toml); lmdb: the LMDB data tests.
     'test': [
       'pytest>=8',
       'pytest-xdist',
@@ -44,7 +44,11 @@ setup(
       'nbformat',
       'ipykernel',
       'ruff',
+      'lmdb',
     ],
+    # Preparing a data set from an LMDB (LSUN's own, or the reference
+    # prepare_data.py's): python -m cips_jax.data lmdb.
+    'lmdb': ['lmdb'],
     # Preparing LSUN with the tfds catalog builder needs TensorFlow (training
     # does not).
     'lsun': ['tensorflow-cpu', 'tensorflow-io'],

@@ -51,9 +51,10 @@ def reference_config() -> ml_collections.ConfigDict:
   model.cylindrical = False
 
   config.data = data = ml_collections.ConfigDict()
-  # the prepared data set (`python -m cips_jax.data`); procedural_landscapes/*
-  # are generated on first use
-  data.name = 'lsun/church_outdoor'
+  # the prepared data set (`python -m cips_jax.data`): LSUN Churches from its
+  # LMDB (`data lmdb ... --name=church_outdoor`; 'lsun/church_outdoor' from the
+  # TFDS catalog builder); procedural_landscapes/* are generated on first use
+  data.name = 'image_folder/church_outdoor'
   data.data_dir = '~/tensorflow_datasets'  # where tfds prepared it
   # side of the training frame and its coordinate grid; larger images are
   # randomly cropped to it

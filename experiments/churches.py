@@ -4,10 +4,13 @@ CIPSskip, the paper's FID 2.92 model.
 
     python -m cips_jax.main --config=experiments/churches.py --workdir=$WORKDIR
 
-Data: prepare once with `python -m cips_jax.data lsun --data_dir=$DATA` (needs
-the `lsun` extra, `pip install -e '.[lsun]'`: the tfds catalog builder uses
-TensorFlow to prepare; reading for training does not), then add
---config.data.data_dir=$DATA.
+Data: prepare LSUN's church_outdoor_train_lmdb (or the LMDB the official
+prepare_data.py wrote) once, without TensorFlow (`pip install -e '.[lmdb]'`):
+    python -m cips_jax.data lmdb church_outdoor_train_lmdb/ --data_dir=$DATA \
+        --resolution=256 --name=church_outdoor
+then add --config.data.data_dir=$DATA. (The TFDS catalog builder, `python -m
+cips_jax.data lsun`, needs TensorFlow to prepare; train on it with
+--config.data.name=lsun/church_outdoor.)
 Hardware: the reference used 8 GPUs x batch 4 (global batch 32) for about two
 weeks; the same global batch runs on any number of devices that divides it
 (8 GPUs, a TPU v3-8, a v4-32 pod slice with one process per host). bfloat16

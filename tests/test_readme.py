@@ -20,6 +20,7 @@ A README command this file does not know fails
 from __future__ import annotations
 
 import concurrent.futures
+import io
 import json
 import pathlib
 import re
@@ -28,10 +29,13 @@ import shutil
 import subprocess
 import sys
 
+import lmdb
 import numpy as np
 from PIL import Image
 import pytest
 
+from cips_jax import checkpoints
+from cips_jax import torch_pickle
 from cips_jax.data import procedural
 import support
 
@@ -98,6 +102,17 @@ class Sandbox:
           folder / f'{seed}.png'
         )
     Image.fromarray(procedural.landscape(99, 16, 16)).save(root / 'photo.jpg')
+    # LSUN's layout: image id -> encoded image.
+    with lmdb.open(
+      str(root / 'church_outdoor_train_lmdb'), map_size=1 << 22
+    ) as db:
+      with db.begin(write=True) as transaction:
+        for seed in range(6):
+          encoded = io.BytesIO()
+          Image.fromarray(procedural.landscape(seed, 20, 24)).save(
+            encoded, format='WEBP'
+          )
+          transaction.put(f'church{seed:03d}'.encode(), encoded.getvalue())
     shutil.copy(REFERENCE_PT, root / 'churches.pt')
     self.port = support.free_port()
 
@@ -106,10 +121,12 @@ class Sandbox:
     for old, new in (
       ('/tmp/', f'{r}/workdirs/'),
       ('PHOTOS/', f'{r}/photos/'),
+      ('church_outdoor_train_lmdb/', f'{r}/church_outdoor_train_lmdb/'),
       ('FFHQ/', f'{r}/ffhq_images/'),
       ('photo.jpg', f'{r}/photo.jpg'),
       ('churches.pt', f'{r}/churches.pt'),
       ('exported/', f'{r}/exported/'),
+      ('quickstart_run.pt', f'{self.out}/quickstart_run.pt'),
       ('HOST0:1234', f'127.0.0.1:{self.port}'),
       ('--resolution=256', '--resolution=16'),
     ):
@@ -122,10 +139,9 @@ class Sandbox:
     """Flags appended to a substituted command."""
     if argv[:3] == ['python', '-m', 'cips_jax.main']:
       extra = TINY_TRAINING + [f'--config.data.data_dir={self.data_dir}']
-      if 'experiments/churches.py' in argv[3]:
-        # LSUN needs TensorFlow to prepare: the churches recipe trains here on
-        # procedural data.
-        extra += ['--config.data.name=procedural_landscapes/s32']
+      if any(a.startswith('--config.train.continue_from=') for a in argv):
+        # It continues a 2-step run: two more steps.
+        extra += ['--config.train.num_steps=4']
       return argv + extra
     if argv[:3] == ['python', '-m', 'cips_jax.evaluate']:
       return argv + ['--num_samples=8', '--num_real=8', '--batch_size=8']
@@ -144,6 +160,10 @@ def run(argv, cwd, env=None, timeout=600):
   return subprocess.run(
     argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
   )
+
+
+def _continues(command):
+  return '--config.train.continue_from=' in command
 
 
 def _is_main(command, config=None):
@@ -173,12 +193,22 @@ def results(tmp_path_factory, data_dir):
   # First what the others read: the data, the quickstart and panorama workdirs,
   # the photos' data sets.
   first = [
-    c for c in commands if c.startswith('python -m cips_jax.data procedural')
+    c
+    for c in commands
+    if c.startswith(
+      ('python -m cips_jax.data procedural', 'python -m cips_jax.data lmdb')
+    )
   ]
   for command in first:
     go(command)
   two_processes = [c for c in commands if '--num_processes=2' in c]
-  training = [c for c in commands if _is_main(c) and c not in two_processes]
+  # Continued runs read what a convert command writes from another run.
+  continued = [c for c in commands if _continues(c)]
+  training = [
+    c
+    for c in commands
+    if _is_main(c) and c not in two_processes and c not in continued
+  ]
   folders = [
     c for c in commands if c.startswith('python -m cips_jax.data folder')
   ]
@@ -192,10 +222,15 @@ def results(tmp_path_factory, data_dir):
     evaluations = [
       c for c in commands if c.startswith('python -m cips_jax.eval')
     ]
-    rest = [c for c in commands if c not in outcome and c not in evaluations]
+    rest = [
+      c
+      for c in commands
+      if c not in outcome and c not in evaluations and c not in continued
+    ]
     in_turn = pool.submit(lambda: [go(c) for c in evaluations])
     list(pool.map(go, rest))
     in_turn.result()
+    list(pool.map(go, continued))
   return sandbox, outcome
 
 
@@ -228,6 +263,9 @@ def test_pip_and_ci_commands_are_what_ci_runs():
       assert "-e '.[test]'" in ci  # a superset of the plain install
     elif command == "pip install -e '.[lsun]'":
       assert "'lsun': [" in setup
+    elif command == "pip install -e '.[lmdb]'":
+      # CI installs the test extra, which includes lmdb.
+      assert "'lmdb': [" in setup and "'lmdb'," in setup
     else:
       assert command.split('pip install ')[1] in ci, command
 
@@ -247,9 +285,12 @@ def test_training_commands(results, command):
   sandbox, _ = results
   _ok(results, command)
   workdir = pathlib.Path(sandbox.substitute(command)[4].split('=', 1)[1])
-  assert (workdir / 'checkpoints' / '2').is_dir(), sorted(workdir.rglob('*'))[
-    :20
-  ]
+  last = 4 if _continues(command) else 2
+  assert (workdir / 'checkpoints' / str(last)).is_dir(), sorted(
+    workdir.rglob('*')
+  )[:20]
+  if _continues(command):
+    assert 'continuing the reference run' in results[1][command].stderr
   assert list((workdir / 'samples').glob('step_*.png'))
 
 
@@ -290,16 +331,19 @@ def test_evaluate_commands(results, command):
   assert np.isfinite(report['fid']) and report['num_fake'] == 8
 
 
-def test_convert_command(results):
-  (command,) = _commands('python -m cips_jax.convert')
+def test_convert_commands(results):
+  from_torch, to_torch = _commands('python -m cips_jax.convert')
   sandbox, _ = results
-  _ok(results, command)
-  from cips_jax import checkpoints
-
+  _ok(results, from_torch)
   gen, variables = checkpoints.load_generator(
     str(sandbox.root / 'exported' / 'churches')
   )
   assert gen.size == 4 and 'params' in variables
+  assert '--to_torch' in to_torch
+  _ok(results, to_torch)
+  run = torch_pickle.load(sandbox.out / 'quickstart_run.pt')
+  assert set(run) == {'g', 'd', 'g_ema', 'g_optim', 'd_optim', 'step'}
+  assert run['step'] == 2
 
 
 def test_benchmark_commands(results):

@@ -5,12 +5,22 @@ They are stored as ArrayRecord files, which `data.load_source` reads.
     python -m cips_jax.data procedural --data_dir=DATA_DIR [--config=s32]
     python -m cips_jax.data folder SOURCE_DIR --data_dir=DATA_DIR \
         --resolution=256 [--name=N]
+    # needs the lmdb extra (pip install cips_jax[lmdb]):
+    python -m cips_jax.data lmdb LMDB_PATH --data_dir=DATA_DIR \
+        --resolution=256 [--name=N]
     # needs TensorFlow to prepare:
     python -m cips_jax.data lsun --data_dir=DATA_DIR
 
 `procedural` writes `procedural_landscapes/<config>`, `folder` writes
-`image_folder/<name>` (unreadable files are skipped and named), `lsun` writes
-`lsun/church_outdoor`.
+`image_folder/<name>` (unreadable files are skipped and named; the name defaults
+to <folder name>_<resolution>), `lsun` writes `lsun/church_outdoor`.
+
+`lmdb` writes `image_folder/<name>` as `folder` does, from an LMDB (a directory
+holding data.mdb, or a single file): LSUN's own (e.g. church_outdoor_train_lmdb
+from the LSUN download; image id -> WebP/JPEG/PNG) or one the reference's
+prepare_data.py made ('<size>-<index>' -> JPEG, and 'length'; the entries of
+size --resolution are read, else those of the smallest larger size). The layout
+found is logged; entries that do not decode are skipped and their keys named.
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ from absl import flags
 from cips_jax import cli
 from cips_jax.data import builders
 
-_KINDS = ('procedural', 'folder', 'lsun')
+_KINDS = ('procedural', 'folder', 'lmdb', 'lsun')
+_SOURCE = {'folder': 'SOURCE_DIR', 'lmdb': 'LMDB_PATH'}  # their one argument
 _DATA_DIR = flags.DEFINE_string(
   'data_dir', None, 'Root of the prepared data sets.'
 )
@@ -34,13 +45,15 @@ _CONFIG = flags.DEFINE_enum(
   'procedural: which size.',
 )
 _RESOLUTION = flags.DEFINE_integer(
-  'resolution', None, 'folder: shorter side in pixels.'
+  'resolution', None, 'folder, lmdb: shorter side in pixels.'
 )
 _NAME = flags.DEFINE_string(
-  'name', None, 'folder: data set name (default: <folder name>_<resolution>).'
+  'name',
+  None,
+  'folder, lmdb: data set name (default: <folder or LMDB name>_<resolution>).',
 )
 _NUM_THREADS = flags.DEFINE_integer(
-  'num_threads', None, 'folder: parallel image conversions.'
+  'num_threads', None, 'folder, lmdb: parallel image conversions.'
 )
 _DOWNLOAD_DIR = flags.DEFINE_string(
   'download_dir', None, 'lsun: where the zips are downloaded.'
@@ -56,9 +69,9 @@ def _positional(argv: list[str]) -> tuple[str, list[str]]:
       f'{" ".join(argv[1:]) or "nothing"}'
     )
   kind, rest = argv[1], argv[2:]
-  expected = 1 if kind == 'folder' else 0
+  expected = 1 if kind in _SOURCE else 0
   if len(rest) != expected:
-    usage = 'folder SOURCE_DIR' if kind == 'folder' else kind
+    usage = f'{kind} {_SOURCE[kind]}' if kind in _SOURCE else kind
     raise ValueError(
       f'usage: python -m cips_jax.data {usage} --data_dir=DATA_DIR ...; '
       f'got {" ".join(argv[1:])}'
@@ -70,26 +83,38 @@ def main(argv):
   kind, rest = _positional(argv)
   if kind == 'procedural':
     builder = builders.prepare_procedural(_DATA_DIR.value, _CONFIG.value)
-  elif kind == 'folder':
-    (source_dir,) = rest
-    if not os.path.isdir(source_dir):
-      raise FileNotFoundError(f'image folder {source_dir} does not exist')
+  elif kind in _SOURCE:
+    (source,) = rest
+    if kind == 'folder' and not os.path.isdir(source):
+      raise FileNotFoundError(f'image folder {source} does not exist')
     if _RESOLUTION.value is None:
       raise ValueError(
-        'folder needs --resolution=PIXELS (the shorter side of the stored '
+        f'{kind} needs --resolution=PIXELS (the shorter side of the stored '
         'images)'
       )
-    builder = builders.prepare_image_folder(
-      source_dir,
-      _DATA_DIR.value,
-      _RESOLUTION.value,
-      _NAME.value,
-      num_threads=_NUM_THREADS.value,
+    prepare = (
+      builders.prepare_image_folder
+      if kind == 'folder'
+      else builders.prepare_lmdb
     )
-    skipped = builder.info.metadata.get('skipped_files', [])
+    try:
+      builder = prepare(
+        source,
+        _DATA_DIR.value,
+        _RESOLUTION.value,
+        _NAME.value,
+        num_threads=_NUM_THREADS.value,
+      )
+    except ImportError as error:  # no lmdb: the message says what to install
+      raise ValueError(str(error)) from None
+    metadata = builder.info.metadata
+    if kind == 'lmdb':
+      print(f'read {source}: {metadata.get("layout")}')
+    skipped = metadata.get('skipped_files', [])
     if skipped:
+      what = 'file(s)' if kind == 'folder' else 'LMDB entries'
       print(
-        f'skipped {len(skipped)} unreadable file(s): {", ".join(skipped)}',
+        f'skipped {len(skipped)} unreadable {what}: {", ".join(skipped)}',
         file=sys.stderr,
       )
   else:

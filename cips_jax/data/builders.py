@@ -16,6 +16,11 @@ Datasets, each stored under `DATA_DIR/<name>/<config>/<version>/`:
   prepare_data.py, minus LMDB); stored as JPEG quality 95.
       python -m cips_jax.data folder SOURCE_DIR --data_dir DATA_DIR \
           --resolution 256 [--name N]
+  The same from the images of an LMDB (LSUN's own, e.g.
+  church_outdoor_train_lmdb, or one the reference's prepare_data.py made; see
+  `lmdb_source`); needs the `lmdb` extra, not TensorFlow.
+      python -m cips_jax.data lmdb LMDB_PATH --data_dir DATA_DIR \
+          --resolution 256 [--name N]
 - `lsun/church_outdoor`: the TFDS catalog's LSUN builder (preparing it needs
   TensorFlow, reading it does not).
       python -m cips_jax.data lsun --data_dir DATA_DIR
@@ -28,6 +33,7 @@ import concurrent.futures
 import dataclasses
 import importlib.util
 import io
+import itertools
 import os
 import pathlib
 import re
@@ -38,6 +44,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from cips_jax import images
+from cips_jax.data import lmdb_source
 from cips_jax.data import procedural
 
 JPEG_QUALITY = 95
@@ -135,17 +142,20 @@ class ImageFolderConfig(tfds.core.BuilderConfig):
   """Where the images come from and the size they are stored at.
 
   Attributes:
-    source_dir: the folder to read (recursively). None: use the download
-      config's `manual_dir`, i.e.
-      `tfds.download.DownloadConfig(manual_dir=...)`.
+    source_dir: the folder to read (recursively), or the LMDB when
+      `source_format` is 'lmdb'. None: use the download config's `manual_dir`,
+      i.e. `tfds.download.DownloadConfig(manual_dir=...)`.
     resolution: the shorter side of every stored image, in pixels.
     num_threads: images decoded/resized/encoded in parallel (pillow releases the
       GIL).
+    source_format: 'folder' (a tree of image files) or 'lmdb' (an LMDB of
+      encoded images, either layout of `lmdb_source`).
   """
 
   source_dir: str | None = None
   resolution: int = 256
   num_threads: int = 8
+  source_format: str = 'folder'
 
 
 class ImageFolder(tfds.core.GeneratorBasedBuilder):
@@ -166,6 +176,11 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   Unreadable or corrupt files are skipped: each one is named in a warning (absl
   logging), and the list is kept in `builder.info.metadata['skipped_files']`
   (also saved with the data).
+
+  With `source_format='lmdb'` the images are an LMDB's instead, in the order of
+  `lmdb_source.LmdbImages` (LSUN's layout: key order; prepare_data.py's: index
+  order, at the stored size chosen by `lmdb_source.select_size`), converted the
+  same way; record keys and `skipped_files` are then the LMDB's keys.
 
   The source folder comes from the config (`ImageFolderConfig(source_dir=...)`,
   what `prepare_image_folder` uses) or, when that is None, from
@@ -217,33 +232,56 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(
     self, source: pathlib.Path
   ) -> Iterator[tuple[str, dict[str, Any]]]:
-    cfg = self.builder_config
+    if self.builder_config.source_format == 'lmdb':
+      with lmdb_source.LmdbImages(
+        source, self.builder_config.resolution
+      ) as entries:
+        logging.info('Reading LMDB %s: %s', source, entries.describe())
+        yield from self._convert_all(
+          entries.items(), len(entries), source, {'layout': entries.describe()}
+        )
+      return
     files = images.find_images(source)
     if not files:
       raise FileNotFoundError(
         f'no {"/".join(images.IMAGE_EXTENSIONS)} files under {source}'
       )
+    items = ((path.relative_to(source).as_posix(), path) for path in files)
+    yield from self._convert_all(items, len(files), source, {})
+
+  def _convert_all(
+    self,
+    items: Iterator[tuple[str, pathlib.Path | bytes | None]],
+    count: int,
+    source: pathlib.Path,
+    metadata: dict[str, Any],
+  ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The examples of `count` (key, image file or encoded bytes) `items`.
+
+    Unreadable images (None: a missing entry) are skipped, named and counted.
+    """
+    cfg = self.builder_config
     logging.info(
       'Preparing %d images from %s at resolution %d',
-      len(files),
+      count,
       source,
       cfg.resolution,
     )
     skipped = []
 
-    def convert(path):
-      return _load_resized_jpeg(path, cfg.resolution)
+    def convert(image):
+      return _load_resized_jpeg(image, cfg.resolution)
 
     with concurrent.futures.ThreadPoolExecutor(max(1, cfg.num_threads)) as pool:
-      # Bounded chunks keep memory flat and the output in sorted order.
-      for start in range(0, len(files), 256):
-        chunk = files[start : start + 256]
-        for path, result in zip(chunk, pool.map(convert, chunk)):
-          key = path.relative_to(source).as_posix()
+      # Bounded chunks keep memory flat and the output in order.
+      while chunk := list(itertools.islice(items, 256)):
+        keys, inputs = zip(*chunk)
+        for key, result in zip(keys, pool.map(convert, inputs)):
           if isinstance(result, Exception):
             logging.warning(
-              'Skipping unreadable image %s: %s: %s',
-              path,
+              'Skipping unreadable image %s in %s: %s: %s',
+              key,
+              source,
               type(result).__name__,
               result,
             )
@@ -252,37 +290,41 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
             yield key, {'image': result}
     if skipped:
       logging.warning(
-        'Skipped %d unreadable file(s) of %d in %s: %s',
+        'Skipped %d unreadable image(s) of %d in %s: %s',
         len(skipped),
-        len(files),
+        count,
         source,
         ', '.join(skipped),
       )
-    if len(skipped) == len(files):
-      raise ValueError(
-        f'none of the {len(files)} image files under {source} could be read'
-      )
+    if len(skipped) == count:
+      raise ValueError(f'none of the {count} images in {source} could be read')
     # Saved with the dataset info once the split is written.
     self.info.metadata.update(
       {
         'source_dir': str(source),
+        'source_format': cfg.source_format,
         'resolution': cfg.resolution,
         'encoding': f'jpeg{JPEG_QUALITY}',
-        'num_files': len(files),
+        'num_files': count,
         'skipped_files': skipped,
+        **metadata,
       }
     )
 
 
 def _load_resized_jpeg(
-  path: pathlib.Path, resolution: int
+  source: pathlib.Path | bytes | None, resolution: int
 ) -> bytes | Exception:
-  """The file as RGB, resized and JPEG-encoded.
+  """The image (a file or its encoded bytes) as RGB, resized, JPEG-encoded.
 
-  Returns the exception instead if the file cannot be read.
+  Returns the exception instead if the image cannot be read.
   """
   try:
-    with Image.open(path) as image:
+    if source is None:
+      raise KeyError('no such entry')
+    if isinstance(source, bytes):
+      source = io.BytesIO(source)
+    with Image.open(source) as image:
       # decodes everything now: truncated files fail here, not later
       image.load()
       image = images.resize_shorter_side(images.to_rgb(image), resolution)
@@ -358,7 +400,63 @@ def prepare_image_folder(
     ValueError: if `name` already holds images prepared from another folder or
       resolution.
   """
-  source = pathlib.Path(source_dir).resolve()
+  return _prepare_images(
+    'folder', source_dir, data_dir, resolution, name, num_threads
+  )
+
+
+def prepare_lmdb(
+  lmdb_path: str | os.PathLike,
+  data_dir: str | os.PathLike,
+  resolution: int,
+  name: str | None = None,
+  *,
+  num_threads: int | None = None,
+) -> ImageFolder:
+  """Prepares `image_folder/<name>` under `data_dir` from an LMDB's images.
+
+  The LMDB is LSUN's own (e.g. church_outdoor_train_lmdb: image id -> encoded
+  image) or the reference prepare_data.py's ('<size>-<index>' -> JPEG, and
+  b'length'); the layout is detected and stated in the log (see
+  `lmdb_source`). The images are stored as `prepare_image_folder` stores a
+  folder's: RGB, shorter side resized to `resolution`, JPEG 95. Needs the lmdb
+  package (`pip install cips_jax[lmdb]`), not TensorFlow.
+
+  Args:
+    lmdb_path: the LMDB: a directory holding data.mdb, or a single file.
+    data_dir: root of the prepared data sets.
+    resolution: shorter side of the stored images. From a prepare_data.py LMDB,
+      the entries of this size are read, else those of the smallest larger
+      stored size (resized).
+    name: config name (letters, digits, '_'); default
+      `<LMDB file or folder name>_<resolution>`.
+    num_threads: parallel image conversions (default: min(8, CPU count)).
+  Returns:
+    The prepared builder. `builder.info.metadata['skipped_files']` lists the
+    keys of the entries that could not be decoded, `['layout']` what was
+    read; `load_source(data_dir, f'image_folder/{name}')` reads the images.
+  Raises:
+    ImportError: the lmdb package is not installed.
+    FileNotFoundError: `lmdb_path` does not exist.
+    ValueError: `lmdb_path` is not an LMDB, holds no decodable image, or (from
+      prepare_data.py) no size at least `resolution`; or `name` already holds
+      other images. Nothing is written then.
+  """
+  return _prepare_images(
+    'lmdb', lmdb_path, data_dir, resolution, name, num_threads
+  )
+
+
+def _prepare_images(
+  source_format: str,
+  source_path: str | os.PathLike,
+  data_dir: str | os.PathLike,
+  resolution: int,
+  name: str | None,
+  num_threads: int | None,
+) -> ImageFolder:
+  """`image_folder/<name>` from a folder or an LMDB (`source_format`)."""
+  source = pathlib.Path(source_path).resolve()
   if resolution < 1:
     raise ValueError(f'resolution must be positive, got {resolution}')
   name = name or _default_folder_name(source, resolution)
@@ -366,27 +464,55 @@ def prepare_image_folder(
     raise ValueError(
       f'dataset name must be letters, digits and _, got {name!r}'
     )
+  description = f'{source} at resolution {resolution}'
+  if source_format == 'lmdb':
+    # Fails here, before anything is written, if it is no usable LMDB.
+    with lmdb_source.LmdbImages(source, resolution) as entries:
+      description = f'LMDB {description}: {entries.describe()}'
   config = ImageFolderConfig(
     name=name,
     source_dir=str(source),
     resolution=resolution,
     num_threads=num_threads or min(8, os.cpu_count() or 1),
-    description=f'{source} at resolution {resolution}',
+    source_format=source_format,
+    description=description,
   )
+  data_dir = pathlib.Path(data_dir)
+  new_dirs = [
+    d
+    for d in (
+      data_dir / 'image_folder' / name,
+      data_dir / 'image_folder',
+      data_dir / 'downloads' / 'extracted',
+      data_dir / 'downloads',
+      data_dir,
+    )
+    if not d.exists()
+  ]
   builder = ImageFolder(config=config, data_dir=os.fspath(data_dir))
   if builder.is_prepared():
     # tfds would silently reuse it: make sure it is what was asked for.
     old = builder.info.metadata or {}
-    if (old.get('source_dir'), old.get('resolution')) != (
-      str(source),
-      resolution,
-    ):
+    asked = (str(source), resolution, source_format)
+    found = (
+      old.get('source_dir'),
+      old.get('resolution'),
+      old.get('source_format', 'folder'),
+    )
+    if found != asked:
       raise ValueError(
         f'{builder.data_dir} already holds images from '
         f'{old.get("source_dir")} at '
         f'resolution {old.get("resolution")}; pass another name or delete it'
       )
-  builder.download_and_prepare(file_format='array_record')
+  try:
+    builder.download_and_prepare(file_format='array_record')
+  except BaseException:
+    # tfds removes its unfinished files; the empty folders it made go too.
+    for folder in new_dirs:
+      if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+    raise
   return builder
 
 
@@ -405,11 +531,9 @@ def prepare_lsun_churches(
   256x256 crops (`TrainBatches(..., resolution=256)`), as the reference's
   `--to_crop`.
 
-  Without TensorFlow, or if the LSUN download server (dl.yf.io) is unreachable,
-  export the LMDB to image files with LSUN's own tool (github.com/fyu/lsun:
-  `python data.py export church_outdoor_train_lmdb --out_dir DIR`) and use
-  `prepare_image_folder(DIR, data_dir, 256, 'church_outdoor_256')`, which is
-  also the way to get other resolutions.
+  Without TensorFlow, prepare LSUN's LMDB itself (church_outdoor_train_lmdb,
+  from the LSUN download) with `prepare_lmdb(LMDB, data_dir, 256,
+  'church_outdoor')`, which is also the way to get other resolutions.
 
   Args:
     data_dir: root of the prepared data sets.
@@ -456,12 +580,18 @@ def prepare_command(data_dir: str | os.PathLike, name: str) -> str:
   if dataset == 'lsun':
     return (
       f'python -m cips_jax.data lsun --data_dir {data_dir}  '
-      '(needs TensorFlow to prepare)'
+      "(needs TensorFlow to prepare; without it, prepare LSUN's LMDB with "
+      'python -m cips_jax.data lmdb church_outdoor_train_lmdb --data_dir '
+      f'{data_dir} --resolution 256 --name church_outdoor and train with '
+      '--config.data.name=image_folder/church_outdoor)'
     )
   if dataset == 'image_folder':
+    flags = (
+      f'--data_dir {data_dir} --resolution RESOLUTION --name {config or "NAME"}'
+    )
     return (
-      f'python -m cips_jax.data folder SOURCE_DIR --data_dir {data_dir} '
-      f'--resolution RESOLUTION --name {config or "NAME"}'
+      f'python -m cips_jax.data folder SOURCE_DIR {flags}  (or from an '
+      f'LMDB: python -m cips_jax.data lmdb LMDB_PATH {flags})'
     )
   return f'tfds build {name} --data_dir {data_dir} --file_format array_record'
 
