@@ -9,7 +9,8 @@ CIPSskip-256 rendering a 256x256 grid.
 
 Cases (all at `--resolution`, default 256):
 - `per_image`: one w per image (float32 and bfloat16 matmul inputs), for each
-  batch size;
+  batch size and each per-image style form (`--forms`: the activations scaled
+  around each product, or the style folded into one weight per image);
 - `mixture2`: a soft left-right blend of two styles per image (`ws` (B, 2, D) +
   `mix`);
 - `per_pixel`: an arbitrary w in every pixel (`w` (B, H, W, D)).
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cips_jax import generator as generator_lib
 from cips_jax import grids
 from cips_jax import host_malloc
 from cips_jax import models
@@ -146,6 +148,9 @@ def run_case(
   gflop = 2 * MAC_PER_PIXEL * resolution**2 * batch / 1e9
   return {
     'style': kind,
+    'form': generator_lib.resolve_per_image_form(gen.per_image_form)
+    if kind == 'per_image'
+    else generator_lib.MODULATED_ACTIVATIONS,
     'dtype': jnp.dtype(gen.dtype).name,
     'batch': batch,
     'resolution': resolution,
@@ -166,28 +171,34 @@ def main():
   parser.add_argument(
     '--quick', action='store_true', help='batch 1, one repeat'
   )
+  parser.add_argument(
+    '--forms',
+    nargs='+',
+    default=[generator_lib.MODULATED_ACTIVATIONS, generator_lib.FOLDED_WEIGHTS],
+    choices=generator_lib.PER_IMAGE_FORMS[:2],
+  )
   args = parser.parse_args()
   if args.quick:
     args.batch_sizes, args.repeats = [1], 1
 
   matmul_rate = matmul_gflops()
-  gen32 = models.CIPSskip()
+  gen32 = models.CIPSskip(per_image_form=generator_lib.MODULATED_ACTIVATIONS)
   variables = models.init(gen32, jax.random.key(0))
-  gen16 = gen32.clone(dtype=jnp.bfloat16)
   cases = []
   for batch in args.batch_sizes:
-    for gen in (gen32, gen16):
-      cases.append(
-        run_case(
-          gen,
-          variables,
-          'per_image',
-          batch,
-          args.resolution,
-          args.repeats,
-          matmul_rate,
+    for dtype in (jnp.float32, jnp.bfloat16):
+      for form in args.forms:
+        cases.append(
+          run_case(
+            gen32.clone(dtype=dtype, per_image_form=form),
+            variables,
+            'per_image',
+            batch,
+            args.resolution,
+            args.repeats,
+            matmul_rate,
+          )
         )
-      )
   biggest = max(args.batch_sizes)
   for kind in ('mixture2', 'per_pixel'):
     cases.append(
@@ -206,9 +217,25 @@ def main():
     c
     for c in cases
     if c['style'] == 'per_image'
+    and c['form'] == generator_lib.MODULATED_ACTIVATIONS
     and c['dtype'] == 'float32'
     and c['batch'] == biggest
   )
+  forms = {
+    f'{c["dtype"]}_batch{c["batch"]}': round(
+      c['seconds']
+      / next(
+        a['seconds']
+        for a in cases
+        if a['style'] == 'per_image'
+        and a['form'] == generator_lib.MODULATED_ACTIVATIONS
+        and (a['dtype'], a['batch']) == (c['dtype'], c['batch'])
+      ),
+      3,
+    )
+    for c in cases
+    if c['style'] == 'per_image' and c['form'] == generator_lib.FOLDED_WEIGHTS
+  }
   ratios = {
     f'{c["style"]}_vs_per_image': {
       'time': round(c['seconds'] / base['seconds'], 3),
@@ -235,6 +262,8 @@ def main():
         'matmul_4096_f32_gflop_per_s': round(matmul_rate, 2),
         'cases': cases,
         'ratios_at_batch_%d' % biggest: ratios,
+        # time of the folded-weight form / the activation form, per case
+        'weights_vs_activations_time': forms,
       },
       indent=1,
     )

@@ -12,6 +12,7 @@ import ml_collections
 
 from cips_jax import configs
 from cips_jax import encodings
+from cips_jax import generator as generator_lib
 
 TRAIN_EMBEDDING_MODES = ('reference',) + encodings.EMBEDDING_MODES
 
@@ -161,6 +162,11 @@ def validate(
     'train.compute_dtype',
     lambda v: v in ('float32', 'bfloat16'),
     "must be 'float32' or 'bfloat16'",
+  )
+  req(
+    'train.per_image_form',
+    lambda v: v in generator_lib.PER_IMAGE_FORMS,
+    f'must be one of {generator_lib.PER_IMAGE_FORMS}',
   )
   req(
     'train.shard_embedding',

@@ -78,6 +78,10 @@ def reference_config() -> ml_collections.ConfigDict:
   train.ema_decay = 0.5 ** (32 / 10_000)
   train.compute_dtype = 'float32'  # 'bfloat16' for matmuls/convolutions in bf16
   train.remat = False  # recompute each G layer in the backward pass
+  # how a per-image style reaches the pixels: 'activations' (scaled around
+  # each product), 'weights' (folded into one kernel per image, the
+  # reference's form) or 'auto' (the faster one measured on this backend)
+  train.per_image_form = 'auto'
   # False = D sees RGB only (the reference's --img2dis)
   train.d_input_coords = False
   # table on the full grid, bilinear on patches

@@ -36,6 +36,28 @@ DType = Any
 ACTIVATIONS = (None, 'sin', 'sinrelu')
 PIXEL_AXIS, IMAGE_AXIS = 'pixels', 'images'  # names of the two vmapped axes
 
+# How a per-image style reaches the pixels: scaling the activations before and
+# after each product ('activations'), or folded into one weight per image
+# ('weights', the reference's form). Per-pixel styles and mixtures always
+# modulate activations.
+MODULATED_ACTIVATIONS, FOLDED_WEIGHTS = 'activations', 'weights'
+PER_IMAGE_FORMS = (MODULATED_ACTIVATIONS, FOLDED_WEIGHTS, 'auto')
+# 'auto' per backend, by measurement (docs/benchmarks.md, "Per-image style
+# forms"). GPU and TPU: not measured yet; the device check measures both.
+PER_IMAGE_FORM_BY_BACKEND = {'cpu': MODULATED_ACTIVATIONS}
+
+
+def resolve_per_image_form(form: str, backend: Optional[str] = None) -> str:
+  """'activations' or 'weights': `form`, or for 'auto' the backend's choice."""
+  if form not in PER_IMAGE_FORMS:
+    raise ValueError(
+      f'per_image_form must be one of {PER_IMAGE_FORMS}, got {form!r}'
+    )
+  if form != 'auto':
+    return form
+  backend = backend or jax.default_backend()
+  return PER_IMAGE_FORM_BY_BACKEND.get(backend, MODULATED_ACTIVATIONS)
+
 
 class MappingNetwork(nn.Module):
   """z -> w: pixel norm, then `n_mlp` equalized dense layers.
@@ -158,6 +180,7 @@ class CIPS(nn.Module):
   cylindrical: bool = False
   dtype: DType = jnp.float32
   remat: bool = False
+  per_image_form: str = 'auto'
 
   @property
   def num_styled_layers(self) -> int:
@@ -217,9 +240,15 @@ class CIPS(nn.Module):
     """The layers that take a style, in `modulations_for`'s order."""
     raise NotImplementedError
 
-  def modulations_for(self, w: Array) -> list:
-    """w (..., D) -> each modulated layer's `layers.Modulation` per style."""
-    return [layer.modulation_for(w) for layer in self.modulated_layers()]
+  def modulations_for(self, w: Array, *, fold_weights: bool = False) -> list:
+    """w (..., D) -> each modulated layer's `layers.Modulation` per style.
+
+    `fold_weights`: the per-image weight form (`ModulatedDense.folded`).
+    """
+    return [
+      layer.modulation_for(w, fold_weights=fold_weights)
+      for layer in self.modulated_layers()
+    ]
 
   def synthesize_pixel(
     self,
@@ -294,6 +323,8 @@ class CIPS(nn.Module):
       )
     if layout.styles_vary_per_pixel:
       rgb = self._render_per_pixel_styles(layout, coords, w, mix, noise, mode)
+    elif resolve_per_image_form(self.per_image_form) == FOLDED_WEIGHTS:
+      rgb = self._render_per_image_weights(coords, w, noise, mode)
     else:
       rgb = self._render_per_image_styles(coords, w, noise, mode)
     return rgb.reshape(layout.output_shape())
@@ -377,6 +408,41 @@ class CIPS(nn.Module):
       axis_name=PIXEL_AXIS,
     )
     return over_pixels(self, coords, noise, modulations)
+
+  def _render_per_image_weights(
+    self, coords: Array, w: Array, noise: Optional[Array], mode: str
+  ) -> Array:
+    """The RGB (B * P, 3) of per-image styles w (B, D), folded per image.
+
+    coords are (P, 2) or (B, P, 2); noise is (B, P, L) or None. Each layer's
+    style and demodulation are folded into one (in, out) weight per image (the
+    reference's form), and a vmap over pixels inside one over images makes
+    each layer one batched product.
+    """
+    batch, num_pixels = w.shape[0], coords.shape[-2]
+    modulations = self.modulations_for(w, fold_weights=True)
+
+    def one_pixel(module, xy, noise, modulations):
+      return module.synthesize_pixel(
+        xy, noise=noise, embedding_mode=mode, modulations=modulations
+      )
+
+    over_pixels = nn.vmap(
+      one_pixel,
+      variable_axes={'params': None},
+      split_rngs={'params': False},
+      axis_name=PIXEL_AXIS,
+      in_axes=(0, 0, None),
+    )
+    over_images = nn.vmap(
+      over_pixels,
+      variable_axes={'params': None},
+      split_rngs={'params': False},
+      axis_name=IMAGE_AXIS,
+      in_axes=(0 if coords.ndim == 3 else None, 0, 0),
+    )
+    rgb = over_images(self, coords, noise, modulations)
+    return rgb.reshape(batch * num_pixels, 3)
 
   def generate(
     self, z: Array, coords: Array, *, embedding_mode: Optional[str] = None
@@ -469,9 +535,12 @@ class StyledResBlock(nn.Module):
     if self.in_features != self.features:
       self.skip = layers.EqualDense(self.features, use_bias=False)
 
-  def modulation_for(self, style):
+  def modulation_for(self, style, *, fold_weights: bool = False):
     """style (..., D) -> the Modulations of conv1 and conv2."""
-    return self.conv1.modulation_for(style), self.conv2.modulation_for(style)
+    return tuple(
+      conv.modulation_for(style, fold_weights=fold_weights)
+      for conv in (self.conv1, self.conv2)
+    )
 
   def __call__(
     self,
@@ -489,7 +558,7 @@ class StyledResBlock(nn.Module):
     h = self.conv1(x, noise=noise[0], modulation=mods[0], **styled)
     h = self.conv2(h, noise=noise[1], modulation=mods[1], **styled)
     skip = x if self.in_features == self.features else self.skip(x)
-    return (h + skip) / layers.SQRT2
+    return ((h + skip) / layers.SQRT2).astype(self.dtype)
 
 
 class CIPSres(CIPS):

@@ -102,11 +102,15 @@ class EqualDense(nn.Module):
 class Modulation(NamedTuple):
   """A modulated layer's style terms.
 
-  The input scales and the output demodulation (or None).
+  Either the input scales and the output demodulation (or None), applied to
+  the activations; or, for one image's style, `weight`: the layer's kernel
+  with both folded in (the reference's own form), then scale and inv_norm are
+  None.
   """
 
-  scale: Array
+  scale: Optional[Array]
   inv_norm: Optional[Array]
+  weight: Optional[Array] = None
 
 
 class ModulatedDense(nn.Module):
@@ -183,6 +187,18 @@ class ModulatedDense(nn.Module):
       norm_sq = _weighted_sum(jnp.outer(mix, mix).reshape(k * k), gram)
     return Modulation(scale, jax.lax.rsqrt(norm_sq + DEMODULATION_EPS))
 
+  def folded(self, modulation: Modulation) -> Modulation:
+    """The per-image weight form of `modulation` (one style per image).
+
+    scale (..., in), inv_norm (..., out) -> weight (..., in, out) =
+    c W * scale[:, None] * inv_norm[None, :], in this layer's dtype: B copies
+    of the kernel for B images, never one per pixel.
+    """
+    weight = self.scaled_kernel() * modulation.scale[..., :, None]
+    if modulation.inv_norm is not None:
+      weight = weight * modulation.inv_norm[..., None, :]
+    return Modulation(None, None, weight.astype(self.dtype))
+
   def __call__(
     self,
     x: Array,
@@ -205,6 +221,12 @@ class ModulatedDense(nn.Module):
       if mix is not None and anchor is not None:
         mix, anchor = mix + anchor, None
       modulation = self.modulation_for(style, mix, anchor)
+    if modulation.weight is not None:
+      return jnp.dot(
+        x.astype(self.dtype),
+        modulation.weight.astype(self.dtype),
+        preferred_element_type=jnp.float32,
+      )
     y = jnp.dot(
       (x * modulation.scale).astype(self.dtype),
       self.scaled_kernel().astype(self.dtype),
@@ -277,12 +299,15 @@ class StyledDense(nn.Module):
     )
     self.bias = self.param('bias', nn.initializers.zeros, (self.features,))
 
-  def modulation_for(self, style: Array) -> Modulation:
+  def modulation_for(
+    self, style: Array, *, fold_weights: bool = False
+  ) -> Modulation:
     """style (..., D) -> this layer's Modulation for each style.
 
-    See ModulatedDense.
+    See ModulatedDense; `fold_weights` gives the per-image weight form.
     """
-    return self.modulated.modulation_for(style)
+    modulation = self.modulated.modulation_for(style)
+    return self.modulated.folded(modulation) if fold_weights else modulation
 
   def __call__(
     self,
@@ -297,7 +322,9 @@ class StyledDense(nn.Module):
     """x: (in,) -> (features,).
 
     noise: () standard normal for this pixel, or None. Either `style` (and
-    `mix`) or this pixel's precomputed `modulation`.
+    `mix`) or this pixel's precomputed `modulation`. The output is stored in
+    `dtype` (bfloat16 activations between layers when computing in bfloat16);
+    the noise, bias and activation are computed in float32 first.
     """
 
     def forward(module, x, style, mix, noise, modulation):
@@ -306,7 +333,8 @@ class StyledDense(nn.Module):
       )
       if noise is not None:
         y = y + module.noise_strength * noise
-      return apply_activation(y + module.bias, module.activation)
+      y = apply_activation(y + module.bias, module.activation)
+      return y.astype(module.dtype)
 
     # The lifted remat sees arrays only: pixel_axes stays in the closure.
     if self.remat:
@@ -350,12 +378,15 @@ class ToRGB(nn.Module):
     )
     self.bias = self.param('bias', nn.initializers.zeros, (3,))
 
-  def modulation_for(self, style: Array) -> Modulation:
+  def modulation_for(
+    self, style: Array, *, fold_weights: bool = False
+  ) -> Modulation:
     """style (..., D) -> this layer's Modulation for each style.
 
-    See ModulatedDense.
+    See ModulatedDense; `fold_weights` gives the per-image weight form.
     """
-    return self.modulated.modulation_for(style)
+    modulation = self.modulated.modulation_for(style)
+    return self.modulated.folded(modulation) if fold_weights else modulation
 
   def __call__(
     self,

@@ -30,11 +30,15 @@ GENERATORS = {'CIPSskip': CIPSskip, 'CIPSres': CIPSres}
 
 
 def generator_from_config(
-  model: Mapping[str, Any], dtype: Any = jnp.float32, remat: bool = False
+  model: Mapping[str, Any],
+  dtype: Any = jnp.float32,
+  remat: bool = False,
+  per_image_form: str = 'auto',
 ):
   """The generator that a `config.model` section describes.
 
-  The section is a ConfigDict or its dict.
+  The section is a ConfigDict or its dict; dtype, remat and per_image_form
+  (see `generator.CIPS`) are how it computes, not what it is.
   """
   if model['arch'] not in GENERATORS:
     raise ValueError(
@@ -53,6 +57,7 @@ def generator_from_config(
     cylindrical=model['cylindrical'],
     dtype=jnp.dtype(dtype),
     remat=remat,
+    per_image_form=per_image_form,
   )
 
 

@@ -41,6 +41,7 @@ from cips_jax import config_validation
 from cips_jax import convert
 from cips_jax import data as data_lib
 from cips_jax import evaluation
+from cips_jax import generator as generator_lib
 from cips_jax import images as images_lib
 from cips_jax import loading
 from cips_jax import losses
@@ -84,7 +85,12 @@ def build_models(config: ml_collections.ConfigDict):
   """The generator and discriminator modules a config describes."""
   m = config.model
   dtype = jnp.dtype(config.train.compute_dtype)
-  gen = models.generator_from_config(m, dtype=dtype, remat=config.train.remat)
+  gen = models.generator_from_config(
+    m,
+    dtype=dtype,
+    remat=config.train.remat,
+    per_image_form=config.train.per_image_form,
+  )
   disc = models.Discriminator(
     size=config.data.crop,
     channel_multiplier=m.channel_multiplier,
@@ -668,6 +674,12 @@ def train_and_evaluate(
     return state
   if start_step:
     logging.info('resuming %s from step %d', workdir, start_step)
+  logging.info(
+    'per-image styles: %s form (train.per_image_form=%r on %s)',
+    generator_lib.resolve_per_image_form(t.per_image_form),
+    t.per_image_form,
+    jax.default_backend(),
+  )
   if is_chief:
     parameter_overview.log_parameter_overview(
       state.g_params, msg='generator parameters'

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from cips_jax import convert
+from cips_jax import generator as generator_lib
 from cips_jax import grids
+from cips_jax import layers
 from cips_jax import models
 from cips_jax import sampling
 from reference_fixtures import reference_outputs
@@ -550,3 +552,93 @@ def test_per_image_path_parameter_gradients_equal_the_per_pixel_path(arch):
     np.abs(per_image['conv1']['modulated']['modulation']['kernel']).max() > 0
   )
   assert np.abs(per_image['conv1']['noise_strength']) > 0
+
+
+# ------------------------------------------------------------------------------
+# The per-image style forms and bfloat16 activations.
+
+
+@pytest.mark.parametrize('form', generator_lib.PER_IMAGE_FORMS[:2])
+def test_both_per_image_forms_equal_the_oracle(oracle_setup, form):
+  state_dict, gen, variables, coords, ws = oracle_setup
+  w = ws[:, 0]
+  img = sampling.synthesize(
+    gen.clone(per_image_form=form), variables, w, coords
+  )
+  expected = _oracle_images(
+    state_dict,
+    coords,
+    np.broadcast_to(w[:, None, None], (2, *coords.shape[:-1], w.shape[-1])),
+  )
+  assert relative_error(img, expected) <= 1e-5
+
+
+def test_folded_weights_match_the_reference_fixtures(fixture):
+  name, spec, gen, variables, out = fixture
+  size = spec['kwargs']['size']
+  folded = gen.clone(per_image_form=generator_lib.FOLDED_WEIGHTS)
+  img = sampling.synthesize(folded, variables, out['w'], out[f'coords_{size}'])
+  np.testing.assert_allclose(
+    img, out[f'eval_img_{size}'], atol=PARITY_ATOL, rtol=0
+  )
+
+
+@pytest.mark.parametrize('arch', [models.CIPSskip, models.CIPSres])
+def test_both_forms_give_the_same_parameter_gradients(arch):
+  gen = arch(size=8, hidden_size=16, style_dim=16, n_mlp=1, max_channels=16)
+  variables = models.init(gen, jax.random.PRNGKey(0))
+  z = jax.random.normal(jax.random.PRNGKey(1), (3, 16))
+  coords = grids.uniform(8, 8)
+
+  def loss(params, form):
+    rgb = gen.clone(per_image_form=form).apply(
+      {'params': params}, z, coords, method=type(gen).generate
+    )
+    return jnp.sum(jnp.sin(rgb))
+
+  grads = [
+    jax.grad(loss)(variables['params'], form)
+    for form in generator_lib.PER_IMAGE_FORMS[:2]
+  ]
+  for a, b in zip(*map(jax.tree_util.tree_leaves, grads)):
+    assert jnp.max(jnp.abs(a - b)) <= 1e-5 * (jnp.max(jnp.abs(a)) + 1e-6)
+
+
+def test_auto_picks_the_measured_form_per_backend():
+  resolve = generator_lib.resolve_per_image_form
+  for backend, form in generator_lib.PER_IMAGE_FORM_BY_BACKEND.items():
+    assert resolve('auto', backend) == form
+  assert resolve('weights', 'cpu') == 'weights'
+  with pytest.raises(ValueError, match='per_image_form must be one of'):
+    resolve('fused', 'cpu')
+
+
+def test_bfloat16_activations_between_layers():
+  # Stored activations are bfloat16; style terms, accumulation and RGB float32.
+  layer = layers.StyledDense(16, 8, dtype=jnp.bfloat16)
+  x = jnp.ones((16,), jnp.bfloat16)
+  style = jnp.ones((4,))
+  params = layer.init(jax.random.PRNGKey(0), x, style=style)
+  assert layer.apply(params, x, style=style).dtype == jnp.bfloat16
+  modulation = layer.apply(params, style, method=layer.modulation_for)
+  assert modulation.scale.dtype == modulation.inv_norm.dtype == jnp.float32
+  block = generator_lib.StyledResBlock(16, 8, dtype=jnp.bfloat16)
+  params = block.init(jax.random.PRNGKey(0), x, style=style)
+  assert block.apply(params, x, style=style).dtype == jnp.bfloat16
+  rgb = layers.ToRGB(16, dtype=jnp.bfloat16)
+  params = rgb.init(jax.random.PRNGKey(0), x, style=style)
+  assert rgb.apply(params, x, style=style).dtype == jnp.float32
+
+
+@pytest.mark.parametrize('form', generator_lib.PER_IMAGE_FORMS[:2])
+def test_bfloat16_generation_stays_close_to_float32(oracle_setup, form):
+  _, gen, variables, coords, ws = oracle_setup
+  w = ws[:, 0]
+  full = sampling.synthesize(gen, variables, w, coords)
+  half = sampling.synthesize(
+    gen.clone(dtype=jnp.bfloat16, per_image_form=form), variables, w, coords
+  )
+  assert half.dtype == jnp.float32
+  # bfloat16 keeps 8 bits of mantissa: ~0.4% per rounding, over a few layers.
+  assert relative_error(half, full) <= 3e-2
+  assert relative_error(half, full) > 0  # it really ran in bfloat16

@@ -23,6 +23,7 @@ from cips_jax.data.builders import load_source
 from cips_jax.data.builders import open_source
 from cips_jax.data.builders import prepare_command
 from cips_jax.data.builders import prepare_image_folder
+from cips_jax.data.builders import prepare_lmdb
 from cips_jax.data.builders import prepare_lsun_churches
 from cips_jax.data.builders import prepare_procedural
 from cips_jax.data.pipeline import TrainBatches
@@ -43,6 +44,7 @@ __all__ = [
   'panorama',
   'prepare_command',
   'prepare_image_folder',
+  'prepare_lmdb',
   'prepare_lsun_churches',
   'prepare_procedural',
 ]

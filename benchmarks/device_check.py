@@ -1,0 +1,303 @@
+"""The accelerator check: every figure of the GPU/TPU targets, as one JSON file.
+
+    bash benchmarks/device_check.sh            # on a GPU or TPU, <= 8 minutes
+    bash benchmarks/device_check.sh --smoke    # anywhere: tiny sizes, seconds
+
+Figures (all from this one process, on the first device):
+- `matmul`: 4096^3 products in bfloat16 and float32 (XLA's default precision,
+  which is TF32 on NVIDIA GPUs, and 'highest'), TFLOP/s;
+- `generation`: CIPSskip-256 at 256^2, batch 16 and 64, bfloat16 and float32,
+  for both per-image style forms (activations scaled around each product, or
+  the style folded into one weight per image): images/s, useful TFLOP/s
+  (3,401,344 MAC per pixel) and the fraction of the chip's dense bfloat16 peak;
+- `style_ratios`: a 2-style mixture and a style per pixel against per-image
+  styles (time), bfloat16, batch 16;
+- `fused_layer`: one 512 -> 512 modulated layer over batch 16 x 256^2 pixels,
+  the Pallas kernel (`cips_jax.pallas_modulated`) against XLA's fusion of the
+  same formula (compiled kernels on an accelerator only);
+- `train`: the GAN step at 256^2 and 64^2, global batch 32, bfloat16, with and
+  without remat: seconds of a plain step and of an R1 step, the step with R1
+  amortised ((r1_every - 1) plain + 1 R1 per r1_every steps), images/s, peak
+  device memory, and MFU = useful FLOPs / time / peak, where the useful FLOPs
+  are XLA's cost analysis of the step without remat;
+- `churches_projection`: GPU-days of the reference recipe (38.4M images) at the
+  256^2 rate;
+- `choices`: which per-image form 'auto' takes here, the fastest measured, and
+  whether D convolves with im2col on this backend.
+`--smoke` shrinks every case (a 32^2 model 16 wide, batches of 4, one training
+case at 16^2 without remat) so the script runs on a CPU in CI (about 40 s on 2
+cores): its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+
+from generator import MAC_PER_PIXEL  # benchmarks/generator.py
+from generator import best_time
+from generator import run_case
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cips_jax import configs
+from cips_jax import discriminator as discriminator_lib
+from cips_jax import generator as generator_lib
+from cips_jax import grids
+from cips_jax import models
+from cips_jax import pallas_modulated
+from cips_jax import parallel
+from cips_jax import train
+
+# Dense bfloat16 peaks (TFLOP/s) by jax device_kind, from the vendors' sheets.
+PEAK_BF16_TFLOPS = {
+  'NVIDIA H200': 989.0,
+  'NVIDIA H100 80GB HBM3': 989.0,
+  'NVIDIA A100-SXM4-80GB': 312.0,
+  'TPU v4': 275.0,
+  'TPU v5 lite': 197.0,
+}
+CHURCHES_IMAGES = 1_200_000 * 32  # the reference recipe: steps x batch
+SMOKE_MODEL = dict(
+  size=32, hidden_size=16, style_dim=16, n_mlp=1, max_channels=16
+)
+
+
+def peak_tflops(device) -> float | None:
+  """The device's dense bfloat16 peak, when this file knows it."""
+  return PEAK_BF16_TFLOPS.get(device.device_kind)
+
+
+def matmul_tflops(n: int, dtype, precision=None) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
+  dot = jax.jit(
+    lambda x, y: jnp.dot(
+      x, y, precision=precision, preferred_element_type=jnp.float32
+    )
+  )
+  return 2 * n**3 / best_time(dot, a, a, repeats=3) / 1e12
+
+
+def generation_cases(smoke: bool, peak: float | None):
+  gen32 = models.CIPSskip(**SMOKE_MODEL) if smoke else models.CIPSskip()
+  variables = models.init(gen32, jax.random.key(0))
+  side = 32 if smoke else 256
+  batches = (4,) if smoke else (16, 64)
+  cases = []
+  for batch in batches:
+    for dtype in (jnp.bfloat16, jnp.float32):
+      for form in generator_lib.PER_IMAGE_FORMS[:2]:
+        gen = gen32.clone(dtype=dtype, per_image_form=form)
+        case = run_case(gen, variables, 'per_image', batch, side, 1, np.inf)
+        case.pop('fraction_of_matmul')
+        case['precision'] = 'bfloat16' if dtype == jnp.bfloat16 else 'default'
+        case['tflop_per_s'] = round(case.pop('gflop_per_s') / 1e3, 2)
+        if peak:
+          case['fraction_of_peak_bf16'] = round(case['tflop_per_s'] / peak, 4)
+        cases.append(case)
+  gen16 = gen32.clone(dtype=jnp.bfloat16)
+  base = next(
+    c
+    for c in cases
+    if (c['batch'], c['dtype'], c['form'])
+    == (batches[0], 'bfloat16', generator_lib.MODULATED_ACTIVATIONS)
+  )
+  ratios = {}
+  for kind in ('mixture2', 'per_pixel'):
+    case = run_case(gen16, variables, kind, batches[0], side, 1, np.inf)
+    ratios[f'{kind}_vs_per_image_time'] = round(
+      case['seconds'] / base['seconds'], 3
+    )
+  return cases, ratios
+
+
+def fused_layer_case(smoke: bool):
+  """One modulated layer, fused by Pallas vs by XLA, bfloat16."""
+  batch, pixels, width = (2, 256, 32) if smoke else (16, 256 * 256, 512)
+  keys = jax.random.split(jax.random.key(2), 4)
+  x = jax.random.normal(keys[0], (batch, pixels, width)).astype(jnp.bfloat16)
+  kernel = jax.random.normal(keys[1], (width, width)) / np.sqrt(width)
+  scale = 1 + 0.1 * jax.random.normal(keys[2], (batch, width))
+  inv_norm = jnp.ones((batch, width))
+  bias = jnp.zeros((width,))
+  args = (x, kernel, scale, inv_norm, bias)
+  xla = jax.jit(pallas_modulated.styled_dense_reference)
+  result = {
+    'shape': [batch, pixels, width, width],
+    'xla_seconds': round(best_time(xla, *args, repeats=3), 5),
+  }
+  if jax.default_backend() == 'cpu':
+    result['pallas'] = 'interpret mode only on CPU: not timed'
+    return result
+  try:
+    fused = jax.jit(pallas_modulated.fused_styled_dense)
+    result['pallas_seconds'] = round(best_time(fused, *args, repeats=3), 5)
+    result['pallas_vs_xla_time'] = round(
+      result['pallas_seconds'] / result['xla_seconds'], 3
+    )
+  except Exception as error:  # a compile failure is a result here
+    result['pallas'] = f'failed: {type(error).__name__}: {str(error)[:300]}'
+  return result
+
+
+def train_config(side: int, batch: int, remat: bool, smoke: bool):
+  config = configs.reference_config()
+  config.model.size = side
+  config.data.resolution = config.data.crop = side
+  config.train.global_batch_size = batch
+  config.train.compute_dtype = 'bfloat16'
+  config.train.remat = remat
+  if smoke:
+    m = config.model
+    m.hidden_size, m.style_dim, m.n_mlp = 16, 16, 1
+    m.max_channels = m.d_max_channels = 16
+  return config
+
+
+def peak_device_bytes() -> int | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get('peak_bytes_in_use')
+
+
+def train_case(side, batch, remat, smoke, peak, useful_flops=None):
+  """One training configuration: a plain step and an R1 step, timed."""
+  config = train_config(side, batch, remat, smoke)
+  mesh = parallel.make_mesh()
+  gen, disc = train.build_models(config)
+  g_tx, d_tx = train.make_optimizers(config)
+  state = jax.jit(
+    lambda: train.create_state(gen, disc, g_tx, d_tx, 0),
+    out_shardings=parallel.replicated(mesh),
+  )()
+  steps = train.jit_train_steps(
+    train.make_train_step(config, gen, disc, g_tx, d_tx), mesh
+  )
+  rng = np.random.default_rng(0)
+  batch_arrays = parallel.global_batch(
+    {
+      'image': rng.uniform(-1, 1, (batch, side, side, 3)).astype(np.float32),
+      'coords': np.broadcast_to(
+        np.asarray(grids.uniform(side, side)), (batch, side, side, 2)
+      ).copy(),
+    },
+    mesh,
+  )
+  flops, seconds = {}, {}
+  for with_r1 in (False, True):
+    compiled = steps[with_r1].lower(state, batch_arrays).compile()
+    flops[with_r1] = compiled.cost_analysis().get('flops', float('nan'))
+    state, out = steps[with_r1](state, batch_arrays)  # warm up
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(1 if smoke else 3):
+      start = time.perf_counter()
+      state, out = steps[with_r1](state, batch_arrays)
+      jax.block_until_ready(out)
+      times.append(time.perf_counter() - start)
+    seconds[with_r1] = min(times)
+  every = config.train.r1_every
+  amortised = ((every - 1) * seconds[False] + seconds[True]) / every
+  flops_amortised = ((every - 1) * flops[False] + flops[True]) / every
+  # MFU counts the FLOPs of the step without remat (remat's recomputation is
+  # not useful work): the caller passes them for the remat case.
+  useful = flops_amortised if useful_flops is None else useful_flops
+  case = {
+    'side': side,
+    'global_batch': batch,
+    'compute_dtype': 'bfloat16',
+    'remat': remat,
+    'seconds_plain_step': round(seconds[False], 4),
+    'seconds_r1_step': round(seconds[True], 4),
+    'seconds_amortised': round(amortised, 4),
+    'images_per_s': round(batch / amortised, 2),
+    'xla_tflop_per_step_amortised': round(flops_amortised / 1e12, 4),
+    'useful_tflop_per_step': round(useful / 1e12, 4),
+    'peak_device_mib': None
+    if peak_device_bytes() is None
+    else round(peak_device_bytes() / 2**20, 1),
+  }
+  if peak:
+    case['mfu'] = round(useful / amortised / (peak * 1e12), 4)
+  return case, useful
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--smoke', action='store_true')
+  parser.add_argument(
+    '--out', default=None, help='the JSON file (default: stdout only)'
+  )
+  args = parser.parse_args()
+  if jax.default_backend() == 'cpu' and not args.smoke:
+    raise SystemExit(
+      'device_check: no accelerator visible to jax (use --smoke to run the '
+      'script on a CPU)'
+    )
+  start = time.perf_counter()
+  device = jax.devices()[0]
+  peak = peak_tflops(device)
+  n = 256 if args.smoke else 4096
+  matmul = {
+    'bfloat16': matmul_tflops(n, jnp.bfloat16),
+    'float32_default': matmul_tflops(n, jnp.float32),
+    'float32_highest': matmul_tflops(n, jnp.float32, jax.lax.Precision.HIGHEST),
+  }
+  generation, ratios = generation_cases(args.smoke, peak)
+  fused = fused_layer_case(args.smoke)
+  training = []
+  if args.smoke:  # one small case: the code path, in seconds
+    training.append(train_case(16, 4, False, True, peak)[0])
+  for side, batch in () if args.smoke else ((256, 32), (64, 32)):
+    plain, useful = train_case(side, batch, False, False, peak)
+    with_remat, _ = train_case(side, batch, True, False, peak, useful)
+    training += [plain, with_remat]
+  at_256 = training[0]
+  fastest = min(
+    (c for c in generation if c['dtype'] == 'bfloat16'),
+    key=lambda c: c['seconds'] / c['batch'],
+  )
+  report = {
+    'benchmark': 'device_check',
+    'smoke': args.smoke,
+    'date': datetime.date.today().isoformat(),
+    'machine': {
+      'backend': jax.default_backend(),
+      'device_kind': device.device_kind,
+      'device_count': jax.device_count(),
+      'processor': platform.processor() or platform.machine(),
+      'jax': jax.__version__,
+    },
+    'peak_bf16_tflop_per_s': peak,
+    'matmul_tflop_per_s': {k: round(v, 2) for k, v in matmul.items()},
+    'generation_256': generation,
+    'style_ratios': ratios,
+    'fused_layer': fused,
+    'train': training,
+    'churches_projection': {
+      'images': CHURCHES_IMAGES,
+      'images_per_s': at_256['images_per_s'],
+      'gpu_days': round(CHURCHES_IMAGES / at_256['images_per_s'] / 86400, 2),
+    },
+    'choices': {
+      'per_image_form_auto': generator_lib.resolve_per_image_form('auto'),
+      'per_image_form_fastest_bf16': fastest['form'],
+      'discriminator_conv': discriminator_lib.resolve_conv_impl('auto'),
+    },
+    'useful_mac_per_pixel': MAC_PER_PIXEL,
+    'seconds_total': round(time.perf_counter() - start, 1),
+  }
+  text = json.dumps(report, indent=1)
+  print(text)
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+      f.write(text + '\n')
+
+
+if __name__ == '__main__':
+  main()
