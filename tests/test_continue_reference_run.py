@@ -157,19 +157,15 @@ def test_two_steps_match_the_reference_trainer(reference_run):
     assert mismatches(index, gen, disc, state, metrics) == []
 
 
-@pytest.mark.parametrize(
-  'change, broken',
-  [
-    # R1 weight gamma / 2 * r1_every: 80 -> 88
-    ({'train.r1_gamma': 11.0}, 'd'),
-    # D's Adam without the lazy-regularisation correction 16 / 17
-    ({'train.d_lr': 0.002, 'train.d_betas': (0.0, 0.99)}, 'd'),
-    # another EMA decay
-    ({'train.ema_decay': 0.999}, 'g_ema'),
-  ],
-)
-def test_the_comparison_catches_a_changed_recipe(change, broken):
-  gen, disc, state, step = continued_run(fixture_config(**change))
+def test_the_comparison_catches_a_changed_recipe():
+  # One change of the recipe, kept as a test of the comparison's power (the
+  # uncorrected Adam of D, lr 0.002 and betas (0, 0.99), and an EMA decay of
+  # 0.999 fail it too: tried by hand, each costs a compilation): the R1 weight
+  # gamma / 2 * r1_every, 80 -> 88.
+  broken = 'd'
+  gen, disc, state, step = continued_run(
+    fixture_config(**{'train.r1_gamma': 11.0})
+  )
   state, metrics = step(state, step_inputs(16), True)
   found = mismatches(16, gen, disc, state, metrics)
   assert any(line.startswith(f'{broken}[') for line in found), found
@@ -235,8 +231,9 @@ def test_training_continues_the_run_and_then_resumes_its_own(
   np.testing.assert_array_equal(
     restored.d_params['logits']['kernel'], state.d_params['logits']['kernel']
   )
-  # A second start resumes the workdir's own checkpoint, not the .pt.
+  # A second start resumes the workdir's own checkpoint (step 18), not the
+  # .pt (step 16).
   caplog.clear()
-  config.train.num_steps = 19
-  assert int(train.train_and_evaluate(config, str(tmp_path)).step) == 19
+  assert int(train.train_and_evaluate(config, str(tmp_path)).step) == 18
   assert 'holds its own checkpoint' in caplog.text
+  assert 'already holds step 18' in caplog.text

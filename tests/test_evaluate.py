@@ -28,7 +28,7 @@ def extractor(inception_extractor):
 def test_fid_and_kid_of_inception_features_grow_as_images_are_perturbed(
   extractor,
 ):
-  images = np.stack([procedural.landscape(seed, 32, 32) for seed in range(24)])
+  images = np.stack([procedural.landscape(seed, 32, 32) for seed in range(16)])
   reference = extractor(images)
   base = fid.Statistics.from_features(reference)
   assert fid.frechet_distance(base, base) < 1e-6
@@ -72,7 +72,9 @@ def test_training_writes_fid_and_kid_to_tensorboard(evaluated_run):
 
 
 def run_evaluate(*args):
-  return support.run_python('-m', 'cips_jax.evaluate', *args)
+  return support.run_python(
+    '-m', 'cips_jax.evaluate', *args, env=support.environment_for_inception()
+  )
 
 
 def test_the_evaluate_command_reuses_the_cached_real_statistics(
@@ -151,7 +153,7 @@ def test_real_statistics_cache_is_keyed_by_what_it_holds(tmp_path):
 
 def test_evaluation_shards_over_devices(extractor):
   del extractor  # only here to skip without weights
-  env = support.environment_with_devices(8)
+  env = support.environment_for_inception(support.environment_with_devices(8))
   script = support.TESTS / 'scripts' / 'evaluation_on_devices.py'
   result = support.run_python(script, env=env)
   assert result.returncode == 0, result.stderr[-3000:]

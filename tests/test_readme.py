@@ -187,7 +187,14 @@ def results(tmp_path_factory, data_dir):
     argv = sandbox.shrink(sandbox.substitute(command))
     # From the checkout, as the README says, where a command names a file in it.
     in_repo = 'benchmarks/' in command or 'experiments/' in command
-    outcome[command] = run(argv, cwd or (REPO if in_repo else sandbox.out))
+    env = (
+      support.environment_for_inception()
+      if command.startswith('python -m cips_jax.evaluate')
+      else None
+    )
+    outcome[command] = run(
+      argv, cwd or (REPO if in_repo else sandbox.out), env=env
+    )
     return outcome[command]
 
   # First what the others read: the data, the quickstart and panorama workdirs,

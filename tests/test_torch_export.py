@@ -173,12 +173,9 @@ def test_the_command_exports_a_training_run_and_a_generator(
   assert result.returncode == 0, result.stderr[-3000:]
   assert list(torch_pickle.load(g_pt))[0] == 'lff.ffm.conv.weight'
 
-  # An existing output is kept; a .pt is already in PyTorch form.
+  # An existing output is kept.
   before = run_pt.read_bytes()
-  for source, output, message in (
-    (exported_generators[False], run_pt, 'exists'),
-    (g_pt, tmp_path / 'new.pt', 'is a file'),
-  ):
+  for source, output, message in ((g_pt, run_pt, 'exists'),):
     result = support.run_python(
       '-m',
       'cips_jax.convert',
@@ -188,4 +185,3 @@ def test_the_command_exports_a_training_run_and_a_generator(
     )
     assert result.returncode == 1 and message in result.stderr, result.stderr
   assert run_pt.read_bytes() == before
-  assert not (tmp_path / 'new.pt').exists()

@@ -21,7 +21,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from support import fake_batch  # noqa: E402
 from support import tiny_config  # noqa: E402
 
-config = tiny_config(sys.argv[1], **{'train.global_batch_size': 8})
+config = tiny_config(
+  sys.argv[1], **{'train.global_batch_size': 8, 'train.r1_every': 1}
+)
 gen, disc = train.build_models(config)
 g_tx, d_tx = train.make_optimizers(config)
 # Host copies: each mesh gets its own buffers (the step donates them).
@@ -36,7 +38,9 @@ for name, devices in (('one', jax.devices()[:1]), ('eight', jax.devices())):
   steps = train.jit_train_steps(step_fn, mesh)
   s = jax.device_put(state, parallel.replicated(mesh))
   outs = []
-  for step in range(2):  # step 0 runs R1, step 1 does not
+  # Two steps, both with R1 (a superset of the plain step): one program per
+  # mesh to compile.
+  for step in range(2):
     with_r1 = step % config.train.r1_every == 0
     s, out = steps[with_r1](s, parallel.global_batch(batch, mesh))
     outs.append({k: float(v) for k, v in out.items()})

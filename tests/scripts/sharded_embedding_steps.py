@@ -22,7 +22,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from support import fake_batch  # noqa: E402
 from support import tiny_config  # noqa: E402
 
-config = tiny_config('data-dir-unused', **{'train.global_batch_size': 8})
+config = tiny_config(
+  'data-dir-unused', **{'train.global_batch_size': 8, 'train.r1_every': 1}
+)
 gen, disc = train.build_models(config)
 g_tx, d_tx = train.make_optimizers(config)
 host_state = jax.tree_util.tree_map(
@@ -37,7 +39,9 @@ for shard in (False, True):
   steps = train.jit_train_steps(step_fn, mesh, shardings)
   state = jax.device_put(host_state, shardings)
   outs = []
-  for step in range(2):  # step 0 runs R1, step 1 does not
+  # Two steps, both with R1 (a superset of the plain step): one program per
+  # mesh to compile.
+  for step in range(2):
     with_r1 = step % config.train.r1_every == 0
     state, out = steps[with_r1](state, parallel.global_batch(batch, mesh))
     outs.append({k: float(v) for k, v in out.items()})
