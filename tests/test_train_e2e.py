@@ -128,11 +128,19 @@ def test_sigterm_saves_and_resumes_exactly(uninterrupted, data_dir, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
   data_dir, tmp_path
 ):
+  # R1 in every step: one step program per run to compile.
   train.train_and_evaluate(
-    tiny_config(data_dir, **{'train.num_steps': 10}), str(tmp_path)
+    tiny_config(data_dir, **{'train.num_steps': 10, 'train.r1_every': 1}),
+    str(tmp_path),
   )
   exploding = tiny_config(
-    data_dir, **{'train.num_steps': 40, 'train.g_lr': 1e30, 'train.d_lr': 1e30}
+    data_dir,
+    **{
+      'train.num_steps': 40,
+      'train.g_lr': 1e30,
+      'train.d_lr': 1e30,
+      'train.r1_every': 1,
+    },
   )
   with pytest.raises(FloatingPointError, match='non-finite training metrics'):
     train.train_and_evaluate(exploding, str(tmp_path))
