@@ -44,15 +44,13 @@ from generator import run_case
 import jax
 import jax.numpy as jnp
 import numpy as np
+from train import prepared_steps  # benchmarks/train.py
 
 from cips_jax import configs
 from cips_jax import discriminator as discriminator_lib
 from cips_jax import generator as generator_lib
-from cips_jax import grids
 from cips_jax import models
 from cips_jax import pallas_modulated
-from cips_jax import parallel
-from cips_jax import train
 
 # Dense bfloat16 peaks (TFLOP/s) by jax device_kind, from the vendors' sheets.
 PEAK_BF16_TFLOPS = {
@@ -167,26 +165,7 @@ def peak_device_bytes() -> int | None:
 def train_case(side, batch, remat, smoke, peak, useful_flops=None):
   """One training configuration: a plain step and an R1 step, timed."""
   config = train_config(side, batch, remat, smoke)
-  mesh = parallel.make_mesh()
-  gen, disc = train.build_models(config)
-  g_tx, d_tx = train.make_optimizers(config)
-  state = jax.jit(
-    lambda: train.create_state(gen, disc, g_tx, d_tx, 0),
-    out_shardings=parallel.replicated(mesh),
-  )()
-  steps = train.jit_train_steps(
-    train.make_train_step(config, gen, disc, g_tx, d_tx), mesh
-  )
-  rng = np.random.default_rng(0)
-  batch_arrays = parallel.global_batch(
-    {
-      'image': rng.uniform(-1, 1, (batch, side, side, 3)).astype(np.float32),
-      'coords': np.broadcast_to(
-        np.asarray(grids.uniform(side, side)), (batch, side, side, 2)
-      ).copy(),
-    },
-    mesh,
-  )
+  state, steps, batch_arrays = prepared_steps(config)
   flops, seconds = {}, {}
   # Smoke: the R1 step only (one program to compile) stands in for both.
   for with_r1 in (True,) if smoke else (False, True):

@@ -63,7 +63,11 @@ def full_width_64_config():
   return config
 
 
-def measure(name, config, repeats, matmul_rate, useful_tflop=None):
+def prepared_steps(config):
+  """A config's fresh train state, its jitted steps and a random batch.
+
+  Returns (state, {with_r1: step}, global batch), on a mesh of all devices.
+  """
   mesh = parallel.make_mesh()
   gen, disc = train.build_models(config)
   g_tx, d_tx = train.make_optimizers(config)
@@ -71,9 +75,9 @@ def measure(name, config, repeats, matmul_rate, useful_tflop=None):
     lambda: train.create_state(gen, disc, g_tx, d_tx, 0),
     out_shardings=parallel.replicated(mesh),
   )()
-  step = train.jit_train_steps(
+  steps = train.jit_train_steps(
     train.make_train_step(config, gen, disc, g_tx, d_tx), mesh
-  )[False]
+  )
   b, c = config.train.global_batch_size, config.data.crop
   rng = np.random.default_rng(0)
   batch = parallel.global_batch(
@@ -85,6 +89,13 @@ def measure(name, config, repeats, matmul_rate, useful_tflop=None):
     },
     mesh,
   )
+  return state, steps, batch
+
+
+def measure(name, config, repeats, matmul_rate, useful_tflop=None):
+  state, steps, batch = prepared_steps(config)
+  step = steps[False]
+  b, c = config.train.global_batch_size, config.data.crop
   compiled = step.lower(state, batch).compile()
   flops = compiled.cost_analysis().get('flops', float('nan'))
   peak = compiled_peak_bytes(compiled)

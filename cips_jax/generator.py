@@ -49,6 +49,28 @@ PER_IMAGE_FORMS = (MODULATED_ACTIVATIONS, FOLDED_WEIGHTS, 'auto')
 PER_IMAGE_FORM_BY_BACKEND = {'cpu': MODULATED_ACTIVATIONS}
 
 
+def _vmap_over(fn, axis_name: str, in_axes=0):
+  """`nn.vmap` of `fn(module, ...)` sharing the parameters across the axis."""
+  return nn.vmap(
+    fn,
+    variable_axes={'params': None},
+    split_rngs={'params': False},
+    axis_name=axis_name,
+    in_axes=in_axes,
+  )
+
+
+def _pixel_with_modulations(mode: str):
+  """`fn(module, xy, noise, modulations)`: one pixel, its style precomputed."""
+
+  def one_pixel(module, xy, noise, modulations):
+    return module.synthesize_pixel(
+      xy, noise=noise, embedding_mode=mode, modulations=modulations
+    )
+
+  return one_pixel
+
+
 def resolve_per_image_form(form: str, backend: Optional[str] = None) -> str:
   """'activations' or 'weights': `form`, or for 'auto' the backend's choice."""
   if form not in PER_IMAGE_FORMS:
@@ -357,19 +379,9 @@ class CIPS(nn.Module):
       )
 
     style_axis = 0 if layout.styles == shapes.PER_PIXEL else None
-    over_pixels = nn.vmap(
-      one_pixel,
-      variable_axes={'params': None},
-      split_rngs={'params': False},
-      axis_name=PIXEL_AXIS,
-      in_axes=(0, style_axis, 0, 0),
-    )
-    over_images = nn.vmap(
-      over_pixels,
-      variable_axes={'params': None},
-      split_rngs={'params': False},
-      axis_name=IMAGE_AXIS,
-      in_axes=(None if layout.shared_coords else 0, 0, 0, 0),
+    over_pixels = _vmap_over(one_pixel, PIXEL_AXIS, (0, style_axis, 0, 0))
+    over_images = _vmap_over(
+      over_pixels, IMAGE_AXIS, (None if layout.shared_coords else 0, 0, 0, 0)
     )
     return over_images(self, coords, w, mix, noise)
 
@@ -398,17 +410,7 @@ class CIPS(nn.Module):
     if noise is not None:
       noise = noise.reshape(batch * num_pixels, -1)
 
-    def one_pixel(module, xy, noise, modulations):
-      return module.synthesize_pixel(
-        xy, noise=noise, embedding_mode=mode, modulations=modulations
-      )
-
-    over_pixels = nn.vmap(
-      one_pixel,
-      variable_axes={'params': None},
-      split_rngs={'params': False},
-      axis_name=PIXEL_AXIS,
-    )
+    over_pixels = _vmap_over(_pixel_with_modulations(mode), PIXEL_AXIS)
     return over_pixels(self, coords, noise, modulations)
 
   def _render_per_image_weights(
@@ -424,24 +426,11 @@ class CIPS(nn.Module):
     batch, num_pixels = w.shape[0], coords.shape[-2]
     modulations = self.modulations_for(w, fold_weights=True)
 
-    def one_pixel(module, xy, noise, modulations):
-      return module.synthesize_pixel(
-        xy, noise=noise, embedding_mode=mode, modulations=modulations
-      )
-
-    over_pixels = nn.vmap(
-      one_pixel,
-      variable_axes={'params': None},
-      split_rngs={'params': False},
-      axis_name=PIXEL_AXIS,
-      in_axes=(0, 0, None),
+    over_pixels = _vmap_over(
+      _pixel_with_modulations(mode), PIXEL_AXIS, (0, 0, None)
     )
-    over_images = nn.vmap(
-      over_pixels,
-      variable_axes={'params': None},
-      split_rngs={'params': False},
-      axis_name=IMAGE_AXIS,
-      in_axes=(0 if coords.ndim == 3 else None, 0, 0),
+    over_images = _vmap_over(
+      over_pixels, IMAGE_AXIS, (0 if coords.ndim == 3 else None, 0, 0)
     )
     rgb = over_images(self, coords, noise, modulations)
     return rgb.reshape(batch * num_pixels, 3)

@@ -160,13 +160,18 @@ class ModulatedDense(nn.Module):
     style: Array,
     mix: Optional[Array] = None,
     anchor: Optional[Array] = None,
+    *,
+    fold_weights: bool = False,
   ) -> Modulation:
     """The input scales and output demodulation for `style`.
 
     style (..., D) -> Modulation(scale (..., in), inv_norm (..., out) or None);
     with `mix` (K,) for this pixel, style is (K, D) and the result is this
-    pixel's (in,) and (out,).
+    pixel's (in,) and (out,). `fold_weights` (one style per image, no `mix`):
+    the same terms folded into one weight per style (`folded`).
     """
+    if fold_weights:
+      return self.folded(self.modulation_for(style, anchor=anchor))
     if mix is None:
       scale = self.modulation(style, anchor=anchor)  # (..., in)
     else:
@@ -306,8 +311,7 @@ class StyledDense(nn.Module):
 
     See ModulatedDense; `fold_weights` gives the per-image weight form.
     """
-    modulation = self.modulated.modulation_for(style)
-    return self.modulated.folded(modulation) if fold_weights else modulation
+    return self.modulated.modulation_for(style, fold_weights=fold_weights)
 
   def __call__(
     self,
@@ -385,8 +389,7 @@ class ToRGB(nn.Module):
 
     See ModulatedDense; `fold_weights` gives the per-image weight form.
     """
-    modulation = self.modulated.modulation_for(style)
-    return self.modulated.folded(modulation) if fold_weights else modulation
+    return self.modulated.modulation_for(style, fold_weights=fold_weights)
 
   def __call__(
     self,
