@@ -1,9 +1,10 @@
 """Checks real torch reads what ``torch_pickle.save`` writes; records it.
 
 Needs torch, which is never a dependency of cips_jax. Run by hand, outside CI,
-with a Python that has torch and numpy but need not have jax: the script loads
-cips_jax/torch_pickle.py by its path (it imports only numpy and the standard
-library), so the package and its dependencies are not needed:
+with a Python that has torch and numpy but need not have jax: the script
+imports cips_jax/torch_pickle/ without running cips_jax/__init__.py (the
+subpackage imports only numpy and the standard library), so the package and
+its dependencies are not needed:
 
     python -m venv /tmp/torchvenv
     /tmp/torchvenv/bin/pip install torch numpy   # the CPU wheel is enough
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import importlib.util
+import importlib
 import json
 import os
 import pathlib
@@ -45,6 +46,7 @@ import platform
 import sys
 import tempfile
 import traceback
+import types
 
 import numpy as np
 import torch
@@ -56,13 +58,13 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _load_torch_pickle():
-  """cips_jax/torch_pickle.py as a module, without importing the package."""
-  spec = importlib.util.spec_from_file_location(
-    'torch_pickle', REPO / 'cips_jax' / 'torch_pickle.py'
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """cips_jax.torch_pickle, without importing the rest of the package."""
+  # An empty stand-in for cips_jax, whose __init__ would import jax: importing
+  # the subpackage then runs only its own modules.
+  package = types.ModuleType('cips_jax')
+  package.__path__ = [str(REPO / 'cips_jax')]
+  sys.modules.setdefault('cips_jax', package)
+  return importlib.import_module('cips_jax.torch_pickle')
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -115,11 +117,11 @@ def _checks(torch_pickle, folder: pathlib.Path, record: dict) -> None:
 
   forced = folder / 'zip64' / torch_check_object.FILE_NAME
   forced.parent.mkdir()
-  torch_pickle._ZIP32_LIMIT = 100
+  torch_pickle.writer._ZIP32_LIMIT = 100
   try:
     torch_pickle.save(expected, forced)
   finally:
-    torch_pickle._ZIP32_LIMIT = 0xFFFFFFFF
+    torch_pickle.writer._ZIP32_LIMIT = 0xFFFFFFFF
   for mmap in (False, True):
     got = torch.load(forced, weights_only=True, mmap=mmap)
     count = torch_check_object.compare_with_torch(expected, got, torch)

@@ -20,6 +20,7 @@ import pytest
 
 from cips_jax import torch_pickle
 from cips_jax.torch_pickle import UnsafeCheckpointError
+from cips_jax.torch_pickle import writer
 import torch_check_object
 
 DATA = Path(__file__).parent / 'data'
@@ -892,7 +893,7 @@ def test_records_lie_where_torch_predicts_them(tmp_path):
 def test_zip64_fields_where_sizes_or_offsets_need_them(tmp_path, monkeypatch):
   # Lowering the writer's threshold writes the zip64 fields a file over 4 GiB
   # needs, on a small file.
-  monkeypatch.setattr(torch_pickle, '_ZIP32_LIMIT', 100)
+  monkeypatch.setattr(writer, '_ZIP32_LIMIT', 100)
   canonical = torch_check_object.build()
   path = tmp_path / 'zip64.pt'
   torch_pickle.save(canonical, path)
@@ -973,14 +974,14 @@ def test_failed_save_leaves_the_existing_file(tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == ['ckpt.pt']
 
   # A failure half-way through writing (a full disk, an interrupt).
-  real_add = torch_pickle._ZipWriter.add
+  real_add = writer._ZipWriter.add
 
   def fail_on_the_storage(self, name, payload):
     if name.startswith('data/'):
       raise OSError(28, 'No space left on device')
     real_add(self, name, payload)
 
-  monkeypatch.setattr(torch_pickle._ZipWriter, 'add', fail_on_the_storage)
+  monkeypatch.setattr(writer._ZipWriter, 'add', fail_on_the_storage)
   with pytest.raises(OSError, match='No space'):
     torch_pickle.save({'w': np.zeros(5, np.float32)}, path)
   assert path.read_bytes() == before
