@@ -14,8 +14,11 @@ import pytest
 from cips_jax import grids
 from cips_jax.data import builders
 from cips_jax.data import pipeline
+from cips_jax.data import preparation
 from cips_jax.data import procedural
+from cips_jax.data import sources
 from cips_jax.data.pipeline import TrainBatches
+import support
 
 # -----------------------------------------------------------------------------
 # Procedural images
@@ -114,7 +117,10 @@ def image_tree(tmp_path_factory):
   _save(root / 'a_tall.PNG', smooth(50, 30, 3))  # upper-case extension
   _save(root / 'nested' / 'deeper' / 'square.jpeg', smooth(24, 24, 3))
   _save(root / 'nested' / 'gray.png', smooth(36, 20, 1)[..., 0])  # mode L
-  _save(root / 'nested' / 'rgba.png', smooth(20, 44, 4))  # mode RGBA
+  # Mode RGBA, opaque: it keeps its colours (transparent ones are tested below).
+  rgba = smooth(20, 44, 4)
+  rgba[..., 3] = 255
+  _save(root / 'nested' / 'rgba.png', rgba)
   _save(root / 'small.webp', smooth(12, 18, 3), lossless=True)  # upscaled to 16
   Image.fromarray(smooth(30, 30, 3)).convert('P').save(root / 'palette.png')
   good = {
@@ -146,7 +152,7 @@ def test_image_folder_prepares_and_skips_corrupt_files(
   source, good = image_tree
   resolution = 16
   with caplog.at_level(logging.WARNING):
-    builder = builders.prepare_image_folder(
+    builder = preparation.prepare_image_folder(
       source, tmp_path, resolution, 'test_images'
     )
   skipped = ['nested/truncated.jpg', 'not_an_image.jpg']
@@ -157,7 +163,7 @@ def test_image_folder_prepares_and_skips_corrupt_files(
       for r in caplog.records
     )
 
-  source_ds = builders.load_source(tmp_path, 'image_folder/test_images')
+  source_ds = sources.load_source(tmp_path, 'image_folder/test_images')
   order = sorted(good)  # the sorted relative paths of the readable files
   assert len(source_ds) == len(order)
   for i, name in enumerate(order):
@@ -178,7 +184,7 @@ def test_image_folder_prepares_and_skips_corrupt_files(
 
   # The same name cannot silently stand for another resolution.
   with pytest.raises(ValueError, match='already holds'):
-    builders.prepare_image_folder(source, tmp_path, 8, 'test_images')
+    preparation.prepare_image_folder(source, tmp_path, 8, 'test_images')
 
 
 def test_image_folder_from_manual_dir(image_tree, tmp_path):
@@ -191,7 +197,7 @@ def test_image_folder_from_manual_dir(image_tree, tmp_path):
     file_format='array_record',
     download_config=tfds.download.DownloadConfig(manual_dir=str(source)),
   )
-  data = builders.load_source(tmp_path, 'image_folder/manual')
+  data = sources.load_source(tmp_path, 'image_folder/manual')
   assert len(data) == len(good)
   assert all(min(data[i]['image'].shape[:2]) == 8 for i in range(len(data)))
 
@@ -199,8 +205,8 @@ def test_image_folder_from_manual_dir(image_tree, tmp_path):
 @pytest.fixture(scope='module')
 def procedural_s32(tmp_path_factory):
   data_dir = tmp_path_factory.mktemp('tfds')
-  builders.prepare_procedural(data_dir, 's32')
-  return builders.load_source(data_dir, 'procedural_landscapes/s32')
+  preparation.prepare_procedural(data_dir, 's32')
+  return sources.load_source(data_dir, 'procedural_landscapes/s32')
 
 
 def test_procedural_builder_reads_back(procedural_s32):
@@ -218,7 +224,7 @@ def test_procedural_builder_reads_back(procedural_s32):
 
 def test_load_source_names_the_missing_directory_and_command(tmp_path):
   with pytest.raises(FileNotFoundError) as err:
-    builders.load_source(tmp_path, 'procedural_landscapes/s64')
+    sources.load_source(tmp_path, 'procedural_landscapes/s64')
   message = str(err.value)
   assert str(tmp_path / 'procedural_landscapes' / 's64') in message
   assert (
@@ -226,7 +232,7 @@ def test_load_source_names_the_missing_directory_and_command(tmp_path):
     in message
   )
   with pytest.raises(FileNotFoundError, match='python -m cips_jax.data folder'):
-    builders.load_source(tmp_path, 'image_folder/mine')
+    sources.load_source(tmp_path, 'image_folder/mine')
 
 
 @pytest.mark.skipif(
@@ -236,7 +242,168 @@ def test_load_source_names_the_missing_directory_and_command(tmp_path):
 def test_lsun_without_tensorflow_says_what_to_install(tmp_path):
   expected = r'preparing LSUN needs TensorFlow: pip install cips_jax\[lsun\]'
   with pytest.raises(ImportError, match=expected):
-    builders.prepare_lsun_churches(tmp_path)
+    preparation.prepare_lsun_churches(tmp_path)
+
+
+# ------------------------------------------------------------------------------
+# Transparent images
+# ------------------------------------------------------------------------------
+
+# The test images are 16x16, made of flat 8x8 quadrants, one JPEG block each:
+# JPEG 95 keeps a flat block within a step or two.
+
+
+def _quadrants(pixels):
+  """(16, 16, C) image of four flat 8x8 quadrants: pixels[(row, col)] in
+  {0, 8}^2 gives each one's value (C,).
+  """
+  channels = len(next(iter(pixels.values())))
+  image = np.zeros((16, 16, channels), np.uint8)
+  for (row, col), value in pixels.items():
+    image[row : row + 8, col : col + 8] = value
+  return image
+
+
+def _quadrant(image, row, col):
+  """The mean (3,) of an 8x8 quadrant of a prepared (16, 16, 3) image."""
+  return image[row : row + 8, col : col + 8].reshape(-1, 3).mean(0)
+
+
+def _rgba_image():
+  """(16, 16, 4): red under alpha 0 (top left), (200, 100, 0) under alpha 128
+  (bottom left), opaque (40, 90, 160) (top right) and (10, 20, 30) (bottom
+  right).
+  """
+  return _quadrants(
+    {
+      (0, 0): (255, 0, 0, 0),
+      (8, 0): (200, 100, 0, 128),
+      (0, 8): (40, 90, 160, 255),
+      (8, 8): (10, 20, 30, 255),
+    }
+  )
+
+
+# round((c * 128 + b * 127) / 255) of (200, 100, 0) over a background b, by
+# hand: white: (100.39 + 127, 50.20 + 127, 0 + 127) = (227, 177, 127);
+# (0, 128, 255): (100.39 + 0, 50.20 + 63.75, 0 + 127) = (100, 114, 127).
+BLENDED = {(255, 255, 255): (227, 177, 127), (0, 128, 255): (100, 114, 127)}
+
+
+def test_flatten_composites_on_the_background():
+  rgba = Image.fromarray(_rgba_image())
+  for background, blended in BLENDED.items():
+    flat = np.asarray(builders.flatten(rgba, background))
+    assert flat.shape == (16, 16, 3) and flat.dtype == np.uint8
+    np.testing.assert_array_equal(flat[0, 0], background)
+    np.testing.assert_array_equal(flat[8, 0], blended)
+    np.testing.assert_array_equal(flat[0, 8], (40, 90, 160))
+    np.testing.assert_array_equal(flat[8, 8], (10, 20, 30))
+  assert np.asarray(builders.flatten(rgba))[0, 0].tolist() == [255] * 3
+
+
+def test_opaque_images_are_flattened_as_before():
+  rng = np.random.default_rng(1)
+  rgb = rng.integers(0, 256, (8, 12, 3), dtype=np.uint8)
+  opaque = np.concatenate([rgb, np.full((8, 12, 1), 255, np.uint8)], -1)
+  for image in (
+    Image.fromarray(rgb),
+    Image.fromarray(rgb[..., 0]),  # L
+    Image.fromarray(rgb).convert('P'),  # a palette without transparency
+    Image.fromarray(opaque),  # RGBA, alpha 255 everywhere
+  ):
+    np.testing.assert_array_equal(
+      np.asarray(builders.flatten(image, (0, 128, 255))),
+      np.asarray(image.convert('RGB')),
+      err_msg=image.mode,
+    )
+
+
+@pytest.mark.parametrize('background', [None, '0,128,255'])
+def test_transparent_pixels_are_prepared_on_the_background(
+  tmp_path, background
+):
+  _save(tmp_path / 'in' / 'rgba.png', _rgba_image())
+  kwargs = {} if background is None else {'background': background}
+  colour = (255, 255, 255) if background is None else (0, 128, 255)
+  builder = preparation.prepare_image_folder(
+    tmp_path / 'in', tmp_path / 'data', 16, 'rgba', **kwargs
+  )
+  assert builder.info.metadata['background'] == list(colour)
+  (image,) = [
+    r['image']
+    for r in sources.load_source(tmp_path / 'data', 'image_folder/rgba')
+  ]
+  assert image.shape == (16, 16, 3)
+  for (row, col), want in (
+    ((0, 0), colour),  # the hidden red is gone
+    ((8, 0), BLENDED[colour]),
+    ((0, 8), (40, 90, 160)),
+    ((8, 8), (10, 20, 30)),
+  ):
+    np.testing.assert_allclose(_quadrant(image, row, col), want, atol=2)
+  # The same name with another background is another data set.
+  with pytest.raises(ValueError, match='already holds .* on background'):
+    preparation.prepare_image_folder(
+      tmp_path / 'in', tmp_path / 'data', 16, 'rgba', background='black'
+    )
+
+
+def test_gray_alpha_and_transparent_palette_images(tmp_path):
+  source = tmp_path / 'in'
+  # LA: gray 50 under alpha 0 (left half) and 255 (right half).
+  gray = _quadrants(
+    {(r, c): (50, 255 * (c > 0)) for r in (0, 8) for c in (0, 8)}
+  )
+  _save(source / 'gray_alpha.png', gray)
+  # P: index 0 (red, the transparent one) on the left, 1 (green) on the right.
+  indices = np.zeros((16, 16), np.uint8)
+  indices[:, 8:] = 1
+  palette = Image.frombytes('P', (16, 16), indices.tobytes())
+  palette.putpalette([255, 0, 0, 0, 255, 0])
+  palette.save(source / 'palette.png', transparency=0)
+  with Image.open(source / 'gray_alpha.png') as la:
+    assert la.mode == 'LA'
+  with Image.open(source / 'palette.png') as p:
+    assert p.mode == 'P' and p.info['transparency'] == 0
+  preparation.prepare_image_folder(
+    source, tmp_path / 'data', 16, 'mixed', background='#000000'
+  )
+  data = sources.load_source(tmp_path / 'data', 'image_folder/mixed')
+  gray_alpha, paletted = data[0]['image'], data[1]['image']  # sorted names
+  assert gray_alpha.shape == paletted.shape == (16, 16, 3)
+  np.testing.assert_allclose(gray_alpha[:, :8].mean((0, 1)), 0, atol=2)
+  np.testing.assert_allclose(gray_alpha[:, 8:].mean((0, 1)), 50, atol=2)
+  np.testing.assert_allclose(paletted[:, :8].mean((0, 1)), 0, atol=2)
+  np.testing.assert_allclose(paletted[:, 8:].mean((0, 1)), (0, 255, 0), atol=2)
+
+
+def test_background_forms_and_the_command_refusing_a_bad_one(tmp_path):
+  parse = preparation.parse_background
+  assert parse('white') == (255, 255, 255) and parse('Black') == (0, 0, 0)
+  assert parse('0, 128,255') == (0, 128, 255) == parse('#0080FF')
+  assert parse((1, 2, 3)) == (1, 2, 3)
+  for bad in ('purple', '1,2', '0,0,256', '#12345', '1,2,x'):
+    with pytest.raises(ValueError, match='must be white, black, R,G,B'):
+      parse(bad)
+  _save(tmp_path / 'in' / 'rgba.png', _rgba_image())
+  result = support.run_python(
+    '-m',
+    'cips_jax.data',
+    'folder',
+    tmp_path / 'in',
+    f'--data_dir={tmp_path / "data"}',
+    '--resolution=8',
+    '--background=purple',
+  )
+  assert result.returncode == 1
+  last = result.stderr.strip().splitlines()[-1]
+  assert last == (
+    'cips_jax.data: error: --background must be white, black, R,G,B (each '
+    "0-255) or #rrggbb; got 'purple'"
+  ), result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  assert not (tmp_path / 'data').exists()
 
 
 # ----------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Data sets prepared from LMDBs: LSUN's own layout and prepare_data.py's.
 
 Small LMDBs of both layouts are written here (one corrupt entry in each),
-prepared with `builders.prepare_lmdb` and `python -m cips_jax.data lmdb`, read
-back and compared with their images decoded and resized here, and trained on.
+prepared with `preparation.prepare_lmdb` and `python -m cips_jax.data lmdb`,
+read back and compared with their images decoded and resized here, and trained
+on.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from PIL import Image
 import pytest
 
 from cips_jax import train
-from cips_jax.data import builders
 from cips_jax.data import lmdb_source
+from cips_jax.data import preparation
+from cips_jax.data import sources
 import support
 
 SIZES = (8, 16, 32)  # stored by the prepare_data.py LMDB
@@ -109,7 +111,7 @@ def _expected(encoded, resolution):
 
 def _assert_images(data_dir, name, expected, resolution):
   """The prepared set holds the `expected` {key: bytes} images, in order."""
-  source = builders.load_source(data_dir, f'image_folder/{name}')
+  source = sources.load_source(data_dir, f'image_folder/{name}')
   assert len(source) == len(expected)
   for i, encoded in enumerate(expected.values()):
     image, want = source[i]['image'], _expected(encoded, resolution)
@@ -130,7 +132,7 @@ def test_lsun_layout_prepares_and_skips_the_corrupt_entry(
 ):
   path, good = lmdbs['lsun']
   with caplog.at_level(logging.INFO):
-    builder = builders.prepare_lmdb(path, tmp_path, 16, 'churches')
+    builder = preparation.prepare_lmdb(path, tmp_path, 16, 'churches')
   corrupt = '0badc0ffee' + '0' * 30
   metadata = builder.info.metadata
   assert metadata['skipped_files'] == [corrupt]
@@ -143,7 +145,7 @@ def test_lsun_layout_prepares_and_skips_the_corrupt_entry(
   in_order = {key: good[key] for key in sorted(good)}
   _assert_images(tmp_path, 'churches', in_order, 16)
   gray_key = list(good)[-1]  # the fixture's last image is grayscale
-  gray = builders.load_source(tmp_path, 'image_folder/churches')[
+  gray = sources.load_source(tmp_path, 'image_folder/churches')[
     sorted(good).index(gray_key)
   ]['image'].astype(int)
   assert np.abs(gray - gray[..., :1]).max() <= 3  # gray in 3 channels
@@ -157,7 +159,7 @@ def test_prepare_data_layout_reads_the_size_asked_or_the_next_larger(
 ):
   path, good = lmdbs['prepared']
   with caplog.at_level(logging.INFO):
-    builder = builders.prepare_lmdb(path, tmp_path, resolution, 'prepared')
+    builder = preparation.prepare_lmdb(path, tmp_path, resolution, 'prepared')
   layout = builder.info.metadata['layout']
   assert "prepare_data.py's layout" in layout and 'sizes 8, 16, 32' in layout
   assert f'reading size {stored}' in layout
@@ -178,7 +180,7 @@ def test_prepare_data_layout_reads_the_size_asked_or_the_next_larger(
   _assert_images(tmp_path, 'prepared', expected, resolution)
   # Control: each size holds other pictures, so the content tells which size
   # was read.
-  first = builders.load_source(tmp_path, 'image_folder/prepared')[0]['image']
+  first = sources.load_source(tmp_path, 'image_folder/prepared')[0]['image']
   for other in SIZES:
     if other != stored:
       elsewhere = _expected(good[f'{other}-00000'.encode()], resolution)
@@ -226,7 +228,7 @@ def test_unusable_lmdbs_are_named_and_nothing_is_written(
   source = _unusable_source(kind, tmp_path)
   data_dir = tmp_path / 'data'
   with pytest.raises(error, match=message) as raised:
-    builders.prepare_lmdb(source, data_dir, 8, 'x')
+    preparation.prepare_lmdb(source, data_dir, 8, 'x')
   assert str(source) in str(raised.value)  # the message names the path
   assert not data_dir.exists(), sorted(data_dir.rglob('*'))
 
@@ -234,7 +236,7 @@ def test_unusable_lmdbs_are_named_and_nothing_is_written(
 def test_prepare_data_layout_without_a_large_enough_size(lmdbs, tmp_path):
   path, _ = lmdbs['prepared']
   with pytest.raises(ValueError, match='sizes 8, 16, 32, none of them'):
-    builders.prepare_lmdb(path, tmp_path / 'data', 64, 'too_big')
+    preparation.prepare_lmdb(path, tmp_path / 'data', 64, 'too_big')
   assert not (tmp_path / 'data').exists()
 
 
@@ -279,7 +281,7 @@ def test_the_lmdb_command(lmdbs, tmp_path):
 def test_both_lmdb_layouts_prepare_and_train_a_few_steps(lmdbs, tmp_path):
   data_dir = tmp_path / 'data'
   for layout, name in (('lsun', 'churches'), ('prepared', 'prepared')):
-    builders.prepare_lmdb(lmdbs[layout][0], data_dir, 16, name)
+    preparation.prepare_lmdb(lmdbs[layout][0], data_dir, 16, name)
     config = support.tiny_config(
       data_dir,
       **{
@@ -300,5 +302,5 @@ def test_without_the_lmdb_package_the_error_says_what_to_install(
 ):
   monkeypatch.setattr(lmdb_source, 'lmdb', None)
   with pytest.raises(ImportError, match=r'pip install cips_jax\[lmdb\]'):
-    builders.prepare_lmdb(lmdbs['lsun'][0], tmp_path / 'data', 16)
+    preparation.prepare_lmdb(lmdbs['lsun'][0], tmp_path / 'data', 16)
   assert not (tmp_path / 'data').exists()

@@ -11,25 +11,25 @@
     batch = batches.batch_at(step)  # {'image', 'coords', 'scale'}
 
 Neither preparing nor reading needs TensorFlow (except preparing LSUN through
-the tfds catalog); see `builders`. `python -m cips_jax.data` prepares data sets
-from the shell.
+the tfds catalog). `builders` holds the tfds builders, `preparation` prepares
+data sets (`python -m cips_jax.data` from the shell), `sources` opens them.
 """
 
 from cips_jax.data.builders import ImageFolder
 from cips_jax.data.builders import ImageFolderConfig
 from cips_jax.data.builders import ProceduralConfig
 from cips_jax.data.builders import ProceduralLandscapes
-from cips_jax.data.builders import load_source
-from cips_jax.data.builders import open_source
-from cips_jax.data.builders import prepare_command
-from cips_jax.data.builders import prepare_image_folder
-from cips_jax.data.builders import prepare_lmdb
-from cips_jax.data.builders import prepare_lsun_churches
-from cips_jax.data.builders import prepare_procedural
 from cips_jax.data.pipeline import TrainBatches
 from cips_jax.data.pipeline import coordinate_grid
+from cips_jax.data.preparation import prepare_image_folder
+from cips_jax.data.preparation import prepare_lmdb
+from cips_jax.data.preparation import prepare_lsun_churches
+from cips_jax.data.preparation import prepare_procedural
 from cips_jax.data.procedural import landscape
 from cips_jax.data.procedural import panorama
+from cips_jax.data.sources import load_source
+from cips_jax.data.sources import open_source
+from cips_jax.data.sources import prepare_command
 
 __all__ = [
   'ImageFolder',

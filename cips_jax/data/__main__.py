@@ -4,16 +4,19 @@ They are stored as ArrayRecord files, which `data.load_source` reads.
 
     python -m cips_jax.data procedural --data_dir=DATA_DIR [--config=s32]
     python -m cips_jax.data folder SOURCE_DIR --data_dir=DATA_DIR \
-        --resolution=256 [--name=N]
+        --resolution=256 [--name=N] [--background=white]
     # needs the lmdb extra (pip install cips_jax[lmdb]):
     python -m cips_jax.data lmdb LMDB_PATH --data_dir=DATA_DIR \
-        --resolution=256 [--name=N]
+        --resolution=256 [--name=N] [--background=white]
     # needs TensorFlow to prepare:
     python -m cips_jax.data lsun --data_dir=DATA_DIR
 
 `procedural` writes `procedural_landscapes/<config>`, `folder` writes
 `image_folder/<name>` (unreadable files are skipped and named; the name defaults
-to <folder name>_<resolution>), `lsun` writes `lsun/church_outdoor`.
+to <folder name>_<resolution>), `lsun` writes `lsun/church_outdoor`. Images
+with transparency (an alpha channel or a transparent palette entry) are
+composited on --background: white (the default), black, R,G,B (each 0-255,
+e.g. 0,128,255) or #rrggbb.
 
 `lmdb` writes `image_folder/<name>` as `folder` does, from an LMDB (a directory
 holding data.mdb, or a single file): LSUN's own (e.g. church_outdoor_train_lmdb
@@ -32,6 +35,7 @@ from absl import flags
 
 from cips_jax import cli
 from cips_jax.data import builders
+from cips_jax.data import preparation
 
 _KINDS = ('procedural', 'folder', 'lmdb', 'lsun')
 _SOURCE = {'folder': 'SOURCE_DIR', 'lmdb': 'LMDB_PATH'}  # their one argument
@@ -54,6 +58,12 @@ _NAME = flags.DEFINE_string(
 )
 _NUM_THREADS = flags.DEFINE_integer(
   'num_threads', None, 'folder, lmdb: parallel image conversions.'
+)
+_BACKGROUND = flags.DEFINE_string(
+  'background',
+  'white',
+  'folder, lmdb: the colour transparent images are composited on: '
+  f'{preparation.BACKGROUND_FORMS}.',
 )
 _DOWNLOAD_DIR = flags.DEFINE_string(
   'download_dir', None, 'lsun: where the zips are downloaded.'
@@ -82,7 +92,7 @@ def _positional(argv: list[str]) -> tuple[str, list[str]]:
 def main(argv):
   kind, rest = _positional(argv)
   if kind == 'procedural':
-    builder = builders.prepare_procedural(_DATA_DIR.value, _CONFIG.value)
+    builder = preparation.prepare_procedural(_DATA_DIR.value, _CONFIG.value)
   elif kind in _SOURCE:
     (source,) = rest
     if kind == 'folder' and not os.path.isdir(source):
@@ -92,10 +102,11 @@ def main(argv):
         f'{kind} needs --resolution=PIXELS (the shorter side of the stored '
         'images)'
       )
+    background = preparation.parse_background(_BACKGROUND.value, '--background')
     prepare = (
-      builders.prepare_image_folder
+      preparation.prepare_image_folder
       if kind == 'folder'
-      else builders.prepare_lmdb
+      else preparation.prepare_lmdb
     )
     try:
       builder = prepare(
@@ -104,6 +115,7 @@ def main(argv):
         _RESOLUTION.value,
         _NAME.value,
         num_threads=_NUM_THREADS.value,
+        background=background,
       )
     except ImportError as error:  # no lmdb: the message says what to install
       raise ValueError(str(error)) from None
@@ -119,7 +131,7 @@ def main(argv):
       )
   else:
     try:
-      builder = builders.prepare_lsun_churches(
+      builder = preparation.prepare_lsun_churches(
         _DATA_DIR.value, download_dir=_DOWNLOAD_DIR.value
       )
     except (

@@ -4,18 +4,20 @@ Everything here works with tensorflow-datasets alone (no TensorFlow) because the
 builders are defined in a package module, are prepared with
 `file_format='array_record'`, yield images as PIL images or encoded bytes (never
 numpy arrays, whose encoding calls TensorFlow) and are read back with
-`load_source` (a random-access `tfds` data source, decoded with pillow).
+`sources.load_source` (a random-access `tfds` data source, decoded with pillow).
+`preparation` prepares them (`python -m cips_jax.data` from the shell).
 
 Datasets, each stored under `DATA_DIR/<name>/<config>/<version>/`:
 
 - `procedural_landscapes/{s32,s64,s256,panorama_s64}`: download-free procedural
   landscapes (`cips_jax.data.procedural`); image i is the scene with seed i.
       python -m cips_jax.data procedural --data_dir DATA_DIR --config s32
-- `image_folder/<name>`: any tree of JPEG/PNG/WebP files, converted to RGB and
-  resized so that the shorter side equals the resolution (the reference's
+- `image_folder/<name>`: any tree of JPEG/PNG/WebP files, converted to RGB
+  (transparent images composited on a background colour, white by default)
+  and resized so that the shorter side equals the resolution (the reference's
   prepare_data.py, minus LMDB); stored as JPEG quality 95.
       python -m cips_jax.data folder SOURCE_DIR --data_dir DATA_DIR \
-          --resolution 256 [--name N]
+          --resolution 256 [--name N] [--background white]
   The same from the images of an LMDB (LSUN's own, e.g.
   church_outdoor_train_lmdb, or one the reference's prepare_data.py made; see
   `lmdb_source`); needs the `lmdb` extra, not TensorFlow.
@@ -31,15 +33,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 import concurrent.futures
 import dataclasses
-import importlib.util
 import io
 import itertools
-import os
 import pathlib
-import re
 from typing import Any
 
 from absl import logging
+import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
@@ -48,6 +48,7 @@ from cips_jax.data import lmdb_source
 from cips_jax.data import procedural
 
 JPEG_QUALITY = 95
+WHITE = (255, 255, 255)  # the default background of transparent images
 _VERSION = tfds.core.Version('1.0.0')
 
 
@@ -150,12 +151,15 @@ class ImageFolderConfig(tfds.core.BuilderConfig):
       GIL).
     source_format: 'folder' (a tree of image files) or 'lmdb' (an LMDB of
       encoded images, either layout of `lmdb_source`).
+    background: (R, G, B) in 0..255, the colour transparent images are
+      composited on (see `flatten`).
   """
 
   source_dir: str | None = None
   resolution: int = 256
   num_threads: int = 8
   source_format: str = 'folder'
+  background: tuple[int, int, int] = WHITE
 
 
 class ImageFolder(tfds.core.GeneratorBasedBuilder):
@@ -166,8 +170,10 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   - files are found recursively by extension (.jpg .jpeg .png .webp, any case),
     sorted by their path relative to the source folder; record i is the i-th
     readable file;
-  - each image is converted to RGB (grayscale, palette, RGBA, CMYK all become
-    RGB; alpha is dropped as PIL's convert('RGB') does) and resized with PIL
+  - each image is converted to RGB (grayscale, palette, CMYK all become RGB;
+    images with transparency, i.e. an alpha channel or a transparent palette
+    entry or colour, are composited on the config's `background`, see
+    `flatten`) and resized with PIL
     bilinear so that its SHORTER side equals `resolution` (the longer side
     becomes int(resolution * long / short), as torchvision's resize); no centre
     crop, so images may be non-square;
@@ -270,7 +276,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     skipped = []
 
     def convert(image):
-      return _load_resized_jpeg(image, cfg.resolution)
+      return _load_resized_jpeg(image, cfg.resolution, tuple(cfg.background))
 
     with concurrent.futures.ThreadPoolExecutor(max(1, cfg.num_threads)) as pool:
       # Bounded chunks keep memory flat and the output in order.
@@ -304,6 +310,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         'source_dir': str(source),
         'source_format': cfg.source_format,
         'resolution': cfg.resolution,
+        'background': list(cfg.background),
         'encoding': f'jpeg{JPEG_QUALITY}',
         'num_files': count,
         'skipped_files': skipped,
@@ -312,11 +319,63 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     )
 
 
+# Modes with an alpha channel (PIL converts each to RGBA), and the modes whose
+# `transparency` info (a palette index or one colour) marks transparent pixels.
+_ALPHA_MODES = ('RGBA', 'LA', 'PA', 'RGBa')
+_KEYED_MODES = ('P', 'L', 'RGB')
+
+
+def _has_transparency(image: Image.Image) -> bool:
+  """Whether some pixels of `image` may be (partly) transparent.
+
+  True for an alpha channel (RGBA, LA, PA, RGBa), a palette with alpha, or a
+  `transparency` entry (a palette index, or the one transparent colour of an
+  L or RGB PNG).
+  """
+  if image.mode in _ALPHA_MODES:
+    return True
+  if image.mode == 'P' and image.palette and image.palette.mode == 'RGBA':
+    return True
+  return image.mode in _KEYED_MODES and 'transparency' in image.info
+
+
+def flatten(
+  image: Image.Image, background: tuple[int, int, int] = WHITE
+) -> Image.Image:
+  """`image` as RGB, transparent pixels composited on `background`.
+
+  A pixel (c, alpha) becomes round((c * alpha + b * (255 - alpha)) / 255) per
+  channel, b being the background's: fully opaque pixels keep their colour
+  exactly, fully transparent ones become the background. Images without
+  transparency are converted by `images.to_rgb` (unchanged).
+
+  Args:
+    image: any PIL image, (H, W) pixels.
+    background: (R, G, B) in 0..255.
+  Returns:
+    An RGB image, (H, W) pixels.
+  """
+  if not _has_transparency(image):
+    return images.to_rgb(image)
+  rgba = np.asarray(image.convert('RGBA'), np.uint32)  # (H, W, 4)
+  alpha = rgba[..., 3:]
+  # in integers: + 127 rounds the division by 255 to nearest (never a tie)
+  mixed = (
+    rgba[..., :3] * alpha
+    + np.asarray(background, np.uint32) * (255 - alpha)
+    + 127
+  ) // 255
+  return Image.fromarray(mixed.astype(np.uint8))
+
+
 def _load_resized_jpeg(
-  source: pathlib.Path | bytes | None, resolution: int
+  source: pathlib.Path | bytes | None,
+  resolution: int,
+  background: tuple[int, int, int] = WHITE,
 ) -> bytes | Exception:
   """The image (a file or its encoded bytes) as RGB, resized, JPEG-encoded.
 
+  Transparent images are composited on `background` first (see `flatten`).
   Returns the exception instead if the image cannot be read.
   """
   try:
@@ -327,7 +386,7 @@ def _load_resized_jpeg(
     with Image.open(source) as image:
       # decodes everything now: truncated files fail here, not later
       image.load()
-      image = images.resize_shorter_side(images.to_rgb(image), resolution)
+      image = images.resize_shorter_side(flatten(image, background), resolution)
     buffer = io.BytesIO()
     image.save(buffer, format='JPEG', quality=JPEG_QUALITY, subsampling=0)
     return buffer.getvalue()
@@ -336,340 +395,3 @@ def _load_resized_jpeg(
     # ValueError, DecompressionBombError, struct.error, ...); any of them means
     # "skip this file".
     return e
-
-
-# ------------------------------------------------------------------------------
-# Preparing and loading
-# ------------------------------------------------------------------------------
-
-
-def prepare_procedural(
-  data_dir: str | os.PathLike, config_name: str = 's32'
-) -> ProceduralLandscapes:
-  """Generates `procedural_landscapes/<config_name>` under `data_dir`.
-
-  A no-op if it is already present.
-
-  Args:
-    data_dir: root of the prepared data sets.
-    config_name: 's32' (2048 x 32x32), 's64' (4096 x 64x64), 's256' (4096 x
-      256x256) or 'panorama_s64' (2048 x 64x256 full 360 degree panoramas).
-  Returns:
-    The prepared builder, which
-    `load_source(data_dir, f'procedural_landscapes/{config_name}')` reads.
-  """
-  builder = ProceduralLandscapes(
-    config=config_name, data_dir=os.fspath(data_dir)
-  )
-  builder.download_and_prepare(file_format='array_record')
-  return builder
-
-
-def _default_folder_name(source_dir: pathlib.Path, resolution: int) -> str:
-  stem = (
-    re.sub(r'[^a-z0-9]+', '_', source_dir.resolve().name.lower()).strip('_')
-    or 'images'
-  )
-  return f'{stem}_{resolution}'
-
-
-def prepare_image_folder(
-  source_dir: str | os.PathLike,
-  data_dir: str | os.PathLike,
-  resolution: int,
-  name: str | None = None,
-  *,
-  num_threads: int | None = None,
-) -> ImageFolder:
-  """Prepares `image_folder/<name>` under `data_dir` from `source_dir`'s images.
-
-  Args:
-    source_dir: folder searched recursively for .jpg/.jpeg/.png/.webp files
-      (any case).
-    data_dir: root of the prepared data sets.
-    resolution: shorter side of the stored images (bilinear resize, no crop).
-    name: config name (letters, digits, '_'); default
-      `<source folder name>_<resolution>`.
-    num_threads: parallel image conversions (default: min(8, CPU count)).
-  Returns:
-    The prepared builder. `builder.info.metadata['skipped_files']` lists the
-    unreadable files (paths relative to `source_dir`);
-    `load_source(data_dir, f'image_folder/{name}')` reads the images, uint8
-    (H, W, 3) with min(H, W) == resolution.
-  Raises:
-    ValueError: if `name` already holds images prepared from another folder or
-      resolution.
-  """
-  return _prepare_images(
-    'folder', source_dir, data_dir, resolution, name, num_threads
-  )
-
-
-def prepare_lmdb(
-  lmdb_path: str | os.PathLike,
-  data_dir: str | os.PathLike,
-  resolution: int,
-  name: str | None = None,
-  *,
-  num_threads: int | None = None,
-) -> ImageFolder:
-  """Prepares `image_folder/<name>` under `data_dir` from an LMDB's images.
-
-  The LMDB is LSUN's own (e.g. church_outdoor_train_lmdb: image id -> encoded
-  image) or the reference prepare_data.py's ('<size>-<index>' -> JPEG, and
-  b'length'); the layout is detected and stated in the log (see
-  `lmdb_source`). The images are stored as `prepare_image_folder` stores a
-  folder's: RGB, shorter side resized to `resolution`, JPEG 95. Needs the lmdb
-  package (`pip install cips_jax[lmdb]`), not TensorFlow.
-
-  Args:
-    lmdb_path: the LMDB: a directory holding data.mdb, or a single file.
-    data_dir: root of the prepared data sets.
-    resolution: shorter side of the stored images. From a prepare_data.py LMDB,
-      the entries of this size are read, else those of the smallest larger
-      stored size (resized).
-    name: config name (letters, digits, '_'); default
-      `<LMDB file or folder name>_<resolution>`.
-    num_threads: parallel image conversions (default: min(8, CPU count)).
-  Returns:
-    The prepared builder. `builder.info.metadata['skipped_files']` lists the
-    keys of the entries that could not be decoded, `['layout']` what was
-    read; `load_source(data_dir, f'image_folder/{name}')` reads the images.
-  Raises:
-    ImportError: the lmdb package is not installed.
-    FileNotFoundError: `lmdb_path` does not exist.
-    ValueError: `lmdb_path` is not an LMDB, holds no decodable image, or (from
-      prepare_data.py) no size at least `resolution`; or `name` already holds
-      other images. Nothing is written then.
-  """
-  return _prepare_images(
-    'lmdb', lmdb_path, data_dir, resolution, name, num_threads
-  )
-
-
-def _prepare_images(
-  source_format: str,
-  source_path: str | os.PathLike,
-  data_dir: str | os.PathLike,
-  resolution: int,
-  name: str | None,
-  num_threads: int | None,
-) -> ImageFolder:
-  """`image_folder/<name>` from a folder or an LMDB (`source_format`)."""
-  source = pathlib.Path(source_path).resolve()
-  if resolution < 1:
-    raise ValueError(f'resolution must be positive, got {resolution}')
-  name = name or _default_folder_name(source, resolution)
-  if not re.fullmatch(r'[A-Za-z0-9_]+', name):
-    raise ValueError(
-      f'dataset name must be letters, digits and _, got {name!r}'
-    )
-  description = f'{source} at resolution {resolution}'
-  if source_format == 'lmdb':
-    # Fails here, before anything is written, if it is no usable LMDB.
-    with lmdb_source.LmdbImages(source, resolution) as entries:
-      description = f'LMDB {description}: {entries.describe()}'
-  config = ImageFolderConfig(
-    name=name,
-    source_dir=str(source),
-    resolution=resolution,
-    num_threads=num_threads or min(8, os.cpu_count() or 1),
-    source_format=source_format,
-    description=description,
-  )
-  data_dir = pathlib.Path(data_dir)
-  new_dirs = [
-    d
-    for d in (
-      data_dir / 'image_folder' / name,
-      data_dir / 'image_folder',
-      data_dir / 'downloads' / 'extracted',
-      data_dir / 'downloads',
-      data_dir,
-    )
-    if not d.exists()
-  ]
-  builder = ImageFolder(config=config, data_dir=os.fspath(data_dir))
-  if builder.is_prepared():
-    # tfds would silently reuse it: make sure it is what was asked for.
-    old = builder.info.metadata or {}
-    asked = (str(source), resolution, source_format)
-    found = (
-      old.get('source_dir'),
-      old.get('resolution'),
-      old.get('source_format', 'folder'),
-    )
-    if found != asked:
-      raise ValueError(
-        f'{builder.data_dir} already holds images from '
-        f'{old.get("source_dir")} at '
-        f'resolution {old.get("resolution")}; pass another name or delete it'
-      )
-  try:
-    builder.download_and_prepare(file_format='array_record')
-  except BaseException:
-    # tfds removes its unfinished files; the empty folders it made go too.
-    for folder in new_dirs:
-      if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
-    raise
-  return builder
-
-
-def prepare_lsun_churches(
-  data_dir: str | os.PathLike, *, download_dir: str | os.PathLike | None = None
-):
-  """Prepares the TFDS catalog's `lsun/church_outdoor` as ArrayRecord.
-
-  The data set has 126,227 train images. The catalog builder reads LSUN's LMDB
-  with TensorFlow and tensorflow-io, so PREPARING needs
-      pip install 'cips_jax[lsun]'
-  (or: pip install tensorflow-cpu tensorflow-io) once, on any machine; the
-  result (DATA_DIR/lsun/church_outdoor/3.1.0/*.array_record*) is then read
-  without TensorFlow by `load_source(data_dir, 'lsun/church_outdoor')`. The
-  images are LSUN's own (shorter side 256, about 3 GB); train at 256 with random
-  256x256 crops (`TrainBatches(..., resolution=256)`), as the reference's
-  `--to_crop`.
-
-  Without TensorFlow, prepare LSUN's LMDB itself (church_outdoor_train_lmdb,
-  from the LSUN download) with `prepare_lmdb(LMDB, data_dir, 256,
-  'church_outdoor')`, which is also the way to get other resolutions.
-
-  Args:
-    data_dir: root of the prepared data sets.
-    download_dir: where the LMDB zips are downloaded (default
-      DATA_DIR/downloads).
-  Returns:
-    The prepared tfds builder.
-  Raises:
-    ImportError: if TensorFlow or tensorflow-io is not installed.
-  """
-  missing = [
-    m
-    for m in ('tensorflow', 'tensorflow_io')
-    if importlib.util.find_spec(m) is None
-  ]
-  if missing:
-    raise ImportError(
-      'preparing LSUN needs TensorFlow: pip install cips_jax[lsun] (or pip '
-      f'install tensorflow-cpu tensorflow-io); missing: {", ".join(missing)}. '
-      'Reading the prepared data does not need it. Alternatively export the '
-      'LMDB to images and use prepare_image_folder (see the docstring of '
-      'prepare_lsun_churches).'
-    )
-  builder = tfds.builder('lsun/church_outdoor', data_dir=os.fspath(data_dir))
-  builder.download_and_prepare(
-    download_dir=None if download_dir is None else os.fspath(download_dir),
-    file_format='array_record',
-  )
-  return builder
-
-
-def prepare_command(data_dir: str | os.PathLike, name: str) -> str:
-  """The shell command that prepares data set `name`.
-
-  `name` is e.g. 'procedural_landscapes/s32'.
-  """
-  dataset, _, config = name.partition('/')
-  config = config.split(':')[0]
-  if dataset == 'procedural_landscapes':
-    return (
-      f'python -m cips_jax.data procedural --data_dir {data_dir} '
-      f'--config {config or "s32"}'
-    )
-  if dataset == 'lsun':
-    return (
-      f'python -m cips_jax.data lsun --data_dir {data_dir}  '
-      "(needs TensorFlow to prepare; without it, prepare LSUN's LMDB with "
-      'python -m cips_jax.data lmdb church_outdoor_train_lmdb --data_dir '
-      f'{data_dir} --resolution 256 --name church_outdoor and train with '
-      '--config.data.name=image_folder/church_outdoor)'
-    )
-  if dataset == 'image_folder':
-    flags = (
-      f'--data_dir {data_dir} --resolution RESOLUTION --name {config or "NAME"}'
-    )
-    return (
-      f'python -m cips_jax.data folder SOURCE_DIR {flags}  (or from an '
-      f'LMDB: python -m cips_jax.data lmdb LMDB_PATH {flags})'
-    )
-  return f'tfds build {name} --data_dir {data_dir} --file_format array_record'
-
-
-def _version_dirs(path: pathlib.Path) -> list[pathlib.Path]:
-  """Finished data set version folders (x.y.z) under `path`, oldest first."""
-  if not path.is_dir():
-    return []
-  found = []
-  for child in path.iterdir():
-    if (
-      re.fullmatch(r'\d+\.\d+\.\d+', child.name)
-      and (child / 'dataset_info.json').exists()
-    ):
-      found.append((tuple(int(v) for v in child.name.split('.')), child))
-  return [p for _, p in sorted(found)]
-
-
-def load_source(data_dir: str | os.PathLike, name: str, split: str = 'train'):
-  """A random-access data source over a prepared data set; no TensorFlow needed.
-
-  Args:
-    data_dir: root of the prepared data sets.
-    name: '<dataset>/<config>' with an optional ':<version>' (default: the
-      newest prepared), e.g. 'procedural_landscapes/s32',
-      'image_folder/churches_256', 'lsun/church_outdoor'.
-    split: e.g. 'train'.
-  Returns:
-    A sequence-like source: `len(source)`, `source[i]` -> {'image': uint8
-    (H, W, 3)} and `source.__getitems__(indices)`; grain reads it.
-  Raises:
-    FileNotFoundError: naming the folder searched and the command that prepares
-      it.
-  """
-  dataset_config, _, version = name.partition(':')
-  path = pathlib.Path(data_dir) / dataset_config
-  versions = _version_dirs(path)
-  if version:
-    versions = [v for v in versions if v.name == version]
-  if not versions:
-    raise FileNotFoundError(
-      f'no prepared data set {name!r} in {path} (looked for '
-      f'{path}/{version or "<version>"}/dataset_info.json). '
-      'Prepare it with:\n  '
-      f'{prepare_command(data_dir, name)}'
-    )
-  # Reading from the directory needs neither the builder's code nor TensorFlow
-  # (LSUN's needs).
-  builder = tfds.builder_from_directory(os.fspath(versions[-1]))
-  if split not in builder.info.splits:
-    raise ValueError(
-      f'{name} has no split {split!r}; it has {sorted(builder.info.splits)}'
-    )
-  return builder.as_data_source(split=split)
-
-
-PROCEDURAL_DATASET = 'procedural_landscapes'
-
-
-def open_source(data_dir: str | os.PathLike, name: str, split: str = 'train'):
-  """`load_source`, except that procedural data sets are generated on first use.
-
-  Args:
-    data_dir: root of the prepared data sets (`~` is expanded).
-    name: as for `load_source`. Names under `procedural_landscapes/` are
-      generated here when missing (deterministically, no download); every
-      other data set must be prepared first.
-  Returns:
-    The random-access source (see `load_source`).
-  Raises:
-    FileNotFoundError: a data set that is not procedural and not prepared; the
-      message gives the command that prepares it.
-  """
-  data_dir = os.path.expanduser(os.fspath(data_dir))
-  dataset, _, config = name.partition(':')[0].partition('/')
-  if dataset == PROCEDURAL_DATASET:
-    try:
-      return load_source(data_dir, name, split)
-    except FileNotFoundError:
-      prepare_procedural(data_dir, config or 's32')
-  return load_source(data_dir, name, split)

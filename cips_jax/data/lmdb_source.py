@@ -16,7 +16,7 @@ Two layouts are recognised (`detect_layout`):
         ...
 
 The database is opened read-only without locking, as a directory (holding
-data.mdb) or a single file. `builders.prepare_lmdb` turns it into a data set.
+data.mdb) or a single file. `preparation.prepare_lmdb` turns it into a data set.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ class TrainBatches:
     Args:
       source: random-access records (`len`, `[i]`, optionally `__getitems__`):
         dicts with `image_key` or bare images; images uint8 (H, W, 3|1) or
-        encoded bytes, H, W >= R. E.g. `builders.load_source(...)`.
+        encoded bytes, H, W >= R. E.g. `sources.load_source(...)`.
       global_batch_size: B, the batch of one step summed over all processes.
       resolution: R, the side of the training frame and of its coordinate grid.
       crop: c, the side of the patches (default R: whole frames). R / c must be
