@@ -15,11 +15,14 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from cips_jax import generator as generator_lib
+from cips_jax import models
 
-GENERATOR_CLASSES = {
-  cls.__name__: cls for cls in (generator_lib.CIPSskip, generator_lib.CIPSres)
-}
+# The networks of a training run, by the reference's names, and the train-state
+# field each is saved in: the EMA generator (the one to sample from), the
+# trained generator, the discriminator.
+NETWORKS = {'g_ema': 'ema_params', 'g': 'g_params', 'd': 'd_params'}
+# The two generators: what `--which` chooses between in the commands.
+GENERATOR_NETWORKS = ('g_ema', 'g')
 _SKIPPED_FIELDS = ('parent', 'name')
 
 
@@ -42,15 +45,15 @@ def module_config(module) -> dict[str, Any]:
 def module_from_config(config: dict[str, Any]):
   """Inverse of `module_config`."""
   name = config.get('class')
-  if name not in GENERATOR_CLASSES:
+  if name not in models.GENERATORS:
     raise ValueError(
       f'unknown generator class {name!r}; expected one of '
-      f'{sorted(GENERATOR_CLASSES)}'
+      f'{sorted(models.GENERATORS)}'
     )
   kwargs = dict(config['kwargs'])
   if 'dtype' in kwargs:
     kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
-  return GENERATOR_CLASSES[name](**kwargs)
+  return models.GENERATORS[name](**kwargs)
 
 
 def export_generator(directory: str, module, variables: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from cips_jax import checkpoints
 from cips_jax import host_malloc
 
 # Errors with a message meant for the user: missing or unreadable files
@@ -56,6 +57,25 @@ def no_positional_arguments(argv: list[str]) -> None:
   """Raises ValueError if the command line has arguments besides flags."""
   if len(argv) > 1:
     raise ValueError(f'unexpected arguments: {" ".join(argv[1:])}')
+
+
+def define_checkpoint_flags(
+  checkpoint_help: str,
+) -> tuple[flags.FlagHolder, flags.FlagHolder]:
+  """The `--checkpoint` and `--which` flags the commands share.
+
+  Returns their holders; `--which` picks one of `checkpoints.GENERATOR_NETWORKS`
+  (the EMA generator by default).
+  """
+  checkpoint = flags.DEFINE_string('checkpoint', None, checkpoint_help)
+  which = flags.DEFINE_enum(
+    'which',
+    'g_ema',
+    list(checkpoints.GENERATOR_NETWORKS),
+    "Which generator of a training checkpoint: 'g_ema' (the EMA generator, "
+    "the one to sample from) or 'g' (the trained one).",
+  )
+  return checkpoint, which
 
 
 def define_flags_for(options_class: type) -> dict[str, flags.FlagHolder]:

@@ -27,9 +27,6 @@ from cips_jax import checkpoints
 from cips_jax import convert
 from cips_jax import models
 
-WHICH = ('g_ema', 'g')
-_STATE_FIELDS = {'g_ema': 'ema_params', 'g': 'g_params'}
-
 
 class NotAGeneratorError(ValueError):
   """The path exists but holds nothing this package can read as a generator."""
@@ -62,7 +59,7 @@ def _restore_training_step(manager_dir: str, step: int, which: str):
     ),
   )
   gen = models.generator_from_config(saved['config']['model'])
-  return gen, {'params': saved['state'][_STATE_FIELDS[which]]}
+  return gen, {'params': saved['state'][checkpoints.NETWORKS[which]]}
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -121,8 +118,11 @@ def open_generator(
     FileNotFoundError: nothing at `path`, or a workdir without checkpoints.
     NotAGeneratorError: `path` is none of the above.
   """
-  if which not in WHICH:
-    raise ValueError(f'which must be one of {WHICH}, got {which!r}')
+  if which not in checkpoints.GENERATOR_NETWORKS:
+    raise ValueError(
+      f'which must be one of {checkpoints.GENERATOR_NETWORKS} (a generator),'
+      f' got {which!r}'
+    )
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
     raise FileNotFoundError(f'no checkpoint at {path}')

@@ -26,7 +26,9 @@ __all__ = [
   'generator_from_config',
 ]
 
-GENERATORS = {'CIPSskip': CIPSskip, 'CIPSres': CIPSres}
+# The one registry of generator classes, by the name configs and exported
+# generators give (config.model.arch, an export's 'class').
+GENERATORS = {cls.__name__: cls for cls in (CIPSskip, CIPSres)}
 
 
 def generator_from_config(
@@ -68,7 +70,7 @@ def init(module: nn.Module, rng: jax.Array) -> dict[str, Any]:
   their whole path (mapping network included) on one pixel; the discriminator on
   one image of its size.
   """
-  if isinstance(module, (CIPSskip, CIPSres)):
+  if isinstance(module, tuple(GENERATORS.values())):
     z = jnp.zeros((1, module.style_dim), jnp.float32)
     coords = jnp.zeros((1, 2), jnp.float32)
     return module.init(rng, z, coords, method=type(module).generate)

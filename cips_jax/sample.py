@@ -40,19 +40,14 @@ from cips_jax import cli
 from cips_jax import loading
 from cips_jax import pictures
 
-_CHECKPOINT = flags.DEFINE_string(
-  'checkpoint',
-  None,
-  'Training workdir, exported generator directory, or reference .pt file.',
+_CHECKPOINT, _WHICH = cli.define_checkpoint_flags(
+  'Training workdir, exported generator directory, or reference .pt file.'
 )
 _MODE = flags.DEFINE_enum(
   'mode', 'grid', list(pictures.MODES), 'What to render.'
 )
 _OUT = flags.DEFINE_string(
   'out', None, 'Output file (.png; .gif for interpolate).'
-)
-_WHICH = flags.DEFINE_enum(
-  'which', 'g_ema', list(loading.WHICH), 'Which generator of a checkpoint.'
 )
 _OPTIONS = cli.define_flags_for(pictures.Options)
 flags.mark_flags_as_required(['checkpoint', 'out'])

@@ -33,26 +33,19 @@ from cips_jax import cli
 from cips_jax import convert
 from cips_jax import loading
 from cips_jax import models
+from cips_jax import reference_run
 from cips_jax import torch_pickle
-from cips_jax import train
+from cips_jax import train_state
 
-_CHECKPOINT = flags.DEFINE_string(
-  'checkpoint',
-  None,
+_CHECKPOINT, _WHICH = cli.define_checkpoint_flags(
   'Input: a reference .pt file (training checkpoint or state dict); with '
-  '--to_torch, a training workdir or an exported generator.',
+  '--to_torch, a training workdir or an exported generator.'
 )
 _OUTPUT = flags.DEFINE_string(
   'output',
   None,
   'Output: the directory of the exported generator; with --to_torch, the .pt '
   'file.',
-)
-_WHICH = flags.DEFINE_enum(
-  'which',
-  'g_ema',
-  list(convert.GENERATOR_KINDS),
-  'Which generator of a reference training checkpoint to export.',
 )
 _ACTIVATION = flags.DEFINE_string(
   'activation', '', "Only for sine models: 'sin' or 'sinrelu'."
@@ -100,8 +93,8 @@ def to_torch() -> None:
       'exported generator (a .pt file is already in PyTorch form)'
     )
   if os.path.isdir(os.path.join(source, 'checkpoints')):
-    config, gen, disc, state = train.restore_run(source)
-    run = train.training_run(config, state)
+    config, gen, disc, state = train_state.restore_run(source)
+    run = reference_run.training_run(config, state)
     if _GENERATOR_ONLY.value:
       what = f'the {_WHICH.value} state dict of {convert.describe(gen)}'
       params = run.g_ema if _WHICH.value == 'g_ema' else run.g
