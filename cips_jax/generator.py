@@ -43,9 +43,9 @@ PIXEL_AXIS, IMAGE_AXIS = 'pixels', 'images'  # names of the two vmapped axes
 MODULATED_ACTIVATIONS, FOLDED_WEIGHTS = 'activations', 'weights'
 PER_IMAGE_FORMS = (MODULATED_ACTIVATIONS, FOLDED_WEIGHTS, 'auto')
 # 'auto' per backend, by measurement (docs/benchmarks.md, "Per-image style
-# forms"): on a 2-core CPU folding is 0.87-0.91x the time at batch 4 but
-# 1.0-1.12x at batch 1, and training is unmeasured, so CPUs keep activations.
-# GPU and TPU: not measured yet; the device check measures both.
+# forms"): on CPUs folding only wins from a few images per call, and batch-1
+# renders are the common library call, so CPUs keep activations. GPU and TPU:
+# not measured yet; the device check measures both.
 PER_IMAGE_FORM_BY_BACKEND = {'cpu': MODULATED_ACTIVATIONS}
 
 
@@ -313,6 +313,7 @@ class CIPS(nn.Module):
     *,
     mix: Optional[Array] = None,
     embedding_mode: Optional[str] = None,
+    layout: Optional[shapes.Layout] = None,
   ) -> Array:
     """Renders RGB at `coords` for styles `w`, as `cips_jax.shapes` describes.
 
@@ -327,6 +328,9 @@ class CIPS(nn.Module):
       mix: optional (B, ..., K) mixture weights.
       embedding_mode: overrides `self.embedding_mode` ('bilinear', 'table',
         'aligned').
+      layout: the inputs' `shapes.Layout` when the caller has parsed them
+        already (`cips_jax.sampling` does, once per call); else they are
+        parsed here.
     Returns:
       (B, ..., 3) float32 RGB, unclamped (trained against images in [-1, 1]).
     """
@@ -336,7 +340,8 @@ class CIPS(nn.Module):
         f'embedding_mode must be one of {encodings.EMBEDDING_MODES}, '
         f'got {mode!r}'
       )
-    layout = shapes.parse(w, coords, mix, self.style_dim)
+    if layout is None:
+      layout = shapes.parse(w, coords, mix, self.style_dim)
     coords = layout.flat_coords(jnp.asarray(coords, jnp.float32))
     w, mix = layout.flat_w(w), layout.flat_mix(mix)
     noise = None
@@ -348,9 +353,9 @@ class CIPS(nn.Module):
     if layout.styles_vary_per_pixel:
       rgb = self._render_per_pixel_styles(layout, coords, w, mix, noise, mode)
     elif resolve_per_image_form(self.per_image_form) == FOLDED_WEIGHTS:
-      rgb = self._render_per_image_weights(coords, w, noise, mode)
+      rgb = self._render_per_image_weights(layout, coords, w, noise, mode)
     else:
-      rgb = self._render_per_image_styles(coords, w, noise, mode)
+      rgb = self._render_per_image_styles(layout, coords, w, noise, mode)
     return rgb.reshape(layout.output_shape())
 
   def _render_per_pixel_styles(
@@ -386,7 +391,12 @@ class CIPS(nn.Module):
     return over_images(self, coords, w, mix, noise)
 
   def _render_per_image_styles(
-    self, coords: Array, w: Array, noise: Optional[Array], mode: str
+    self,
+    layout: shapes.Layout,
+    coords: Array,
+    w: Array,
+    noise: Optional[Array],
+    mode: str,
   ) -> Array:
     """The RGB (B * P, 3) of per-image styles w (B, D) at coords.
 
@@ -397,7 +407,7 @@ class CIPS(nn.Module):
     with separate image and pixel axes it contracts two axes, which XLA:CPU
     precedes with a transpose of the activations.
     """
-    batch, num_pixels = w.shape[0], coords.shape[-2]
+    batch, num_pixels = layout.batch, layout.num_pixels
 
     # (B, ...) -> (B * P, ...): each image's value at its pixels.
     def per_pixel(array):
@@ -414,7 +424,12 @@ class CIPS(nn.Module):
     return over_pixels(self, coords, noise, modulations)
 
   def _render_per_image_weights(
-    self, coords: Array, w: Array, noise: Optional[Array], mode: str
+    self,
+    layout: shapes.Layout,
+    coords: Array,
+    w: Array,
+    noise: Optional[Array],
+    mode: str,
   ) -> Array:
     """The RGB (B * P, 3) of per-image styles w (B, D), folded per image.
 
@@ -423,17 +438,16 @@ class CIPS(nn.Module):
     reference's form), and a vmap over pixels inside one over images makes
     each layer one batched product.
     """
-    batch, num_pixels = w.shape[0], coords.shape[-2]
     modulations = self.modulations_for(w, fold_weights=True)
 
     over_pixels = _vmap_over(
       _pixel_with_modulations(mode), PIXEL_AXIS, (0, 0, None)
     )
     over_images = _vmap_over(
-      over_pixels, IMAGE_AXIS, (0 if coords.ndim == 3 else None, 0, 0)
+      over_pixels, IMAGE_AXIS, (None if layout.shared_coords else 0, 0, 0)
     )
     rgb = over_images(self, coords, noise, modulations)
-    return rgb.reshape(batch * num_pixels, 3)
+    return rgb.reshape(layout.batch * layout.num_pixels, 3)
 
   def generate(
     self, z: Array, coords: Array, *, embedding_mode: Optional[str] = None

@@ -67,7 +67,7 @@ def mapping(gen, variables: Variables, z: Array) -> Array:
   return _mapping(gen, variables, jnp.asarray(z, jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnames='gen')
 def _mapping(gen, variables, z):
   return gen.apply(variables, z, method=lambda module, z: module.mapping(z))
 
@@ -137,35 +137,56 @@ def synthesize(
   coords = jnp.asarray(coords, jnp.float32)
   mix = None if mix is None else jnp.asarray(mix, jnp.float32)
   layout = shapes.parse(w, coords, mix, gen.style_dim)
+  return _synthesize(
+    gen,
+    variables,
+    w,
+    coords,
+    mix,
+    rng,
+    layout=layout,
+    chunk_size=_settled_chunk_size(layout, chunk_size),
+    embedding_mode=embedding_mode,
+  )
+
+
+def _settled_chunk_size(
+  layout: shapes.Layout, chunk_size: Optional[int]
+) -> Optional[int]:
+  """The chunk `_synthesize` streams over, or None for all pixels at once."""
   if chunk_size is None and layout.styles_vary_per_pixel:
     chunk_size = PER_PIXEL_STYLE_CHUNK
   if chunk_size is not None and chunk_size >= layout.num_pixels:
-    chunk_size = None
-  return _synthesize(
-    gen, variables, w, coords, mix, rng, chunk_size, embedding_mode
-  )
+    return None
+  return chunk_size
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7))
+@functools.partial(
+  jax.jit, static_argnames=('gen', 'layout', 'chunk_size', 'embedding_mode')
+)
 def _synthesize(
-  gen, variables, w, coords, mix, rng, chunk_size, embedding_mode
+  gen, variables, w, coords, mix, rng, *, layout, chunk_size, embedding_mode
 ):
-  """`synthesize` once its options are settled.
+  """`synthesize` once its inputs are parsed and its options settled.
 
-  Compiled per model, options and shapes.
+  Compiled per model, layout and options.
   """
 
-  def render(w, coords, mix, rng):
+  def render(w, coords, mix, rng, layout):
     rngs = None if rng is None else {'noise': rng}
     return gen.apply(
-      variables, w, coords, mix=mix, embedding_mode=embedding_mode, rngs=rngs
+      variables,
+      w,
+      coords,
+      mix=mix,
+      embedding_mode=embedding_mode,
+      layout=layout,
+      rngs=rngs,
     )
 
   if chunk_size is None:
-    return render(w, coords, mix, rng)
-  return _render_in_chunks(
-    render, shapes.parse(w, coords, mix), w, coords, mix, rng, chunk_size
-  )
+    return render(w, coords, mix, rng, layout)
+  return _render_in_chunks(render, layout, w, coords, mix, rng, chunk_size)
 
 
 def _render_in_chunks(
@@ -179,6 +200,7 @@ def _render_in_chunks(
   """
   num_pixels = layout.num_pixels
   num_chunks = math.ceil(num_pixels / chunk_size)
+  chunk_layout = layout.chunk(chunk_size)
   coords, w, mix = (
     layout.flat_coords(coords),
     layout.flat_w(w),
@@ -197,6 +219,7 @@ def _render_in_chunks(
       take(coords, start, layout.pixel_axis),
       None if mix is None else take(mix, start, 1),
       chunk_rng,
+      chunk_layout,
     )
     return jax.lax.dynamic_update_slice_in_dim(rgb, chunk, start, axis=1)
 
@@ -270,13 +293,7 @@ def render(
   if mesh is not None:
     chunk = parallel.divisible_by_devices(chunk, mesh)
   render_chunk = _chunk_renderer(
-    gen,
-    embedding_mode,
-    mesh,
-    layout.shared_coords,
-    per_pixel_w,
-    mix is not None,
-    rng is not None,
+    gen, embedding_mode, mesh, layout.chunk(chunk), rng is not None
   )
   placement = None if mesh is None else parallel.replicated(mesh)
   variables = jax.device_put(variables, placement)
@@ -301,43 +318,42 @@ def render(
 
 
 @functools.lru_cache(maxsize=32)
-def _chunk_renderer(
-  gen, embedding_mode, mesh, shared, per_pixel_w, has_mix, has_rng
-):
-  """One compiled chunk renderer per (model, layout).
+def _chunk_renderer(gen, embedding_mode, mesh, chunk_layout, has_rng):
+  """One compiled chunk renderer per (model, chunk layout).
 
-  It is sharded over `mesh` when given.
+  It is sharded over `mesh` when given: each device renders its share of the
+  chunk's pixels.
   """
+  num_devices = 1 if mesh is None else mesh.size
+  device_layout = chunk_layout.chunk(chunk_layout.num_pixels // num_devices)
 
   def render(variables, w, coords, mix, rng):
     if mesh is not None and rng is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.DATA_AXIS))
     rngs = None if rng is None else {'noise': rng}
-    # (B, n, 2) would read as a shared grid: per-image sets are (B, 1, n, 2).
-    if not shared:
-      coords = coords[:, None]
-      if per_pixel_w:
-        w = w[:, None]
-      if has_mix:
-        mix = mix[:, None]
-    rgb = gen.apply(
-      variables, w, coords, mix=mix, embedding_mode=embedding_mode, rngs=rngs
+    return gen.apply(
+      variables,
+      w,
+      coords,
+      mix=mix,
+      embedding_mode=embedding_mode,
+      layout=device_layout,
+      rngs=rngs,
     )
-    return rgb if shared else rgb[:, 0]
 
   if mesh is None:
     return jax.jit(render)
   pixels = (
     PartitionSpec(parallel.DATA_AXIS)
-    if shared
+    if chunk_layout.shared_coords
     else PartitionSpec(None, parallel.DATA_AXIS)
   )
   per_pixel = PartitionSpec(None, parallel.DATA_AXIS)
   in_specs = (
     PartitionSpec(),
-    per_pixel if per_pixel_w else PartitionSpec(),
+    per_pixel if chunk_layout.styles == shapes.PER_PIXEL else PartitionSpec(),
     pixels,
-    per_pixel if has_mix else None,
+    per_pixel if chunk_layout.styles == shapes.MIXTURE else None,
     PartitionSpec() if has_rng else None,
   )
   sharded = jax.shard_map(
@@ -430,7 +446,7 @@ def generate(
   reproduce.
   """
   shapes.check_latents(z, gen.style_dim)
-  shapes.parse((np.shape(z)[0], gen.style_dim), np.shape(coords))
+  layout = shapes.parse((np.shape(z)[0], gen.style_dim), np.shape(coords))
   if truncation_psi != 1.0 and w_avg is None:
     raise ValueError('truncation_psi != 1 needs w_avg (see sampling.w_avg)')
   return _generate(
@@ -438,33 +454,47 @@ def generate(
     variables,
     jnp.asarray(z, jnp.float32),
     jnp.asarray(coords, jnp.float32),
-    truncation_psi,
     w_avg,
     rng,
-    chunk_size,
-    embedding_mode,
+    layout=layout,
+    truncation_psi=truncation_psi,
+    chunk_size=_settled_chunk_size(layout, chunk_size),
+    embedding_mode=embedding_mode,
   )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 7, 8))
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    'gen',
+    'layout',
+    'truncation_psi',
+    'chunk_size',
+    'embedding_mode',
+  ),
+)
 def _generate(
   gen,
   variables,
   z,
   coords,
-  truncation_psi,
   w_avg,
   rng,
+  *,
+  layout,
+  truncation_psi,
   chunk_size,
   embedding_mode,
 ):
   w = truncate(_mapping(gen, variables, z), w_avg, truncation_psi)
-  return synthesize(
+  return _synthesize(
     gen,
     variables,
     w,
     coords,
-    rng=rng,
+    None,
+    rng,
+    layout=layout,
     chunk_size=chunk_size,
     embedding_mode=embedding_mode,
   )

@@ -2,7 +2,9 @@
 
 The generator, `sampling.synthesize`, `sampling.generate` and `sampling.render`
 all take styles `w` and coordinates `coords` (and optionally mixture weights
-`mix`) in the same forms, and all call `parse` to read them:
+`mix`) in the same forms. The public entry that receives them calls `parse`
+once and passes the `Layout` down (the generator's `layout=` argument); only a
+direct `gen.apply` call parses in the generator:
 
 Coordinates, `(..., 2)` with `[..., 0]` = x (along the width), `[..., 1]` = y:
 - shared by the batch: at most 3 dimensions, `(2,)`, `(N, 2)` or `(H, W, 2)`;
@@ -89,6 +91,15 @@ class Layout:
   def output_shape(self) -> tuple[int, ...]:
     """(B, ..., 3)."""
     return (self.batch, *self.pixel_shape, 3)
+
+  def chunk(self, num_pixels: int) -> Layout:
+    """The layout of `num_pixels` of every image's pixels, as a flat run.
+
+    A chunk of shared coordinates is (n, 2), of per-image ones (B, n, 2); w
+    per pixel (B, n, D); mix (B, n, K). Streaming renderers pass it down, so
+    a (B, n, 2) chunk is never mistaken for a shared (H, W, 2) grid.
+    """
+    return dataclasses.replace(self, pixel_shape=(num_pixels,))
 
 
 def parse(

@@ -101,3 +101,41 @@ def test_generate_checks_latents_and_coordinates_the_same_way(tiny):
   with pytest.raises(ValueError) as from_synthesize:
     sampling.synthesize(gen, variables, z, np.zeros((4, 4, 3)))
   assert str(from_generate.value) == str(from_synthesize.value)
+
+
+@pytest.mark.parametrize(
+  'call',
+  ['generate', 'synthesize', 'synthesize_chunked', 'render', 'render_mix'],
+)
+def test_one_call_parses_its_inputs_once(tiny, monkeypatch, call):
+  # Parsed at the public entry, then passed down: the jitted core, its chunks
+  # and the generator take the Layout instead of reading the shapes again.
+  gen, variables = tiny
+  calls = []
+  real_parse = shapes.parse
+
+  def counting_parse(*args, **kwargs):
+    calls.append(args)
+    return real_parse(*args, **kwargs)
+
+  monkeypatch.setattr(shapes, 'parse', counting_parse)
+  jax.clear_caches()  # every level traces anew, so each would parse again
+  key = jax.random.PRNGKey(1)
+  z = jax.random.normal(key, (2, D))
+  w = sampling.mapping(gen, variables, z)
+  coords = np.asarray(grids.uniform(5, 7))
+  per_image_coords = np.stack([coords, coords[::-1]])  # (B, 5, 7, 2)
+  if call == 'generate':
+    out = sampling.generate(gen, variables, z, per_image_coords)
+  elif call == 'synthesize':
+    out = sampling.synthesize(gen, variables, w, coords)
+  elif call == 'synthesize_chunked':
+    out = sampling.synthesize(gen, variables, w, per_image_coords, chunk_size=8)
+  elif call == 'render':
+    out = sampling.render(gen, variables, w, per_image_coords, chunk_size=16)
+  else:
+    ws = jax.random.normal(key, (2, 3, D))
+    mix = jax.nn.softmax(jax.random.normal(key, (2, 5, 7, 3)))
+    out = sampling.render(gen, variables, ws, coords, mix=mix, chunk_size=16)
+  assert out.shape == (2, 5, 7, 3)
+  assert len(calls) == 1, calls
