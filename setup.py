@@ -34,7 +34,8 @@ setup(
     # scipy: an independent sqrtm for the FID test; nbclient, nbformat,
     # ipykernel: the notebook test executes notebooks/cips_jax_demo.ipynb;
     # pytest-xdist and filelock: the suite on two workers sharing its fixtures;
-    # ruff: the style check (pyproject.toml); lmdb: the LMDB data tests.
+    # ruff (pinned, so a release cannot fail CI with no code change): the style
+    # check (pyproject.toml); lmdb: the LMDB data tests.
     'test': [
       'pytest>=8',
       'pytest-xdist',
@@ -43,7 +44,7 @@ setup(
       'nbclient',
       'nbformat',
       'ipykernel',
-      'ruff',
+      'ruff==0.17.6',
       'lmdb',
     ],
     # Preparing a data set from an LMDB (LSUN's own, or the reference

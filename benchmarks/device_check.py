@@ -13,8 +13,8 @@ Figures (all from this one process, on the first device):
 - `style_ratios`: a 2-style mixture and a style per pixel against per-image
   styles (time), bfloat16, batch 16;
 - `fused_layer`: one 512 -> 512 modulated layer over batch 16 x 256^2 pixels,
-  the Pallas kernel (`cips_jax.pallas_modulated`) against XLA's fusion of the
-  same formula (compiled kernels on an accelerator only);
+  the Pallas kernel (`cips_jax.kernels.modulated_dense`) against XLA's fusion
+  of the same formula (compiled kernels on an accelerator only);
 - `train`: the GAN step at 256^2 and 64^2, global batch 32, bfloat16, with and
   without remat: seconds of a plain step and of an R1 step, the step with R1
   amortised ((r1_every - 1) plain + 1 R1 per r1_every steps), images/s, peak
@@ -31,26 +31,25 @@ CPU in CI (about 25 s on 2 cores): its figures mean nothing.
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import json
-import os
-import platform
 import time
 
-from generator import MAC_PER_PIXEL  # benchmarks/generator.py
-from generator import best_time
-from generator import run_case
+from absl import app
+from absl import flags
+import common
 import jax
 import jax.numpy as jnp
 import numpy as np
-from train import prepared_steps  # benchmarks/train.py
 
-from cips_jax import configs
 from cips_jax import discriminator as discriminator_lib
 from cips_jax import generator as generator_lib
 from cips_jax import models
-from cips_jax import pallas_modulated
+from cips_jax.kernels import modulated_dense
+
+_SMOKE = flags.DEFINE_boolean(
+  'smoke', False, 'tiny sizes, on any backend (figures meaningless)'
+)
+_OUT = flags.DEFINE_string('out', None, 'the JSON file (default: stdout only)')
 
 # Dense bfloat16 peaks (TFLOP/s) by jax device_kind, from the vendors' sheets.
 PEAK_BF16_TFLOPS = {
@@ -61,9 +60,6 @@ PEAK_BF16_TFLOPS = {
   'TPU v5 lite': 197.0,
 }
 CHURCHES_IMAGES = 1_200_000 * 32  # the reference recipe: steps x batch
-SMOKE_MODEL = dict(
-  size=32, hidden_size=16, style_dim=16, n_mlp=1, max_channels=16
-)
 
 
 def peak_tflops(device) -> float | None:
@@ -71,27 +67,20 @@ def peak_tflops(device) -> float | None:
   return PEAK_BF16_TFLOPS.get(device.device_kind)
 
 
-def matmul_tflops(n: int, dtype, precision=None) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
-  dot = jax.jit(
-    lambda x, y: jnp.dot(
-      x, y, precision=precision, preferred_element_type=jnp.float32
-    )
-  )
-  return 2 * n**3 / best_time(dot, a, a, repeats=3) / 1e12
-
-
 def generation_cases(smoke: bool, peak: float | None):
-  gen32 = models.CIPSskip(**SMOKE_MODEL) if smoke else models.CIPSskip()
+  """Per-image renders by batch, dtype and form; the other forms' ratios."""
+  gen32 = models.CIPSskip(**common.SMOKE_MODEL) if smoke else models.CIPSskip()
   variables = models.init(gen32, jax.random.key(0))
-  side = 32 if smoke else 256
+  side = common.SMOKE_SIDE if smoke else 256
   batches = (4,) if smoke else (16, 64)
   cases = []
   for batch in batches:
     for dtype in (jnp.bfloat16, jnp.float32):
       for form in generator_lib.PER_IMAGE_FORMS[:2]:
         gen = gen32.clone(dtype=dtype, per_image_form=form)
-        case = run_case(gen, variables, 'per_image', batch, side, 1, np.inf)
+        case = common.generator_case(
+          gen, variables, 'per_image', batch, side, 1, np.inf
+        )
         case.pop('fraction_of_matmul')
         case['precision'] = 'bfloat16' if dtype == jnp.bfloat16 else 'default'
         case['tflop_per_s'] = round(case.pop('gflop_per_s') / 1e3, 2)
@@ -107,7 +96,9 @@ def generation_cases(smoke: bool, peak: float | None):
   )
   ratios = {}
   for kind in ('mixture2', 'per_pixel'):
-    case = run_case(gen16, variables, kind, batches[0], side, 1, np.inf)
+    case = common.generator_case(
+      gen16, variables, kind, batches[0], side, 1, np.inf
+    )
     ratios[f'{kind}_vs_per_image_time'] = round(
       case['seconds'] / base['seconds'], 3
     )
@@ -124,17 +115,19 @@ def fused_layer_case(smoke: bool):
   inv_norm = jnp.ones((batch, width))
   bias = jnp.zeros((width,))
   args = (x, kernel, scale, inv_norm, bias)
-  xla = jax.jit(pallas_modulated.styled_dense_reference)
+  xla = jax.jit(modulated_dense.styled_dense_reference)
   result = {
     'shape': [batch, pixels, width, width],
-    'xla_seconds': round(best_time(xla, *args, repeats=3), 5),
+    'xla_seconds': round(common.best_time(xla, *args, repeats=3), 5),
   }
   if jax.default_backend() == 'cpu':
     result['pallas'] = 'interpret mode only on CPU: not timed'
     return result
   try:
-    fused = jax.jit(pallas_modulated.fused_styled_dense)
-    result['pallas_seconds'] = round(best_time(fused, *args, repeats=3), 5)
+    fused = jax.jit(modulated_dense.fused_styled_dense)
+    result['pallas_seconds'] = round(
+      common.best_time(fused, *args, repeats=3), 5
+    )
     result['pallas_vs_xla_time'] = round(
       result['pallas_seconds'] / result['xla_seconds'], 3
     )
@@ -143,43 +136,24 @@ def fused_layer_case(smoke: bool):
   return result
 
 
-def train_config(side: int, batch: int, remat: bool, smoke: bool):
-  config = configs.reference_config()
-  config.model.size = side
-  config.data.resolution = config.data.crop = side
-  config.train.global_batch_size = batch
-  config.train.compute_dtype = 'bfloat16'
-  config.train.remat = remat
-  if smoke:
-    m = config.model
-    m.hidden_size, m.style_dim, m.n_mlp = 16, 16, 1
-    m.max_channels = m.d_max_channels = 16
-  return config
-
-
 def peak_device_bytes() -> int | None:
+  """The first device's peak memory in use so far, where it reports one."""
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get('peak_bytes_in_use')
 
 
 def train_case(side, batch, remat, smoke, peak, useful_flops=None):
   """One training configuration: a plain step and an R1 step, timed."""
-  config = train_config(side, batch, remat, smoke)
-  state, steps, batch_arrays = prepared_steps(config)
+  config = common.train_config(side, batch, remat, 'bfloat16', smoke)
+  state, steps, batch_arrays = common.prepared_steps(config)
   flops, seconds = {}, {}
   # Smoke: the R1 step only (one program to compile) stands in for both.
   for with_r1 in (True,) if smoke else (False, True):
     compiled = steps[with_r1].lower(state, batch_arrays).compile()
     flops[with_r1] = compiled.cost_analysis().get('flops', float('nan'))
-    state, out = steps[with_r1](state, batch_arrays)  # warm up
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(1 if smoke else 3):
-      start = time.perf_counter()
-      state, out = steps[with_r1](state, batch_arrays)
-      jax.block_until_ready(out)
-      times.append(time.perf_counter() - start)
-    seconds[with_r1] = min(times)
+    seconds[with_r1], state = common.best_step_time(
+      steps[with_r1], state, batch_arrays, 1 if smoke else 3
+    )
   if smoke:
     flops[False], seconds[False] = flops[True], seconds[True]
   every = config.train.r1_every
@@ -208,14 +182,10 @@ def train_case(side, batch, remat, smoke, peak, useful_flops=None):
   return case, useful
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--smoke', action='store_true')
-  parser.add_argument(
-    '--out', default=None, help='the JSON file (default: stdout only)'
-  )
-  args = parser.parse_args()
-  if jax.default_backend() == 'cpu' and not args.smoke:
+def main(argv):
+  common.check_no_arguments(argv)
+  smoke = _SMOKE.value
+  if jax.default_backend() == 'cpu' and not smoke:
     raise SystemExit(
       'device_check: no accelerator visible to jax (use --smoke to run the '
       'script on a CPU)'
@@ -223,18 +193,19 @@ def main():
   start = time.perf_counter()
   device = jax.devices()[0]
   peak = peak_tflops(device)
-  n = 256 if args.smoke else 4096
+  n = 256 if smoke else 4096
+  highest = jax.lax.Precision.HIGHEST
   matmul = {
-    'bfloat16': matmul_tflops(n, jnp.bfloat16),
-    'float32_default': matmul_tflops(n, jnp.float32),
-    'float32_highest': matmul_tflops(n, jnp.float32, jax.lax.Precision.HIGHEST),
+    'bfloat16': common.matmul_gflops(n, jnp.bfloat16) / 1e3,
+    'float32_default': common.matmul_gflops(n, jnp.float32) / 1e3,
+    'float32_highest': common.matmul_gflops(n, jnp.float32, highest) / 1e3,
   }
-  generation, ratios = generation_cases(args.smoke, peak)
-  fused = fused_layer_case(args.smoke)
+  generation, ratios = generation_cases(smoke, peak)
+  fused = fused_layer_case(smoke)
   training = []
-  if args.smoke:  # one small case: the code path, in seconds
+  if smoke:  # one small case: the code path, in seconds
     training.append(train_case(16, 4, False, True, peak)[0])
-  for side, batch in () if args.smoke else ((256, 32), (64, 32)):
+  for side, batch in () if smoke else ((256, 32), (64, 32)):
     plain, useful = train_case(side, batch, False, False, peak)
     with_remat, _ = train_case(side, batch, True, False, peak, useful)
     training += [plain, with_remat]
@@ -245,15 +216,11 @@ def main():
   )
   report = {
     'benchmark': 'device_check',
-    'smoke': args.smoke,
+    'smoke': smoke,
     'date': datetime.date.today().isoformat(),
-    'machine': {
-      'backend': jax.default_backend(),
-      'device_kind': device.device_kind,
-      'device_count': jax.device_count(),
-      'processor': platform.processor() or platform.machine(),
-      'jax': jax.__version__,
-    },
+    'machine': common.machine(
+      'backend', 'device_kind', 'device_count', 'processor', 'jax'
+    ),
     'peak_bf16_tflop_per_s': peak,
     'matmul_tflop_per_s': {k: round(v, 2) for k, v in matmul.items()},
     'generation_256': generation,
@@ -270,16 +237,11 @@ def main():
       'per_image_form_fastest_bf16': fastest['form'],
       'discriminator_conv': discriminator_lib.resolve_conv_impl('auto'),
     },
-    'useful_mac_per_pixel': MAC_PER_PIXEL,
+    'useful_mac_per_pixel': common.MAC_PER_PIXEL,
     'seconds_total': round(time.perf_counter() - start, 1),
   }
-  text = json.dumps(report, indent=1)
-  print(text)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      f.write(text + '\n')
+  common.print_json(report, out=_OUT.value)
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

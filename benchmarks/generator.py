@@ -6,6 +6,8 @@ CIPSskip-256 rendering a 256x256 grid.
     python benchmarks/generator.py
     # batch 1 only, fewer repeats
     python benchmarks/generator.py --quick
+    # chosen batch sizes (a comma-separated list, as absl writes lists)
+    python benchmarks/generator.py --batch_sizes=1,4 --repeats=1
 
 Cases (all at `--resolution`, default 256):
 - `per_image`: one w per image (float32 and bfloat16 matmul inputs), for each
@@ -26,190 +28,73 @@ run, so every ratio compares numbers from one process on one machine.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import time
-
-import flax
+from absl import app
+from absl import flags
+import common
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cips_jax import generator as generator_lib
-from cips_jax import grids
 from cips_jax import host_malloc
 from cips_jax import models
-from cips_jax import sampling
 
-# CIPSskip-256, counted from the reference architecture
-MAC_PER_PIXEL = 3_401_344
+# the per-image style forms one can choose ('auto' picks one of them)
+_FORM_CHOICES = generator_lib.PER_IMAGE_FORMS[:2]
 
-
-def best_time(fn, *args, repeats: int) -> float:
-  """Best wall time of `fn(*args)` over `repeats` calls, after one warm-up."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return min(times)
-
-
-def peak_bytes(jitted, *args) -> int:
-  """Arguments + outputs + temporaries of the compiled call.
-
-  As XLA's buffer assignment reports them.
-  """
-  return compiled_peak_bytes(jitted.lower(*args).compile())
-
-
-def compiled_peak_bytes(compiled) -> int:
-  """Arguments + outputs + temporaries - aliased buffers of a compiled program.
-
-  `compiled` is a compiled XLA program.
-  """
-  analysis = compiled.memory_analysis()
-  return int(
-    analysis.argument_size_in_bytes
-    + analysis.output_size_in_bytes
-    + analysis.temp_size_in_bytes
-    - analysis.alias_size_in_bytes
-  )
+_RESOLUTION = flags.DEFINE_integer('resolution', 256, 'the grid side')
+_BATCH_SIZES = flags.DEFINE_list(
+  'batch_sizes', ['1', '4'], 'batch sizes, comma separated'
+)
+_REPEATS = flags.DEFINE_integer('repeats', 2, 'timed calls per case (best)')
+_QUICK = flags.DEFINE_boolean('quick', False, 'batch 1, one repeat')
+_FORMS = flags.DEFINE_list(
+  'forms',
+  list(_FORM_CHOICES),
+  f'per-image style forms, comma separated, of {", ".join(_FORM_CHOICES)}',
+)
+flags.register_validator(
+  'batch_sizes',
+  lambda sizes: bool(sizes) and all(s.isdigit() and int(s) > 0 for s in sizes),
+  'batch sizes are positive integers',
+)
+flags.register_validator(
+  'forms',
+  lambda forms: bool(forms) and set(forms) <= set(_FORM_CHOICES),
+  f'forms are among {", ".join(_FORM_CHOICES)}',
+)
 
 
-def matmul_gflops(n: int = 4096, repeats: int = 3, dtype=jnp.float32) -> float:
-  """GFLOP/s of an n x n x n `jnp.dot` with `dtype` inputs.
+def main(argv):
+  common.check_no_arguments(argv)
+  batch_sizes = [int(b) for b in _BATCH_SIZES.value]
+  repeats = _REPEATS.value
+  if _QUICK.value:
+    batch_sizes, repeats = [1], 1
+  resolution = _RESOLUTION.value
 
-  The products accumulate in float32.
-  """
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-  dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-  seconds = best_time(dot, a, a, repeats=repeats)
-  return 2 * n**3 / seconds / 1e9
-
-
-def style_inputs(kind: str, batch: int, resolution: int, style_dim: int):
-  """(w, mix) for one of the style forms."""
-  key_w, key_p = jax.random.split(jax.random.key(1))
-  if kind == 'per_image':
-    return jax.random.normal(key_w, (batch, style_dim)), None
-  if kind == 'mixture2':
-    ws = jax.random.normal(key_w, (batch, 2, style_dim))
-    # A soft left-right blend: weight of the right style rises smoothly across
-    # the width.
-    t = jax.nn.sigmoid(8.0 * grids.uniform(resolution, resolution)[..., 0])
-    mix = jnp.stack([1.0 - t, t], axis=-1)
-    return ws, jnp.broadcast_to(mix, (batch, resolution, resolution, 2))
-  if kind == 'per_pixel':
-    return jax.random.normal(
-      key_p, (batch, resolution, resolution, style_dim)
-    ), None
-  raise ValueError(kind)
-
-
-def macs_per_pixel(variables, kind: str, num_styles: int = 2) -> int:
-  """Multiply-accumulates per pixel, counted from the parameter shapes.
-
-  Every style form does the pixel MLP (each modulated kernel in x out, plus the
-  Fourier features). A style per pixel adds, for every modulated layer, its
-  style affine (D x in) and, where it demodulates, the demodulation product (in
-  x out). A K-style mixture adds the blend (K x in) and the K^2-term
-  demodulation (K^2 x out).
-  """
-  flat = flax.traverse_util.flatten_dict(variables['params'])
-  total = int(np.prod(flat[('fourier', 'kernel')].shape))
-  for path, kernel in flat.items():
-    if path[-2:] != ('modulated', 'kernel'):
-      continue
-    fan_in, out = kernel.shape
-    demodulates = not any(name.startswith('to_rgb') for name in path)
-    style_dim = flat[path[:-1] + ('modulation', 'kernel')].shape[0]
-    total += fan_in * out
-    if kind == 'per_pixel':
-      total += style_dim * fan_in + (fan_in * out if demodulates else 0)
-    elif kind == 'mixture2':
-      total += num_styles * fan_in + (num_styles**2 * out if demodulates else 0)
-  return total
-
-
-def run_case(
-  gen, variables, kind, batch, resolution, repeats, matmul_rate, chunk_size=None
-):
-  coords = grids.uniform(resolution, resolution)
-  w, mix = style_inputs(kind, batch, resolution, gen.style_dim)
-  render = jax.jit(
-    lambda v, c, w, mix: sampling.synthesize(
-      gen, v, w, c, mix=mix, chunk_size=chunk_size
-    )
-  )
-  seconds = best_time(render, variables, coords, w, mix, repeats=repeats)
-  gflop = 2 * MAC_PER_PIXEL * resolution**2 * batch / 1e9
-  return {
-    'style': kind,
-    'form': generator_lib.resolve_per_image_form(gen.per_image_form)
-    if kind == 'per_image'
-    else generator_lib.MODULATED_ACTIVATIONS,
-    'dtype': jnp.dtype(gen.dtype).name,
-    'batch': batch,
-    'resolution': resolution,
-    'seconds': round(seconds, 4),
-    'images_per_s': round(batch / seconds, 4),
-    'gflop_per_s': round(gflop / seconds, 2),
-    'fraction_of_matmul': round(gflop / seconds / matmul_rate, 4),
-    'mac_per_pixel_done': macs_per_pixel(variables, kind),
-    'peak_mib': round(peak_bytes(render, variables, coords, w, mix) / 2**20, 1),
-  }
-
-
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--resolution', type=int, default=256)
-  parser.add_argument('--batch_sizes', type=int, nargs='+', default=[1, 4])
-  parser.add_argument('--repeats', type=int, default=2)
-  parser.add_argument(
-    '--quick', action='store_true', help='batch 1, one repeat'
-  )
-  parser.add_argument(
-    '--forms',
-    nargs='+',
-    default=[generator_lib.MODULATED_ACTIVATIONS, generator_lib.FOLDED_WEIGHTS],
-    choices=generator_lib.PER_IMAGE_FORMS[:2],
-  )
-  args = parser.parse_args()
-  if args.quick:
-    args.batch_sizes, args.repeats = [1], 1
-
-  matmul_rate = matmul_gflops()
+  matmul_rate = common.matmul_gflops()
   gen32 = models.CIPSskip(per_image_form=generator_lib.MODULATED_ACTIVATIONS)
   variables = models.init(gen32, jax.random.key(0))
   cases = []
-  for batch in args.batch_sizes:
+  for batch in batch_sizes:
     for dtype in (jnp.float32, jnp.bfloat16):
-      for form in args.forms:
+      for form in _FORMS.value:
         cases.append(
-          run_case(
+          common.generator_case(
             gen32.clone(dtype=dtype, per_image_form=form),
             variables,
             'per_image',
             batch,
-            args.resolution,
-            args.repeats,
+            resolution,
+            repeats,
             matmul_rate,
           )
         )
-  biggest = max(args.batch_sizes)
+  biggest = max(batch_sizes)
   for kind in ('mixture2', 'per_pixel'):
     cases.append(
-      run_case(
-        gen32,
-        variables,
-        kind,
-        biggest,
-        args.resolution,
-        args.repeats,
-        matmul_rate,
+      common.generator_case(
+        gen32, variables, kind, biggest, resolution, repeats, matmul_rate
       )
     )
 
@@ -247,30 +132,23 @@ def main():
     for c in cases
     if c['style'] != 'per_image'
   }
-  print(
-    json.dumps(
-      {
-        'benchmark': 'generator',
-        'model': 'CIPSskip-256',
-        'machine': {
-          'backend': jax.default_backend(),
-          'devices': [str(d) for d in jax.devices()],
-          'processor': platform.processor() or platform.machine(),
-          'jax': jax.__version__,
-          'host_malloc_reuse': host_malloc.configured,
-        },
-        'matmul_4096_f32_gflop_per_s': round(matmul_rate, 2),
-        'cases': cases,
-        'ratios_at_batch_%d' % biggest: ratios,
-        # time of the folded-weight form / the activation form, per case
-        'weights_vs_activations_time': forms,
-      },
-      indent=1,
-    )
+  common.print_json(
+    {
+      'benchmark': 'generator',
+      'model': 'CIPSskip-256',
+      'machine': common.machine(
+        'backend', 'devices', 'processor', 'jax', 'host_malloc_reuse'
+      ),
+      'matmul_4096_f32_gflop_per_s': round(matmul_rate, 2),
+      'cases': cases,
+      'ratios_at_batch_%d' % biggest: ratios,
+      # time of the folded-weight form / the activation form, per case
+      'weights_vs_activations_time': forms,
+    }
   )
 
 
 if __name__ == '__main__':
   # before the first computation starts XLA's threads
   host_malloc.reuse_freed_memory()
-  main()
+  app.run(main)

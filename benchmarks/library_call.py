@@ -18,21 +18,25 @@ is printed.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import subprocess
 import sys
 import textwrap
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from absl import app
+from absl import flags
+import common
+
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'timed calls after the first')
+_SMOKE = flags.DEFINE_boolean('smoke', False, 'a tiny model at 16x16')
 
 FULL_MODEL = (
   'size=256, hidden_size=512, style_dim=512, n_mlp=8, lr_mlp=0.01, '
   'channel_multiplier=2'
 )
-SMOKE_MODEL = 'size=16, hidden_size=16, style_dim=16, n_mlp=1, max_channels=16'
+# The smoke model at 16x16: the children build it from this source text.
+SMOKE_MODEL = ', '.join(
+  f'{key}={value}' for key, value in {**common.SMOKE_MODEL, 'size': 16}.items()
+)
 
 _COMMON = """
 import json, sys, time
@@ -91,32 +95,28 @@ print(json.dumps({{'generate': timed(lambda: generate(variables, z), {repeats}),
 
 
 def run_child(source: str) -> dict:
+  """Runs Python `source` in a fresh process; the JSON line it printed last.
+
+  With glibc's malloc settings unless `source` changes them.
+  """
   env = dict(os.environ)
   env.pop('CIPS_JAX_SYSTEM_MALLOC', None)
-  result = subprocess.run(
+  return common.run_for_json(
     [sys.executable, '-c', source],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
     timeout=1800,
+    last_line=True,
+    cwd=common.REPO,
+    env=env,
   )
-  if result.returncode:
-    raise RuntimeError(result.stderr[-3000:])
-  return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--repeats', type=int, default=3)
-  parser.add_argument(
-    '--smoke', action='store_true', help='a tiny model at 16x16'
-  )
-  args = parser.parse_args()
+def main(argv):
+  common.check_no_arguments(argv)
+  smoke = _SMOKE.value
   fill = dict(
-    model=SMOKE_MODEL if args.smoke else FULL_MODEL,
-    side=16 if args.smoke else 256,
-    repeats=1 if args.smoke else args.repeats,
+    model=SMOKE_MODEL if smoke else FULL_MODEL,
+    side=16 if smoke else 256,
+    repeats=1 if smoke else _REPEATS.value,
   )
   readme = run_child(textwrap.dedent(_README.format(setup='', **fill)))
   setup = 'from cips_jax import host_malloc\nhost_malloc.reuse_freed_memory()'
@@ -124,25 +124,20 @@ def main():
   best_s = best['generate']['best_s']
   for call in readme.values():
     call['fraction_of_best'] = round(best_s / call['best_s'], 3)
-  print(
-    json.dumps(
-      {
-        'benchmark': 'library_call',
-        'smoke': args.smoke,
-        'model': 'CIPSskip (tiny)' if args.smoke else 'CIPSskip-256',
-        'resolution': fill['side'],
-        'batch': 1,
-        'machine': {
-          'processor': platform.processor() or platform.machine(),
-          'cpu_count': os.cpu_count(),
-        },
-        'readme_calls': readme,
-        'best_path': best,
-      },
-      indent=1,
-    )
+  common.print_json(
+    {
+      'benchmark': 'library_call',
+      'smoke': smoke,
+      'model': 'CIPSskip (tiny)' if smoke else 'CIPSskip-256',
+      'resolution': fill['side'],
+      'batch': 1,
+      'machine': common.machine('processor', 'cpu_count'),
+      'readme_calls': readme,
+      'best_path': best,
+    }
   )
 
 
 if __name__ == '__main__':
-  main()
+  # No reuse_freed_memory() here: each path sets up its own child process.
+  app.run(main)

@@ -28,15 +28,13 @@ Sizes grow on accelerators (batch 16 renders, batch 32/8 training steps).
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
+from absl import app
+from absl import flags
+import common
 import jax
 import jax.numpy as jnp
 
@@ -45,41 +43,31 @@ from cips_jax import host_malloc
 from cips_jax import models
 from cips_jax import sampling
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(
-    f'bench_{name}', os.path.join(HERE, f'{name}.py')
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-bench_generator = _load('generator')
-bench_train = _load('train')
-
-
-# --smoke: every case on a tiny model and grid, so that the suite's code runs in
-# seconds (tests/test_readme.py); its figures mean nothing.
-SMOKE_MODEL = dict(
-  size=32, hidden_size=16, style_dim=16, n_mlp=1, max_channels=16
+_QUICK = flags.DEFINE_boolean('quick', False, 'smaller sizes, one repeat')
+_SKIP_TRAIN = flags.DEFINE_boolean('skip_train', False, 'no training cases')
+_SMOKE = flags.DEFINE_boolean(
+  'smoke',
+  False,
+  'a tiny model and grid: checks the suite runs (figures meaningless)',
 )
-SMOKE_SIDE = 32
 
 
 def generator_cases(on_accelerator, quick, rates, smoke=False):
+  """Per-image styles in float32 and bfloat16, a mixture, a w per pixel.
+
+  Returns (cases, their time and memory ratios to per-image styles, the
+  float32 (generator, variables)).
+  """
   batch = 16 if on_accelerator else 1
   # Three: with host_malloc the heap settles within the first calls of a new
   # shape.
   repeats = 1 if quick or smoke else 3
-  side = SMOKE_SIDE if smoke else 256
-  gen32 = models.CIPSskip(**SMOKE_MODEL) if smoke else models.CIPSskip()
+  side = common.SMOKE_SIDE if smoke else 256
+  gen32 = models.CIPSskip(**common.SMOKE_MODEL) if smoke else models.CIPSskip()
   variables = models.init(gen32, jax.random.key(0))
   gen16 = gen32.clone(dtype=jnp.bfloat16)
   cases = [
-    bench_generator.run_case(
+    common.generator_case(
       gen,
       variables,
       'per_image',
@@ -92,7 +80,7 @@ def generator_cases(on_accelerator, quick, rates, smoke=False):
   ]
   for kind in ('mixture2', 'per_pixel'):
     cases.append(
-      bench_generator.run_case(
+      common.generator_case(
         gen32, variables, kind, batch, side, repeats, rates['float32']
       )
     )
@@ -108,6 +96,7 @@ def generator_cases(on_accelerator, quick, rates, smoke=False):
 
 
 def scaling_cases(model, on_accelerator, quick, smoke=False):
+  """Per-image render time and peak memory by grid side; a chunked render."""
   gen, variables = model
   w = sampling.mapping(
     gen, variables, jax.random.normal(jax.random.key(1), (1, gen.style_dim))
@@ -117,10 +106,10 @@ def scaling_cases(model, on_accelerator, quick, smoke=False):
   sides = (16, 32) if smoke else (64, 128) if quick else (64, 128, 256, 512)
   for side in sides:
     coords = grids.uniform(side, side)
-    seconds = bench_generator.best_time(
+    seconds = common.best_time(
       render, variables, w, coords, repeats=1 if quick else 3
     )
-    peak = bench_generator.peak_bytes(render, variables, w, coords)
+    peak = common.peak_bytes(render, variables, w, coords)
     cases.append(
       {
         'side': side,
@@ -137,7 +126,7 @@ def scaling_cases(model, on_accelerator, quick, smoke=False):
   sampling.render(gen, variables, w, grids.uniform(side, side))
   seconds = time.perf_counter() - start
   chunk = jax.jit(lambda v, w, c: sampling.synthesize(gen, v, w, c))
-  chunk_peak = bench_generator.peak_bytes(
+  chunk_peak = common.peak_bytes(
     chunk, variables, w, jnp.zeros((sampling.RENDER_CHUNK, 2))
   )
   chunked = {
@@ -161,6 +150,7 @@ def scaling_cases(model, on_accelerator, quick, smoke=False):
 
 
 def train_cases(on_accelerator, quick, rate, smoke=False):
+  """The full-width GAN step at 64^2 and 256^2, with and without remat."""
   cases = []
   sizes = ((64, 32), (256, 8)) if on_accelerator else ((64, 8), (256, 1))
   if quick:
@@ -169,28 +159,15 @@ def train_cases(on_accelerator, quick, rate, smoke=False):
     sizes = ((16, 4),)
   for side, batch in sizes:
     for remat in (False,) if smoke else (False, True):
-      config = bench_train.full_width_64_config()
-      config.model.size = side
-      config.data.resolution = config.data.crop = side
-      config.train.global_batch_size = batch
-      config.train.remat = remat
-      if smoke:
-        m = config.model
-        (
-          m.hidden_size,
-          m.style_dim,
-          m.n_mlp,
-          m.max_channels,
-          m.d_max_channels,
-        ) = 16, 16, 1, 16, 16
+      config = common.train_config(side, batch, remat=remat, smoke=smoke)
       reference = side == 64 and batch == 8 and not smoke
       cases.append(
-        bench_train.measure(
+        common.train_step_case(
           f'cips_skip_{side}_full',
           config,
           1 if quick else 2,
           rate,
-          bench_train.USEFUL_TFLOP_64 if reference else None,
+          common.USEFUL_TFLOP_64 if reference else None,
         )
       )
   return cases
@@ -201,75 +178,56 @@ def library_call_case(smoke=False):
 
   Each path runs in a fresh process.
   """
-  result = subprocess.run(
-    [sys.executable, os.path.join(HERE, 'library_call.py')]
+  return common.run_for_json(
+    [sys.executable, os.path.join(common.BENCHMARKS, 'library_call.py')]
     + (['--smoke'] if smoke else []),
-    capture_output=True,
-    text=True,
     timeout=3600,
   )
-  if result.returncode:
-    raise RuntimeError(result.stderr[-3000:])
-  return json.loads(result.stdout)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument(
-    '--quick', action='store_true', help='smaller sizes, one repeat'
-  )
-  parser.add_argument('--skip_train', action='store_true')
-  parser.add_argument(
-    '--smoke',
-    action='store_true',
-    help='a tiny model and grid: checks the suite runs (figures meaningless)',
-  )
-  args = parser.parse_args()
+def main(argv):
+  common.check_no_arguments(argv)
+  quick, smoke = _QUICK.value, _SMOKE.value
   on_accelerator = jax.default_backend() != 'cpu'
   start = time.perf_counter()
   rates = {
-    name: bench_generator.matmul_gflops(
-      n=256 if args.smoke else 4096, dtype=jnp.dtype(name)
-    )
+    name: common.matmul_gflops(n=256 if smoke else 4096, dtype=jnp.dtype(name))
     for name in ('float32', 'bfloat16')
   }
   generator, ratios, model = generator_cases(
-    on_accelerator, args.quick, rates, args.smoke
+    on_accelerator, quick, rates, smoke
   )
-  scaling = scaling_cases(model, on_accelerator, args.quick, args.smoke)
+  scaling = scaling_cases(model, on_accelerator, quick, smoke)
   training = (
     []
-    if args.skip_train
-    else train_cases(on_accelerator, args.quick, rates['float32'], args.smoke)
+    if _SKIP_TRAIN.value
+    else train_cases(on_accelerator, quick, rates['float32'], smoke)
   )
-  library = library_call_case(args.smoke)
-  print(
-    json.dumps(
-      {
-        'suite': 'cips_jax benchmarks/run_all.py',
-        'smoke': args.smoke,
-        'machine': {
-          'backend': jax.default_backend(),
-          'devices': [d.device_kind for d in jax.devices()],
-          'processor': platform.processor() or platform.machine(),
-          'cpu_count': os.cpu_count(),
-          'jax': jax.__version__,
-          'host_malloc_reuse': host_malloc.configured,
-        },
-        'matmul_4096_gflop_per_s': {k: round(v, 2) for k, v in rates.items()},
-        'generator_256': generator,
-        'generator_ratios': ratios,
-        'scaling': scaling,
-        'train_step': training,
-        'library_call': library,
-        'seconds_total': round(time.perf_counter() - start, 1),
-      },
-      indent=1,
-    )
+  library = library_call_case(smoke)
+  common.print_json(
+    {
+      'suite': 'cips_jax benchmarks/run_all.py',
+      'smoke': smoke,
+      'machine': common.machine(
+        'backend',
+        ('devices', 'device_kinds'),
+        'processor',
+        'cpu_count',
+        'jax',
+        'host_malloc_reuse',
+      ),
+      'matmul_4096_gflop_per_s': {k: round(v, 2) for k, v in rates.items()},
+      'generator_256': generator,
+      'generator_ratios': ratios,
+      'scaling': scaling,
+      'train_step': training,
+      'library_call': library,
+      'seconds_total': round(time.perf_counter() - start, 1),
+    }
   )
 
 
 if __name__ == '__main__':
   # before the first computation starts XLA's threads
   host_malloc.reuse_freed_memory()
-  main()
+  app.run(main)

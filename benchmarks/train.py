@@ -22,175 +22,69 @@ images/s, XLA's own FLOP count of the step, and useful FLOP/s as a fraction of a
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import json
 import os
-import platform
-import resource
-import time
 
-from generator import compiled_peak_bytes  # benchmarks/generator.py
-from generator import matmul_gflops
-import jax
-import numpy as np
+from absl import app
+from absl import flags
+import common
 
-from cips_jax import configs
-from cips_jax import grids
 from cips_jax import host_malloc
-from cips_jax import parallel
-from cips_jax import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# the reference PyTorch step on the same 2-core machine
-REFERENCE_SECONDS_64 = 46.0
-USEFUL_TFLOP_64 = 2.9  # useful work of that step (see the module docstring)
-
-
-def load_config(path):
-  spec = importlib.util.spec_from_file_location('experiment', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+_REPEATS = flags.DEFINE_integer(
+  'repeats', 2, 'timed steps per case (best); quickstart gets at least 5'
+)
+_QUICK = flags.DEFINE_boolean('quick', False, 'the quickstart config only')
+_COMPUTE_DTYPE = flags.DEFINE_string(
+  'compute_dtype', 'float32', 'config.train.compute_dtype of every case'
+)
+_REMAT = flags.DEFINE_boolean(
+  'remat', False, 'config.train.remat of every case'
+)
 
 
-def full_width_64_config():
-  config = configs.reference_config()
-  config.model.size = 64
-  config.data.resolution = config.data.crop = 64
-  config.train.global_batch_size = 8
-  return config
-
-
-def prepared_steps(config):
-  """A config's fresh train state, its jitted steps and a random batch.
-
-  Returns (state, {with_r1: step}, global batch), on a mesh of all devices.
-  """
-  mesh = parallel.make_mesh()
-  gen, disc = train.build_models(config)
-  g_tx, d_tx = train.make_optimizers(config)
-  state = jax.jit(
-    lambda: train.create_state(gen, disc, g_tx, d_tx, 0),
-    out_shardings=parallel.replicated(mesh),
-  )()
-  steps = train.jit_train_steps(
-    train.make_train_step(config, gen, disc, g_tx, d_tx), mesh
-  )
-  b, c = config.train.global_batch_size, config.data.crop
-  rng = np.random.default_rng(0)
-  batch = parallel.global_batch(
-    {
-      'image': rng.uniform(-1, 1, (b, c, c, 3)).astype(np.float32),
-      'coords': np.broadcast_to(
-        np.asarray(grids.uniform(c, c)), (b, c, c, 2)
-      ).copy(),
-    },
-    mesh,
-  )
-  return state, steps, batch
-
-
-def measure(name, config, repeats, matmul_rate, useful_tflop=None):
-  state, steps, batch = prepared_steps(config)
-  step = steps[False]
-  b, c = config.train.global_batch_size, config.data.crop
-  compiled = step.lower(state, batch).compile()
-  flops = compiled.cost_analysis().get('flops', float('nan'))
-  peak = compiled_peak_bytes(compiled)
-  state, out = step(state, batch)  # compile and warm up
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    state, out = step(state, batch)
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - start)
-  seconds = min(times)
-  result = {
-    'case': name,
-    'batch': b,
-    'resolution': c,
-    'compute_dtype': config.train.compute_dtype,
-    'remat': config.train.remat,
-    'seconds_per_step': round(seconds, 3),
-    'steps_per_s': round(1 / seconds, 4),
-    'images_per_s': round(b / seconds, 3),
-    'xla_counted_tflop_per_step': round(flops / 1e12, 4),
-    'peak_mib': round(peak / 2**20, 1),
-  }
-  if useful_tflop is not None:
-    rate = useful_tflop * 1e3 / seconds
-    result.update(
-      {
-        'useful_tflop_per_step': useful_tflop,
-        'useful_gflop_per_s': round(rate, 2),
-        'fraction_of_matmul': round(rate / matmul_rate, 4),
-        'speedup_vs_reference_pytorch': round(
-          REFERENCE_SECONDS_64 / seconds, 3
-        ),
-      }
-    )
-  else:
-    result['xla_counted_fraction_of_matmul'] = round(
-      flops / seconds / 1e9 / matmul_rate, 4
-    )
-  return result
-
-
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--repeats', type=int, default=2)
-  parser.add_argument('--quick', action='store_true')
-  parser.add_argument('--compute_dtype', default='float32')
-  parser.add_argument('--remat', action='store_true')
-  args = parser.parse_args()
-
-  matmul_rate = matmul_gflops()
+def main(argv):
+  common.check_no_arguments(argv)
+  matmul_rate = common.matmul_gflops()
   cases = []
-  if not args.quick:
-    config = full_width_64_config()
-    config.train.compute_dtype, config.train.remat = (
-      args.compute_dtype,
-      args.remat,
+  if not _QUICK.value:
+    config = common.train_config(
+      64, 8, remat=_REMAT.value, compute_dtype=_COMPUTE_DTYPE.value
     )
     cases.append(
-      measure(
-        'cips_skip_64_full', config, args.repeats, matmul_rate, USEFUL_TFLOP_64
+      common.train_step_case(
+        'cips_skip_64_full',
+        config,
+        _REPEATS.value,
+        matmul_rate,
+        common.USEFUL_TFLOP_64,
       )
     )
-  config = load_config(os.path.join(REPO, 'experiments', 'quickstart.py'))
-  config.train.compute_dtype, config.train.remat = (
-    args.compute_dtype,
-    args.remat,
+  config = common.load_config(
+    os.path.join(common.REPO, 'experiments', 'quickstart.py')
   )
-  cases.append(measure('quickstart', config, max(args.repeats, 5), matmul_rate))
-  print(
-    json.dumps(
-      {
-        'benchmark': 'train_step',
-        'machine': {
-          'backend': jax.default_backend(),
-          'devices': [str(d) for d in jax.devices()],
-          'processor': platform.processor() or platform.machine(),
-          'jax': jax.__version__,
-          'host_malloc_reuse': host_malloc.configured,
-        },
-        'matmul_4096_f32_gflop_per_s': round(matmul_rate, 2),
-        # The largest resident size of the process so far (over all cases run
-        # before it).
-        'process_max_rss_mib': round(
-          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        ),
-        'cases': cases,
-      },
-      indent=1,
+  config.train.compute_dtype = _COMPUTE_DTYPE.value
+  config.train.remat = _REMAT.value
+  cases.append(
+    common.train_step_case(
+      'quickstart', config, max(_REPEATS.value, 5), matmul_rate
     )
+  )
+  common.print_json(
+    {
+      'benchmark': 'train_step',
+      'machine': common.machine(
+        'backend', 'devices', 'processor', 'jax', 'host_malloc_reuse'
+      ),
+      'matmul_4096_f32_gflop_per_s': round(matmul_rate, 2),
+      # The largest resident size of the process so far (over all cases run
+      # before it).
+      'process_max_rss_mib': round(common.peak_rss_mib()),
+      'cases': cases,
+    }
   )
 
 
 if __name__ == '__main__':
   # before the first computation starts XLA's threads
   host_malloc.reuse_freed_memory()
-  main()
+  app.run(main)

@@ -1,11 +1,15 @@
 """Checks a training config before anything compiles.
 
-Errors name the offending field.
+The checks are one table, `RULES`: a row names a field, a test of its value
+and what the value must be. Rows may depend on other fields (contradictions)
+and on the devices the run has. `validate` reports the first broken row as
+
+    config.data.crop = 512: must be <= config.data.resolution = 256
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import Any, Callable
 
 import ml_collections
@@ -13,6 +17,7 @@ import ml_collections
 from cips_jax import configs
 from cips_jax import encodings
 from cips_jax import generator as generator_lib
+from cips_jax import models
 
 TRAIN_EMBEDDING_MODES = ('reference',) + encodings.EMBEDDING_MODES
 
@@ -24,18 +29,216 @@ class ConfigError(ValueError):
   """
 
 
-def _is_power_of_two(value: Any) -> bool:
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a rule may look at besides its own field's value."""
+
+  config: ml_collections.ConfigDict
+  num_devices: int
+  num_processes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One row of the table.
+
+  Attributes:
+    field: the dotted name, e.g. 'data.crop'.
+    ok: ok(value, context) -> whether the value can work.
+    message: what the value must be; formatted with the context's attributes
+      (e.g. '{num_devices}', '{config.data.resolution}').
+    applies: applies(context) -> whether to check the row at all.
+  """
+
+  field: str
+  ok: Callable[[Any, Context], bool]
+  message: str
+  applies: Callable[[Context], bool] = lambda context: True
+
+
+def _power_of_two(value: Any) -> bool:
   return isinstance(value, int) and value > 0 and value & (value - 1) == 0
 
 
-def _require(config, field: str, ok: Callable[[Any], bool], what: str) -> None:
-  value = config
-  for key in field.split('.'):
-    if key not in value:
-      raise ConfigError(f'config.{field} is missing ({what})')
-    value = value[key]
-  if not ok(value):
-    raise ConfigError(f'config.{field} = {value!r}: {what}')
+def _int_at_least(low: int) -> Callable[[Any, Context], bool]:
+  return lambda v, _: isinstance(v, int) and v >= low
+
+
+def _one_of(choices) -> Callable[[Any, Context], bool]:
+  return lambda v, _: v in choices
+
+
+def _boolean(value: Any, _) -> bool:
+  return isinstance(value, bool)
+
+
+POSITIVE = 'must be a positive integer'
+BOOLEAN = 'must be True or False'
+
+# Rows run in order: a field's type rows come before any row that compares it
+# with another field, so a wrong type is named as such, not hit as a TypeError.
+RULES: tuple[Rule, ...] = (
+  # The model.
+  Rule(
+    'model.arch',
+    _one_of(models.GENERATORS),
+    f'must be one of {sorted(models.GENERATORS)}',
+  ),
+  Rule(
+    'model.size',
+    lambda v, _: _power_of_two(v) and 4 <= v <= 1024,
+    'must be a power of two between 4 and 1024',
+  ),
+  *(
+    Rule(f'model.{name}', _int_at_least(1), POSITIVE)
+    for name in (
+      'hidden_size',
+      'style_dim',
+      'n_mlp',
+      'max_channels',
+      'd_max_channels',
+      'channel_multiplier',
+    )
+  ),
+  Rule('model.d_n_first_layers', _int_at_least(0), 'must be >= 0'),
+  Rule(
+    'model.activation',
+    _one_of(('', 'sin', 'sinrelu')),
+    "must be '' (leaky ReLU, the released models), 'sin' or 'sinrelu'",
+  ),
+  Rule(
+    'model.embedding_mode',
+    _one_of(encodings.EMBEDDING_MODES),
+    f'must be one of {encodings.EMBEDDING_MODES}',
+  ),
+  Rule('model.cylindrical', _boolean, BOOLEAN),
+  # The data.
+  Rule(
+    'data.name',
+    lambda v, _: isinstance(v, str) and bool(v),
+    'must name the prepared dataset',
+  ),
+  Rule(
+    'data.resolution',
+    lambda v, _: _power_of_two(v) and v >= 4,
+    'must be a power of two >= 4 (the side of the training coordinate grid)',
+  ),
+  Rule(
+    'data.crop',
+    lambda v, _: _power_of_two(v) and v >= 4,
+    'must be a power of two >= 4 (the side of the patches D sees)',
+  ),
+  Rule(
+    'data.crop',
+    lambda v, c: v <= c.config.data.resolution,
+    'must be <= config.data.resolution = {config.data.resolution}',
+  ),
+  # Training.
+  Rule('train.global_batch_size', _int_at_least(1), POSITIVE),
+  Rule(
+    'train.global_batch_size',
+    lambda v, c: v % c.num_devices == 0,
+    'must be divisible by the number of devices ({num_devices})',
+  ),
+  Rule(
+    'train.global_batch_size',
+    lambda v, c: v % c.num_processes == 0,
+    'must be divisible by the number of processes ({num_processes})',
+  ),
+  Rule(
+    'train.global_batch_size',
+    # D's minibatch standard deviation works on groups of min(batch, 4).
+    lambda v, _: v % min(v, 4) == 0,
+    'must be divisible by the minibatch-stddev group size min(batch, 4)',
+  ),
+  Rule('train.num_steps', _int_at_least(1), 'must be >= 1'),
+  Rule('train.g_lr', lambda v, _: v > 0, 'must be positive'),
+  Rule('train.d_lr', lambda v, _: v > 0, 'must be positive'),
+  *(
+    Rule(
+      field,
+      lambda v, _: len(v) == 2 and all(0 <= b < 1 for b in v),
+      'must be two numbers in [0, 1)',
+    )
+    for field in ('train.g_betas', 'train.d_betas')
+  ),
+  Rule('train.r1_every', _int_at_least(1), 'must be >= 1'),
+  Rule('train.r1_gamma', lambda v, _: v >= 0, 'must be >= 0'),
+  Rule('train.ema_decay', lambda v, _: 0 <= v <= 1, 'must be in [0, 1]'),
+  Rule(
+    'train.compute_dtype',
+    _one_of(('float32', 'bfloat16')),
+    "must be 'float32' or 'bfloat16'",
+  ),
+  Rule(
+    'train.per_image_form',
+    _one_of(generator_lib.PER_IMAGE_FORMS),
+    f'must be one of {generator_lib.PER_IMAGE_FORMS}',
+  ),
+  Rule('train.shard_embedding', _boolean, BOOLEAN),
+  Rule(
+    'model.size',
+    lambda v, c: v % c.num_devices == 0,
+    'must be divisible by the number of devices ({num_devices}) with '
+    'train.shard_embedding (the table is split by rows)',
+    applies=lambda c: c.config.train.shard_embedding,
+  ),
+  Rule(
+    'train.embedding_mode',
+    _one_of(TRAIN_EMBEDDING_MODES),
+    f'must be one of {TRAIN_EMBEDDING_MODES}',
+  ),
+  # Contradictions between fields.
+  Rule(
+    'train.init_generator_from',
+    lambda v, _: not v,
+    'contradicts train.continue_from (a continued run takes its generator '
+    'from the training checkpoint)',
+    applies=lambda c: bool(c.config.train.continue_from),
+  ),
+  Rule(
+    'model.size',
+    lambda v, c: v == c.config.data.resolution,
+    'must equal config.data.resolution = {config.data.resolution} with '
+    "train.embedding_mode = 'table' (the table is read at the training "
+    "grid's points)",
+    applies=lambda c: c.config.train.embedding_mode == 'table',
+  ),
+  Rule(
+    'train.embedding_mode',
+    _one_of(('bilinear', 'aligned')),
+    "must be 'bilinear' or 'aligned' for a cylindrical model (the "
+    "reference's table lookup assumes the R x R grid, not windows of a "
+    'panorama)',
+    applies=lambda c: c.config.model.cylindrical is True,
+  ),
+  # Logging.
+  *(
+    Rule(f'logging.{name}', _int_at_least(1), POSITIVE)
+    for name in (
+      'log_every',
+      'sample_every',
+      'checkpoint_every',
+      'keep_checkpoints',
+      'num_samples',
+    )
+  ),
+  Rule('logging.swd_num_images', _int_at_least(0), 'must be >= 0'),
+  Rule(
+    'logging.eval_every_steps',
+    _int_at_least(0),
+    'must be >= 0 (0 = no FID/KID during training)',
+  ),
+  *(
+    Rule(f'logging.{name}', _int_at_least(2), 'must be an integer >= 2')
+    for name in ('eval_num_samples', 'eval_num_real')
+  ),
+  Rule(
+    'logging.profile_steps',
+    _int_at_least(0),
+    'must be >= 0 (0 = no profiler trace)',
+  ),
+)
 
 
 def _unknown_fields(config, reference, prefix: str = '') -> list[str]:
@@ -48,6 +251,15 @@ def _unknown_fields(config, reference, prefix: str = '') -> list[str]:
     elif isinstance(value, (dict, ml_collections.ConfigDict)):
       unknown += _unknown_fields(value, reference[key], f'{name}.')
   return unknown
+
+
+def _value(config, field: str):
+  value = config
+  for key in field.split('.'):
+    if key not in value:
+      raise ConfigError(f'config.{field} is missing')
+    value = value[key]
+  return value
 
 
 def validate(
@@ -63,179 +275,11 @@ def validate(
       'name, larger images are always cropped, and model.cylindrical says '
       'whether the data are panoramas)'
     )
-  req = functools.partial(_require, config)
-  req(
-    'model.arch',
-    lambda v: v in ('CIPSskip', 'CIPSres'),
-    "must be 'CIPSskip' or 'CIPSres'",
-  )
-  req(
-    'model.size',
-    lambda v: _is_power_of_two(v) and 4 <= v <= 1024,
-    'must be a power of two between 4 and 1024',
-  )
-  for field in (
-    'model.hidden_size',
-    'model.style_dim',
-    'model.n_mlp',
-    'model.max_channels',
-    'model.d_max_channels',
-    'model.channel_multiplier',
-  ):
-    req(
-      field,
-      lambda v: isinstance(v, int) and v >= 1,
-      'must be a positive integer',
-    )
-  req(
-    'model.d_n_first_layers',
-    lambda v: isinstance(v, int) and v >= 0,
-    'must be >= 0',
-  )
-  req(
-    'model.activation',
-    lambda v: v in ('', 'sin', 'sinrelu'),
-    "must be '' (leaky ReLU, the released models), 'sin' or 'sinrelu'",
-  )
-  req(
-    'model.embedding_mode',
-    lambda v: v in encodings.EMBEDDING_MODES,
-    f'must be one of {encodings.EMBEDDING_MODES}',
-  )
-
-  req(
-    'data.name',
-    lambda v: isinstance(v, str) and v,
-    'must name the prepared dataset',
-  )
-  req(
-    'data.resolution',
-    lambda v: _is_power_of_two(v) and v >= 4,
-    'must be a power of two >= 4 (the side of the training coordinate grid)',
-  )
-  req(
-    'data.crop',
-    lambda v: _is_power_of_two(v) and v >= 4,
-    'must be a power of two >= 4 (the side of the patches D sees)',
-  )
-  req(
-    'data.crop',
-    lambda v: v <= config.data.resolution,
-    f'must be <= config.data.resolution = {config.data.resolution}',
-  )
-
-  req(
-    'train.global_batch_size',
-    lambda v: isinstance(v, int) and v >= 1,
-    'must be a positive integer',
-  )
-  req(
-    'train.global_batch_size',
-    lambda v: v % num_devices == 0,
-    f'must be divisible by the number of devices ({num_devices})',
-  )
-  req(
-    'train.global_batch_size',
-    lambda v: v % num_processes == 0,
-    f'must be divisible by the number of processes ({num_processes})',
-  )
-  req(
-    'train.global_batch_size',
-    lambda v: v % min(v, 4) == 0,
-    'must be divisible by the minibatch-stddev group size min(batch, 4)',
-  )
-  req(
-    'train.num_steps', lambda v: isinstance(v, int) and v >= 1, 'must be >= 1'
-  )
-  for field in ('train.g_lr', 'train.d_lr'):
-    req(field, lambda v: v > 0, 'must be positive')
-  for field in ('train.g_betas', 'train.d_betas'):
-    req(
-      field,
-      lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
-      'must be two numbers in [0, 1)',
-    )
-  req('train.r1_every', lambda v: isinstance(v, int) and v >= 1, 'must be >= 1')
-  req('train.r1_gamma', lambda v: v >= 0, 'must be >= 0')
-  req('train.ema_decay', lambda v: 0 <= v <= 1, 'must be in [0, 1]')
-  req(
-    'train.compute_dtype',
-    lambda v: v in ('float32', 'bfloat16'),
-    "must be 'float32' or 'bfloat16'",
-  )
-  req(
-    'train.per_image_form',
-    lambda v: v in generator_lib.PER_IMAGE_FORMS,
-    f'must be one of {generator_lib.PER_IMAGE_FORMS}',
-  )
-  req(
-    'train.shard_embedding',
-    lambda v: isinstance(v, bool),
-    'must be True or False',
-  )
-  if config.train.get('shard_embedding'):
-    req(
-      'model.size',
-      lambda v: v % num_devices == 0,
-      f'must be divisible by the number of devices ({num_devices}) with '
-      'train.shard_embedding (the table is split by rows)',
-    )
-  req(
-    'train.embedding_mode',
-    lambda v: v in TRAIN_EMBEDDING_MODES,
-    f'must be one of {TRAIN_EMBEDDING_MODES}',
-  )
-  req(
-    'model.cylindrical', lambda v: isinstance(v, bool), 'must be True or False'
-  )
-  # Contradictions between fields.
-  if config.train.continue_from:
-    req(
-      'train.init_generator_from',
-      lambda v: not v,
-      'contradicts train.continue_from (a continued run takes its generator '
-      'from the training checkpoint)',
-    )
-  if config.train.embedding_mode == 'table':
-    req(
-      'model.size',
-      lambda v: v == config.data.resolution,
-      f'must equal config.data.resolution = {config.data.resolution} with '
-      "train.embedding_mode = 'table' (the table is read at the training "
-      "grid's points)",
-    )
-  if config.model.cylindrical:
-    req(
-      'train.embedding_mode',
-      lambda v: v in ('bilinear', 'aligned'),
-      "must be 'bilinear' or 'aligned' for a cylindrical model (the "
-      "reference's table lookup assumes the R x R grid, not windows of a "
-      'panorama)',
-    )
-
-  for field in (
-    'logging.log_every',
-    'logging.sample_every',
-    'logging.checkpoint_every',
-    'logging.keep_checkpoints',
-    'logging.num_samples',
-  ):
-    req(
-      field,
-      lambda v: isinstance(v, int) and v >= 1,
-      'must be a positive integer',
-    )
-  req(
-    'logging.swd_num_images',
-    lambda v: isinstance(v, int) and v >= 0,
-    'must be >= 0',
-  )
-  req(
-    'logging.eval_every_steps',
-    lambda v: isinstance(v, int) and v >= 0,
-    'must be >= 0 (0 = no FID/KID during training)',
-  )
-  for field in ('logging.eval_num_samples', 'logging.eval_num_real'):
-    req(
-      field, lambda v: isinstance(v, int) and v >= 2, 'must be an integer >= 2'
-    )
+  context = Context(config, num_devices, num_processes)
+  for rule in RULES:
+    value = _value(config, rule.field)
+    if rule.applies(context) and not rule.ok(value, context):
+      message = rule.message.format(
+        config=config, num_devices=num_devices, num_processes=num_processes
+      )
+      raise ConfigError(f'config.{rule.field} = {value!r}: {message}')

@@ -112,4 +112,7 @@ def reference_config() -> ml_collections.ConfigDict:
   logging.eval_num_real = 50_000
   # '' = look in the usual places (cips_jax.metrics.inception)
   logging.inception_weights = ''
+  # > 0: a profiler trace of this many steps (after the process's first two,
+  # which compile), in tensorboard/plugins/profile/ for TensorBoard's profiler
+  logging.profile_steps = 0
   return config

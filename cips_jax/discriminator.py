@@ -86,7 +86,7 @@ def blur(x: Array, taps: Sequence[float], pad: tuple[int, int]) -> Array:
   x: (B, H, W, C) -> (B, H + pad0 + pad1 - len(taps) + 1, ..., C). The 2-D
   kernel outer(k, k) / sum is separable, so it runs as len(taps) shifted adds
   along each axis: elementwise work that XLA fuses (a depthwise convolution is
-  20x slower on CPU). upfirdn2d convolves, so the taps are reversed (a no-op for
+  far slower on CPU). upfirdn2d convolves, so the taps are reversed (a no-op for
   the symmetric kernels used here).
   """
   k = np.asarray(taps, dtype=np.float64)
@@ -113,10 +113,10 @@ def conv2d(
 
   Either XLA's convolution or im2col + one matmul. 'im2col' stacks the k*k
   shifted (strided) views of the padded input along channels and multiplies once
-  by the (k*k*in, out) kernel. On XLA:CPU its forward and backward run about
-  1.5x (stride 1) to 2x (stride 2) faster than the native convolution at D's
-  64x64 and 32x32 levels, for k*k times the input's memory; GPUs and TPUs keep
-  the native one.
+  by the (k*k*in, out) kernel. On XLA:CPU its forward and backward run faster
+  than the native convolution at D's 64x64 and 32x32 levels, for k*k times the
+  input's memory (docs/benchmarks.md, "Training step"); GPUs and TPUs keep the
+  native one.
   """
   if impl == 'xla':
     return jax.lax.conv_general_dilated(

@@ -28,18 +28,12 @@ from cips_jax import evaluation
 from cips_jax import loading
 from cips_jax import parallel
 from cips_jax import summary
-from cips_jax.metrics import inception
 
 _WORKDIR = flags.DEFINE_string(
   'workdir', None, 'Training workdir (config, data, cache).'
 )
-_CHECKPOINT = flags.DEFINE_string(
-  'checkpoint',
-  None,
-  "Generator to evaluate (default: the workdir's latest checkpoint).",
-)
-_WHICH = flags.DEFINE_enum(
-  'which', 'g_ema', list(loading.WHICH), 'Which generator of a checkpoint.'
+_CHECKPOINT, _WHICH = cli.define_checkpoint_flags(
+  "Generator to evaluate (default: the workdir's latest checkpoint)."
 )
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 50_000, 'Generated images.')
 _NUM_REAL = flags.DEFINE_integer(
@@ -84,14 +78,8 @@ def main(argv):
   checkpoint = _CHECKPOINT.value or workdir
   gen, variables = loading.open_generator(checkpoint, which=_WHICH.value)
   mesh = parallel.make_mesh()
-  extractor = inception.InceptionFeatures(
-    path=_INCEPTION.value, batch_size=_BATCH_SIZE.value, mesh=mesh
-  )
   data_dir = _DATA_DIR.value or config.data.data_dir
   source = data.open_source(data_dir, config.data.name)
-  _, coords = evaluation.render_grids(
-    config.data.resolution, config.model.cylindrical, source
-  )
   label = (
     f'step{loading.latest_checkpoint_step(workdir)}'
     if checkpoint == workdir
@@ -99,17 +87,15 @@ def main(argv):
   )
 
   start = time.perf_counter()
-  evaluator = evaluation.Evaluator.create(
-    extractor,
+  evaluator = evaluation.evaluator_for_run(
+    config,
+    workdir,
     source,
-    config.data.name,
-    config.data.resolution,
-    coords,
-    cache_dir=evaluation.stats_cache_dir(workdir),
     num_real=_NUM_REAL.value,
-    mesh=mesh,
     batch_size=_BATCH_SIZE.value,
     seed=_SEED.value,
+    inception_weights=_INCEPTION.value,
+    mesh=mesh,
     progress=summary.ProgressBar('real images', unit='images'),
   )
   scores = evaluator.evaluate(

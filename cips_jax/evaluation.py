@@ -31,6 +31,8 @@ from cips_jax import images as images_lib
 from cips_jax import parallel
 from cips_jax import sampling
 from cips_jax.metrics import fid as fid_lib
+from cips_jax.metrics import inception
+from cips_jax.metrics import swd as swd_lib
 
 # Feature vectors kept for KID (its subsets draw 1000 at a time).
 KID_FEATURES = 10_000
@@ -62,6 +64,17 @@ def real_image_batches(
       left = (image.shape[1] - resolution) // 2
       images.append(image[top : top + resolution, left : left + resolution])
     yield np.stack(images)
+
+
+def real_images(source, count: int, resolution: int, seed: int) -> np.ndarray:
+  """`count` real images (all, if fewer), centre crops of resolution^2.
+
+  Returns uint8 (N, R, R, 3), the seeded choice of `real_image_batches`.
+  """
+  count = min(count, len(source))
+  return next(
+    real_image_batches(source, count, resolution, batch_size=count, seed=seed)
+  )
 
 
 def statistics_of(
@@ -253,3 +266,70 @@ def _sharded_renderer(gen, batch_size: int, mesh):
     in_shardings=(replicated, replicated, replicated),
     out_shardings=parallel.batch_sharded(mesh),
   )
+
+
+def evaluator_for_run(
+  config,
+  workdir: str,
+  source,
+  *,
+  num_real: int,
+  batch_size: int,
+  seed: int,
+  inception_weights: Optional[str] = None,
+  mesh=None,
+  progress: Optional[Callable[[int, int], None]] = None,
+) -> Evaluator:
+  """The `Evaluator` of a training run: its data, grid and cached statistics.
+
+  Used by training (`config.logging.eval_*`) and by the evaluate command (its
+  flags). Fakes are rendered on the grid reals are compared on
+  (`render_grids`); real statistics are cached in `stats_cache_dir(workdir)`.
+  Raises FileNotFoundError, with where to get them, without the Inception
+  weights.
+  """
+  extractor = inception.InceptionFeatures(
+    path=inception_weights or None, mesh=mesh, batch_size=batch_size
+  )
+  _, coords = render_grids(
+    config.data.resolution, config.model.cylindrical, source
+  )
+  return Evaluator.create(
+    extractor,
+    source,
+    config.data.name,
+    config.data.resolution,
+    coords,
+    cache_dir=stats_cache_dir(workdir),
+    num_real=num_real,
+    mesh=mesh,
+    batch_size=batch_size,
+    seed=seed,
+    progress=progress,
+  )
+
+
+def render_samples(gen, params, z, coords) -> np.ndarray:
+  """Samples of latents z (N, D) at coords (H, W, 2): (N, H, W, 3) float32.
+
+  Unclamped, roughly in [-1, 1]; training's remat setting is dropped (it only
+  matters for gradients).
+  """
+  return np.asarray(
+    sampling.generate(gen.clone(remat=False), {'params': params}, z, coords)
+  )
+
+
+def sliced_wasserstein_of_samples(
+  gen, params, reals: np.ndarray, coords: np.ndarray, seed: int
+) -> dict[str, float]:
+  """SWD between `reals` (N, H, W, 3) uint8 and N samples rendered at coords.
+
+  The samples' latents are drawn from `seed + 2`, the same at every call, so
+  scores at the start and end of a run compare the same latents.
+  """
+  z = jax.random.normal(
+    jax.random.PRNGKey(seed + 2), (len(reals), gen.style_dim)
+  )
+  fakes = render_samples(gen, params, z, coords)
+  return swd_lib.sliced_wasserstein(reals, fakes, seed=seed)

@@ -3,26 +3,23 @@
 So CPU training does not page-fault every step.
 
 XLA:CPU allocates each execution's temporary buffer (several GB for a 64x64
-training step, 2 GB for one of D's 64x64 convolutions at batch 16) from its
-worker threads. glibc serves a block that large from a fresh `mmap` and unmaps
-it again on free, so every step touches all of its working set for the first
-time: the kernel faults in and zeroes each 4 KiB page. On the project's 2-core
-machine that was 557k page faults and 1.1 s of kernel time per call of that one
-convolution (2.45 s -> 1.87 s once the memory is reused), and the full 64x64
-training step went from 22.80 s to 18.72 s
-(benchmarks/results/train_cpu_2core_*_malloc.json).
+training step) from its worker threads. glibc serves a block that large from a
+fresh `mmap` and unmaps it again on free, so every step touches all of its
+working set for the first time: the kernel faults in and zeroes each 4 KiB
+page. The measured cost and gain are in docs/benchmarks.md, "Reused host memory
+and its trade-off".
 
 `reuse_freed_memory()` tells glibc, through `mallopt`, to serve every thread
 from the main heap (one arena), never to `mmap` a block, and never to give freed
 memory back to the system. The process keeps its largest heap: at least the
 step's working set, and more when glibc's aligned blocks miss the holes the last
-step freed (7577 MiB for that step in one run, 7631 MiB with the defaults;
-13.3 GB in another). It must run before JAX starts its backend (the first
-computation or device query), which is when XLA starts its worker threads: a
-thread that already owns an arena keeps mapping and unmapping. Importing JAX
-starts none. Every command line calls it first (`cips_jax.cli.run`), and so do
-the benchmarks; a program of one's own can call it at its start, or set
-`CIPS_JAX_SYSTEM_MALLOC=1` in a command's environment to keep glibc's defaults.
+step freed (the same section gives the resident sizes measured). It must run
+before JAX starts its backend (the first computation or device query), which is
+when XLA starts its worker threads: a thread that already owns an arena keeps
+mapping and unmapping. Importing JAX starts none. Every command line calls it
+first (`cips_jax.cli.run`), and so do the benchmarks; a program of one's own can
+call it at its start, or set `CIPS_JAX_SYSTEM_MALLOC=1` in a command's
+environment to keep glibc's defaults.
 
 The library's own calls do not depend on it: a generator render is one compiled
 program whose temporaries are allocated once per call (see `sampling`).

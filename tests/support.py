@@ -23,7 +23,7 @@ from cips_jax import checkpoints
 from cips_jax import grids
 from cips_jax import models
 from cips_jax import parallel
-from cips_jax import train
+from cips_jax import train_state
 
 TESTS = pathlib.Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -164,10 +164,10 @@ def final_state(config, workdir):
   """(step, train state) of the latest checkpoint of a run, restored on local
   devices.
   """
-  gen, disc = train.build_models(config)
-  g_tx, d_tx = train.make_optimizers(config)
+  gen, disc = train_state.build_models(config)
+  g_tx, d_tx = train_state.make_optimizers(config)
   abstract = jax.eval_shape(
-    lambda: train.create_state(gen, disc, g_tx, d_tx, 0)
+    lambda: train_state.create_state(gen, disc, g_tx, d_tx, 0)
   )
   manager = checkpoints.TrainCheckpoints(
     os.path.join(workdir, 'checkpoints'), keep=20, config=config

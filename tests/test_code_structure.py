@@ -6,8 +6,11 @@ another's privates.
 - No module uses a private name (`module._name`) of another cips_jax module.
 - Imports sit at the top of modules; one inside a function needs a comment
   saying why.
-- Test modules share helpers through conftest.py and support.py, never import
-  each other, and use temporary directories rather than fixed /tmp paths.
+- Test modules (with tests/configs and tests/scripts) share helpers through
+  conftest.py and support.py, never import each other, and use temporary
+  directories rather than fixed /tmp paths.
+- Scripts, configs and benchmarks use the package as its users do: no private
+  names.
 """
 
 from __future__ import annotations
@@ -64,37 +67,63 @@ def test_the_commands_exist_and_nothing_imports_them():
   assert not offenders, f'modules that import a command line: {offenders}'
 
 
-def test_no_module_reaches_a_private_name_of_another():
-  modules = package_modules()
+def private_names_reached(name: str, tree: ast.Module) -> list[str]:
+  """`module._x` uses and `from cips_jax.m import _x` imports in `tree`."""
   offenders = []
-  for name, tree in modules.items():
-    # Local names bound to cips_jax modules: `from cips_jax import x [as y]`,
-    # `import a.b as c`.
-    aliases = {}
-    for node in ast.walk(tree):
-      if (
-        isinstance(node, ast.ImportFrom)
-        and node.module
-        and node.module.startswith('cips_jax')
-      ):
-        for alias in node.names:
-          aliases[alias.asname or alias.name] = f'{node.module}.{alias.name}'
-          if alias.name.startswith('_'):
-            offenders.append(f'{name} imports {node.module}.{alias.name}')
-      elif isinstance(node, ast.Import):
-        for alias in node.names:
-          if alias.name.startswith('cips_jax') and alias.asname:
-            aliases[alias.asname] = alias.name
-    for node in ast.walk(tree):
-      if (
-        isinstance(node, ast.Attribute)
-        and node.attr.startswith('_')
-        and not node.attr.startswith('__')
-        and isinstance(node.value, ast.Name)
-        and node.value.id in aliases
-      ):
-        offenders.append(f'{name}: {node.value.id}.{node.attr}')
+  # Local names bound to cips_jax modules: `from cips_jax import x [as y]`,
+  # `import a.b as c`.
+  aliases = {}
+  for node in ast.walk(tree):
+    if (
+      isinstance(node, ast.ImportFrom)
+      and node.module
+      and node.module.startswith('cips_jax')
+    ):
+      for alias in node.names:
+        aliases[alias.asname or alias.name] = f'{node.module}.{alias.name}'
+        if alias.name.startswith('_'):
+          offenders.append(f'{name} imports {node.module}.{alias.name}')
+    elif isinstance(node, ast.Import):
+      for alias in node.names:
+        if alias.name.startswith('cips_jax') and alias.asname:
+          aliases[alias.asname] = alias.name
+  for node in ast.walk(tree):
+    if (
+      isinstance(node, ast.Attribute)
+      and node.attr.startswith('_')
+      and not node.attr.startswith('__')
+      and isinstance(node.value, ast.Name)
+      and node.value.id in aliases
+    ):
+      offenders.append(f'{name}: {node.value.id}.{node.attr}')
+  return offenders
+
+
+def test_no_module_reaches_a_private_name_of_another():
+  offenders = []
+  for name, tree in package_modules().items():
+    offenders += private_names_reached(name, tree)
   assert not offenders
+
+
+# Code that uses the package as its users do: scripts the tests run, test
+# configs, experiment configs and benchmarks reach no private name either.
+USERS_OF_THE_PACKAGE = sorted(
+  [
+    *(support.TESTS / 'configs').glob('*.py'),
+    *(support.TESTS / 'scripts').glob('*.py'),
+    *(support.REPO / 'experiments').glob('*.py'),
+    *(support.REPO / 'benchmarks').glob('*.py'),
+  ]
+)
+
+
+@pytest.mark.parametrize(
+  'path', USERS_OF_THE_PACKAGE, ids=lambda p: str(p.relative_to(support.REPO))
+)
+def test_scripts_and_configs_reach_no_private_name(path):
+  tree = ast.parse(path.read_text(), str(path))
+  assert not private_names_reached(path.name, tree)
 
 
 def test_imports_are_at_the_top_unless_a_comment_says_why():
@@ -112,8 +141,17 @@ def test_imports_are_at_the_top_unless_a_comment_says_why():
   assert not offenders, f'function-local imports without a reason: {offenders}'
 
 
+TEST_CODE = sorted(
+  [
+    *support.TESTS.glob('*.py'),
+    *(support.TESTS / 'configs').glob('*.py'),
+    *(support.TESTS / 'scripts').glob('*.py'),
+  ]
+)
+
+
 @pytest.mark.parametrize(
-  'path', sorted(support.TESTS.glob('*.py')), ids=lambda p: p.name
+  'path', TEST_CODE, ids=lambda p: str(p.relative_to(support.TESTS))
 )
 def test_test_modules_share_helpers_without_importing_each_other(path):
   tree = ast.parse(path.read_text())

@@ -18,8 +18,10 @@ import pytest
 
 from cips_jax import configs
 from cips_jax import convert
+from cips_jax import reference_run as reference_run_lib
 from cips_jax import torch_pickle
 from cips_jax import train
+from cips_jax import train_state
 import support
 
 FIXTURE = support.DATA / 'train_step_s8'
@@ -60,12 +62,12 @@ def step_inputs(index: int) -> train.StepInputs:
 
 def continued_run(config):
   """(models, optimizers, the state read from the .pt, the jitted step)."""
-  gen, disc = train.build_models(config)
-  g_tx, d_tx = train.make_optimizers(config)
+  gen, disc = train_state.build_models(config)
+  g_tx, d_tx = train_state.make_optimizers(config)
   abstract = jax.eval_shape(
-    lambda: train.create_state(gen, disc, g_tx, d_tx, 0)
+    lambda: train_state.create_state(gen, disc, g_tx, d_tx, 0)
   )
-  state = train.continue_reference_run(
+  state = reference_run_lib.continue_reference_run(
     config, str(PT), gen, disc, g_tx, d_tx, abstract
   )
   step = jax.jit(
@@ -173,7 +175,7 @@ def test_the_comparison_catches_a_changed_recipe():
 
 def test_an_optimizer_state_that_does_not_fit_names_the_keys():
   checkpoint = torch_pickle.load(PT)
-  gen, disc = train.build_models(fixture_config())
+  gen, disc = train_state.build_models(fixture_config())
   layout = convert.generator_layout(gen)
   names = convert.reference_parameter_names(checkpoint['g'])
   optimizer = checkpoint['g_optim']
@@ -201,7 +203,7 @@ def test_a_checkpoint_of_another_architecture_is_refused():
 
 def test_a_generator_alone_is_not_a_training_run():
   config = fixture_config()
-  gen, disc = train.build_models(config)
+  gen, disc = train_state.build_models(config)
   with pytest.raises(convert.CheckpointMismatchError, match='lacks g, d,'):
     convert.load_training_run(str(support.REFERENCE_PT), gen, disc)
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from cips_jax import layers
-from cips_jax import pallas_modulated as pm
+from cips_jax.kernels import modulated_dense as pm
 
 SHAPE = (2, 37, 48, 40)  # B, P, IN, OUT
 BLOCKS = {'block_pixels': 16, 'block_out': 16}

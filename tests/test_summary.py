@@ -40,6 +40,32 @@ def test_writer_scalars_read_back(tmp_path):
   }
 
 
+def test_training_report_averages_each_name_over_its_own_steps(tmp_path):
+  logdir = str(tmp_path / 'run')
+  with MetricWriter(logdir) as writer:
+    report = summary.TrainingReport(writer, 10, 0, batch_size=4)
+    report.add({'d_loss': np.float32(1.0), 'r1_penalty': np.float32(6.0)})
+    report.add({'d_loss': np.float32(2.0)})
+    report.add({'d_loss': np.float32(6.0)})
+    report.write(3)
+    report.write(3)  # nothing new since: writes nothing
+    report.add({'d_loss': np.float32(np.nan)})
+    with pytest.raises(FloatingPointError, match='d_loss'):
+      report.write(4)
+    writer.flush()
+  scalars = {
+    (step, v.tag): v.simple_value
+    for step, v in summary_values(read_events(logdir))
+    if v.WhichOneof('value') == 'simple_value'
+  }
+  # d_loss over its 3 steps, R1 over the one step that ran it; the diverged
+  # step 4 wrote nothing.
+  assert scalars[(3, 'd_loss')] == 3.0
+  assert scalars[(3, 'r1_penalty')] == 6.0
+  assert scalars[(3, 'images_per_s')] == 4 * scalars[(3, 'steps_per_s')]
+  assert {step for step, _ in scalars} == {3}
+
+
 def test_writer_images_and_hparams(tmp_path):
   logdir = str(tmp_path)
   rng = np.random.default_rng(0)

@@ -11,8 +11,9 @@ import pytest
 
 from cips_jax import convert
 from cips_jax import models
+from cips_jax import reference_run
 from cips_jax import torch_pickle
-from cips_jax import train
+from cips_jax import train_state
 import support
 
 TRAIN_STEP_PT = support.DATA / 'train_step_s8.pt'
@@ -146,14 +147,14 @@ def test_the_command_exports_a_training_run_and_a_generator(
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'training checkpoint at step 120' in result.stdout
 
-  config, gen, disc, state = train.restore_run(workdir)
+  config, gen, disc, state = train_state.restore_run(workdir)
   read = convert.load_training_run(str(run_pt), gen, disc)
   assert read.step == int(state.step) == 120
   assert_trees_bit_equal(
     (read.g, read.d, read.g_ema),
     (state.g_params, state.d_params, state.ema_params),
   )
-  expected = train.training_run(config, state)
+  expected = reference_run.training_run(config, state)
   for ours, theirs in (
     (read.g_adam, expected.g_adam),
     (read.d_adam, expected.d_adam),

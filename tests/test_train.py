@@ -18,6 +18,7 @@ from cips_jax import convert
 from cips_jax import losses
 from cips_jax import parallel
 from cips_jax import train
+from cips_jax import train_state
 from reference_fixtures import reference_outputs
 from reference_fixtures import reference_state_dict
 from reference_fixtures import relative_error
@@ -35,9 +36,9 @@ def tiny_config():
 @pytest.fixture(scope='module')
 def setup():
   config = tiny_config()
-  gen, disc = train.build_models(config)
-  g_tx, d_tx = train.make_optimizers(config)
-  state = train.create_state(gen, disc, g_tx, d_tx, config.train.seed)
+  gen, disc = train_state.build_models(config)
+  g_tx, d_tx = train_state.make_optimizers(config)
+  state = train_state.create_state(gen, disc, g_tx, d_tx, config.train.seed)
   step = jax.jit(
     train.make_train_step(config, gen, disc, g_tx, d_tx), static_argnums=2
   )
@@ -257,9 +258,9 @@ def test_bfloat16_compute_and_remat_step():
   """
   config = tiny_config()
   config.train.compute_dtype, config.train.remat = 'bfloat16', True
-  gen, disc = train.build_models(config)
-  g_tx, d_tx = train.make_optimizers(config)
-  state = train.create_state(gen, disc, g_tx, d_tx, 0)
+  gen, disc = train_state.build_models(config)
+  g_tx, d_tx = train_state.make_optimizers(config)
+  state = train_state.create_state(gen, disc, g_tx, d_tx, 0)
   step = jax.jit(
     train.make_train_step(config, gen, disc, g_tx, d_tx), static_argnums=2
   )
@@ -269,7 +270,7 @@ def test_bfloat16_compute_and_remat_step():
   assert all(leaf.dtype == jnp.float32 for leaf in leaves)
   # Same step in float32 without remat: close, not equal (bfloat16 rounding).
   config32 = tiny_config()
-  gen32, disc32 = train.build_models(config32)
+  gen32, disc32 = train_state.build_models(config32)
   step32 = jax.jit(
     train.make_train_step(config32, gen32, disc32, g_tx, d_tx), static_argnums=2
   )

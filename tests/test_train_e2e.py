@@ -19,6 +19,7 @@ import pytest
 
 from cips_jax import sampling
 from cips_jax import train
+from cips_jax import train_state
 import support
 from support import final_state
 from support import tiny_config
@@ -85,6 +86,24 @@ def test_run_writes_what_a_user_watches(uninterrupted, data_dir):
   assert samples[-1] == 'step_0000120.png' and len(samples) == 6
   events = list((uninterrupted / 'tensorboard').glob('events.out.tfevents.*'))
   assert events and events[0].stat().st_size > 1000
+
+
+def test_profile_steps_write_a_trace_that_tensorboard_opens(uninterrupted):
+  # conftest's tiny_run sets --config.logging.profile_steps=2: the trace
+  # starts after the process's first two steps (compilation) and covers the
+  # next two, under TensorBoard's profile plugin folder.
+  profile_dir = pathlib.Path(uninterrupted, 'tensorboard', 'plugins', 'profile')
+  files = list(profile_dir.glob('*/*.xplane.pb'))
+  assert len(files) == 1, files
+  profile = jax.profiler.ProfileData.from_file(str(files[0]))
+  steps = sorted(
+    dict(event.stats)['step_num']
+    for plane in profile.planes
+    for line in plane.lines
+    for event in line.events
+    if event.name == 'train'
+  )
+  assert steps == [2, 3]
 
 
 def test_resume_after_sigkill_is_bit_exact(uninterrupted, data_dir, tmp_path):
@@ -235,7 +254,7 @@ def test_panorama_training_renders_the_whole_cylinder(data_dir, tmp_path):
   # 4 samples in a 2 x 2 grid of 8-row, 256-column panoramas (1-pixel borders).
   assert grid.shape[:2] == (2 * 8 + 3, 2 * 256 + 3)
   # The generator is periodic in x: x = -1 and x = 1 render the same pixels.
-  gen, _ = train.build_models(config)
+  gen, _ = train_state.build_models(config)
   z = jax.random.normal(jax.random.key(0), (2, gen.style_dim))
   edges = np.zeros((8, 2, 2), np.float32)
   edges[:, 0, 0], edges[:, 1, 0] = -1.0, 1.0

@@ -39,7 +39,7 @@ Array = jax.Array
 DType = Any
 
 # The same leaky ReLU as layers.leaky_relu_gain (slope 0.2, gain sqrt 2). Kept
-# here rather than imported so that layers.py can import this module.
+# here rather than imported so that the layers could use this kernel.
 _LRELU_SLOPE = 0.2
 _LRELU_GAIN = math.sqrt(2.0)
 _ACTIVATIONS = ('lrelu', None)

@@ -1,5 +1,9 @@
 """A tiny training config for the end-to-end tests: 8x8 CIPSskip, 16-wide, batch
 4.
+
+The tests set `data.data_dir` to the session's temporary data folder
+(`support.tiny_config`, `support.tiny_run_flags`); nothing here names a fixed
+path.
 """
 
 from cips_jax import configs
@@ -10,8 +14,8 @@ def get_config():
   m = config.model
   m.size, m.hidden_size, m.style_dim, m.n_mlp = 8, 16, 16, 1
   m.max_channels, m.d_max_channels = 16, 16
+  config.data.name = 'procedural_landscapes/s32'
   d = config.data
-  d.name, d.data_dir = 'procedural_landscapes/s32', '/tmp/cips_jax_test_data'
   d.resolution, d.crop = 8, 8
   t = config.train
   t.global_batch_size, t.num_steps, t.r1_every = 4, 40, 4

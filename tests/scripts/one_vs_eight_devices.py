@@ -16,6 +16,7 @@ import numpy as np
 
 from cips_jax import parallel
 from cips_jax import train
+from cips_jax import train_state
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from support import fake_batch  # noqa: E402
@@ -24,11 +25,11 @@ from support import tiny_config  # noqa: E402
 config = tiny_config(
   sys.argv[1], **{'train.global_batch_size': 8, 'train.r1_every': 1}
 )
-gen, disc = train.build_models(config)
-g_tx, d_tx = train.make_optimizers(config)
+gen, disc = train_state.build_models(config)
+g_tx, d_tx = train_state.make_optimizers(config)
 # Host copies: each mesh gets its own buffers (the step donates them).
 state = jax.tree_util.tree_map(
-  np.asarray, train.create_state(gen, disc, g_tx, d_tx, 0)
+  np.asarray, train_state.create_state(gen, disc, g_tx, d_tx, 0)
 )
 batch = fake_batch(config)
 results = {}

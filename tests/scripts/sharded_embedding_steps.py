@@ -17,6 +17,7 @@ import numpy as np
 
 from cips_jax import parallel
 from cips_jax import train
+from cips_jax import train_state
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from support import fake_batch  # noqa: E402
@@ -25,10 +26,10 @@ from support import tiny_config  # noqa: E402
 config = tiny_config(
   'data-dir-unused', **{'train.global_batch_size': 8, 'train.r1_every': 1}
 )
-gen, disc = train.build_models(config)
-g_tx, d_tx = train.make_optimizers(config)
+gen, disc = train_state.build_models(config)
+g_tx, d_tx = train_state.make_optimizers(config)
 host_state = jax.tree_util.tree_map(
-  np.asarray, train.create_state(gen, disc, g_tx, d_tx, 0)
+  np.asarray, train_state.create_state(gen, disc, g_tx, d_tx, 0)
 )
 batch = fake_batch(config)
 mesh = parallel.make_mesh()
