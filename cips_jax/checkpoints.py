@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from cips_jax import errors
 from cips_jax import models
 
 # The networks of a training run, by the reference's names, and the train-state
@@ -46,7 +47,7 @@ def module_from_config(config: dict[str, Any]):
   """Inverse of `module_config`."""
   name = config.get('class')
   if name not in models.GENERATORS:
-    raise ValueError(
+    raise errors.CheckpointError(
       f'unknown generator class {name!r}; expected one of '
       f'{sorted(models.GENERATORS)}'
     )
@@ -64,7 +65,9 @@ def export_generator(directory: str, module, variables: dict[str, Any]) -> None:
   """
   directory = os.path.abspath(directory)
   if os.path.exists(directory):
-    raise FileExistsError(f'{directory} exists; choose a new output directory')
+    raise errors.OutputExistsError(
+      f'{directory} exists; choose a new output directory'
+    )
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   checkpointer.save(
     directory,
@@ -79,7 +82,7 @@ def load_generator(directory: str):
   """Reads an exported generator: returns `(module, variables)`."""
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f'no exported generator at {directory}')
+    raise errors.MissingInputError(f'no exported generator at {directory}')
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   restored = checkpointer.restore(
     directory,
@@ -167,7 +170,7 @@ class TrainCheckpoints:
       elif old != new:
         differences.append(f'{field}: checkpoint {old!r}, config {new!r}')
     if differences:
-      raise ValueError(
+      raise errors.CheckpointError(
         f'the checkpoint at step {step} in {self.directory} was written by a '
         'different architecture; it was not modified. Use a new --workdir, or '
         'restore the config. '

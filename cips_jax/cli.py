@@ -8,14 +8,16 @@ Every command (`python -m cips_jax.main`, `.sample`, `.evaluate`, `.convert`,
 
 `run` parses the absl flags, keeps freed host memory for reuse on CPU-only
 installs (see `host_malloc`; before any JAX computation starts a backend), and
-reports the errors a user can fix (bad flag values, missing or unreadable files,
-configs that cannot work) as one line on stderr with exit status 1, without a
-traceback (commands check their flags by raising ValueError with a message that
-names the flag):
+reports the errors a user can fix as one line on stderr with exit status 1,
+without a traceback:
 
     cips_jax.sample: error: --frames=1: an interpolation needs at least 2
 
-Run a command with `--verbosity=1` to log the traceback as well.
+Those are the library's own (`cips_jax.errors.Error`: bad flags, configs,
+shapes, data, checkpoints, a locked workdir, a diverged run), the system's
+refusals (`OSError`: a full disk, a read-only folder) and running out of host
+or device memory. Anything else is a bug and keeps its traceback. Run a command
+with `--verbosity=1` to log the traceback of a reported error as well.
 """
 
 from __future__ import annotations
@@ -29,14 +31,39 @@ from typing import Any, Callable, Optional
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 
 from cips_jax import checkpoints
+from cips_jax import errors
 from cips_jax import host_malloc
 
-# Errors with a message meant for the user: missing or unreadable files
-# (OSError), values that cannot work (ValueError: bad flags, configs, shapes,
-# checkpoints) and a training run that diverged (FloatingPointError).
-USER_ERRORS = (OSError, ValueError, FloatingPointError)
+# Errors with a message meant for the user (see the module docstring).
+USER_ERRORS = (errors.Error, OSError)
+OUT_OF_MEMORY_HINT = (
+  'lower the batch size (--config.train.global_batch_size, --batch_size, '
+  '--num_images) or the render chunk (--chunk_size), or train with '
+  '--config.train.remat=True or --config.train.compute_dtype=bfloat16'
+)
+
+
+def as_user_error(error: BaseException) -> Optional[errors.Error]:
+  """`error` as the library error a user can act on, or None for a bug.
+
+  Running out of memory arrives as numpy's MemoryError or XLA's
+  RESOURCE_EXHAUSTED runtime error; both become an OutOfMemoryError with a hint.
+  """
+  if isinstance(error, USER_ERRORS):
+    return error
+  is_xla_oom = isinstance(error, jax.errors.JaxRuntimeError) and str(
+    error
+  ).startswith('RESOURCE_EXHAUSTED')
+  if is_xla_oom or isinstance(error, MemoryError):
+    first_line = str(error).strip().splitlines()[0] if str(error) else ''
+    return errors.OutOfMemoryError(
+      f'out of memory ({first_line or type(error).__name__}): '
+      f'{OUT_OF_MEMORY_HINT}'
+    )
+  return None
 
 
 def run(main: Callable[[list[str]], Any], name: str) -> None:
@@ -46,17 +73,45 @@ def run(main: Callable[[list[str]], Any], name: str) -> None:
   def main_reporting_errors(argv):
     try:
       return main(argv)
-    except USER_ERRORS as error:
+    except Exception as error:  # re-raised below unless a user can act on it
+      reported = as_user_error(error)
+      if reported is None:
+        raise
       logging.debug('%s failed', name, exc_info=True)
-      sys.exit(f'{name}: error: {error}')
+      sys.exit(f'{name}: error: {reported}')
 
-  app.run(main_reporting_errors)
+  def parse_flags(argv):
+    try:
+      return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as error:
+      # ml_collections raises these for a --config.X override that names no
+      # field of the config; absl would show them with a traceback.
+      sys.exit(f'{name}: error: {_unknown_config_field(argv, error)}')
+
+  app.run(main_reporting_errors, flags_parser=parse_flags)
+
+
+def _unknown_config_field(argv: list[str], error: BaseException) -> str:
+  """The message for a --config.X=V that names no field of the config."""
+  # KeyError("'trian'\nDid you mean ...") or AttributeError('"\'foo\'"').
+  text = str(error.args[0] if error.args else error).strip('"\'')
+  key, _, hint = text.partition('\n')
+  key = key.strip('"\'')
+  overrides = [a for a in argv[1:] if a.startswith('--config.')]
+  named = [
+    a for a in overrides if key in a.split('=', 1)[0][2:].split('.')
+  ] or overrides
+  hint = f' ({hint.strip()})' if hint.strip() else ''
+  return (
+    f'{", ".join(named) or "--config"}: {key!r} is not a field of the '
+    f'config{hint}'
+  )
 
 
 def no_positional_arguments(argv: list[str]) -> None:
-  """Raises ValueError if the command line has arguments besides flags."""
+  """Raises OptionError if the command line has arguments besides flags."""
   if len(argv) > 1:
-    raise ValueError(f'unexpected arguments: {" ".join(argv[1:])}')
+    raise errors.OptionError(f'unexpected arguments: {" ".join(argv[1:])}')
 
 
 def define_checkpoint_flags(

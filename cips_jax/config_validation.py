@@ -16,17 +16,15 @@ import ml_collections
 
 from cips_jax import configs
 from cips_jax import encodings
+from cips_jax import errors
 from cips_jax import generator as generator_lib
 from cips_jax import models
 
 TRAIN_EMBEDDING_MODES = ('reference',) + encodings.EMBEDDING_MODES
 
 
-class ConfigError(ValueError):
-  """A config value that cannot work.
-
-  The message starts with the field's dotted name.
-  """
+# A config value that cannot work; the message starts with the field's name.
+ConfigError = errors.ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

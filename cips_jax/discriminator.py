@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cips_jax import errors
 from cips_jax.layers import EqualDense
 from cips_jax.layers import leaky_relu_gain
 from cips_jax.layers import unit_normal_init
@@ -69,7 +70,7 @@ def discriminator_channels(
   }
   _check_size(size)
   if size not in table:
-    raise ValueError(f'size must be at most 1024, got {size}')
+    raise errors.InputError(f'size must be at most 1024, got {size}')
   return {
     res: min(ch, max_channels) for res, ch in table.items() if res <= size
   }
@@ -77,7 +78,7 @@ def discriminator_channels(
 
 def _check_size(size: int) -> None:
   if size < 4 or size & (size - 1):
-    raise ValueError(f'size must be a power of 2 >= 4, got {size}')
+    raise errors.InputError(f'size must be a power of 2 >= 4, got {size}')
 
 
 def blur(x: Array, taps: Sequence[float], pad: tuple[int, int]) -> Array:
@@ -163,7 +164,9 @@ def conv2d(
 def resolve_conv_impl(impl: str) -> str:
   """'auto' -> 'im2col' on CPU, 'xla' elsewhere."""
   if impl not in CONV_IMPLS:
-    raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {impl!r}')
+    raise errors.InputError(
+      f'conv_impl must be one of {CONV_IMPLS}, got {impl!r}'
+    )
   if impl == 'auto':
     return 'im2col' if jax.default_backend() == 'cpu' else 'xla'
   return impl
@@ -322,7 +325,7 @@ def minibatch_stddev(x: Array, group_size: int = 4) -> Array:
   batch = x.shape[0]
   group = min(batch, group_size)
   if batch % group:
-    raise ValueError(
+    raise errors.InputError(
       f'batch size {batch} must be divisible by the stddev group size {group} '
       f'(min(batch, stddev_group={group_size}))'
     )
@@ -376,7 +379,7 @@ class Discriminator(nn.Module):
     """images: (B, size, size, input_channels) -> (B, 1)."""
     expected = (self.size, self.size, self.input_channels)
     if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-      raise ValueError(
+      raise errors.InputError(
         f'images must have shape (B, {self.size}, {self.size}, '
         f'{self.input_channels}), got {images.shape}'
       )

@@ -29,6 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cips_jax import errors
+
 Array = jax.Array
 
 EMBEDDING_MODES = ('bilinear', 'table', 'aligned')
@@ -151,6 +153,6 @@ def lookup_embedding(
     return bilinear_lookup(table, xy, align_corners=True, wrap_x=wrap_x)
   if mode == 'table':
     return nearest_lookup(table, xy, wrap_x=wrap_x)
-  raise ValueError(
+  raise errors.InputError(
     f'embedding_mode must be one of {EMBEDDING_MODES}, got {mode!r}'
   )

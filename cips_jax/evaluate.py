@@ -24,6 +24,7 @@ import jax
 
 from cips_jax import cli
 from cips_jax import data
+from cips_jax import errors
 from cips_jax import evaluation
 from cips_jax import loading
 from cips_jax import parallel
@@ -61,11 +62,15 @@ def _check_flags() -> None:
     'num_real': _NUM_REAL,
   }.items():
     if flag.value < 2:
-      raise ValueError(f'--{name}={flag.value}: FID needs at least 2 images')
+      raise errors.OptionError(
+        f'--{name}={flag.value}: FID needs at least 2 images'
+      )
   if _BATCH_SIZE.value < 1:
-    raise ValueError(f'--batch_size={_BATCH_SIZE.value}: must be positive')
+    raise errors.OptionError(
+      f'--batch_size={_BATCH_SIZE.value}: must be positive'
+    )
   if _OUT.value and not _OUT.value.endswith('.json'):
-    raise ValueError(
+    raise errors.OptionError(
       f'--out={_OUT.value}: the scores are written as a .json file'
     )
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, Optional
 import jax
 import numpy as np
 
+from cips_jax import errors
 from cips_jax import grids
 from cips_jax import images as images_lib
 from cips_jax import parallel
@@ -50,7 +51,7 @@ def real_image_batches(
   The images are a seeded choice, centre crops of resolution^2.
   """
   if count > len(source):
-    raise ValueError(
+    raise errors.InputError(
       f'asked for {count} real images; the dataset has {len(source)}'
     )
   indices = np.random.default_rng(seed).choice(

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from cips_jax import encodings
+from cips_jax import errors
 from cips_jax import layers
 from cips_jax import shapes
 
@@ -74,7 +75,7 @@ def _pixel_with_modulations(mode: str):
 def resolve_per_image_form(form: str, backend: Optional[str] = None) -> str:
   """'activations' or 'weights': `form`, or for 'auto' the backend's choice."""
   if form not in PER_IMAGE_FORMS:
-    raise ValueError(
+    raise errors.InputError(
       f'per_image_form must be one of {PER_IMAGE_FORMS}, got {form!r}'
     )
   if form != 'auto':
@@ -150,7 +151,7 @@ def res_widths(
 
 def _extend(table: Sequence[int], count: int) -> list[int]:
   if count > len(table):
-    raise ValueError(
+    raise errors.InputError(
       f'size too large: {count} layer pairs, the channel table has {len(table)}'
     )
   return list(table[:count])
@@ -159,7 +160,7 @@ def _extend(table: Sequence[int], count: int) -> list[int]:
 def num_pairs(size: int) -> int:
   """log2(size) - 1: number of layer pairs (CIPSskip) or residual blocks."""
   if size < 4 or size & (size - 1):
-    raise ValueError(f'size must be a power of two >= 4, got {size}')
+    raise errors.InputError(f'size must be a power of two >= 4, got {size}')
   return int(math.log2(size)) - 1
 
 
@@ -220,7 +221,7 @@ class CIPS(nn.Module):
 
   def setup(self):
     if self.activation not in ACTIVATIONS:
-      raise ValueError(
+      raise errors.InputError(
         f"activation must be None, 'sin' or 'sinrelu', got {self.activation!r}"
       )
     self.mapping = MappingNetwork(self.style_dim, self.n_mlp, self.lr_mlp)
@@ -336,7 +337,7 @@ class CIPS(nn.Module):
     """
     mode = embedding_mode or self.embedding_mode
     if mode not in encodings.EMBEDDING_MODES:
-      raise ValueError(
+      raise errors.InputError(
         f'embedding_mode must be one of {encodings.EMBEDDING_MODES}, '
         f'got {mode!r}'
       )

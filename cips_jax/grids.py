@@ -34,12 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cips_jax import errors
+
 Pair = Union[float, Sequence[float]]
 
 
 def _check_size(height: int, width: int) -> None:
   if int(height) != height or int(width) != width or height < 1 or width < 1:
-    raise ValueError(
+    raise errors.InputError(
       f'grid size must be positive integers, got {height}x{width}'
     )
 
@@ -67,7 +69,7 @@ def uniform(height: int, width: int) -> jnp.ndarray:
 def _pair(value: Pair, name: str) -> tuple[float, float]:
   values = (value, value) if np.ndim(value) == 0 else tuple(value)
   if len(values) != 2:
-    raise ValueError(
+    raise errors.InputError(
       f'{name} must be a number or an (x, y) pair, got {value!r}'
     )
   return float(values[0]), float(values[1])
@@ -87,7 +89,7 @@ def scaled(
   _check_size(height, width)
   (sx, sy), (cx, cy) = _pair(scale, 'scale'), _pair(center, 'center')
   if sx <= 0 or sy <= 0:
-    raise ValueError(f'scale must be positive, got {scale!r}')
+    raise errors.InputError(f'scale must be positive, got {scale!r}')
   xs = cx + sx * np.linspace(-1.0, 1.0, width, dtype=np.float64)
   ys = cy + sy * np.linspace(-1.0, 1.0, height, dtype=np.float64)
   return _mesh(xs, ys)
@@ -115,7 +117,7 @@ def patch(
     or top + height > full_height
     or left + width > full_width
   ):
-    raise ValueError(
+    raise errors.InputError(
       f'patch rows {top}:{top + height}, columns {left}:{left + width} lie '
       f'outside the {full_height}x{full_width} grid'
     )
@@ -151,12 +153,12 @@ def foveated(
   dropped. Deterministic: the same arguments give the same points.
   """
   if num_points < 1:
-    raise ValueError(f'num_points must be positive, got {num_points}')
+    raise errors.InputError(f'num_points must be positive, got {num_points}')
   if not 0.0 <= falloff < 2.0:
-    raise ValueError(f'falloff must be in [0, 2), got {falloff}')
+    raise errors.InputError(f'falloff must be in [0, 2), got {falloff}')
   fx, fy = _pair(fixation, 'fixation')
   if abs(fx) > 1 or abs(fy) > 1:
-    raise ValueError(f'fixation must lie in [-1, 1]^2, got {fixation!r}')
+    raise errors.InputError(f'fixation must lie in [-1, 1]^2, got {fixation!r}')
   radius = max(math.hypot(cx - fx, cy - fy) for cx in (-1, 1) for cy in (-1, 1))
   i = np.arange(num_points, dtype=np.float64)
   # N(r) ~ r^(2 - falloff) points within radius r gives a density ~ r^-falloff.
@@ -186,9 +188,9 @@ def points_to_image(
   points = jnp.asarray(points, jnp.float32)
   values = np.asarray(values)
   if points.ndim != 2 or points.shape[-1] != 2:
-    raise ValueError(f'points must be (N, 2), got {points.shape}')
+    raise errors.InputError(f'points must be (N, 2), got {points.shape}')
   if values.shape[-2] != points.shape[0]:
-    raise ValueError(
+    raise errors.InputError(
       f'values {values.shape} do not match {points.shape[0]} points'
     )
   pixels = np.asarray(uniform(height, width)).reshape(-1, 2)

@@ -23,6 +23,8 @@ from PIL import Image
 from PIL import ImageDraw
 from PIL import UnidentifiedImageError
 
+from cips_jax import errors
+
 
 def to_uint8(images: Any) -> np.ndarray:
   """Float images in [-1, 1] (clamped) or uint8 -> uint8 in [0, 255].
@@ -72,13 +74,13 @@ def image_grid(
   if x.ndim == 3 and x.shape[-1] in (1, 3):
     x = x[None]
   if x.ndim != 4 or x.shape[-1] not in (1, 3):
-    raise ValueError(
+    raise errors.InputError(
       f'expected images (N, H, W, 3) or (N, H, W, 1), got shape {x.shape}'
     )
   x = as_rgb(x)
   n, h, w, _ = x.shape
   if n == 0:
-    raise ValueError('image_grid needs at least one image')
+    raise errors.InputError('image_grid needs at least one image')
   ncols = int(ncols) if ncols else math.ceil(math.sqrt(n))
   ncols = max(1, min(ncols, n))
   nrows = math.ceil(n / ncols)
@@ -114,7 +116,7 @@ def save_png(path: str | os.PathLike, image: Any) -> str:
   if x.ndim == 3 and x.shape[-1] == 1:
     x = x[..., 0]
   if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[-1] not in (3, 4)):
-    raise ValueError(f'expected an image (H, W, 3), got shape {x.shape}')
+    raise errors.InputError(f'expected an image (H, W, 3), got shape {x.shape}')
   path = os.fspath(path)
   parent = os.path.dirname(path)
   if parent:
@@ -132,7 +134,9 @@ def save_gif(
   """
   x = to_uint8(frames)
   if x.ndim != 4 or x.shape[-1] != 3 or len(x) < 1:
-    raise ValueError(f'expected frames (T, H, W, 3), got shape {x.shape}')
+    raise errors.InputError(
+      f'expected frames (T, H, W, 3), got shape {x.shape}'
+    )
   path = os.fspath(path)
   if os.path.dirname(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -171,7 +175,7 @@ def save_line_plot(
   `curves` is {name: (x (N,), y (N,))}.
   """
   if not curves:
-    raise ValueError('save_line_plot needs at least one curve')
+    raise errors.InputError('save_line_plot needs at least one curve')
   prepared = {}
   for name, (x, y) in curves.items():
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
@@ -182,7 +186,9 @@ def save_line_plot(
   xs = np.concatenate([x for x, _ in prepared.values()])
   ys = np.concatenate([y for _, y in prepared.values()])
   if not len(xs):
-    raise ValueError('nothing to plot (no positive values on a log scale?)')
+    raise errors.InputError(
+      'nothing to plot (no positive values on a log scale?)'
+    )
   x_lo, x_hi = float(xs.min()), float(xs.max()) or 1.0
   y_lo, y_hi = float(ys.min()), float(ys.max())
   if y_hi == y_lo:
@@ -245,7 +251,7 @@ def find_images(source_dir: str | os.PathLike) -> list[pathlib.Path]:
   """
   source = pathlib.Path(source_dir)
   if not source.is_dir():
-    raise FileNotFoundError(f'image folder {source} does not exist')
+    raise errors.MissingInputError(f'image folder {source} does not exist')
   files = [
     p
     for p in source.rglob('*')
@@ -296,7 +302,7 @@ def read_image(path: str | os.PathLike, height: int, width: int) -> np.ndarray:
     with Image.open(path) as image:
       image = resize_shorter_side(to_rgb(image), max(height, width))
   except (OSError, UnidentifiedImageError) as error:
-    raise ValueError(f'cannot read the image {path}: {error}') from None
+    raise errors.InputError(f'cannot read the image {path}: {error}') from None
   array = np.asarray(image)
   top, left = (array.shape[0] - height) // 2, (array.shape[1] - width) // 2
   return array[top : top + height, left : left + width]

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cips_jax import errors
 from cips_jax import grids
 from cips_jax import sampling
 from cips_jax.metrics import inception
@@ -100,7 +101,7 @@ def as_signed_image(target) -> np.ndarray:
   """uint8 [0, 255] or float [-1, 1] (H, W, 3) -> float32 [-1, 1]."""
   target = np.asarray(target)
   if target.ndim != 3 or target.shape[-1] != 3:
-    raise ValueError(
+    raise errors.InputError(
       f'the target must be one RGB image (H, W, 3), got shape {target.shape}'
     )
   if target.dtype == np.uint8:
@@ -139,11 +140,11 @@ def invert(
     an `Inversion`.
   """
   if space not in SPACES:
-    raise ValueError(f'space must be one of {SPACES}, got {space!r}')
+    raise errors.InputError(f'space must be one of {SPACES}, got {space!r}')
   if steps < 0:
-    raise ValueError(f'steps must be >= 0, got {steps}')
+    raise errors.InputError(f'steps must be >= 0, got {steps}')
   if perceptual_weight and perceptual is None:
-    raise ValueError('perceptual_weight > 0 needs a perceptual function')
+    raise errors.InputError('perceptual_weight > 0 needs a perceptual function')
   target = jnp.asarray(as_signed_image(target))[None]
   height, width = target.shape[1:3]
   coords = grids.uniform(height, width)

@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cips_jax import errors
+
 Array = jax.Array
 DType = Any
 
@@ -362,7 +364,7 @@ def apply_activation(y: Array, activation: Optional[str]) -> Array:
       )
       * SQRT2
     )
-  raise ValueError(
+  raise errors.InputError(
     f"activation must be None, 'sin' or 'sinrelu', got {activation!r}"
   )
 

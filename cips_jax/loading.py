@@ -25,11 +25,11 @@ import orbax.checkpoint as ocp
 
 from cips_jax import checkpoints
 from cips_jax import convert
+from cips_jax import errors
 from cips_jax import models
 
-
-class NotAGeneratorError(ValueError):
-  """The path exists but holds nothing this package can read as a generator."""
+# The path exists but holds nothing this package can read as a generator.
+NotAGeneratorError = errors.NotAGeneratorError
 
 
 def _is_export(path: str) -> bool:
@@ -68,7 +68,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
     os.path.abspath(os.path.expanduser(workdir)), 'checkpoints'
   )
   if not os.path.isdir(manager_dir):
-    raise FileNotFoundError(
+    raise errors.MissingInputError(
       f'{workdir} is not a training workdir (no checkpoints/ inside)'
     )
   return sorted(
@@ -82,7 +82,7 @@ def latest_checkpoint_step(workdir: str) -> int:
   """The step of the latest complete checkpoint in WORKDIR/checkpoints."""
   steps = checkpoint_steps(workdir)
   if not steps:
-    raise FileNotFoundError(
+    raise errors.MissingInputError(
       f'the training workdir {workdir} has no checkpoint yet'
     )
   return steps[-1]
@@ -119,13 +119,13 @@ def open_generator(
     NotAGeneratorError: `path` is none of the above.
   """
   if which not in checkpoints.GENERATOR_NETWORKS:
-    raise ValueError(
+    raise errors.CheckpointError(
       f'which must be one of {checkpoints.GENERATOR_NETWORKS} (a generator),'
       f' got {which!r}'
     )
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
-    raise FileNotFoundError(f'no checkpoint at {path}')
+    raise errors.MissingInputError(f'no checkpoint at {path}')
   if os.path.isfile(path):
     try:
       gen, variables = convert.load_torch_checkpoint(path, which=which)

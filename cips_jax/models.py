@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cips_jax import errors
 from cips_jax.discriminator import Discriminator
 from cips_jax.generator import CIPSres
 from cips_jax.generator import CIPSskip
@@ -43,7 +44,7 @@ def generator_from_config(
   (see `generator.CIPS`) are how it computes, not what it is.
   """
   if model['arch'] not in GENERATORS:
-    raise ValueError(
+    raise errors.InputError(
       f'model.arch = {model["arch"]!r}: expected one of {sorted(GENERATORS)}'
     )
   return GENERATORS[model['arch']](

@@ -14,6 +14,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
+from cips_jax import errors
+
 DATA_AXIS = 'data'
 
 
@@ -53,7 +55,7 @@ def state_shardings(
   def rule(path, leaf):
     if shard_embedding and _is_embedding_table(path, leaf):
       if leaf.shape[0] % mesh.size:
-        raise ValueError(
+        raise errors.InputError(
           f'cannot split an embedding table of {leaf.shape[0]} rows over '
           f'{mesh.size} devices'
         )

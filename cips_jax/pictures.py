@@ -21,6 +21,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from cips_jax import errors
 from cips_jax import grids
 from cips_jax import images as images_lib
 from cips_jax import inversion
@@ -44,18 +45,15 @@ MODES = (
 EXTENSIONS = {'interpolate': '.gif'}  # every other mode writes a .png
 
 
-class ModeError(ValueError):
+class ModeError(errors.InputError):
   """The mode cannot run with this generator or these inputs.
 
   The message says why.
   """
 
 
-class OptionError(ValueError):
-  """An option value that cannot work.
-
-  The message names it as its flag, `--name=value`.
-  """
+# An option value that cannot work; the message names it as its flag.
+OptionError = errors.OptionError
 
 
 def _option(default: Any, help_text: str, **metadata) -> Any:

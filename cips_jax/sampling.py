@@ -47,6 +47,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec
 import numpy as np
 
+from cips_jax import errors
 from cips_jax import parallel
 from cips_jax import shapes
 
@@ -100,7 +101,9 @@ def truncate(w: Array, w_avg: Optional[Array], psi: float) -> Array:
   if psi == 1.0:
     return w
   if w_avg is None:
-    raise ValueError('truncation_psi != 1 needs w_avg (see sampling.w_avg)')
+    raise errors.InputError(
+      'truncation_psi != 1 needs w_avg (see sampling.w_avg)'
+    )
   return w_avg + psi * (w - w_avg)
 
 
@@ -273,7 +276,7 @@ def render(
     (B, ..., 3) float32 numpy array, unclamped.
   """
   if chunk_size < 1:
-    raise ValueError(f'chunk_size must be positive, got {chunk_size}')
+    raise errors.InputError(f'chunk_size must be positive, got {chunk_size}')
   w = np.asarray(w, np.float32)
   coords = np.asarray(coords, np.float32)
   mix = None if mix is None else np.asarray(mix, np.float32)
@@ -413,7 +416,7 @@ def interpolation_styles(
   in Z, then map each frame (mapping is nonlinear, so the path in W is curved).
   """
   if num_frames < 2:
-    raise ValueError(f'num_frames must be at least 2, got {num_frames}')
+    raise errors.InputError(f'num_frames must be at least 2, got {num_frames}')
   t = jnp.linspace(0.0, 1.0, num_frames)
   if space == 'w':
     ends = truncate(
@@ -424,7 +427,7 @@ def interpolation_styles(
     return truncate(
       mapping(gen, variables, slerp(z0, z1, t)), w_avg, truncation_psi
     )
-  raise ValueError(f"space must be 'w' or 'z', got {space!r}")
+  raise errors.InputError(f"space must be 'w' or 'z', got {space!r}")
 
 
 def generate(
@@ -448,7 +451,9 @@ def generate(
   shapes.check_latents(z, gen.style_dim)
   layout = shapes.parse((np.shape(z)[0], gen.style_dim), np.shape(coords))
   if truncation_psi != 1.0 and w_avg is None:
-    raise ValueError('truncation_psi != 1 needs w_avg (see sampling.w_avg)')
+    raise errors.InputError(
+      'truncation_psi != 1 needs w_avg (see sampling.w_avg)'
+    )
   return _generate(
     gen,
     variables,

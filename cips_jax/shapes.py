@@ -26,6 +26,8 @@ import dataclasses
 import math
 from typing import Any, Optional
 
+from cips_jax import errors
+
 PER_IMAGE, PER_PIXEL, MIXTURE = 'per_image', 'per_pixel', 'mixture'
 MAX_SHARED_COORDS_DIMS = 3
 
@@ -121,35 +123,37 @@ def parse(
   w_shape, coords_shape = _shape_of(w), _shape_of(coords)
   mix_shape = None if mix is None else _shape_of(mix)
   if not coords_shape or coords_shape[-1] != 2:
-    raise ValueError(
+    raise errors.ShapeError(
       'coords must end in 2 (x, y): (H, W, 2) or (N, 2) shared by the batch,'
       f' or (B, ..., 2) per image; got shape {coords_shape}'
     )
   if len(w_shape) < 2:
-    raise ValueError(
+    raise errors.ShapeError(
       'w must have shape (B, D) per image, (B, ..., D) per pixel or (B, K, D)'
       f' with mix; got {w_shape}'
     )
   if style_dim is not None and w_shape[-1] != style_dim:
-    raise ValueError(
+    raise errors.ShapeError(
       f'w must end in style_dim={style_dim}; got shape {w_shape}'
     )
   batch = w_shape[0]
   shared = len(coords_shape) <= MAX_SHARED_COORDS_DIMS
   pixel_shape = coords_shape[:-1] if shared else coords_shape[1:-1]
   if not shared and coords_shape[0] != batch:
-    raise ValueError(
+    raise errors.ShapeError(
       f'per-image coords {coords_shape} have {coords_shape[0]} images but w'
       f' {w_shape} has {batch}'
     )
   num_styles = 1
   if mix_shape is not None:
     if len(w_shape) != 3:
-      raise ValueError(f'with mix, w must have shape (B, K, D); got {w_shape}')
+      raise errors.ShapeError(
+        f'with mix, w must have shape (B, K, D); got {w_shape}'
+      )
     num_styles = w_shape[1]
     expected = (batch, *pixel_shape, num_styles)
     if mix_shape != expected:
-      raise ValueError(
+      raise errors.ShapeError(
         f'mix must have shape (B, ..., K) = {expected} for w {w_shape} and'
         f' coords {coords_shape}; got {mix_shape}'
       )
@@ -158,7 +162,7 @@ def parse(
     styles = PER_IMAGE
   else:
     if w_shape[1:-1] != pixel_shape:
-      raise ValueError(
+      raise errors.ShapeError(
         f'a w per pixel must have shape (B, ..., D) with ... = {pixel_shape},'
         f' the pixel shape of coords {coords_shape}; got {w_shape}'
       )
@@ -177,4 +181,4 @@ def check_latents(z: Any, style_dim: int) -> None:
   """Raises ValueError unless z has shape (B, style_dim)."""
   shape = _shape_of(z)
   if len(shape) != 2 or shape[-1] != style_dim:
-    raise ValueError(f'z must have shape (B, {style_dim}); got {shape}')
+    raise errors.ShapeError(f'z must have shape (B, {style_dim}); got {shape}')

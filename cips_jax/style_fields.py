@@ -24,6 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cips_jax import errors
+
 
 def _gaussian_kernel(sigma: float) -> np.ndarray:
   radius = max(1, int(math.ceil(3.0 * sigma)))
@@ -67,11 +69,11 @@ def from_masks(
   """
   masks = np.asarray(masks, np.float64)
   if masks.ndim != 3 or masks.shape[0] < 1:
-    raise ValueError(f'masks must be (K, H, W), got shape {masks.shape}')
+    raise errors.InputError(f'masks must be (K, H, W), got shape {masks.shape}')
   if np.any(masks < 0) or not np.all(np.isfinite(masks)):
-    raise ValueError('masks must be finite and non-negative')
+    raise errors.InputError('masks must be finite and non-negative')
   if softness < 0:
-    raise ValueError(f'softness must be >= 0, got {softness}')
+    raise errors.InputError(f'softness must be >= 0, got {softness}')
   field = np.moveaxis(masks, 0, -1)
   if softness > 0:
     field = _blur(field, softness, wrap_x)
@@ -95,9 +97,9 @@ def from_labels(
   """
   labels = np.asarray(labels)
   if not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f'labels must be integers, got {labels.dtype}')
+    raise errors.InputError(f'labels must be integers, got {labels.dtype}')
   if labels.size and (labels.min() < 0 or labels.max() >= num_styles):
-    raise ValueError(
+    raise errors.InputError(
       f'labels must lie in [0, {num_styles}), got [{labels.min()}, '
       f'{labels.max()}]'
     )
@@ -127,7 +129,7 @@ def around_cylinder(
   panorama still closes without a seam.
   """
   if not 0.0 < width_fraction <= 0.5:
-    raise ValueError(
+    raise errors.InputError(
       f'width_fraction must be in (0, 0.5], got {width_fraction}'
     )
   x = start + 2.0 * np.arange(width) / width

@@ -30,6 +30,7 @@ import numpy as np
 import tensorboardX
 from tensorboardX.summary import hparams as hparams_summaries
 
+from cips_jax import errors
 from cips_jax import images as images_lib
 
 
@@ -209,7 +210,7 @@ class ProgressLogger:
         (0, 1].
     """
     if not 0.0 < smoothing <= 1.0:
-      raise ValueError(f'smoothing must be in (0, 1], got {smoothing}')
+      raise errors.InputError(f'smoothing must be in (0, 1], got {smoothing}')
     self.total_steps = int(total_steps)
     self.start_step = int(start_step)
     self.every_seconds = float(every_seconds)
@@ -397,7 +398,7 @@ class TrainingReport:
     values = {k: float(v.compute()) for k, v in self.averages.items()}
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
-      raise FloatingPointError(
+      raise errors.DivergedError(
         f'non-finite training metrics at step {step}: {bad}. Training '
         'stopped; the last checkpoint written before this point is intact '
         '(lower the learning rates, or check the data).'

@@ -41,6 +41,7 @@ import optax
 from cips_jax import checkpoints
 from cips_jax import config_validation
 from cips_jax import data as data_lib
+from cips_jax import errors
 from cips_jax import evaluation
 from cips_jax import generator as generator_lib
 from cips_jax import images as images_lib
@@ -403,7 +404,7 @@ def _training_evaluator(run: Run) -> Optional[evaluation.Evaluator]:
       else None,
     )
   except FileNotFoundError as error:
-    raise FileNotFoundError(
+    raise errors.MissingInputError(
       f'{error}\nOr train without FID: --config.logging.eval_every_steps=0'
     ) from None
 

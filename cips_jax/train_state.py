@@ -25,6 +25,7 @@ import optax
 
 from cips_jax import checkpoints
 from cips_jax import convert
+from cips_jax import errors
 from cips_jax import loading
 from cips_jax import models
 from cips_jax import parallel
@@ -128,7 +129,7 @@ def start_from_generator(
   expected = jax.tree_util.tree_map(lambda x: x.shape, state.g_params)
   found = jax.tree_util.tree_map(lambda x: np.shape(x), variables['params'])
   if expected != found:
-    raise ValueError(
+    raise errors.CheckpointError(
       f'config.train.init_generator_from={path!r}: its generator does not '
       "match the config's model (different parameter shapes)"
     )

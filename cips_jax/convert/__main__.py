@@ -31,6 +31,7 @@ from absl import logging
 from cips_jax import checkpoints
 from cips_jax import cli
 from cips_jax import convert
+from cips_jax import errors
 from cips_jax import loading
 from cips_jax import models
 from cips_jax import reference_run
@@ -84,11 +85,11 @@ def to_torch() -> None:
   """A workdir or an exported generator -> a reference-layout .pt file."""
   source, output = _CHECKPOINT.value, _OUTPUT.value
   if os.path.exists(output):
-    raise FileExistsError(
+    raise errors.OutputExistsError(
       f'{output} exists: choose another --output (nothing is overwritten)'
     )
   if os.path.isfile(source):
-    raise ValueError(
+    raise errors.CheckpointError(
       f'{source} is a file: --to_torch reads a training workdir or an '
       'exported generator (a .pt file is already in PyTorch form)'
     )
@@ -124,7 +125,9 @@ def main(argv):
     to_torch()
   else:
     if _GENERATOR_ONLY.value:
-      raise ValueError('--generator_only only applies with --to_torch')
+      raise errors.CheckpointError(
+        '--generator_only only applies with --to_torch'
+      )
     from_torch()
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from cips_jax import checkpoints
 from cips_jax import discriminator as discriminator_lib
+from cips_jax import errors
 from cips_jax import generator as generator_lib
 from cips_jax import torch_pickle
 from cips_jax.convert import inference
@@ -48,7 +49,7 @@ def select_state_dict(
   A bare state dict is returned once its kind is checked.
   """
   if which not in checkpoints.NETWORKS:
-    raise ValueError(
+    raise errors.CheckpointError(
       f'which must be one of {tuple(checkpoints.NETWORKS)}, got {which!r}'
     )
   if (

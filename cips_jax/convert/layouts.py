@@ -16,6 +16,7 @@ import flax
 import numpy as np
 
 from cips_jax import discriminator as discriminator_lib
+from cips_jax import errors
 from cips_jax import generator as generator_lib
 from cips_jax import models
 
@@ -28,11 +29,8 @@ Entry = tuple[
 ]
 
 
-class CheckpointMismatchError(ValueError):
-  """A state dict does not fit the architecture.
-
-  The message lists the offending keys.
-  """
+# A state dict that does not fit the architecture; the message lists the keys.
+CheckpointMismatchError = errors.CheckpointMismatchError
 
 
 # ------------------------------------------------------------------------------

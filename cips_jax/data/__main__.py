@@ -34,6 +34,7 @@ import sys
 from absl import flags
 
 from cips_jax import cli
+from cips_jax import errors
 from cips_jax.data import builders
 from cips_jax.data import preparation
 
@@ -74,7 +75,7 @@ flags.mark_flags_as_required(['data_dir'])
 def _positional(argv: list[str]) -> tuple[str, list[str]]:
   """(the kind of data set, its other positional arguments)."""
   if len(argv) < 2 or argv[1] not in _KINDS:
-    raise ValueError(
+    raise errors.DataError(
       f'the first argument must be one of {", ".join(_KINDS)}; got '
       f'{" ".join(argv[1:]) or "nothing"}'
     )
@@ -82,7 +83,7 @@ def _positional(argv: list[str]) -> tuple[str, list[str]]:
   expected = 1 if kind in _SOURCE else 0
   if len(rest) != expected:
     usage = f'{kind} {_SOURCE[kind]}' if kind in _SOURCE else kind
-    raise ValueError(
+    raise errors.DataError(
       f'usage: python -m cips_jax.data {usage} --data_dir=DATA_DIR ...; '
       f'got {" ".join(argv[1:])}'
     )
@@ -96,9 +97,9 @@ def main(argv):
   elif kind in _SOURCE:
     (source,) = rest
     if kind == 'folder' and not os.path.isdir(source):
-      raise FileNotFoundError(f'image folder {source} does not exist')
+      raise errors.MissingInputError(f'image folder {source} does not exist')
     if _RESOLUTION.value is None:
-      raise ValueError(
+      raise errors.DataError(
         f'{kind} needs --resolution=PIXELS (the shorter side of the stored '
         'images)'
       )
@@ -118,7 +119,7 @@ def main(argv):
         background=background,
       )
     except ImportError as error:  # no lmdb: the message says what to install
-      raise ValueError(str(error)) from None
+      raise errors.DataError(str(error)) from None
     metadata = builder.info.metadata
     if kind == 'lmdb':
       print(f'read {source}: {metadata.get("layout")}')
@@ -137,7 +138,7 @@ def main(argv):
     except (
       ImportError
     ) as error:  # the missing extra: the message says what to install
-      raise ValueError(str(error)) from None
+      raise errors.DataError(str(error)) from None
   print(
     f'prepared {builder.info.full_name} in {builder.data_dir}: '
     f'{builder.info.splits["train"].num_examples} train images'

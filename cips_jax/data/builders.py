@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from cips_jax import errors
 from cips_jax import images
 from cips_jax.data import lmdb_source
 from cips_jax.data import procedural
@@ -204,7 +205,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
     if cfg is None:
-      raise ValueError(
+      raise errors.DataError(
         'ImageFolder needs a config: ImageFolder(config=ImageFolderConfig('
         'name=..., resolution=...), data_dir=...) or prepare_image_folder(...)'
       )
@@ -249,7 +250,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
       return
     files = images.find_images(source)
     if not files:
-      raise FileNotFoundError(
+      raise errors.MissingInputError(
         f'no {"/".join(images.IMAGE_EXTENSIONS)} files under {source}'
       )
     items = ((path.relative_to(source).as_posix(), path) for path in files)
@@ -303,7 +304,9 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         ', '.join(skipped),
       )
     if len(skipped) == count:
-      raise ValueError(f'none of the {count} images in {source} could be read')
+      raise errors.DataError(
+        f'none of the {count} images in {source} could be read'
+      )
     # Saved with the dataset info once the split is written.
     self.info.metadata.update(
       {

@@ -27,6 +27,8 @@ import os
 import pathlib
 import re
 
+from cips_jax import errors
+
 try:
   import lmdb
 except ImportError:  # optional (the `lmdb` extra): only LMDB sources need it
@@ -74,16 +76,18 @@ def open_lmdb(path: str | os.PathLike) -> lmdb.Environment:
     )
   path = pathlib.Path(path)
   if not path.exists():
-    raise FileNotFoundError(f'LMDB {path} does not exist')
+    raise errors.MissingInputError(f'LMDB {path} does not exist')
   subdir = path.is_dir()
   if subdir and not (path / 'data.mdb').is_file():
-    raise ValueError(f'{path} is not an LMDB: a directory without data.mdb')
+    raise errors.DataError(
+      f'{path} is not an LMDB: a directory without data.mdb'
+    )
   try:
     return lmdb.open(
       os.fspath(path), readonly=True, lock=False, readahead=False, subdir=subdir
     )
   except lmdb.Error as error:
-    raise ValueError(f'{path} is not an LMDB: {error}') from None
+    raise errors.DataError(f'{path} is not an LMDB: {error}') from None
 
 
 def detect_layout(env: lmdb.Environment, path: str | os.PathLike) -> Layout:
@@ -98,7 +102,7 @@ def detect_layout(env: lmdb.Environment, path: str | os.PathLike) -> Layout:
     if length is None:
       count = env.stat()['entries']
       if not count:
-        raise ValueError(f'LMDB {path} holds no entries')
+        raise errors.DataError(f'LMDB {path} holds no entries')
       return Layout(LSUN, count)
     return _prepare_data_layout(txn, length, path)
 
@@ -106,7 +110,7 @@ def detect_layout(env: lmdb.Environment, path: str | os.PathLike) -> Layout:
 def _prepare_data_layout(txn, length: bytes, path) -> Layout:
   """The PREPARE_DATA layout of an LMDB whose b'length' holds `length`."""
   if not re.fullmatch(rb'\s*\d+\s*', length):
-    raise ValueError(
+    raise errors.DataError(
       f'LMDB {path} has a b"length" key but its value {length[:40]!r} is not '
       'a number of images'
     )
@@ -121,11 +125,11 @@ def _prepare_data_layout(txn, length: bytes, path) -> Layout:
     else:
       found = cursor.next()
   if not sizes:
-    raise ValueError(
+    raise errors.DataError(
       f'LMDB {path} has a b"length" key but no "<size>-<index>" image keys'
     )
   if not int(length):
-    raise ValueError(f'LMDB {path} holds no images (length 0)')
+    raise errors.DataError(f'LMDB {path} holds no images (length 0)')
   return Layout(PREPARE_DATA, int(length), tuple(sorted(sizes)))
 
 
@@ -137,7 +141,7 @@ def select_size(sizes: tuple[int, ...], resolution: int, path='the LMDB'):
   """
   larger = [size for size in sizes if size >= resolution]
   if not larger:
-    raise ValueError(
+    raise errors.DataError(
       f'{path} stores images of sizes {", ".join(map(str, sizes))}, none of '
       f'them at least the resolution {resolution}'
     )

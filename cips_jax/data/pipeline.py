@@ -40,6 +40,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from cips_jax import errors
+
 # Domain tags that keep the three kinds of random streams apart.
 _PERMUTATION, _SCALE, _ELEMENT = 0, 1, 2
 # "infinite" number of elements for grain's random-access range.
@@ -68,7 +70,7 @@ def _as_rgb_uint8(image: Any) -> np.ndarray:
   if image.ndim == 2:
     image = image[..., None]
   if image.ndim != 3 or image.shape[-1] not in (1, 3):
-    raise ValueError(
+    raise errors.DataError(
       f'expected an (H, W, 3) or (H, W, 1) image, got shape {image.shape}'
     )
   return np.broadcast_to(image, image.shape[:2] + (3,))
@@ -146,25 +148,27 @@ class TrainBatches:
     """
     crop = resolution if crop is None else crop
     if resolution < 1 or crop < 1 or resolution % crop:
-      raise ValueError(f'crop ({crop}) must divide resolution ({resolution})')
+      raise errors.DataError(
+        f'crop ({crop}) must divide resolution ({resolution})'
+      )
     ratio = resolution // crop
     if ratio & (ratio - 1):
-      raise ValueError(
+      raise errors.DataError(
         f'resolution / crop must be a power of 2, got {resolution}/{crop}'
       )
     if global_batch_size < 1 or global_batch_size % process_count:
-      raise ValueError(
+      raise errors.DataError(
         f'global_batch_size {global_batch_size} must be a positive multiple of '
         f'process_count {process_count}'
       )
     if not 0 <= process_index < process_count:
-      raise ValueError(
+      raise errors.DataError(
         f'process_index {process_index} not in [0, {process_count})'
       )
     if len(source) == 0:
-      raise ValueError('the data source is empty')
+      raise errors.DataError('the data source is empty')
     if seed < 0:
-      raise ValueError(f'seed must be non-negative, got {seed}')
+      raise errors.DataError(f'seed must be non-negative, got {seed}')
     self.source = source
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
@@ -282,7 +286,7 @@ class TrainBatches:
 
   def _check_position(self, step: int, row: int) -> None:
     if step < 0 or not 0 <= row < self.global_batch_size:
-      raise ValueError(
+      raise errors.DataError(
         f'invalid step {step} / row {row} (batch {self.global_batch_size})'
       )
 
@@ -305,7 +309,7 @@ class TrainBatches:
     r = self.resolution
     height, width = image.shape[:2]
     if height < r or (width < r and not self.cylindrical):
-      raise ValueError(
+      raise errors.DataError(
         f'stored image {height}x{width} is smaller than the training '
         f'resolution {r}: prepare the data set at resolution >= {r}'
       )

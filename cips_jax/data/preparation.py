@@ -19,6 +19,7 @@ import re
 
 import tensorflow_datasets as tfds
 
+from cips_jax import errors
 from cips_jax.data import builders
 from cips_jax.data import lmdb_source
 
@@ -54,7 +55,7 @@ def parse_background(
   except ValueError:
     colour = ()
   if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
-    raise ValueError(f'{what} must be {BACKGROUND_FORMS}; got {value!r}')
+    raise errors.DataError(f'{what} must be {BACKGROUND_FORMS}; got {value!r}')
   return colour
 
 
@@ -180,11 +181,11 @@ def _prepare_images(
   """`image_folder/<name>` from a folder or an LMDB (`source_format`)."""
   source = pathlib.Path(source_path).resolve()
   if resolution < 1:
-    raise ValueError(f'resolution must be positive, got {resolution}')
+    raise errors.DataError(f'resolution must be positive, got {resolution}')
   background = parse_background(background)
   name = name or _default_folder_name(source, resolution)
   if not re.fullmatch(r'[A-Za-z0-9_]+', name):
-    raise ValueError(
+    raise errors.DataError(
       f'dataset name must be letters, digits and _, got {name!r}'
     )
   description = f'{source} at resolution {resolution}'
@@ -234,7 +235,7 @@ def _prepare_images(
         if old_background != background
         else ''
       )
-      raise ValueError(
+      raise errors.DataError(
         f'{builder.data_dir} already holds images from '
         f'{old.get("source_dir")} at '
         f'resolution {old.get("resolution")}{on}; pass another name or delete '

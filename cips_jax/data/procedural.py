@@ -24,6 +24,8 @@ import dataclasses
 
 import numpy as np
 
+from cips_jax import errors
+
 # One image height spans this many turns of the view angle (a quarter turn = 90
 # degrees), so a panorama of height H is naturally 4H wide.
 TURNS_PER_HEIGHT = 0.25
@@ -248,7 +250,7 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
 
 def _check_size(height: int, width: int) -> None:
   if height < 1 or width < 1:
-    raise ValueError(f'image size must be positive, got {height}x{width}')
+    raise errors.DataError(f'image size must be positive, got {height}x{width}')
 
 
 def landscape(seed: int, height: int, width: int) -> np.ndarray:

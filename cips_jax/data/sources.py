@@ -17,6 +17,7 @@ import re
 
 import tensorflow_datasets as tfds
 
+from cips_jax import errors
 from cips_jax.data import preparation
 
 
@@ -87,7 +88,7 @@ def load_source(data_dir: str | os.PathLike, name: str, split: str = 'train'):
   if version:
     versions = [v for v in versions if v.name == version]
   if not versions:
-    raise FileNotFoundError(
+    raise errors.MissingInputError(
       f'no prepared data set {name!r} in {path} (looked for '
       f'{path}/{version or "<version>"}/dataset_info.json). '
       'Prepare it with:\n  '
@@ -97,7 +98,7 @@ def load_source(data_dir: str | os.PathLike, name: str, split: str = 'train'):
   # (LSUN's needs).
   builder = tfds.builder_from_directory(os.fspath(versions[-1]))
   if split not in builder.info.splits:
-    raise ValueError(
+    raise errors.DataError(
       f'{name} has no split {split!r}; it has {sorted(builder.info.splits)}'
     )
   return builder.as_data_source(split=split)

@@ -35,6 +35,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
+from cips_jax import errors
+
 Array = jax.Array
 DType = Any
 
@@ -173,7 +175,7 @@ def fused_styled_dense(
   _check_activation(activation)
   for name, value in (('block_pixels', block_pixels), ('block_out', block_out)):
     if value < _MIN_BLOCK or value & (value - 1):
-      raise ValueError(
+      raise errors.InputError(
         f'{name} must be a power of two >= {_MIN_BLOCK}, got {value}'
       )
   if interpret is None:
@@ -291,7 +293,7 @@ def _plan(
     if out_features <= block_out:
       bo = padded_out = out_features
     elif block_out % 128:
-      raise ValueError(
+      raise errors.InputError(
         f'on TPU block_out must be a multiple of 128, got {block_out}'
       )
     else:
@@ -447,7 +449,7 @@ def _kernel(
 
 def _check_activation(activation: Optional[str]) -> None:
   if activation not in _ACTIVATIONS:
-    raise ValueError(
+    raise errors.InputError(
       f"activation must be 'lrelu' or None, got {activation!r} (for "
       "layers.StyledDense's default activation None, pass 'lrelu')"
     )
@@ -456,10 +458,10 @@ def _check_activation(activation: Optional[str]) -> None:
 def _check_arguments(x, kernel, scale, inv_norm, bias, noise, noise_strength):
   """Raises ValueError unless the shapes fit together."""
   if x.ndim != 3:
-    raise ValueError(f'x must be (B, P, IN), got shape {x.shape}')
+    raise errors.InputError(f'x must be (B, P, IN), got shape {x.shape}')
   batch, pixels, in_features = x.shape
   if kernel.ndim != 2 or kernel.shape[0] != in_features:
-    raise ValueError(
+    raise errors.InputError(
       f'kernel must be (IN={in_features}, OUT), got shape {kernel.shape}'
     )
   out_features = kernel.shape[1]
@@ -471,8 +473,10 @@ def _check_arguments(x, kernel, scale, inv_norm, bias, noise, noise_strength):
   }
   for name, (value, shape) in expected.items():
     if value is not None and tuple(value.shape) != shape:
-      raise ValueError(f'{name} must be {shape}, got shape {value.shape}')
+      raise errors.InputError(
+        f'{name} must be {shape}, got shape {value.shape}'
+      )
   if noise is not None and (
     noise_strength is None or jnp.ndim(noise_strength) != 0
   ):
-    raise ValueError('noise needs a scalar noise_strength')
+    raise errors.InputError('noise needs a scalar noise_strength')

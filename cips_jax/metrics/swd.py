@@ -35,6 +35,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cips_jax import errors
+
 # The 5-tap binomial filter of the Burt-Adelson pyramid (separable; sums to 1).
 _BINOMIAL_5 = np.array([1.0, 4.0, 6.0, 4.0, 1.0], np.float32) / 16.0
 
@@ -55,14 +57,14 @@ def _to_float(images: np.ndarray, value_range: Sequence[float]) -> np.ndarray:
   """
   x = np.asarray(images)
   if x.ndim != 4:
-    raise ValueError(
+    raise errors.InputError(
       f'expected images of shape (N, H, W, C), got shape {x.shape}'
     )
   if x.dtype == np.uint8:
     return x.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
   lo, hi = (float(v) for v in value_range)
   if not hi > lo:
-    raise ValueError(
+    raise errors.InputError(
       f'value_range must be (low, high) with high > low, got {value_range}'
     )
   x = x.astype(np.float32)
@@ -203,11 +205,11 @@ def _sliced_distance(
   b = np.asarray(b, np.float32)
   projections = np.asarray(projections, np.float32)
   if a.shape != b.shape or a.ndim != 2:
-    raise ValueError(
+    raise errors.InputError(
       f'point sets must both be (M, D), got {a.shape} and {b.shape}'
     )
   if projections.ndim != 2 or projections.shape[1] != a.shape[1]:
-    raise ValueError(
+    raise errors.InputError(
       f'projections must be (P, {a.shape[1]}), got {projections.shape}'
     )
   num = projections.shape[0]
@@ -254,9 +256,11 @@ def pyramid_resolutions(
   single level at their own resolution.
   """
   if resolution < 1 or resolution & (resolution - 1):
-    raise ValueError(f'image size must be a power of two, got {resolution}')
+    raise errors.InputError(
+      f'image size must be a power of two, got {resolution}'
+    )
   if resolution < patch_size:
-    raise ValueError(
+    raise errors.InputError(
       f'image size {resolution} is smaller than patch_size {patch_size}'
     )
   floor = max(min_resolution, patch_size)
@@ -304,16 +308,18 @@ def sliced_wasserstein(
   real = _to_float(real, value_range)
   fake = _to_float(fake, value_range)
   if real.shape[1:] != fake.shape[1:]:
-    raise ValueError(
+    raise errors.InputError(
       f'real and fake images differ in shape: {real.shape} vs {fake.shape}'
     )
   if real.shape[0] == 0 or fake.shape[0] == 0:
-    raise ValueError('both image sets must be non-empty')
+    raise errors.InputError('both image sets must be non-empty')
   _, h, w, _ = real.shape
   if h != w:
-    raise ValueError(f'images must be square, got {h}x{w}')
+    raise errors.InputError(f'images must be square, got {h}x{w}')
   if patches_per_image < 1 or num_projections < 1:
-    raise ValueError('patches_per_image and num_projections must be positive')
+    raise errors.InputError(
+      'patches_per_image and num_projections must be positive'
+    )
   resolutions = pyramid_resolutions(h, min_resolution, patch_size)
 
   real_ss, fake_ss, proj_ss, sub_ss = np.random.SeedSequence(seed).spawn(4)

@@ -30,16 +30,12 @@ import zipfile
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from cips_jax import errors
 from cips_jax.torch_pickle import formats
 
-
-class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
-  """A checkpoint asked for something outside the whitelist, or is malformed.
-
-  Malformed in a way that could make the reader touch memory or objects it
-  should not. Also a ValueError: like other unreadable inputs, the commands
-  report it in one line.
-  """
+# A checkpoint that asked for something outside the whitelist, or is malformed
+# in a way that could make the reader touch memory or objects it should not.
+UnsafeCheckpointError = errors.UnsafeCheckpointError
 
 
 class _Frozen:
@@ -441,12 +437,12 @@ class _CheckpointUnpickler(pickle.Unpickler):
     try:
       raw = self._archive.read(record)
     except KeyError:
-      raise ValueError(
+      raise errors.CheckpointError(
         f'{self._path}: missing storage record {record!r}'
       ) from None
     dtype = storage_type.stored.newbyteorder(self._order)
     if numel * dtype.itemsize > len(raw):
-      raise ValueError(
+      raise errors.CheckpointError(
         f'{self._path}: storage record {record!r} holds {len(raw)} bytes, '
         f'fewer than {numel} {storage_type.name} elements'
       )
@@ -464,7 +460,9 @@ def _find_prefix(archive: zipfile.ZipFile, path: str) -> str:
   ]
   if len(pickles) != 1:
     reason = 'no data.pkl record' if not pickles else 'several data.pkl records'
-    raise ValueError(f'{path}: not a torch zip checkpoint ({reason})')
+    raise errors.CheckpointError(
+      f'{path}: not a torch zip checkpoint ({reason})'
+    )
   return pickles[0][: -len('data.pkl')]
 
 
@@ -487,16 +485,16 @@ def load(path: str | os.PathLike[str]) -> Any:
   """
   path_str = os.fspath(path)
   if not os.path.exists(path_str):
-    raise FileNotFoundError(f'checkpoint not found: {path_str}')
+    raise errors.MissingInputError(f'checkpoint not found: {path_str}')
   if not zipfile.is_zipfile(path_str):
-    raise ValueError(
+    raise errors.CheckpointError(
       f'{path_str}: not a torch zip checkpoint (legacy or corrupt format)'
     )
 
   try:
     archive = zipfile.ZipFile(path_str)
   except zipfile.BadZipFile as err:
-    raise ValueError(
+    raise errors.CheckpointError(
       f'{path_str}: not a torch zip checkpoint ({err})'
     ) from None
 
@@ -510,7 +508,9 @@ def load(path: str | os.PathLike[str]) -> Any:
       # torch versions that omit the record wrote little-endian
       byteorder = 'little'
     if byteorder not in ('little', 'big'):
-      raise ValueError(f'{path_str}: unknown byteorder record {byteorder!r}')
+      raise errors.CheckpointError(
+        f'{path_str}: unknown byteorder record {byteorder!r}'
+      )
 
     with archive.open(prefix + 'data.pkl') as pickled:
       unpickler = _CheckpointUnpickler(

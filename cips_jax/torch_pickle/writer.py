@@ -24,6 +24,7 @@ import zlib
 
 import numpy as np
 
+from cips_jax import errors
 from cips_jax.torch_pickle import formats
 
 # Little-endian dtype (``numpy.dtype.str``) -> the torch storage class written
@@ -157,7 +158,9 @@ class _TensorPickler:
 
   def _enter(self, container: Any, path: str) -> None:
     if id(container) in self._open:
-      raise ValueError(f'{path}: the object contains itself (a cycle)')
+      raise errors.CheckpointError(
+        f'{path}: the object contains itself (a cycle)'
+      )
     self._open.add(id(container))
 
   def _dict(self, mapping: dict[Any, Any], path: str) -> None:
@@ -369,7 +372,7 @@ def _create_temporary(directory: str, base: str) -> tuple[int, str]:
       return os.open(temporary, flags, 0o666), temporary
     except FileExistsError:
       continue
-  raise FileExistsError(f'no free temporary file name in {directory}')
+  raise errors.OutputExistsError(f'no free temporary file name in {directory}')
 
 
 def save(obj: Any, path: str | os.PathLike[str]) -> None:
