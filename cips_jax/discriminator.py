@@ -46,6 +46,8 @@ DType = Any
 
 # the reference adds this to the group variance before the sqrt
 STDDEV_EPS = 1e-8
+# Flax's layouts: NHWC activations and HWIO kernels (the converter transposes
+# the reference's OIHW weights).
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -57,6 +59,8 @@ def discriminator_channels(
   The reference's table, then capped. Returns {resolution: channels}; e.g.
   size 256, cm 2: {256: 128, 128: 256, 64..4: 512}.
   """
+  # Keyed by resolution, unlike the generator's stage table
+  # (docs/reference.md 1.6).
   table = {
     4: 512,
     8: 512,
@@ -91,10 +95,13 @@ def blur(x: Array, taps: Sequence[float], pad: tuple[int, int]) -> Array:
   the symmetric kernels used here).
   """
   k = np.asarray(taps, dtype=np.float64)
+  # outer(k, k) / sum(outer(k, k)) = outer(k / sum k, k / sum k): each 1-D pass
+  # uses the taps normalised to sum 1.
   k = (k / k.sum())[::-1]
   x = jnp.pad(x, ((0, 0), pad, pad, (0, 0)))
   n = len(k)
   height, width = x.shape[1] - n + 1, x.shape[2] - n + 1
+  # Along H first, then along W; Python floats keep x's dtype.
   rows = sum(float(k[i]) * x[:, i : i + height] for i in range(n))
   return sum(float(k[j]) * rows[:, :, j : j + width] for j in range(n))
 
@@ -133,6 +140,8 @@ def conv2d(
   x = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
   out_h = (x.shape[1] - k) // stride + 1
   out_w = (x.shape[2] - k) // stride + 1
+  # Tap (dy, dx): the input pixel that kernel entry (dy, dx) sees from each
+  # output position, for every output position at once (strided slice).
   taps = [
     jax.lax.slice(
       x,
@@ -148,6 +157,8 @@ def conv2d(
     for dy in range(k)
     for dx in range(k)
   ]
+  # Channels in (dy, dx, in) order: the row order of the HWIO kernel reshaped
+  # to (k*k*in, out) below.
   columns = jnp.concatenate(taps, axis=-1)
   # One 2-D product over (B*H'*W') rows: with B, H', W' kept apart the weight
   # gradient contracts three axes, and XLA:CPU then transposes the whole column
@@ -203,6 +214,7 @@ class EqualConv2d(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """x: (B, H, W, in) -> (B, H', W', features)."""
+    # A conv's fan-in counts the whole receptive field: in * kh * kw.
     fan_in = x.shape[-1] * self.kernel_size**2
     kernel = self.param(
       'kernel',
@@ -218,6 +230,7 @@ class EqualConv2d(nn.Module):
       self.precision,
       resolve_conv_impl(self.conv_impl),
     )
+    # Unscaled: the reference's EqualConv2d has no lr_mul.
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,))
     return y
@@ -253,6 +266,8 @@ class ConvLayer(nn.Module):
   def __call__(self, x: Array) -> Array:
     """x: (B, H, W, in) -> (B, H', W', features)."""
     if self.downsample:
+      # rosinality's padding for a blur before a stride-2 k x k conv:
+      # (len(taps) - factor 2) + (k - 1), so that the conv gives H / 2.
       p = len(self.blur_kernel) - 2 + (self.kernel_size - 1)
       x = blur(x.astype(self.dtype), self.blur_kernel, ((p + 1) // 2, p // 2))
       stride, padding = 2, 0
@@ -263,6 +278,7 @@ class ConvLayer(nn.Module):
       self.kernel_size,
       stride=stride,
       padding=padding,
+      # With the activation, the bias is FusedLeakyReLU's (added below).
       use_bias=self.use_bias and not self.activate,
       dtype=self.dtype,
       precision=self.precision,
@@ -299,6 +315,7 @@ class ResBlock(nn.Module):
       precision=self.precision,
       conv_impl=self.conv_impl,
     )
+    # conv1 keeps the input width; conv2 changes it while halving H and W.
     h = ConvLayer(x.shape[-1], 3, name='conv1', **kw)(x)
     h = ConvLayer(self.features, 3, downsample=True, name='conv2', **kw)(h)
     skip = ConvLayer(
@@ -310,6 +327,7 @@ class ResBlock(nn.Module):
       name='skip',
       **kw,
     )(x)
+    # / sqrt(2): the sum of two unit-scale branches back to unit scale.
     return (h + skip) * (1.0 / math.sqrt(2.0))
 
 
@@ -330,8 +348,9 @@ def minibatch_stddev(x: Array, group_size: int = 4) -> Array:
       f'(min(batch, stddev_group={group_size}))'
     )
   xf = x.astype(jnp.float32)
-  # (G, M, H, W, C); g is outer.
+  # (G, M, H, W, C); g is outer, as in the reference's view(G, -1, ...).
   y = xf.reshape((group, batch // group) + x.shape[1:])
+  # jnp.var's default ddof=0 is the reference's var(0, unbiased=False).
   std = jnp.sqrt(jnp.var(y, axis=0) + STDDEV_EPS)  # (M, H, W, C)
   std = jnp.mean(std, axis=(1, 2, 3))  # (M,)
   std = jnp.tile(std, group)  # sample b gets std[b % M]
@@ -408,5 +427,6 @@ class Discriminator(nn.Module):
     # Natural (H, W, C) flatten; the converter permutes the reference's (C, H,
     # W) rows.
     x = x.reshape(x.shape[0], -1).astype(jnp.float32)
+    # (B, 16 * ch[4]) -> (B, ch[4]) with fused leaky ReLU, then one logit.
     x = EqualDense(ch[4], activate=True, name='final_dense')(x)
     return EqualDense(1, name='logits')(x)

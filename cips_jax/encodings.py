@@ -62,15 +62,20 @@ class FourierFeatures(nn.Module):
   def __call__(self, xy: Array) -> Array:
     """xy: (..., 2) -> (..., features)."""
     if self.cylindrical:
+      # cos and sin of the angle are continuous where x jumps from 1 to -1.
       angle = jnp.pi * xy[..., 0]
       xy = jnp.stack([jnp.cos(angle), jnp.sin(angle), xy[..., 1]], axis=-1)
+    # 2, or 3 with the cylindrical input: the init bounds follow it.
     fan_in = xy.shape[-1]
+    # (in, out): the reference's (out, in, 1, 1) `lff.ffm.conv.weight`,
+    # squeezed and transposed.
     kernel = self.param(
       'kernel', _uniform_init(math.sqrt(9.0 / fan_in)), (fan_in, self.features)
     )
     bias = self.param(
       'bias', _uniform_init(1.0 / math.sqrt(fan_in)), (self.features,)
     )
+    # No cosine branch: the learned phase can make one (docs/reference.md 1.1).
     return jnp.sin(xy @ kernel + bias)
 
 
@@ -85,9 +90,13 @@ def grid_position(
   align_corners=False is.
   """
   if periodic:
+    # x + 2 lands `size` further on: the same entry once wrapped.
     return (coord + 1.0) * 0.5 * size - (0.0 if align_corners else 0.5)
   if align_corners:
+    # -1 and 1 are the centres of the first and last entries.
     return (coord + 1.0) * 0.5 * (size - 1)
+  # PyTorch's unnormalisation for align_corners=False: entry k's centre is at
+  # c = (2k + 1) / size - 1, so -1 and 1 are the table's outer edges.
   return ((coord + 1.0) * size - 1.0) * 0.5
 
 
@@ -108,14 +117,20 @@ def bilinear_lookup(
   height, width = table.shape[0], table.shape[1]
   px = grid_position(xy[0], width, align_corners, periodic=wrap_x)
   py = grid_position(xy[1], height, align_corners)
+  # Clamping the position, not the indices, is grid_sample's 'border' padding:
+  # points beyond the border read the border entry (docs/reference.md 2).
   if not wrap_x:
     px = jnp.clip(px, 0.0, width - 1)
   py = jnp.clip(py, 0.0, height - 1)
+  # floor, not truncation: wrapped positions below 0 still get weights in
+  # [0, 1).
   x0f, y0f = jnp.floor(px), jnp.floor(py)
   wx, wy = px - x0f, py - y0f
   col, row = x0f.astype(jnp.int32), y0f.astype(jnp.int32)
   x0 = _wrapped_or_clamped(col, width, wrap_x)
+  # At px = width - 1 the clamped x1 repeats x0, with weight wx = 0.
   x1 = _wrapped_or_clamped(col + 1, width, wrap_x)
+  # y never wraps: a cylinder closes along x only.
   y0 = _wrapped_or_clamped(row, height, False)
   y1 = _wrapped_or_clamped(row + 1, height, False)
   top = table[y0, x0] * (1.0 - wx) + table[y0, x1] * wx
@@ -130,6 +145,8 @@ def nearest_lookup(table: Array, xy: Array, wrap_x: bool = False) -> Array:
   """
   table = jnp.asarray(table)
   height, width = table.shape[0], table.shape[1]
+  # round, not floor: on the training grid the positions are integers up to
+  # float32 error, and each pixel must get its own entry (docs/reference.md 2).
   col = jnp.round(grid_position(xy[0], width, True, periodic=wrap_x)).astype(
     jnp.int32
   )

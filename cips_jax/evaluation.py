@@ -54,6 +54,8 @@ def real_image_batches(
     raise errors.InputError(
       f'asked for {count} real images; the dataset has {len(source)}'
     )
+  # A seeded choice, not the first `count` records: the subset is fixed per
+  # seed (the cache key) and unbiased by the source's order.
   indices = np.random.default_rng(seed).choice(
     len(source), size=count, replace=False
   )
@@ -61,6 +63,8 @@ def real_image_batches(
     images = []
     for i in indices[start : start + batch_size]:
       image = np.asarray(source[int(i)]['image'])
+      # Centre crops, not training's random crops: real statistics must be
+      # deterministic to be cached.
       top = (image.shape[0] - resolution) // 2
       left = (image.shape[1] - resolution) // 2
       images.append(image[top : top + resolution, left : left + resolution])
@@ -93,6 +97,8 @@ def statistics_of(
   kept, done = [], 0
   for images in batches:
     features = np.asarray(extractor(images))
+    # Mean and covariance stream in float64 (fid.RunningStatistics); only the
+    # first `keep` feature vectors are stored, for KID, bounding memory.
     running.update(features)
     if done < keep:
       kept.append(features[: keep - done].astype(np.float32))
@@ -138,6 +144,7 @@ def render_grids(
   if not cylindrical:
     grid = np.asarray(grids.uniform(resolution, resolution))
     return grid, grid
+  # The stored panoramas' width: their x = -1 + 2c / W is what training saw.
   width = np.asarray(source[0]['image']).shape[1]
   panorama = np.asarray(grids.cylindrical(resolution, width))
   return panorama, panorama[:, :resolution]
@@ -183,8 +190,11 @@ class Evaluator:
     The statistics are of `num_real` images.
     """
     mesh = parallel.make_mesh() if mesh is None else mesh
+    # Every device renders an equal share of each batch.
     batch_size = parallel.divisible_by_devices(batch_size, mesh)
     num_real = min(num_real, len(source))
+    # Everything the statistics depend on is in the name, so a cached file is
+    # never reused for another choice of images.
     name = (
       f'{dataset_name.replace("/", "_")}_{resolution}px_{num_real}'
       f'_seed{seed}.npz'
@@ -199,6 +209,8 @@ class Evaluator:
         num_real,
         progress,
       )
+      # Every process computes (the extractor is one sharded program); one
+      # writes.
       if jax.process_index() == 0:
         real.save(path, features=real_features)
     return cls(
@@ -216,15 +228,20 @@ class Evaluator:
 
     Each batch is sharded over the mesh.
     """
+    # remat only matters for gradients; rendering does without it.
     render = _sharded_renderer(
       gen.clone(remat=False), self.batch_size, self.mesh
     )
+    # The same latents at every evaluation of a run, so scores along a run
+    # differ by the model only.
     key = jax.random.PRNGKey(self.seed + 10_000)
     for index in range(math.ceil(num_samples / self.batch_size)):
       images = parallel.to_host(
         render(params, jax.random.fold_in(key, index), self.coords)
       )
+      # Every batch is full size (one compiled program); the last is trimmed.
       count = min(self.batch_size, num_samples - index * self.batch_size)
+      # Quantised to 8 bits like the real images before Inception sees them.
       yield images_lib.to_uint8(images[:count])
 
   def evaluate(

@@ -54,7 +54,10 @@ def _vmap_over(fn, axis_name: str, in_axes=0):
   """`nn.vmap` of `fn(module, ...)` sharing the parameters across the axis."""
   return nn.vmap(
     fn,
+    # None: broadcast, not mapped; every pixel reads the same parameters.
     variable_axes={'params': None},
+    # One init for all pixels; the noise is drawn before the vmap (`__call__`),
+    # so no rng stream is split per pixel.
     split_rngs={'params': False},
     axis_name=axis_name,
     in_axes=in_axes,
@@ -102,6 +105,7 @@ class MappingNetwork(nn.Module):
   @nn.compact
   def __call__(self, z: Array) -> Array:
     """z: (..., style_dim) -> w: (..., style_dim)."""
+    # The reference's style.0; the dense layers are style.1 .. style.n_mlp.
     x = layers.pixel_norm(z)
     for i in range(self.n_mlp):
       x = layers.EqualDense(
@@ -114,6 +118,7 @@ def skip_widths(
   count: int, channel_multiplier: int, max_channels: int = 512
 ) -> list[int]:
   """Widths of CIPSskip's layer pairs: the reference's channel table, capped."""
+  # Indexed by stage, not by resolution (docs/reference.md 1.4).
   table = [
     512,
     512,
@@ -135,6 +140,8 @@ def res_widths(
 
   Entries 7 and 8 differ from CIPSskip's.
   """
+  # 64 cm and 32 cm where CIPSskip has 32 cm and 16 cm: the reference's own
+  # table, not a typo (docs/reference.md 1.4).
   table = [
     512,
     512,
@@ -159,6 +166,7 @@ def _extend(table: Sequence[int], count: int) -> list[int]:
 
 def num_pairs(size: int) -> int:
   """log2(size) - 1: number of layer pairs (CIPSskip) or residual blocks."""
+  # size & (size - 1) clears the lowest set bit: 0 only for powers of two.
   if size < 4 or size & (size - 1):
     raise errors.InputError(f'size must be a power of two >= 4, got {size}')
   return int(math.log2(size)) - 1
@@ -201,6 +209,8 @@ class CIPS(nn.Module):
   channel_multiplier: int = 2
   activation: Optional[str] = None
   max_channels: int = 512
+  # The reference's evaluation read, so converted checkpoints render as the
+  # official code does (docs/reference.md 6.1).
   embedding_mode: str = 'bilinear'
   cylindrical: bool = False
   dtype: DType = jnp.float32
@@ -213,6 +223,7 @@ class CIPS(nn.Module):
 
     Each takes one noise draw.
     """
+    # conv1, then two per stage (CIPSres: two per block); ToRGBs take no noise.
     return 1 + 2 * num_pairs(self.size)
 
   def layer_widths(self) -> list[int]:
@@ -226,11 +237,14 @@ class CIPS(nn.Module):
       )
     self.mapping = MappingNetwork(self.style_dim, self.n_mlp, self.lr_mlp)
     self.fourier = encodings.FourierFeatures(self.hidden_size, self.cylindrical)
+    # N(0, 1), stored (size, size, C) and indexed [row=y, col=x]: the
+    # reference's (1, C, size, size) `emb.input`, moved (docs/reference.md 1.1).
     self.embedding = self.param(
       'embedding',
       nn.initializers.normal(1.0),
       (self.size, self.size, self.hidden_size),
     )
+    # Its input is the Fourier features and the embedding side by side.
     self.conv1 = self.styled_dense(2 * self.hidden_size, self.layer_widths()[0])
     self.build_layers()
 
@@ -297,6 +311,8 @@ class CIPS(nn.Module):
     embedding = encodings.lookup_embedding(
       self.embedding, xy, embedding_mode, wrap_x=self.cylindrical
     )
+    # Fourier features first: the reference's torch.cat([x, emb]) order, which
+    # the rows of converted conv1 weights follow.
     features = jnp.concatenate([self.fourier(xy), embedding])
     return self.pixel_mlp(
       features,
@@ -345,12 +361,15 @@ class CIPS(nn.Module):
       layout = shapes.parse(w, coords, mix, self.style_dim)
     coords = layout.flat_coords(jnp.asarray(coords, jnp.float32))
     w, mix = layout.flat_w(w), layout.flat_mix(mix)
+    # One N(0, 1) scalar per (image, pixel, styled layer), shared by the
+    # channels; drawn only when asked for (docs/reference.md 1.3, 6.3).
     noise = None
     if self.has_rng('noise'):
       noise = jax.random.normal(
         self.make_rng('noise'),
         (layout.batch, layout.num_pixels, self.num_styled_layers),
       )
+    # Per-pixel styles cannot be folded into one weight per image.
     if layout.styles_vary_per_pixel:
       rgb = self._render_per_pixel_styles(layout, coords, w, mix, noise, mode)
     elif resolve_per_image_form(self.per_image_form) == FOLDED_WEIGHTS:
@@ -372,6 +391,8 @@ class CIPS(nn.Module):
 
     coords (P, 2) or (B, P, 2); w (B, P, D), or (B, K, D) with mix (B, P, K).
     """
+    # Both axes: the ordering anchor sums over every vmapped axis, so it is
+    # unbatched (see `layers.ordering_anchor`).
     pixel_axes = (IMAGE_AXIS, PIXEL_AXIS)
 
     def one_pixel(module, xy, style, mix, noise):
@@ -384,8 +405,12 @@ class CIPS(nn.Module):
         pixel_axes=pixel_axes,
       )
 
+    # A mixture's K styles are per image: unmapped over the pixels, so their
+    # affines and Gram run once per image.
     style_axis = 0 if layout.styles == shapes.PER_PIXEL else None
     over_pixels = _vmap_over(one_pixel, PIXEL_AXIS, (0, style_axis, 0, 0))
+    # Shared coords stay unmapped over the images: their features (Fourier,
+    # embedding) are computed once, not once per image.
     over_images = _vmap_over(
       over_pixels, IMAGE_AXIS, (None if layout.shared_coords else 0, 0, 0, 0)
     )
@@ -417,6 +442,8 @@ class CIPS(nn.Module):
       ).reshape(batch * num_pixels, *array.shape[1:])
 
     modulations = jax.tree_util.tree_map(per_pixel, self.modulations_for(w))
+    # The single flat axis maps every input, so shared coords are repeated per
+    # image (their features are then computed per image too).
     coords = jnp.broadcast_to(coords, (batch, num_pixels, 2)).reshape(-1, 2)
     if noise is not None:
       noise = noise.reshape(batch * num_pixels, -1)
@@ -441,6 +468,8 @@ class CIPS(nn.Module):
     """
     modulations = self.modulations_for(w, fold_weights=True)
 
+    # The folded weights are per image: unmapped over its pixels, so each
+    # layer is one (P, in) x (in, out) product per image.
     over_pixels = _vmap_over(
       _pixel_with_modulations(mode), PIXEL_AXIS, (0, 0, None)
     )
@@ -448,6 +477,7 @@ class CIPS(nn.Module):
       over_pixels, IMAGE_AXIS, (None if layout.shared_coords else 0, 0, 0)
     )
     rgb = over_images(self, coords, noise, modulations)
+    # (B, P, 3) -> the flat (B * P, 3) that the other per-image path returns.
     return rgb.reshape(layout.batch * layout.num_pixels, 3)
 
   def generate(
@@ -475,6 +505,8 @@ class CIPSskip(CIPS):
 
   def build_layers(self):
     widths = self.layer_widths()
+    # The reference's flat `linears.{0..2n-1}`: two per stage, the first of
+    # each pair changing the width.
     self.linears = [
       layer
       for fan_in, width in zip(_input_widths(widths), widths)
@@ -502,12 +534,16 @@ class CIPSskip(CIPS):
     mods = _modulation_list(modulations, len(self.modulated_layers()))
     styled = dict(style=style, mix=mix, pixel_axes=pixel_axes)
     h = self.conv1(features, noise=noise[0], modulation=mods[0], **styled)
+    # The running sum of every ToRGB (the reference starts it at 0); no tanh
+    # or clamp at the end (docs/reference.md 1.4).
     rgb = None
     for i, to_rgb in enumerate(self.to_rgbs):
       for layer in (2 * i + 1, 2 * i + 2):  # layer 0 is conv1
         h = self.linears[layer - 1](
           h, noise=noise[layer], modulation=mods[layer], **styled
         )
+      # modulated_layers() lists the ToRGBs after conv1 and the 2n linears,
+      # i.e. after the num_styled_layers layers that take noise.
       rgb = to_rgb(
         h, skip=rgb, modulation=mods[self.num_styled_layers + i], **styled
       )
@@ -538,6 +574,8 @@ class StyledResBlock(nn.Module):
 
     self.conv1 = styled(self.in_features, self.features)
     self.conv2 = styled(self.features, self.features)
+    # The reference's bias-free equalized 1x1 projection (`skip.0`), only
+    # where the widths change.
     if self.in_features != self.features:
       self.skip = layers.EqualDense(self.features, use_bias=False)
 
@@ -564,6 +602,8 @@ class StyledResBlock(nn.Module):
     h = self.conv1(x, noise=noise[0], modulation=mods[0], **styled)
     h = self.conv2(h, noise=noise[1], modulation=mods[1], **styled)
     skip = x if self.in_features == self.features else self.skip(x)
+    # / sqrt(2) keeps the sum of two unit-scale branches at unit scale; the
+    # result is stored in `dtype`, as StyledDense's outputs are.
     return ((h + skip) / layers.SQRT2).astype(self.dtype)
 
 
@@ -612,6 +652,8 @@ class CIPSres(CIPS):
     styled = dict(style=style, mix=mix, pixel_axes=pixel_axes)
     h = self.conv1(features, noise=noise[0], modulation=mods[0], **styled)
     for i, block in enumerate(self.blocks):
+      # Styled layer 0 is conv1, so block i owns noise draws 2i+1 and 2i+2;
+      # mods[i + 1] is its (conv1, conv2) pair from StyledResBlock.
       h = block(
         h,
         noise=(noise[2 * i + 1], noise[2 * i + 2]),

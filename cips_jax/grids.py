@@ -47,6 +47,7 @@ def _check_size(height: int, width: int) -> None:
 
 
 def _mesh(xs: np.ndarray, ys: np.ndarray) -> jnp.ndarray:
+  # indexing='xy': (len(ys), len(xs)) arrays, x varying along the columns.
   x, y = np.meshgrid(
     xs.astype(np.float32), ys.astype(np.float32), indexing='xy'
   )
@@ -60,6 +61,8 @@ def uniform(height: int, width: int) -> jnp.ndarray:
   `convert_to_coord_format`, non-square grids work.
   """
   _check_size(height, width)
+  # float32 linspace, as `data.pipeline.coordinate_grid` (bit-identical), which
+  # gives the training batches their coordinates.
   return _mesh(
     np.linspace(-1.0, 1.0, width, dtype=np.float32),
     np.linspace(-1.0, 1.0, height, dtype=np.float32),
@@ -90,6 +93,8 @@ def scaled(
   (sx, sy), (cx, cy) = _pair(scale, 'scale'), _pair(center, 'center')
   if sx <= 0 or sy <= 0:
     raise errors.InputError(f'scale must be positive, got {scale!r}')
+  # float64 up to _mesh's one cast, as numpy's float32 linspace computes too:
+  # scale 1, center 0 gives `uniform`'s points exactly.
   xs = cx + sx * np.linspace(-1.0, 1.0, width, dtype=np.float64)
   ys = cy + sy * np.linspace(-1.0, 1.0, height, dtype=np.float64)
   return _mesh(xs, ys)
@@ -121,6 +126,8 @@ def patch(
       f'patch rows {top}:{top + height}, columns {left}:{left + width} lie '
       f'outside the {full_height}x{full_width} grid'
     )
+  # Slices of the full grid's linspace: a linspace over the block's own range
+  # could round differently.
   xs = np.linspace(-1.0, 1.0, full_width, dtype=np.float32)[left : left + width]
   ys = np.linspace(-1.0, 1.0, full_height, dtype=np.float32)[top : top + height]
   return _mesh(xs, ys)
@@ -136,6 +143,8 @@ def cylindrical(height: int, width: int, start: float = -1.0) -> jnp.ndarray:
   different horizontal density; `start` turns the view.
   """
   _check_size(height, width)
+  # arange / width, not linspace: the last column stops one step short of
+  # start + 2, the first column's twin. y matches `uniform`'s rows.
   xs = start + 2.0 * np.arange(width, dtype=np.float64) / width
   return _mesh(xs, np.linspace(-1.0, 1.0, height, dtype=np.float32))
 
@@ -159,10 +168,12 @@ def foveated(
   fx, fy = _pair(fixation, 'fixation')
   if abs(fx) > 1 or abs(fy) > 1:
     raise errors.InputError(f'fixation must lie in [-1, 1]^2, got {fixation!r}')
+  # The farthest corner: the spiral's disc then covers the whole square.
   radius = max(math.hypot(cx - fx, cy - fy) for cx in (-1, 1) for cy in (-1, 1))
   i = np.arange(num_points, dtype=np.float64)
   # N(r) ~ r^(2 - falloff) points within radius r gives a density ~ r^-falloff.
   r = radius * ((i + 0.5) / num_points) ** (1.0 / (2.0 - falloff))
+  # The golden angle, pi (3 - sqrt 5): no two points share a direction.
   theta = i * math.pi * (3.0 - math.sqrt(5.0))
   points = np.stack([fx + r * np.cos(theta), fy + r * np.sin(theta)], axis=-1)
   inside = np.all(np.abs(points) <= 1.0, axis=-1)
@@ -194,6 +205,8 @@ def points_to_image(
       f'values {values.shape} do not match {points.shape[0]} points'
     )
   pixels = np.asarray(uniform(height, width)).reshape(-1, 2)
+  # Squared distances suffice for the argmin; chunks bound the (chunk, N)
+  # distance matrix.
   nearest = jax.jit(
     lambda p: jnp.argmin(
       jnp.sum((p[:, None, :] - points[None, :, :]) ** 2, axis=-1), axis=1
@@ -205,5 +218,6 @@ def points_to_image(
       for i in range(0, len(pixels), chunk_size)
     ]
   )
+  # Axis -2 is the point axis of both (N, C) and (B, N, C).
   out = np.take(values, index, axis=-2)
   return out.reshape(*values.shape[:-2], height, width, values.shape[-1])

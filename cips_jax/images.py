@@ -39,7 +39,10 @@ def to_uint8(images: Any) -> np.ndarray:
     return x
   if x.dtype == np.bool_:
     return x.astype(np.uint8) * np.uint8(255)
+  # A diverged render still saves (NaN as grey) instead of failing the cast.
   x = np.nan_to_num(x.astype(np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
+  # + 0.5 then floor: round half up, as torchvision does, not numpy's round
+  # half to even.
   x = (np.clip(x, -1.0, 1.0) + 1.0) * 127.5 + 0.5
   return np.clip(np.floor(x), 0, 255).astype(np.uint8)
 
@@ -82,6 +85,7 @@ def image_grid(
   if n == 0:
     raise errors.InputError('image_grid needs at least one image')
   ncols = int(ncols) if ncols else math.ceil(math.sqrt(n))
+  # No more columns than images: a short batch leaves no empty column.
   ncols = max(1, min(ncols, n))
   nrows = math.ceil(n / ncols)
   grid = np.full(
@@ -146,7 +150,9 @@ def save_gif(
     format='GIF',
     save_all=True,
     append_images=images[1:],
+    # Milliseconds per frame; GIF stores hundredths, so the rate is approximate.
     duration=int(round(1000 / fps)),
+    # The NETSCAPE loop count: 0 repeats forever.
     loop=0 if loop else 1,
   )
   return path
@@ -180,6 +186,7 @@ def save_line_plot(
   for name, (x, y) in curves.items():
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if log_y:
+      # A log axis cannot show zero or negative values: they are dropped.
       keep = y > 0
       x, y = x[keep], np.log10(y[keep])
     prepared[name] = (x, y)
@@ -191,6 +198,7 @@ def save_line_plot(
     )
   x_lo, x_hi = float(xs.min()), float(xs.max()) or 1.0
   y_lo, y_hi = float(ys.min()), float(ys.max())
+  # A flat curve gets a range of 2, so that to_pixel never divides by zero.
   if y_hi == y_lo:
     y_lo, y_hi = y_lo - 1, y_hi + 1
   width, height = size
@@ -218,6 +226,7 @@ def save_line_plot(
   draw.text((left + 4, 8), title, fill=(0, 0, 0))
   draw.text((width // 2 - 60, height - 18), x_label, fill=(0, 0, 0))
   draw.text((4, 12), y_label + (' (log10)' if log_y else ''), fill=(0, 0, 0))
+  # The legend is right-aligned to the longest name.
   legend_x = (
     width - right - 30 - max(draw.textlength(name) for name in prepared)
   )
@@ -257,6 +266,8 @@ def find_images(source_dir: str | os.PathLike) -> list[pathlib.Path]:
     for p in source.rglob('*')
     if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
   ]
+  # Sorted by the '/'-separated path below the folder: the same order on every
+  # OS and wherever the folder lives (sorted, as docs/reference.md 4.1).
   return sorted(files, key=lambda p: p.relative_to(source).as_posix())
 
 
@@ -283,6 +294,7 @@ def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
   w, h = image.size
   if min(w, h) == size:
     return image
+  # int() truncates the long side, as torchvision computes it.
   if w <= h:
     new_w, new_h = size, int(size * h / w)
   else:
@@ -300,6 +312,8 @@ def read_image(path: str | os.PathLike, height: int, width: int) -> np.ndarray:
   """
   try:
     with Image.open(path) as image:
+      # The shorter side goes to the larger target side: both sides then
+      # cover the centre crop.
       image = resize_shorter_side(to_rgb(image), max(height, width))
   except (OSError, UnidentifiedImageError) as error:
     raise errors.InputError(f'cannot read the image {path}: {error}') from None

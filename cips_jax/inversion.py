@@ -81,6 +81,8 @@ def _inception_distance(params, images, targets):
   target_features = network.apply(
     {'params': params}, inception.preprocess(targets)
   )
+  # The target's features are a constant of the objective: no gradient flows
+  # into them.
   return jnp.mean(jnp.square(features - jax.lax.stop_gradient(target_features)))
 
 
@@ -105,6 +107,8 @@ def as_signed_image(target) -> np.ndarray:
       f'the target must be one RGB image (H, W, 3), got shape {target.shape}'
     )
   if target.dtype == np.uint8:
+    # The scaling of the training data (data.pipeline), so a real image and a
+    # render are compared in the same units.
     return target.astype(np.float32) / 127.5 - 1.0
   return target.astype(np.float32)
 
@@ -153,6 +157,7 @@ def invert(
       gen, variables, jax.random.PRNGKey(seed), num_samples=4096
     )
   w = jnp.asarray(w_init, jnp.float32).reshape(1, gen.style_dim)
+  # Every pixel starts from the same w: both spaces start from the same image.
   if space == 'pixel_w':
     w = jnp.broadcast_to(w[:, None, None, :], (1, height, width, gen.style_dim))
 
@@ -168,6 +173,7 @@ def invert(
 
   optimizer = optax.adam(learning_rate)
 
+  # Compiled per call: it closes over gen, the optimizer and `perceptual`.
   @jax.jit
   def step(w, opt_state, variables, target, coords):
     (loss, (mse, _)), grad = jax.value_and_grad(objective, has_aux=True)(
@@ -176,6 +182,7 @@ def invert(
     updates, opt_state = optimizer.update(grad, opt_state, w)
     return optax.apply_updates(w, updates), opt_state, loss, mse
 
+  # float() waits for each step's result: at most one step is in flight.
   def record(loss, mse):
     losses.append(float(loss))
     psnrs.append(
@@ -188,6 +195,8 @@ def invert(
     # Loss, mse before the update.
     w, opt_state, loss, mse = step(w, opt_state, variables, target, coords)
     record(loss, mse)
+  # One more evaluation at the final w, so psnr[-1] and `image` describe the
+  # latent returned.
   loss, (mse, image) = jax.jit(objective)(w, variables, target, coords)
   record(loss, mse)
   return Inversion(

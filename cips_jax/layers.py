@@ -6,10 +6,10 @@ style's affine and demodulation run once per image (the generator computes each
 layer's `Modulation` before the vmap, or JAX leaves the unmapped style
 unbatched), while the pixel work becomes one matrix multiply per layer.
 
-Parameters follow Flax conventions (dense kernels are `(in, out)`); `convert.py`
-maps the reference's PyTorch layout onto them. The equalized learning rate of
-StyleGAN2 is kept: weights are stored at unit scale and multiplied by
-`lr_mul / sqrt(fan_in)` at run time.
+Parameters follow Flax conventions (dense kernels are `(in, out)`);
+`cips_jax.convert` maps the reference's PyTorch layout onto them. The equalized
+learning rate of StyleGAN2 is kept: weights are stored at unit scale and
+multiplied by `lr_mul / sqrt(fan_in)` at run time.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from cips_jax import errors
 Array = jax.Array
 DType = Any
 
+# The gain of the fused leaky ReLU (He's gain for a ReLU) and the
+# divisor of residual sums of two unit-variance branches: both keep unit scale.
 SQRT2 = math.sqrt(2.0)
 DEMODULATION_EPS = 1e-8  # the literal the reference adds under its rsqrt
 
@@ -35,6 +37,7 @@ def leaky_relu_gain(x: Array) -> Array:
 
   StyleGAN2's fused_lrelu.
   """
+  # The caller adds the bias first (docs/reference.md 1.3).
   return jax.nn.leaky_relu(x, 0.2) * SQRT2
 
 
@@ -43,6 +46,7 @@ def pixel_norm(x: Array, axis: int = -1) -> Array:
 
   eps is 1e-8, as in the reference.
   """
+  # The mean, not the sum: unit RMS whatever style_dim (docs/reference.md 1.5).
   return x * jax.lax.rsqrt(
     jnp.mean(jnp.square(x), axis=axis, keepdims=True) + 1e-8
   )
@@ -52,6 +56,8 @@ def unit_normal_init(lr_mul: float = 1.0):
   """N(0, 1) / lr_mul: the stored value of an equalized-learning-rate weight."""
 
   def init(key, shape, dtype=jnp.float32):
+    # Used x lr_mul, so the initial effective weight is N(0, 1) / sqrt(fan_in)
+    # whatever lr_mul, while Adam's steps on it shrink by lr_mul.
     return jax.random.normal(key, shape, dtype) / lr_mul
 
   return init
@@ -91,12 +97,17 @@ class EqualDense(nn.Module):
       'kernel', unit_normal_init(self.lr_mul), (fan_in, self.features)
     )
     if anchor is not None:
+      # + 0.0: no value changes, only the product's dependence on the anchor.
       kernel = kernel + anchor
+    # Scaled at run time (equalized learning rate), so converted reference
+    # weights are copied unchanged.
     y = x @ (kernel * (self.lr_mul / math.sqrt(fan_in)))
     if self.use_bias:
       bias = self.param(
         'bias', nn.initializers.constant(self.bias_init), (self.features,)
       )
+      # lr_mul but no fan-in scale, as the reference's EqualLinear; its
+      # fused_lrelu also adds the bias before the activation.
       y = y + bias * self.lr_mul
     return leaky_relu_gain(y) if self.activate else y
 
@@ -148,13 +159,16 @@ class ModulatedDense(nn.Module):
   dtype: DType = jnp.float32
 
   def setup(self):
+    # (in, out): the reference's (1, out, in, 1, 1) weight, transposed.
     self.kernel = self.param(
       'kernel', unit_normal_init(), (self.in_features, self.features)
     )
-    # The style affine.
+    # The style affine A(w); its bias starts at 1, so the initial styles scale
+    # the inputs around 1, not around 0 (docs/reference.md 1.2).
     self.modulation = EqualDense(self.in_features, bias_init=1.0)
 
   def scaled_kernel(self) -> Array:
+    """c W (in, out), c = 1/sqrt(in): the kernel the modulation scales."""
     return self.kernel * (1.0 / math.sqrt(self.in_features))
 
   def modulation_for(
@@ -181,17 +195,22 @@ class ModulatedDense(nn.Module):
       scale = _weighted_sum(mix, styles)  # (in,): this pixel's style
     if not self.demodulate:
       return Modulation(scale, None)
+    # sum_i (c W[i, o] s[i])^2 = (s * s) @ (c W)^2: each modulated weight's
+    # squared column norm, without building the weight.
     kernel_sq = jnp.square(self.scaled_kernel())
     if mix is None:
       norm_sq = jnp.square(scale) @ kernel_sq  # (..., out)
     else:
       k = styles.shape[0]
+      # s_k * s_l for all K^2 pairs, flat so that one product gives the Gram.
       pair_products = (styles[:, None, :] * styles[None, :, :]).reshape(
         k * k, self.in_features
       )
       gram = pair_products @ kernel_sq  # (K*K, out): once per image
-      # (out,)
+      # (out,): sum over (k, l) of mix_k mix_l G[k, l], i.e. mix^T G mix.
       norm_sq = _weighted_sum(jnp.outer(mix, mix).reshape(k * k), gram)
+    # The reference's literal 1e-8, not its unused `eps` attribute
+    # (docs/reference.md 1.2).
     return Modulation(scale, jax.lax.rsqrt(norm_sq + DEMODULATION_EPS))
 
   def folded(self, modulation: Modulation) -> Modulation:
@@ -201,6 +220,8 @@ class ModulatedDense(nn.Module):
     c W * scale[:, None] * inv_norm[None, :], in this layer's dtype: B copies
     of the kernel for B images, never one per pixel.
     """
+    # W''[i, o] = c W[i, o] s[i] d[o]: the reference's per-sample weight,
+    # transposed to (in, out).
     weight = self.scaled_kernel() * modulation.scale[..., :, None]
     if modulation.inv_norm is not None:
       weight = weight * modulation.inv_norm[..., None, :]
@@ -225,15 +246,21 @@ class ModulatedDense(nn.Module):
     """
     if modulation is None:
       anchor = ordering_anchor(x, pixel_axes) if pixel_axes else None
+      # A mixture's K affines are per image and need no ordering (the mix
+      # branch of modulation_for ignores `anchor`): order the per-pixel mix.
       if mix is not None and anchor is not None:
         mix, anchor = mix + anchor, None
       modulation = self.modulation_for(style, mix, anchor)
     if modulation.weight is not None:
+      # The folded form: modulation and demodulation live in the weight.
       return jnp.dot(
         x.astype(self.dtype),
         modulation.weight.astype(self.dtype),
         preferred_element_type=jnp.float32,
       )
+    # Modulate the input, multiply by the shared kernel, demodulate the output:
+    # the folded weight's result with one kernel for every style. float32
+    # accumulation even for bfloat16 inputs.
     y = jnp.dot(
       (x * modulation.scale).astype(self.dtype),
       self.scaled_kernel().astype(self.dtype),
@@ -268,7 +295,11 @@ def ordering_anchor(x: Array, axes: tuple[str, ...]) -> Array:
   pixel cannot leak into other pixels) and multiplies by 0, which XLA does not
   fold away for floats.
   """
+  # A psum over every vmapped axis is itself unbatched: the kernel it is added
+  # to stays one kernel, not one per pixel.
   total = jax.lax.psum(x[0], axes)
+  # 0 * total would be NaN for an inf or NaN total; the comparison is 0 or 1,
+  # so the anchor is exactly 0 always.
   return 0.0 * (total != total).astype(x.dtype)
 
 
@@ -300,10 +331,12 @@ class StyledDense(nn.Module):
       self.in_features, self.features, dtype=self.dtype
     )
     # The reference draws the noise inside the layer; its learned strength
-    # starts at 0.
+    # starts at 0. One scalar per layer: the noise is one value per pixel,
+    # shared by the channels (the reference's NoiseInjection).
     self.noise_strength = self.param(
       'noise_strength', nn.initializers.zeros, ()
     )
+    # The activation's bias (`.activate.bias`); the modulated layer has none.
     self.bias = self.param('bias', nn.initializers.zeros, (self.features,))
 
   def modulation_for(
@@ -337,6 +370,7 @@ class StyledDense(nn.Module):
       y = module.modulated(
         x, style=style, mix=mix, pixel_axes=pixel_axes, modulation=modulation
       )
+      # Noise before the bias and activation, as the reference's StyledConv.
       if noise is not None:
         y = y + module.noise_strength * noise
       y = apply_activation(y + module.bias, module.activation)
@@ -356,8 +390,10 @@ def apply_activation(y: Array, activation: Optional[str]) -> Array:
   if activation is None:
     return leaky_relu_gain(y)
   if activation == 'sin':
-    return jnp.sin(y)
+    return jnp.sin(y)  # no gain, as the reference
   if activation == 'sinrelu':
+    # Leaky half first, then sin, both x sqrt(2): the reference's channel
+    # order (docs/reference.md 6.7).
     return (
       jnp.concatenate(
         [jax.nn.leaky_relu(y[..., 0::2], 0.2), jnp.sin(y[..., 1::2])], axis=-1
@@ -379,6 +415,8 @@ class ToRGB(nn.Module):
   dtype: DType = jnp.float32
 
   def setup(self):
+    # No demodulation: the output keeps the style's scale (docs/reference.md
+    # 1.4).
     self.modulated = ModulatedDense(
       self.in_features, 3, demodulate=False, dtype=self.dtype
     )
@@ -410,4 +448,5 @@ class ToRGB(nn.Module):
       )
       + self.bias
     )
+    # CIPSskip's running sum: no upsampling, unlike StyleGAN2's ToRGB skip.
     return rgb if skip is None else rgb + skip

@@ -18,6 +18,8 @@ def discriminator_loss(real_logits: Array, fake_logits: Array) -> Array:
 
   The logits are (B, 1); the loss is a scalar.
   """
+  # softplus(-x) = -log sigmoid(x): the logistic loss, stable for large |x|
+  # (docs/reference.md 3.5).
   return jnp.mean(jax.nn.softplus(-real_logits)) + jnp.mean(
     jax.nn.softplus(fake_logits)
   )
@@ -42,7 +44,12 @@ def r1_penalty(
     scalar penalty (the reference's `r1_loss`, before the gamma / 2 * interval
     weighting).
   """
+  # The gradient of the summed logits, as the reference's `real_pred.sum()`;
+  # the minibatch-stddev channel couples the samples in both.
   grads = jax.grad(lambda x: jnp.sum(discriminate(x)))(real_inputs)
+  # Summed over every element (coordinate channels too, for 5-channel inputs);
+  # train.py weights it by gamma / 2 * r1_every, 80 in the reference recipe
+  # (docs/reference.md 3.2).
   return jnp.mean(
     jnp.sum(jnp.square(grads).reshape(grads.shape[0], -1), axis=1)
   )

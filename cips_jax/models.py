@@ -54,10 +54,12 @@ def generator_from_config(
     n_mlp=model['n_mlp'],
     lr_mlp=model['lr_mlp'],
     channel_multiplier=model['channel_multiplier'],
+    # Configs spell the released models' activation '' (configs.py).
     activation=model['activation'] or None,
     max_channels=model['max_channels'],
     embedding_mode=model['embedding_mode'],
     cylindrical=model['cylindrical'],
+    # Accepts names such as 'bfloat16' as well as dtypes.
     dtype=jnp.dtype(dtype),
     remat=remat,
     per_image_form=per_image_form,
@@ -72,12 +74,15 @@ def init(module: nn.Module, rng: jax.Array) -> dict[str, Any]:
   one image of its size.
   """
   if isinstance(module, tuple(GENERATORS.values())):
+    # One pixel: no parameter's shape depends on the pixel count, and
+    # `generate` runs the mapping network too, so its parameters are created.
     z = jnp.zeros((1, module.style_dim), jnp.float32)
     coords = jnp.zeros((1, 2), jnp.float32)
     return module.init(rng, z, coords, method=type(module).generate)
   if isinstance(module, MappingNetwork):
     return module.init(rng, jnp.zeros((1, module.style_dim), jnp.float32))
   if isinstance(module, Discriminator):
+    # A whole image: D accepts only (B, size, size, input_channels).
     images = jnp.zeros(
       (1, module.size, module.size, module.input_channels), jnp.float32
     )

@@ -56,6 +56,8 @@ class ModeError(errors.InputError):
 OptionError = errors.OptionError
 
 
+# `cli.define_flags_for` builds each flag from its field: the help text and any
+# `choices` are read from this metadata.
 def _option(default: Any, help_text: str, **metadata) -> Any:
   return dataclasses.field(
     default=default, metadata={'help': help_text, **metadata}
@@ -139,6 +141,7 @@ def check(mode: str, out: str, options: Options) -> None:
     'num_points',
   ):
     value = getattr(o, name)
+    # None (height, width, num_points) means the mode's default.
     if value is not None and value < 1:
       raise OptionError(f'--{name}={value}: must be positive')
   if o.frames < 2:
@@ -160,6 +163,7 @@ def check(mode: str, out: str, options: Options) -> None:
   try:
     fixation = o.fixation_point()
   except ValueError:
+    # Unparsable: falls through to the same message as an out-of-range value.
     fixation = ()
   if len(fixation) != 2 or max(abs(v) for v in fixation) > 1:
     raise OptionError(f'--fixation={o.fixation}: expected x,y in [-1, 1]')
@@ -182,9 +186,11 @@ class _Context:
 
   def size(self, default_width: Optional[int] = None) -> tuple[int, int]:
     height = self.options.height or self.gen.size
+    # --width wins, then the mode's default (panoramas), then a square.
     return height, self.options.width or default_width or height
 
   def latents(self, count: int) -> jax.Array:
+    # From --seed alone: the same flags draw the same latents on every run.
     return jax.random.normal(
       jax.random.PRNGKey(self.options.seed), (count, self.gen.style_dim)
     )
@@ -193,6 +199,8 @@ class _Context:
     if self.options.truncation_psi == 1.0:
       return None
     if self._w_avg is None:
+      # A fixed key, not --seed: the truncation centre stays put whichever
+      # latents are drawn. Estimated once, on first use.
       self._w_avg = sampling.w_avg(
         self.gen, self.variables, jax.random.PRNGKey(1234)
       )
@@ -203,6 +211,8 @@ class _Context:
     return sampling.truncate(w, self.w_avg(), self.options.truncation_psi)
 
   def render(self, w, coords, mix=None, label='rendering') -> np.ndarray:
+    # Every mode streams through `sampling.render`: memory stays bounded by
+    # --chunk_size whatever the output size.
     progress = summary.ProgressBar(label) if self.options.progress else None
     return sampling.render(
       self.gen,
@@ -229,6 +239,8 @@ def _superres(ctx: _Context, out: str) -> dict[str, Any]:
   height, width = (
     int(round(ctx.options.scale * side)) for side in (height, width)
   )
+  # The same [-1, 1] square, sampled `scale` times more densely: the per-pixel
+  # MLP renders any coordinates (docs/reference.md 2).
   image = ctx.render(ctx.styles(1), grids.scaled(height, width))[0]
   images_lib.save_png(out, image)
   return {'shape': list(image.shape)}
@@ -244,11 +256,14 @@ def _require_cylindrical(ctx: _Context, mode: str) -> None:
 
 def _panorama(ctx: _Context, out: str) -> dict[str, Any]:
   _require_cylindrical(ctx, 'panorama')
+  # 4 heights around: the aspect of the 360-degree training panoramas (a height
+  # spans a quarter turn, data.procedural.TURNS_PER_HEIGHT).
   height, width = ctx.size(
     default_width=4 * (ctx.options.height or ctx.gen.size)
   )
   image = ctx.render(ctx.styles(1), grids.cylindrical(height, width))[0]
   images_lib.save_png(out, image)
+  # Measured on the 8-bit pixels the PNG holds, not on the float render.
   stats = seam_lib.panorama_seam(images_lib.to_uint8(image).astype(np.float64))
   return {'shape': list(image.shape), 'seam': stats}
 
@@ -261,15 +276,18 @@ def _blend(ctx: _Context, out: str) -> dict[str, Any]:
       default_width=4 * (ctx.options.height or ctx.gen.size)
     )
     coords = grids.cylindrical(height, width)
+    # Periodic in x, so the blended panorama still closes without a seam.
     field = style_fields.around_cylinder(height, width)
   else:
     height, width = ctx.size()
     coords = grids.uniform(height, width)
+    # A across the left edge, B across the right, a linear fade in between.
     ramp = np.linspace(0.0, 1.0, width, dtype=np.float32)
     field = np.broadcast_to(
       np.stack([1.0 - ramp, ramp], axis=-1), (height, width, 2)
     )
   pure = ctx.render(ws, coords, label='rendering A and B')
+  # One image whose two styles mix per pixel: w (1, 2, D), mix (1, H, W, 2).
   blended = ctx.render(
     ws[None], coords, mix=field[None], label='rendering the blend'
   )[0]
@@ -295,6 +313,8 @@ def _foveated(ctx: _Context, out: str) -> dict[str, Any]:
     num_points, ctx.options.fixation_point(), ctx.options.falloff
   )
   w = ctx.styles(1)
+  # The scattered points are rendered as they are: every pixel is independent,
+  # so no grid is needed (docs/reference.md 2).
   rgb = ctx.render(w, points, label='rendering points')
   mosaic = grids.points_to_image(points, rgb[0], height, width)
   full = ctx.render(
@@ -321,6 +341,7 @@ def _interpolate(ctx: _Context, out: str) -> dict[str, Any]:
     truncation_psi=ctx.options.truncation_psi,
     w_avg=ctx.w_avg(),
   )
+  # The frames' styles are one batch, rendered in one streamed call.
   frames = ctx.render(
     ws, grids.uniform(height, width), label='rendering frames'
   )
@@ -335,6 +356,7 @@ def _mix(ctx: _Context, out: str) -> dict[str, Any]:
   """
   height, width = ctx.size()
   k = ctx.options.num_styles
+  # k vertical bands of equal width (column * k // width).
   labels = np.broadcast_to(
     np.minimum(np.arange(width) * k // width, k - 1), (height, width)
   )
@@ -360,6 +382,7 @@ def _invert(ctx: _Context, out: str) -> dict[str, Any]:
     try:
       perceptual = inversion.inception_distance()
     except FileNotFoundError as error:
+      # Reported against the flag that asked for the weights.
       raise ModeError(
         f'--perceptual_weight needs the Inception weights: {error}'
       )
@@ -380,6 +403,8 @@ def _invert(ctx: _Context, out: str) -> dict[str, Any]:
     results[s].image for s in inversion.SPACES
   ]
   images_lib.save_png(out, images_lib.image_grid(np.stack(panels)))
+  # Both spaces start from the same w_avg (same seed), so either's psnr[0] is
+  # the starting point.
   return {
     'psnr_start': round(results['w'].psnr[0], 3),
     **{
@@ -398,6 +423,7 @@ def _spectrum(ctx: _Context, out: str) -> dict[str, Any]:
     raise ModeError(f'no image files in {ctx.options.real_images}')
   reals = np.stack([images_lib.read_image(f, height, width) for f in files])
   fakes = ctx.render(ctx.styles(len(reals)), grids.uniform(height, width))
+  # Quantised like the reals, so both spectra carry the same 8-bit rounding.
   fakes = images_lib.to_uint8(fakes)
   spectrum_lib.plot_spectra(out, {'real': reals, 'generated': fakes})
   return {
@@ -433,6 +459,7 @@ def run(
     OptionError: a bad option (see `check`); ModeError: the mode does not fit
       the generator.
   """
+  # Checked again here: library callers may skip the command's early check.
   check(mode, out, options)
   report = _MODES[mode](_Context(gen, variables, options), out)
   return {'mode': mode, 'out': os.path.abspath(out), **report}

@@ -68,6 +68,8 @@ def mapping(gen, variables: Variables, z: Array) -> Array:
   return _mapping(gen, variables, jnp.asarray(z, jnp.float32))
 
 
+# The module is static: flax modules are frozen, hashable dataclasses, so each
+# model configuration compiles once and later calls hit the cache.
 @functools.partial(jax.jit, static_argnames='gen')
 def _mapping(gen, variables, z):
   return gen.apply(variables, z, method=lambda module, z: module.mapping(z))
@@ -87,7 +89,10 @@ def w_avg(
   total = jnp.zeros((gen.style_dim,), jnp.float32)
   num_batches = math.ceil(num_samples / batch_size)
   for i in range(num_batches):
+    # A short last batch keeps exactly num_samples latents (one more compile).
     count = min(batch_size, num_samples - i * batch_size)
+    # fold_in per batch: the estimate is a function of (rng, num_samples,
+    # batch_size) alone.
     z = jax.random.normal(jax.random.fold_in(rng, i), (count, gen.style_dim))
     total = total + mapping(gen, variables, z).sum(axis=0)
   return (total / num_samples)[None]
@@ -139,6 +144,8 @@ def synthesize(
   w = jnp.asarray(w, jnp.float32)
   coords = jnp.asarray(coords, jnp.float32)
   mix = None if mix is None else jnp.asarray(mix, jnp.float32)
+  # Parsed outside jit: the Layout is hashable and travels as a static argument,
+  # so each input form gets its own program.
   layout = shapes.parse(w, coords, mix, gen.style_dim)
   return _synthesize(
     gen,
@@ -159,6 +166,8 @@ def _settled_chunk_size(
   """The chunk `_synthesize` streams over, or None for all pixels at once."""
   if chunk_size is None and layout.styles_vary_per_pixel:
     chunk_size = PER_PIXEL_STYLE_CHUNK
+  # One chunk would cover every pixel: skip the loop, whose compiled body rounds
+  # differently from the straight render (module docstring).
   if chunk_size is not None and chunk_size >= layout.num_pixels:
     return None
   return chunk_size
@@ -176,6 +185,8 @@ def _synthesize(
   """
 
   def render(w, coords, mix, rng, layout):
+    # Without a 'noise' stream the layers add zero noise (docs/reference.md
+    # 6.3): renders are deterministic.
     rngs = None if rng is None else {'noise': rng}
     return gen.apply(
       variables,
@@ -215,9 +226,13 @@ def _render_in_chunks(
     return jax.lax.dynamic_slice_in_dim(x, start, chunk_size, axis=axis)
 
   def one_chunk(index, rgb):
+    # `_settled_chunk_size` ensures chunk_size < num_pixels, so the clamped
+    # start is never negative; the overlap is rendered twice and written twice.
     start = jnp.minimum(index * chunk_size, num_pixels - chunk_size)
+    # Each chunk draws its own noise, so noisy renders depend on chunk_size.
     chunk_rng = None if rng is None else jax.random.fold_in(rng, index)
     chunk = render(
+      # Per-image styles and a mixture's (B, K, D) serve every chunk.
       take(w, start, 1) if per_pixel_w else w,
       take(coords, start, layout.pixel_axis),
       None if mix is None else take(mix, start, 1),
@@ -226,6 +241,8 @@ def _render_in_chunks(
     )
     return jax.lax.dynamic_update_slice_in_dim(rgb, chunk, start, axis=1)
 
+  # Only the output buffer is carried through the loop: one chunk's activations
+  # are live at a time.
   rgb = jnp.zeros((layout.batch, num_pixels, 3), jnp.float32)
   rgb = jax.lax.fori_loop(0, num_chunks, one_chunk, rgb)
   return rgb.reshape(layout.output_shape())
@@ -298,6 +315,8 @@ def render(
   render_chunk = _chunk_renderer(
     gen, embedding_mode, mesh, layout.chunk(chunk), rng is not None
   )
+  # Sent once, not with every chunk: the parameters, and the styles every chunk
+  # shares (per-pixel w stays on the host and travels chunk by chunk).
   placement = None if mesh is None else parallel.replicated(mesh)
   variables = jax.device_put(variables, placement)
   if not per_pixel_w:
@@ -306,6 +325,8 @@ def render(
   out = np.empty((layout.batch, num_pixels, 3), np.float32)
   for index, start in enumerate(range(0, num_pixels, chunk)):
     stop = min(start + chunk, num_pixels)
+    # The last (or only) chunk repeats its final pixel up to the fixed chunk
+    # shape (one compiled program); the copies are dropped below.
     rows = np.minimum(np.arange(start, start + chunk), num_pixels - 1)
     rgb = render_chunk(
       variables,
@@ -314,12 +335,15 @@ def render(
       None if mix is None else mix[:, rows],
       None if rng is None else jax.random.fold_in(rng, index),
     )
+    # np.asarray waits for the chunk, so at most one is in flight on the device.
     out[:, start:stop] = np.asarray(rgb)[:, : stop - start]
     if progress is not None:
       progress(stop, num_pixels)
   return out.reshape(layout.output_shape())
 
 
+# Cached so that every render call with the same model and chunk reuses one
+# jitted function: a fresh jax.jit wrapper would trace and compile again.
 @functools.lru_cache(maxsize=32)
 def _chunk_renderer(gen, embedding_mode, mesh, chunk_layout, has_rng):
   """One compiled chunk renderer per (model, chunk layout).
@@ -328,9 +352,13 @@ def _chunk_renderer(gen, embedding_mode, mesh, chunk_layout, has_rng):
   chunk's pixels.
   """
   num_devices = 1 if mesh is None else mesh.size
+  # Inside shard_map each device sees its 1/n of the chunk's pixels (`render`
+  # rounds the chunk to a multiple of the mesh size).
   device_layout = chunk_layout.chunk(chunk_layout.num_pixels // num_devices)
 
   def render(variables, w, coords, mix, rng):
+    # The key is replicated: fold in the device index so that devices draw
+    # different noise.
     if mesh is not None and rng is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.DATA_AXIS))
     rngs = None if rng is None else {'noise': rng}
@@ -352,6 +380,8 @@ def _chunk_renderer(gen, embedding_mode, mesh, chunk_layout, has_rng):
     else PartitionSpec(None, parallel.DATA_AXIS)
   )
   per_pixel = PartitionSpec(None, parallel.DATA_AXIS)
+  # Parameters, per-image styles and the key are replicated; everything with a
+  # pixel axis is split along it. None matches an absent mix or rng.
   in_specs = (
     PartitionSpec(),
     per_pixel if chunk_layout.styles == shapes.PER_PIXEL else PartitionSpec(),
@@ -390,6 +420,8 @@ def slerp(a: Array, b: Array, t: Array, eps: float = 1e-7) -> Array:
   angle = jnp.arccos(cos)
   sin = jnp.sin(angle)
   small = sin < 1e-4
+  # Keeps the branch `where` discards finite: a NaN there would still reach the
+  # gradient.
   safe_sin = jnp.where(small, 1.0, sin)
   coef_a = jnp.where(small, 1.0 - t, jnp.sin((1.0 - t) * angle) / safe_sin)
   coef_b = jnp.where(small, t, jnp.sin(t * angle) / safe_sin)
@@ -449,6 +481,7 @@ def generate(
   reproduce.
   """
   shapes.check_latents(z, gen.style_dim)
+  # The styles will be per image, (B, D): the layout is known from shapes alone.
   layout = shapes.parse((np.shape(z)[0], gen.style_dim), np.shape(coords))
   if truncation_psi != 1.0 and w_avg is None:
     raise errors.InputError(
@@ -468,6 +501,8 @@ def generate(
   )
 
 
+# truncation_psi is static because `truncate` branches on it in Python. The
+# jitted helpers called inside inline into this one program.
 @functools.partial(
   jax.jit,
   static_argnames=(

@@ -29,10 +29,13 @@ from typing import Any, Optional
 from cips_jax import errors
 
 PER_IMAGE, PER_PIXEL, MIXTURE = 'per_image', 'per_pixel', 'mixture'
+# (H, W, 2) is the largest shared form, so a per-image point set is written
+# (B, 1, N, 2): a (B, N, 2) would read as one shared (H, W, 2) grid.
 MAX_SHARED_COORDS_DIMS = 3
 
 
 def _shape_of(value: Any) -> tuple[int, ...]:
+  # Arrays and ShapeDtypeStructs have .shape; a tuple is a shape already.
   shape = getattr(value, 'shape', None)
   return tuple(shape) if shape is not None else tuple(value)
 
@@ -80,6 +83,7 @@ class Layout:
 
   def flat_w(self, w):
     """w -> (B, D) per image, (B, P, D) per pixel, (B, K, D) for a mixture."""
+    # Per-image and mixture styles have no pixel axes to flatten.
     if self.styles == PER_PIXEL:
       return w.reshape(self.batch, self.num_pixels, self.style_dim)
     return w
@@ -136,7 +140,9 @@ def parse(
     raise errors.ShapeError(
       f'w must end in style_dim={style_dim}; got shape {w_shape}'
     )
+  # w always leads with the batch; coords only when they are per image.
   batch = w_shape[0]
+  # The rank decides, never the sizes, so B = H cannot confuse the two forms.
   shared = len(coords_shape) <= MAX_SHARED_COORDS_DIMS
   pixel_shape = coords_shape[:-1] if shared else coords_shape[1:-1]
   if not shared and coords_shape[0] != batch:
@@ -145,6 +151,7 @@ def parse(
       f' {w_shape} has {batch}'
     )
   num_styles = 1
+  # `mix` alone marks a mixture; a 3-D w without it is a w per pixel.
   if mix_shape is not None:
     if len(w_shape) != 3:
       raise errors.ShapeError(

@@ -28,6 +28,8 @@ from cips_jax import errors
 
 
 def _gaussian_kernel(sigma: float) -> np.ndarray:
+  # 3 sigma holds 99.7% of the mass; renormalised below so that a field summing
+  # to 1 over K still does after the blur.
   radius = max(1, int(math.ceil(3.0 * sigma)))
   x = np.arange(-radius, radius + 1, dtype=np.float64)
   kernel = np.exp(-0.5 * (x / sigma) ** 2)
@@ -47,6 +49,7 @@ def _blur(field: np.ndarray, sigma: float, wrap_x: bool) -> np.ndarray:
     pad[axis] = (radius, radius)
     padded = np.pad(field, pad, mode=mode)
     length = field.shape[axis]
+    # One shifted view per tap: a vectorised 1-D convolution along `axis`.
     field = sum(
       k * np.take(padded, np.arange(i, i + length), axis=axis)
       for i, k in enumerate(kernel)
@@ -79,6 +82,7 @@ def from_masks(
     field = _blur(field, softness, wrap_x)
   total = field.sum(axis=-1, keepdims=True)
   uncovered = total <= 1e-12
+  # Dividing by 1 where uncovered keeps the discarded branch of `where` finite.
   field = np.where(
     uncovered, 1.0 / field.shape[-1], field / np.where(uncovered, 1.0, total)
   )
@@ -103,6 +107,7 @@ def from_labels(
       f'labels must lie in [0, {num_styles}), got [{labels.min()}, '
       f'{labels.max()}]'
     )
+  # One-hot masks (K, H, W): a label map is a set of disjoint regions.
   masks = labels[None] == np.arange(num_styles)[:, None, None]
   return from_masks(masks, softness, wrap_x)
 
@@ -132,6 +137,7 @@ def around_cylinder(
     raise errors.InputError(
       f'width_fraction must be in (0, 0.5], got {width_fraction}'
     )
+  # The columns of grids.cylindrical(height, width, start).
   x = start + 2.0 * np.arange(width) / width
   # The distance (in turns, 0..0.5) of each column from the start angle, around
   # the circle.

@@ -129,9 +129,14 @@ class MetricWriter:
       name: _hparam_value(value)
       for name, value in _flatten(dict(hparams)).items()
     }
+    # Not add_hparams, which opens a sub-folder (a second run in TensorBoard):
+    # the summaries go into this run's own event file, with no metrics (those
+    # are the scalars).
     file_writer = self._writer._get_file_writer()  # pylint: disable=protected-access
     for summary in hparams_summaries(flat, {}):
       file_writer.add_summary(summary)
+    # The same values as a Markdown table for the Text tab, readable without
+    # the HParams plugin.
     rows = '\n'.join(
       f'| {name} | {value} |' for name, value in sorted(flat.items())
     )
@@ -162,6 +167,7 @@ def format_duration(seconds: float) -> str:
 
   For example 2577 -> '0:42:57'; a day or more: '1 day, 2:03:04'.
   """
+  # timedelta's str is H:MM:SS, with a '1 day, ' style prefix past 24 hours.
   return str(datetime.timedelta(seconds=int(round(max(seconds, 0.0)))))
 
 
@@ -170,6 +176,7 @@ def _format_metric(value: Any) -> str:
     v = float(np.asarray(value))
   except (TypeError, ValueError):
     return str(value)
+  # Scientific only where fixed point would need many digits or show zeros.
   if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
     return f'{v:.3e}'
   return f'{v:.4g}' if abs(v) >= 10 else f'{v:.3f}'
@@ -320,7 +327,7 @@ class ProgressBar:
     self.label, self.unit, self.width, self._clock = label, unit, width, clock
     self._stream = sys.stderr if stream is None else stream
     self._start = clock()
-    self._last_draw = -math.inf
+    self._last_draw = -math.inf  # the first call always draws
 
   @staticmethod
   def _count(value: float) -> str:
@@ -344,9 +351,11 @@ class ProgressBar:
 
   def __call__(self, done: int, total: int) -> None:
     now = self._clock()
+    # Throttled, except the final call, so the finished bar is always shown.
     if done < total and now - self._last_draw < 0.2:
       return
     self._last_draw = now
+    # '\r' redraws the same line; the newline comes only when done.
     end = '\n' if done >= total else ''
     self._stream.write(
       '\r' + self.format_line(done, total, now - self._start) + end
@@ -379,6 +388,7 @@ class TrainingReport:
   def add(self, outputs: Mapping[str, jax.Array]) -> None:
     """Adds one step's scalar outputs {name: value}."""
     for name, value in outputs.items():
+      # Sums on the device: nothing here waits for the step to finish.
       update = clu_metrics.Average.from_model_output(value)
       previous = self.averages.get(name)
       self.averages[name] = (
@@ -395,6 +405,7 @@ class TrainingReport:
     del state  # the periodic-action signature
     if not self.averages:
       return
+    # The interval's one host sync.
     values = {k: float(v.compute()) for k, v in self.averages.items()}
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
@@ -404,6 +415,7 @@ class TrainingReport:
         '(lower the learning rates, or check the data).'
       )
     now = time.perf_counter()
+    # Unsmoothed, over exactly this interval's steps, for TensorBoard.
     rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
     # The progress line shows its own steps/s and ETA.
     self.progress.update(step, values)

@@ -67,6 +67,7 @@ def _as_rgb_uint8(image: Any) -> np.ndarray:
   image = np.asarray(image)
   if image.dtype != np.uint8:
     raise TypeError(f'expected uint8 images, got {image.dtype}')
+  # Gray images: a (H, W, 1) view broadcast to RGB below, without a copy.
   if image.ndim == 2:
     image = image[..., None]
   if image.ndim != 3 or image.shape[-1] not in (1, 3):
@@ -177,7 +178,7 @@ class TrainBatches:
     self.flip, self.cylindrical = flip, cylindrical
     self.seed, self.image_key = seed, image_key
     self.n_scales = int(math.log2(ratio)) + 1
-    # Grids.uniform's axes.
+    # Grids.uniform's axes; the frame is square, so x and y share one.
     self._ys = np.linspace(-1.0, 1.0, resolution, dtype=np.float32)
     self._xs = self._ys
     # A couple of epochs' permutations: consecutive steps straddle at most two
@@ -201,6 +202,8 @@ class TrainBatches:
 
   def record_index(self, step: int, row: int) -> int:
     """Index into `source` of row `row` (of the GLOBAL batch) of step `step`."""
+    # The position in the endless stream says both the epoch and the place in
+    # its permutation: no state carried between steps.
     epoch, position = divmod(
       step * self.global_batch_size + row, len(self.source)
     )
@@ -213,6 +216,8 @@ class TrainBatches:
     """
     if self.n_scales == 1:
       return 0
+    # Keyed by step only, so every host and row of the step gets the same scale
+    # (docs/reference.md 4.3).
     return int(
       np.random.default_rng([self.seed, _SCALE, step]).integers(self.n_scales)
     )
@@ -275,6 +280,8 @@ class TrainBatches:
       self.local_batch_size,
       self.process_index * self.local_batch_size,
     )
+    # Element k is row k % b of this host's share of step k // b, so grain's
+    # batches of b consecutive elements are exactly `batch_at`'s.
     elements = grain.MapDataset.range(start_step * b, _FOREVER).map(
       lambda k: self.element_at(k // b, first_row + k % b)
     )
@@ -304,6 +311,9 @@ class TrainBatches:
       'scale': int32 ()} and, when cylindrical, 'phase': float32 ().
     """
     image = _as_rgb_uint8(image)
+    # Keyed by the global row, so an element does not depend on the number of
+    # hosts. The draws below come in a fixed order: reordering them changes
+    # every batch of a seed.
     rng = np.random.default_rng([self.seed, _ELEMENT, step, row])
     scale = self.scale_at(step)
     r = self.resolution
@@ -328,16 +338,22 @@ class TrainBatches:
     # 3+4. The patch as frame indices: pixels and coordinates both follow them.
     rows, cols = self._patch_indices(rng, scale)
 
+    # Column j of the flipped frame is column r - 1 - j of the frame: the flip
+    # is an index map, no flipped copy is made.
     pixel_cols = (r - 1 - cols) if flipped else cols
     src_rows, src_cols = row0 + rows, col0 + pixel_cols
     if self.cylindrical:
       src_cols = src_cols % width  # the crop wraps around the 360 degree seam
+    # Gathers only the c x c patch from the stored image; the frame is never
+    # materialised.
     pixels = image[src_rows[:, None], src_cols[None, :]]
     pixels = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
     if self.cylindrical:
       xs = (-1.0 + 2.0 * (col0 + cols) / width).astype(np.float32)
     else:
+      # The unflipped `cols`: coordinates stay put under a flip
+      # (docs/reference.md 4.2).
       xs = self._xs[cols]
     ys = self._ys[rows]
     coords = np.stack(np.meshgrid(xs, ys, indexing='xy'), axis=-1)
@@ -362,6 +378,7 @@ class TrainBatches:
     # reference draws them; the strided frame frame[off::stride] then has
     # ceil((R - off) / stride) >= c samples.
     offsets = rng.integers(r - stride * c + stride, size=2)
+    # Ceiling division: the samples of frame[off::stride] along each axis.
     lengths = -(-(r - offsets) // stride)
     # The random c x c window of the strided frame.
     starts = rng.integers(lengths - c + 1)

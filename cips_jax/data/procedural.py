@@ -220,6 +220,8 @@ def _render(
     # sideways.
     water = y > scene.water_line
     depth = np.where(water, y - scene.water_line, 0.0)
+    # Each lake row reads the row mirrored about the water line (row i has its
+    # centre at (i + 0.5) / height).
     src = np.clip(
       np.round((2 * scene.water_line - y) * height - 0.5).astype(int),
       0,
@@ -234,6 +236,7 @@ def _render(
       / 64
     ).astype(int)
     cols = np.arange(width)[None, :] + shift[:, None]
+    # A panorama's ripples wrap across its seam; a landscape's clamp at edges.
     cols = cols % width if periodic else np.clip(cols, 0, width - 1)
     mirrored = img[src[:, None], cols]
     stripes = (0.9 + 0.1 * np.sin(2 * np.pi * 25 * depth + scene.ripple_phase))[
@@ -262,6 +265,7 @@ def landscape(seed: int, height: int, width: int) -> np.ndarray:
   """
   _check_size(height, width)
   scene = _draw_scene(seed)
+  # Column centres, scaled by the height: square pixels at any aspect ratio.
   u = scene.view_u0 + (np.arange(width) + 0.5) / height * TURNS_PER_HEIGHT
   # Keep the sun or moon in view: a landscape without one looks empty.
   fov = width / height * TURNS_PER_HEIGHT

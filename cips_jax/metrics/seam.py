@@ -27,12 +27,15 @@ def panorama_seam(panorama: Any) -> dict[str, float]:
       seam no more visible than other column boundaries sits well below 100);
     seam_ratio: seam / column_step_mean.
   """
+  # float64 before differencing: uint8 differences would wrap around.
   x = np.asarray(panorama, np.float64)
   if x.ndim != 3 or x.shape[1] < 3:
     raise errors.InputError(
       f'expected a panorama (H, W, C) with W >= 3, got shape {x.shape}'
     )
+  # One figure per interior column boundary, averaged over rows and channels.
   steps = np.abs(np.diff(x, axis=1)).mean(axis=(0, 2))
+  # The wrap-around boundary, measured the same way.
   seam = float(np.abs(x[:, 0] - x[:, -1]).mean())
   return {
     'seam': seam,

@@ -22,6 +22,7 @@ import numpy as np
 from cips_jax import errors
 from cips_jax import images as images_lib
 
+# ITU-R BT.601 luma weights, as PIL's 'L' conversion.
 _LUMA = np.array([0.299, 0.587, 0.114])
 
 
@@ -59,7 +60,9 @@ def power_spectrum(images: Any) -> tuple[np.ndarray, np.ndarray]:
   """
   gray = _grayscale(images)
   _, height, width = gray.shape
+  # Without its mean, an image's zero-frequency term would dwarf the low rings.
   gray = gray - gray.mean(axis=(1, 2), keepdims=True)
+  # fftshift moves frequency 0 to (H // 2, W // 2), where fy and fx below are 0.
   power = (
     np.abs(np.fft.fftshift(np.fft.fft2(gray, norm='ortho'), axes=(1, 2))) ** 2
   )
@@ -90,6 +93,7 @@ def high_frequency_ratio(
   freqs, power = power_spectrum(images)
   _, reference_power = power_spectrum(reference)
   top = freqs >= 0.5 * (1.0 - band)
+  # 1e-20 keeps log10 finite where a flat image has no power at all.
   return float(
     np.mean(
       np.log10(power[top] + 1e-20) - np.log10(reference_power[top] + 1e-20)

@@ -79,6 +79,8 @@ def _blur(x: np.ndarray) -> np.ndarray:
   for axis in (1, 2):
     pad = [(0, 0)] * x.ndim
     pad[axis] = (2, 2)
+    # numpy's 'reflect' is scipy's mode='mirror', the border of ProGAN's SWD
+    # pyramid (and cv2.pyrDown's default).
     xp = np.pad(x, pad, mode='reflect')
     n = x.shape[axis]
     out = np.zeros_like(x)
@@ -135,7 +137,8 @@ def _extract_patches(
   n, h, w, c = level.shape
   ys = rng.integers(0, h - patch_size + 1, size=(n, patches_per_image))
   xs = rng.integers(0, w - patch_size + 1, size=(n, patches_per_image))
-  # (N, H-k+1, W-k+1, C, k, k)
+  # A strided view, (N, H-k+1, W-k+1, C, k, k): indexing it copies only the
+  # chosen patches.
   windows = np.lib.stride_tricks.sliding_window_view(
     level, (patch_size, patch_size), axis=(1, 2)
   )
@@ -161,6 +164,7 @@ def _channel_stats(*levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     total_sq += np.square(x).sum(axis=1)
     count += x.shape[1]
   mean = total / count
+  # E[x^2] - E[x]^2 can round below 0 for a near-constant channel.
   std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
   return mean, np.maximum(std, 1e-8)
 
@@ -172,6 +176,7 @@ def _random_directions(
 
   Returns (num, dim) float32.
   """
+  # An isotropic Gaussian, normalised, is uniform on the sphere.
   d = rng.standard_normal((num, dim)).astype(np.float32)
   return d / np.linalg.norm(d, axis=1, keepdims=True)
 
@@ -181,6 +186,7 @@ def _sorted_abs_diff_means(pa: np.ndarray, pb: np.ndarray) -> np.ndarray:
 
   Sorts in place.
   """
+  # In place, so a group needs no (p, M) arrays beyond its two projections.
   pa.sort(axis=1)
   pb.sort(axis=1)
   np.subtract(pa, pb, out=pa)
@@ -213,6 +219,7 @@ def _sliced_distance(
       f'projections must be (P, {a.shape[1]}), got {projections.shape}'
     )
   num = projections.shape[0]
+  # Directions per group, so that group * M stays within _GROUP_ELEMENTS.
   group = max(1, min(num, _GROUP_ELEMENTS // max(a.shape[0], 1)))
   workers = min(os.cpu_count() or 1, _MAX_THREADS)
   pool = (
@@ -231,6 +238,7 @@ def _sliced_distance(
       if pool is None:
         row_means.append(_sorted_abs_diff_means(pa, pb))
       else:
+        # About 4 blocks per worker, so that uneven blocks still balance.
         bounds = np.linspace(
           0, p.shape[0], min(p.shape[0], 4 * workers) + 1
         ).astype(int)
@@ -243,6 +251,7 @@ def _sliced_distance(
   finally:
     if pool is not None:
       pool.shutdown()
+  # The mean over all directions, whatever the grouping.
   return float(np.concatenate(row_means).sum()) / num
 
 
@@ -322,6 +331,8 @@ def sliced_wasserstein(
     )
   resolutions = pyramid_resolutions(h, min_resolution, patch_size)
 
+  # One independent stream per purpose: the real patches and the directions
+  # do not change with the fake set.
   real_ss, fake_ss, proj_ss, sub_ss = np.random.SeedSequence(seed).spawn(4)
   real_rng, fake_rng = (
     np.random.default_rng(real_ss),
@@ -339,6 +350,8 @@ def sliced_wasserstein(
     # Standardise both sets' pixels per channel by the statistics of their union
     # at this level (what the patches are drawn from), then cut the patch
     # descriptors.
+    # ProGAN standardises each set by its own statistics, which hides a global
+    # colour shift; one shared standardisation keeps it in the score.
     mean, std = _channel_stats(real_level, fake_level)
     scale = (1.0 / std).astype(np.float32)
     shift = (-mean / std).astype(np.float32)
@@ -348,6 +361,8 @@ def sliced_wasserstein(
     b = _extract_patches(
       fake_level * scale + shift, patches_per_image, patch_size, fake_rng
     )
+    # Sorting-based W1 pairs the i-th smallest values of the two sets, so both
+    # need the same size.
     count = min(a.shape[0], b.shape[0])
     if a.shape[0] > count:
       a = a[np.sort(sub_rng.choice(a.shape[0], count, replace=False))]
