@@ -11,7 +11,9 @@ import dataclasses
 import os
 from typing import Any
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
@@ -134,17 +136,19 @@ class TrainCheckpoints:
     return self._manager.latest_step()
 
   def restore_latest(self, abstract_state, sharding):
-    """The latest checkpoint restored into `sharding`; None when there is none.
+    """The latest intact checkpoint restored into `sharding`; None if none.
 
-    `sharding` is one sharding, or a tree of them like the state.
+    `sharding` is one sharding, or a tree of them like the state. A checkpoint
+    that cannot be read (truncated, corrupt) is named in a warning and moved,
+    untouched, to `damaged_checkpoints/` beside this directory, and the newest
+    intact one is restored instead: training repeats the steps in between.
+    Older checkpoints are never deleted. Raises DamagedCheckpointError when no
+    checkpoint is intact, and CheckpointMismatchError for another
+    architecture's (neither moves anything).
     """
-    step = self._manager.latest_step()
-    if step is None:
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
       return None
-    saved = self._manager.restore(
-      step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-    )['config']
-    self._check_compatible(saved, step)
     if isinstance(sharding, jax.sharding.Sharding):  # one for every leaf
       sharding = jax.tree_util.tree_map(lambda _: sharding, abstract_state)
     target = jax.tree_util.tree_map(
@@ -152,9 +156,58 @@ class TrainCheckpoints:
       abstract_state,
       sharding,
     )
-    return self._manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-    )['state']
+    damaged = {}
+    for step in steps:
+      try:
+        saved = self._manager.restore(
+          step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+        )['config']
+      except Exception as error:  # orbax raises many types; all mean damage
+        damaged[step] = error
+        continue
+      self._check_compatible(saved, step)
+      try:
+        state = self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )['state']
+      except Exception as error:  # as above
+        damaged[step] = error
+        continue
+      if damaged:
+        self._set_aside(damaged, step)
+      return state
+    raise errors.DamagedCheckpointError(
+      f'every checkpoint in {self.directory} is damaged (steps '
+      f'{", ".join(map(str, steps))}; step {steps[0]}: '
+      f'{describe_damage(damaged[steps[0]])}). Nothing was moved or deleted; '
+      'train in a new --workdir'
+    )
+
+  def _set_aside(self, damaged: dict[int, Exception], intact: int) -> None:
+    """Moves damaged steps out of the manager's sight; resumes at `intact`."""
+    aside = os.path.join(os.path.dirname(self.directory), 'damaged_checkpoints')
+    for step, error in sorted(damaged.items()):
+      target = os.path.join(aside, str(step))
+      if jax.process_index() == 0:
+        os.makedirs(aside, exist_ok=True)
+        # A step damaged again after a resume keeps both copies.
+        suffix = 1
+        while os.path.exists(target):
+          target = os.path.join(aside, f'{step}.{suffix}')
+          suffix += 1
+        os.rename(os.path.join(self.directory, str(step)), target)
+      logging.warning(
+        'THE CHECKPOINT AT STEP %d IS DAMAGED (%s). It was moved, untouched, '
+        'to %s; resuming from step %d, the newest intact checkpoint.',
+        step,
+        describe_damage(error),
+        target,
+        intact,
+      )
+    if jax.process_count() > 1:
+      # The others list the steps only once process 0 has moved them.
+      multihost_utils.sync_global_devices('damaged checkpoints set aside')
+    self._manager.reload()
 
   def _check_compatible(self, saved: dict[str, Any], step: int) -> None:
     current = self.config.to_dict()
@@ -170,7 +223,7 @@ class TrainCheckpoints:
       elif old != new:
         differences.append(f'{field}: checkpoint {old!r}, config {new!r}')
     if differences:
-      raise errors.CheckpointError(
+      raise errors.CheckpointMismatchError(
         f'the checkpoint at step {step} in {self.directory} was written by a '
         'different architecture; it was not modified. Use a new --workdir, or '
         'restore the config. '
@@ -179,6 +232,14 @@ class TrainCheckpoints:
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
+
+
+def describe_damage(error: BaseException) -> str:
+  """A one-line cause of a failed restore (orbax's messages run to pages)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  first = lines[0] if lines else ''
+  text = f'{type(error).__name__}: {first}' if first else type(error).__name__
+  return text if len(text) <= 160 else text[:157] + '...'
 
 
 def _lookup(tree: dict[str, Any], dotted: str):

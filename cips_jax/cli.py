@@ -66,9 +66,28 @@ def as_user_error(error: BaseException) -> Optional[errors.Error]:
   return None
 
 
+def _drop_closed_loop_callbacks() -> None:
+  """Keeps stderr readable after a failed checkpoint restore.
+
+  When orbax's restore fails on one array (a damaged checkpoint), it closes
+  its asyncio loop while tensorstore still completes the other reads; each
+  completion then reports 'Event loop is closed' through sys.excepthook from
+  a tensorstore thread, thousands of tracebacks after the one-line error.
+  """
+  previous = sys.excepthook
+
+  def hook(kind, value, traceback):
+    if kind is RuntimeError and str(value) == 'Event loop is closed':
+      return
+    previous(kind, value, traceback)
+
+  sys.excepthook = hook
+
+
 def run(main: Callable[[list[str]], Any], name: str) -> None:
   """Runs `main(argv)` as the command `name` (see the module docstring)."""
   host_malloc.reuse_freed_memory()
+  _drop_closed_loop_callbacks()
 
   def main_reporting_errors(argv):
     try:

@@ -10,14 +10,16 @@ and on the devices the run has. `validate` reports the first broken row as
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+import jax
 import ml_collections
 
 from cips_jax import configs
 from cips_jax import encodings
 from cips_jax import errors
 from cips_jax import generator as generator_lib
+from cips_jax import memory_plan
 from cips_jax import models
 
 TRAIN_EMBEDDING_MODES = ('reference',) + encodings.EMBEDDING_MODES
@@ -261,9 +263,16 @@ def _value(config, field: str):
 
 
 def validate(
-  config: ml_collections.ConfigDict, num_devices: int, num_processes: int = 1
+  config: ml_collections.ConfigDict,
+  num_devices: int,
+  num_processes: int = 1,
+  memory_bytes: Optional[int] = None,
 ) -> None:
-  """Raises ConfigError naming the first field that cannot work."""
+  """Raises ConfigError naming the first field that cannot work.
+
+  Then checks that the run fits its devices (`check_fits`): `memory_bytes` per
+  device, by default what this process's devices have.
+  """
   unknown = _unknown_fields(config, configs.reference_config())
   if unknown:
     raise ConfigError(
@@ -281,3 +290,44 @@ def validate(
         config=config, num_devices=num_devices, num_processes=num_processes
       )
       raise ConfigError(f'config.{rule.field} = {value!r}: {message}')
+  check_fits(config, num_devices, memory_bytes)
+
+
+def check_fits(
+  config: ml_collections.ConfigDict,
+  num_devices: int,
+  memory_bytes: Optional[int] = None,
+) -> None:
+  """Raises ConfigError when the run's memory plan exceeds a device's memory.
+
+  The plan (`memory_plan.plan`) comes from shapes, in a second or two at any
+  size, so absurd widths are refused before anything is allocated.
+  """
+  if memory_bytes is None:
+    memory_bytes = memory_plan.device_memory_bytes()
+    if memory_bytes is not None and jax.default_backend() == 'cpu':
+      # Simulated CPU devices share the host's memory.
+      memory_bytes //= jax.local_device_count()
+  if memory_bytes is None:
+    return
+  needs = memory_plan.plan(config, num_devices)
+  if needs.total_bytes <= memory_bytes:
+    return
+  describe = memory_plan.describe
+  if needs.state_bytes > memory_bytes:
+    field = 'config.model'
+    cause = 'its parameters, optimizer state and EMA alone do not fit'
+  else:
+    field = f'config.train.global_batch_size = {config.train.global_batch_size}'
+    cause = (
+      f'at {needs.batch_per_device} images of {config.data.crop}x'
+      f'{config.data.crop} per device'
+    )
+  raise ConfigError(
+    f'{field}: the run needs about {describe(needs.total_bytes)} per device '
+    f'(parameters, optimizer state and EMA {describe(needs.state_bytes)}; '
+    f'activations about {describe(needs.activations)}), more than the '
+    f'{describe(memory_bytes)} a device has here ({cause}). Lower the batch, '
+    'data.crop or the widths, use more devices, or set train.remat=True or '
+    "train.compute_dtype='bfloat16'"
+  )

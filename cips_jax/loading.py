@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from absl import logging
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -50,13 +51,54 @@ def _is_export_of_state(path: str) -> bool:
   )
 
 
+def _restore(manager_dir: str, step: int, **items) -> dict:
+  """The orbax `items` of checkpoint `step` in `manager_dir`.
+
+  Raises DamagedCheckpointError, naming the newest intact checkpoint to use
+  instead, when `step` cannot be read.
+  """
+  with ocp.CheckpointManager(manager_dir) as manager:
+    try:
+      return manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as error:  # orbax raises many types; all mean damage
+      raise _damaged(manager, manager_dir, step, error) from None
+
+
+def _damaged(manager, manager_dir: str, step: int, error: Exception):
+  """The DamagedCheckpointError of `step`, naming the newest intact step."""
+  intact = None
+  for older in sorted(
+    (s for s in manager.all_steps() if s < step), reverse=True
+  ):
+    try:
+      manager.restore(
+        older,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()
+        ),
+      )
+    except Exception:  # damaged too: look further back
+      continue
+    intact = older
+    break
+  advice = (
+    f'the newest intact one is step {intact}: use '
+    f'--checkpoint={os.path.join(manager_dir, str(intact))}'
+    if intact is not None
+    else 'no older checkpoint is intact'
+  )
+  return errors.DamagedCheckpointError(
+    f'the checkpoint at step {step} in {manager_dir} is damaged '
+    f'({checkpoints.describe_damage(error)}); {advice}. Nothing was changed'
+  )
+
+
 def _restore_training_step(manager_dir: str, step: int, which: str):
-  manager = ocp.CheckpointManager(manager_dir)
-  saved = manager.restore(
+  saved = _restore(
+    manager_dir,
     step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()
-    ),
+    state=ocp.args.StandardRestore(),
+    config=ocp.args.JsonRestore(),
   )
   gen = models.generator_from_config(saved['config']['model'])
   return gen, {'params': saved['state'][checkpoints.NETWORKS[which]]}
@@ -91,16 +133,29 @@ def latest_checkpoint_step(workdir: str) -> int:
 def workdir_config(workdir: str):
   """The training config saved with the latest checkpoint.
 
-  An ml_collections.ConfigDict.
+  An ml_collections.ConfigDict. If the latest checkpoint's copy cannot be read,
+  the newest readable one's (a warning names the damaged step): every
+  checkpoint of a run holds the same config.
   """
-  step = latest_checkpoint_step(workdir)
-  manager = ocp.CheckpointManager(
-    os.path.join(os.path.abspath(workdir), 'checkpoints')
+  manager_dir = os.path.join(
+    os.path.abspath(os.path.expanduser(workdir)), 'checkpoints'
   )
-  saved = manager.restore(
-    step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise errors.MissingInputError(
+      f'the training workdir {workdir} has no checkpoint yet'
+    )
+  for step in reversed(steps):
+    try:
+      saved = _restore(manager_dir, step, config=ocp.args.JsonRestore())
+    except errors.DamagedCheckpointError as error:
+      logging.warning('%s', error)
+      continue
+    return ml_collections.ConfigDict(saved['config'])
+  raise errors.DamagedCheckpointError(
+    f'no checkpoint in {manager_dir} holds a readable config (steps '
+    f'{", ".join(map(str, steps))})'
   )
-  return ml_collections.ConfigDict(saved['config'])
 
 
 def open_generator(

@@ -51,6 +51,7 @@ from cips_jax import periodic
 from cips_jax import reference_run
 from cips_jax import summary
 from cips_jax import train_state as train_state_lib
+from cips_jax import workdir_lock
 from cips_jax.train_state import TrainState
 
 # A profiler trace (config.logging.profile_steps) starts after this many steps
@@ -286,12 +287,7 @@ class Run:
 
 
 def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
-  """Phase 1: checks the config; builds the mesh, models, data and outputs."""
-  config_validation.validate(
-    config, num_devices=jax.device_count(), num_processes=jax.process_count()
-  )
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  """Phase 1: the mesh, models, data and outputs of a checked config."""
   is_chief = jax.process_index() == 0
   mesh = parallel.make_mesh()
   gen, disc, g_tx, d_tx, abstract = train_state_lib.abstract_state(config)
@@ -572,8 +568,21 @@ def train_and_evaluate(
 
   Writes `workdir/checkpoints` (orbax, the last `keep_checkpoints`),
   `workdir/tensorboard` (losses, R1, scores, steps/s, images/s, sample grids,
-  SWD, FID/KID, a profiler trace), `workdir/samples/*.png`.
+  SWD, FID/KID, a profiler trace), `workdir/samples/*.png`. The config is
+  checked before anything is created, and the run holds the workdir's lock
+  (`workdir_lock`) from start to end: a second run on it is refused.
   """
+  config_validation.validate(
+    config, num_devices=jax.device_count(), num_processes=jax.process_count()
+  )
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lock.hold(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> TrainState:
+  """`train_and_evaluate` once the config is checked and the lock held."""
   run = set_up(config, workdir)
   state = initial_state(run)
   t, log = config.train, config.logging

@@ -1,0 +1,245 @@
+"""Nothing lost: one run per workdir, damaged checkpoints named and set aside,
+configs too large for the machine refused, and errors as one line.
+
+The lock is tested with real processes: a second run on a workdir is refused
+while the first trains, and a killed run's lock is taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cips_jax import config_validation
+from cips_jax import errors
+from cips_jax import train
+import support
+from support import final_state
+from support import tiny_config
+
+TINY_RUN_STEPS = 120  # conftest's tiny_run
+
+
+def main_args(workdir, data_dir, num_steps, *extra):
+  """Arguments of `python -m cips_jax.main` on the tiny config."""
+  return [
+    '-m',
+    'cips_jax.main',
+    f'--workdir={workdir}',
+    *support.tiny_run_flags(data_dir, num_steps),
+    *extra,
+  ]
+
+
+def lock_holder(workdir) -> dict:
+  try:
+    return json.loads((pathlib.Path(workdir) / 'lock').read_text())
+  except (OSError, ValueError):
+    return {}
+
+
+def test_a_second_run_is_refused_and_a_killed_runs_lock_taken_over(
+  data_dir, tmp_path
+):
+  first = subprocess.Popen(
+    [sys.executable, *main_args(tmp_path, data_dir, 1_000_000)],
+    cwd=support.REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  try:
+    start = time.time()
+    while not (tmp_path / 'checkpoints' / '20').exists():
+      assert first.poll() is None, 'the first run stopped'
+      assert time.time() - start < 300, 'the first run made no checkpoint'
+      time.sleep(0.1)
+    assert lock_holder(tmp_path)['pid'] == first.pid
+    # The same command with another seed: before the lock, both trained and
+    # the second's checkpoints replaced the first's.
+    second = support.run_python(
+      *main_args(tmp_path, data_dir, 1_000_000, '--config.train.seed=1'),
+      timeout=120,
+    )
+    assert second.returncode == 1, second.stderr[-2000:]
+    message = second.stderr.strip().splitlines()[-1]
+    assert message.startswith('cips_jax.main: error: ')
+    assert f'process {first.pid} on {socket.gethostname()}' in message
+    assert 'is in use by another training run' in message
+    assert first.poll() is None, 'the refused run stopped the first'
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  # A killed run cannot release its lock; the next one takes it over.
+  latest = max(int(p.name) for p in (tmp_path / 'checkpoints').iterdir())
+  third = support.run_python(
+    *main_args(tmp_path, data_dir, latest + 2), timeout=300
+  )
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert f'taking over the lock of process {first.pid}' in third.stderr
+  assert lock_holder(tmp_path) == {}  # released at the end
+  assert str(latest + 2) in os.listdir(tmp_path / 'checkpoints')
+
+
+def our_traceback(stderr: str) -> bool:
+  """Whether stderr holds a traceback through cips_jax's code."""
+  return f'File "{support.REPO / "cips_jax"}' in stderr
+
+
+def damage(step_dir: pathlib.Path) -> None:
+  """Truncates every array chunk of a checkpoint's state."""
+  for chunk in (step_dir / 'state').rglob('d/*'):
+    if chunk.is_file():
+      with open(chunk, 'r+b') as f:
+        f.truncate(10)
+
+
+def test_a_damaged_checkpoint_is_named_then_set_aside_and_training_resumes(
+  tiny_run, data_dir, tmp_path
+):
+  workdir = tmp_path / 'run'
+  shutil.copytree(tiny_run[0], workdir)
+  damage(workdir / 'checkpoints' / '120')
+  damaged_files = sorted(
+    (p.relative_to(workdir / 'checkpoints'), p.read_bytes())
+    for p in (workdir / 'checkpoints' / '120').rglob('*')
+    if p.is_file()
+  )
+  # Reading: one line naming the damaged step and the intact one to use.
+  sample = support.run_python(
+    '-m',
+    'cips_jax.sample',
+    f'--checkpoint={workdir}',
+    '--mode=grid',
+    f'--out={tmp_path / "grid.png"}',
+  )
+  assert sample.returncode == 1
+  assert not our_traceback(sample.stderr)
+  message = sample.stderr.strip().splitlines()[-1]
+  assert 'the checkpoint at step 120' in message and 'is damaged' in message
+  assert f'--checkpoint={workdir / "checkpoints" / "100"}' in message
+  assert not (tmp_path / 'grid.png').exists()
+  # Training: announced, moved aside untouched, resumed from step 100.
+  result = support.run_python(*main_args(workdir, data_dir, TINY_RUN_STEPS))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'THE CHECKPOINT AT STEP 120 IS DAMAGED' in result.stderr
+  assert f'resuming {workdir} from step 100' in result.stderr
+  aside = workdir / 'damaged_checkpoints'
+  assert damaged_files == sorted(
+    (p.relative_to(aside), p.read_bytes())
+    for p in (aside / '120').rglob('*')
+    if p.is_file()
+  )
+  # Steps 100 to 120 trained again, exactly as the uninterrupted run did.
+  config = tiny_config(data_dir, **{'train.num_steps': TINY_RUN_STEPS})
+  step, state = final_state(config, workdir)
+  _, expected = final_state(config, tiny_run[0])
+  assert step == 120
+  for a, b in zip(*map(jax.tree_util.tree_leaves, (state, expected))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_no_intact_checkpoint_refuses_without_starting_afresh(
+  data_dir, tmp_path
+):
+  config = tiny_config(data_dir, **{'train.num_steps': 2})
+  train.train_and_evaluate(config, str(tmp_path))
+  damage(tmp_path / 'checkpoints' / '2')
+  before = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
+  with pytest.raises(errors.DamagedCheckpointError, match='every checkpoint'):
+    train.train_and_evaluate(
+      tiny_config(data_dir, **{'train.num_steps': 4}), str(tmp_path)
+    )
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == before
+  assert not (tmp_path / 'damaged_checkpoints').exists()
+
+
+@pytest.mark.parametrize(
+  'overrides, memory, message',
+  [
+    # Absurd widths: before, initialisation tried to allocate terabytes.
+    ({'model.style_dim': 1_000_000}, None, 'config.model: the run needs'),
+    (
+      {'train.global_batch_size': 64},
+      2 * 10**6,  # the state takes 0.2 MB, the activations about 6.7 MB
+      'config.train.global_batch_size = 64: the run needs',
+    ),
+  ],
+)
+def test_configs_larger_than_the_machine_are_refused(
+  data_dir, overrides, memory, message
+):
+  config = tiny_config(data_dir, **overrides)
+  with pytest.raises(errors.ConfigError, match=message):
+    config_validation.validate(config, num_devices=1, memory_bytes=memory)
+
+
+def test_the_memory_plan_counts_the_state_exactly(data_dir):
+  config = tiny_config(data_dir)
+  config_validation.check_fits(config, num_devices=1)  # the tiny run fits
+  with pytest.raises(errors.ConfigError, match='config.model'):
+    config_validation.check_fits(config, num_devices=1, memory_bytes=1000)
+
+
+CLI_SCRIPT = """
+import sys
+import jax.numpy as jnp
+from cips_jax import cli
+
+def main(argv):
+  if sys.argv[-1] == 'oom':
+    jnp.zeros((2**42,), jnp.uint8).block_until_ready()
+  raise KeyError('a bug')
+
+cli.run(main, 'cips_jax.test')
+"""
+
+
+@pytest.mark.parametrize('case', ['oom', 'bug'])
+def test_out_of_memory_is_one_line_and_a_bug_keeps_its_traceback(
+  tmp_path, case
+):
+  script = tmp_path / 'command.py'
+  script.write_text(CLI_SCRIPT)
+  result = support.run_python(script, case, timeout=120)
+  assert result.returncode == 1
+  if case == 'oom':
+    assert 'Traceback' not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith('cips_jax.test: error: out of memory')
+    assert 'global_batch_size' in last
+  else:
+    assert 'Traceback' in result.stderr and "KeyError: 'a bug'" in (
+      result.stderr
+    )
+
+
+@pytest.mark.parametrize(
+  'override, named',
+  [
+    ('--config.train.foo=3', "'foo' is not a field"),
+    ('--config.trian.num_steps=3', 'Did you mean "train"'),
+  ],
+)
+def test_a_misspelt_config_field_is_one_line(
+  data_dir, tmp_path, override, named
+):
+  result = support.run_python(
+    *main_args(tmp_path, data_dir, 2, override), timeout=120
+  )
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(f'cips_jax.main: error: {override}:')
+  assert named in last
+  assert not (tmp_path / 'checkpoints').exists()
