@@ -19,6 +19,7 @@ samples.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Callable, Iterator, Optional
@@ -266,6 +267,7 @@ class Evaluator:
     )
 
 
+@functools.lru_cache(maxsize=8)
 def _sharded_renderer(gen, batch_size: int, mesh):
   """jit(params, key, coords -> images (B, H, W, 3)).
 

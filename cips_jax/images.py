@@ -145,6 +145,9 @@ def save_gif(
   if os.path.dirname(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
   images = [Image.fromarray(frame) for frame in x]
+  # The NETSCAPE loop count 0 repeats forever; without the block a GIF plays
+  # once (a count of 1 would play it twice).
+  looping = {'loop': 0} if loop else {}
   images[0].save(
     path,
     format='GIF',
@@ -152,8 +155,7 @@ def save_gif(
     append_images=images[1:],
     # Milliseconds per frame; GIF stores hundredths, so the rate is approximate.
     duration=int(round(1000 / fps)),
-    # The NETSCAPE loop count: 0 repeats forever.
-    loop=0 if loop else 1,
+    **looping,
   )
   return path
 

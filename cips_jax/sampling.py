@@ -29,10 +29,11 @@ Two ways to bound memory by streaming over pixel chunks:
   chunk's pixels sharded over a mesh of devices and a progress callback. Its
   output is bit-identical to an unchunked `synthesize` (each pixel's arithmetic
   does not depend on its neighbours in the chunk), and only the output lives on
-  the host: a 4096 x 4096 CIPSskip-256 render fits in 3 GB.
+  the host: a 4096 x 4096 CIPSskip-256 render fits in a few GB
+  (docs/benchmarks.md, "Rendering 4096×4096 in bounded memory").
 - `synthesize(..., chunk_size=n)` (inside jit): a `fori_loop` over chunks. XLA
   compiles a loop body differently from straight-line code, so it agrees with
-  the unchunked render to float32 rounding (about 1e-6), not bit for bit.
+  the unchunked render to float32 rounding, not bit for bit.
 """
 
 from __future__ import annotations

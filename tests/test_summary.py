@@ -268,6 +268,11 @@ def test_save_gif_writes_every_frame(tmp_path):
       gif.seek(i)
       values.append(int(np.asarray(gif.convert('RGB'))[0, 0, 0]))
   assert values == [0, 128, 255]
+  with Image.open(path) as gif:
+    assert gif.info['loop'] == 0  # repeats forever
+  once = images.save_gif(tmp_path / 'once.gif', frames, loop=False)
+  with Image.open(once) as gif:
+    assert 'loop' not in gif.info  # plays once (a count of 1 plays twice)
   with pytest.raises(ValueError, match='frames'):
     images.save_gif(tmp_path / 'b.gif', np.zeros((4, 4, 3)))
 

@@ -15,7 +15,7 @@ seamlessly; `landscape` samples a window of it (one image height spans a quarter
 turn, i.e. a 90 degree vertical field of view in both).
 
 Rendering is vectorised over pixels and edges are anti-aliased with a one-pixel
-ramp, so small (32x32) versions stay clean: about 0.3 ms per 64x64 image.
+ramp, so small (32x32) versions stay clean, and cheap to make on the fly.
 """
 
 from __future__ import annotations
