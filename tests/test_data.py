@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 from PIL import Image
@@ -233,6 +237,184 @@ def test_load_source_names_the_missing_directory_and_command(tmp_path):
   )
   with pytest.raises(FileNotFoundError, match='python -m cips_jax.data folder'):
     sources.load_source(tmp_path, 'image_folder/mine')
+
+
+def _folder_command(source, data_dir, *flags):
+  """`python -m cips_jax.data folder` at resolution 8, name 'x'."""
+  return support.run_python(
+    '-m',
+    'cips_jax.data',
+    'folder',
+    source,
+    f'--data_dir={data_dir}',
+    '--resolution=8',
+    '--name=x',
+    *flags,
+    timeout=120,
+  )
+
+
+@pytest.mark.parametrize(
+  'files, message',
+  [
+    ({'notes.txt': b'no image'}, 'no .jpg/.jpeg/.png/.webp files under {}'),
+    (
+      {'a.jpg': b'not a JPEG', 'b/c.png': b'\x89PNG\r\n'},
+      'none of the 2 images in {} could be read',
+    ),
+  ],
+  ids=['no_images', 'all_corrupt'],
+)
+def test_the_folder_command_refuses_a_folder_without_images_in_one_line(
+  tmp_path, files, message
+):
+  source = tmp_path / 'in'
+  for name, content in files.items():
+    (source / name).parent.mkdir(parents=True, exist_ok=True)
+    (source / name).write_bytes(content)
+  result = _folder_command(source, tmp_path / 'data')
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last == f'cips_jax.data: error: {message.format(source)}'
+  assert not (tmp_path / 'data').exists(), sorted(tmp_path.rglob('data/*'))
+
+
+def test_many_unreadable_files_are_summarised_not_listed(tmp_path):
+  source = tmp_path / 'in'
+  _save(source / 'good.png', np.zeros((8, 8, 3), np.uint8))
+  for i in range(8):
+    (source / f'bad{i}.jpg').write_text('not a JPEG')
+  result = _folder_command(source, tmp_path / 'data')
+  assert result.returncode == 0, result.stderr[-3000:]
+  # One warning each for the first five, then a count naming them.
+  assert result.stderr.count('Skipping unreadable image') == 5
+  first_five = 'bad0.jpg, bad1.jpg, bad2.jpg, bad3.jpg, bad4.jpg'
+  summary = f'Skipped 8 unreadable image(s) of 9 in {source}: {first_five}'
+  assert f'{summary} ... and 3 more' in result.stderr
+  assert (
+    f'skipped 8 unreadable file(s): {first_five} ... and 3 more\n'
+    in result.stderr
+  )
+  assert len(sources.load_source(tmp_path / 'data', 'image_folder/x')) == 1
+
+
+# The folder command with each image conversion slowed down, announcing the
+# first one in a file: something to stop in the middle.
+_SLOW_FOLDER_COMMAND = """
+import pathlib, runpy, sys, time
+from cips_jax.data import builders
+marker, *sys.argv[1:] = sys.argv[1:]
+convert = builders._load_resized_jpeg
+def slow(*args):
+  pathlib.Path(marker).touch()
+  time.sleep(0.5)
+  return convert(*args)
+builders._load_resized_jpeg = slow
+runpy.run_module('cips_jax.data', run_name='__main__')
+"""
+
+
+def _assert_not_prepared(data_dir, name='image_folder/x'):
+  with pytest.raises(FileNotFoundError) as raised:
+    sources.load_source(data_dir, name)
+  assert 'python -m cips_jax.data folder SOURCE_DIR' in str(raised.value)
+  return str(raised.value)
+
+
+def test_a_preparation_stopped_by_sigterm_leaves_nothing(image_tree, tmp_path):
+  # SIGTERM's default action ended the process at once, leaving tfds's
+  # incomplete.* folder (for a large set, gigabytes) and the folders above it.
+  source, good = image_tree
+  data_dir, marker = tmp_path / 'data', tmp_path / 'started'
+  process = subprocess.Popen(
+    [
+      sys.executable,
+      '-c',
+      _SLOW_FOLDER_COMMAND,
+      marker,
+      'folder',
+      source,
+      f'--data_dir={data_dir}',
+      '--resolution=8',
+      '--name=x',
+      '--num_threads=1',
+    ],
+    cwd=support.REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    deadline = time.monotonic() + 120
+    while not marker.exists() and process.poll() is None:
+      assert time.monotonic() < deadline, 'the preparation did not start'
+      time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+  finally:
+    process.kill()
+  assert process.returncode == -signal.SIGTERM, stderr[-3000:]
+  assert 'SIGTERM: stopped preparing' in stderr
+  assert not data_dir.exists(), sorted(data_dir.rglob('*'))
+  _assert_not_prepared(data_dir)
+  # Preparing again works.
+  preparation.prepare_image_folder(source, data_dir, 8, 'x')
+  assert len(sources.load_source(data_dir, 'image_folder/x')) == len(good)
+
+
+def test_an_interrupted_preparation_leaves_nothing(
+  image_tree, tmp_path, monkeypatch
+):
+  source, good = image_tree
+  convert = builders._load_resized_jpeg
+  calls = []
+
+  def interrupted(*args):
+    calls.append(args)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return convert(*args)
+
+  monkeypatch.setattr(builders, '_load_resized_jpeg', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    preparation.prepare_image_folder(source, tmp_path, 8, 'x', num_threads=1)
+  assert not any(tmp_path.iterdir()), sorted(tmp_path.rglob('*'))
+  _assert_not_prepared(tmp_path)
+  monkeypatch.undo()
+  preparation.prepare_image_folder(source, tmp_path, 8, 'x')
+  assert len(sources.load_source(tmp_path, 'image_folder/x')) == len(good)
+
+
+def test_what_a_killed_preparation_left_is_named_not_read(
+  image_tree, tmp_path, caplog
+):
+  # A SIGKILL leaves tfds's temporary folder; a copy cut short, a version
+  # folder without dataset_info.json (tfds writes it last).
+  source, good = image_tree
+  config_dir = tmp_path / 'image_folder' / 'x'
+  partial = config_dir / 'incomplete.ABC123_1.0.0'
+  partial.mkdir(parents=True)
+  (partial / 'image_folder-train.array_record-00000-of-00001').write_bytes(
+    b'partial'
+  )
+  (config_dir / '1.0.0').mkdir()
+  message = _assert_not_prepared(tmp_path)
+  assert 'ignored 1.0.0, incomplete.ABC123_1.0.0, the partial output' in message
+  with pytest.raises(FileNotFoundError, match='ignored 1.0.0, incomplete'):
+    sources.open_source(tmp_path, 'image_folder/x')
+  # tfds would reuse the version folder as it is, writing nothing.
+  with pytest.raises(ValueError, match='1.0.0 holds an unfinished data set'):
+    preparation.prepare_image_folder(source, tmp_path, 8, 'x')
+  (config_dir / '1.0.0').rmdir()
+  with caplog.at_level(logging.WARNING):
+    preparation.prepare_image_folder(source, tmp_path, 8, 'x')
+  assert any(
+    str(partial) in r.getMessage() and r.levelno == logging.WARNING
+    for r in caplog.records
+  )
+  assert len(sources.load_source(tmp_path, 'image_folder/x')) == len(good)
+  assert partial.exists()  # maybe another preparation's: not removed
 
 
 @pytest.mark.skipif(

@@ -3,13 +3,16 @@
 Small LMDBs of both layouts are written here (one corrupt entry in each),
 prepared with `preparation.prepare_lmdb` and `python -m cips_jax.data lmdb`,
 read back and compared with their images decoded and resized here, and trained
-on.
+on. Damaged ones (truncated, a b'length' beyond the entries, not an LMDB) are
+refused in one line, before anything is written.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
+import re
 
 import lmdb
 import numpy as np
@@ -208,6 +211,24 @@ def _unusable_source(kind, root):
     _write_lmdb(path, {b'a': b'not an image', b'b': b'\x89PNG\r\n'})
   elif kind == 'bad_length':
     _write_lmdb(path, {b'length': b'many', b'16-00000': b'x'})
+  elif kind == 'zero_size':
+    path.write_bytes(b'')
+  elif kind == 'long_length':  # 10**8 images claimed, 2 of size 8 stored
+    jpeg = _encode(np.zeros((8, 8, 3), np.uint8), 'JPEG')
+    _write_lmdb(
+      path, {b'length': b'100000000', b'8-00000': jpeg, b'8-00001': jpeg}
+    )
+  elif kind == 'truncated':  # data.mdb cut to half: its pages are missing
+    rng = np.random.default_rng(1)
+    noise = {  # incompressible PNGs, a few pages each
+      str(i).encode(): _encode(
+        rng.integers(0, 256, (48, 48, 3), np.uint8), 'PNG'
+      )
+      for i in range(8)
+    }
+    _write_lmdb(path, noise)
+    data_file = path / 'data.mdb'
+    os.truncate(data_file, os.path.getsize(data_file) // 2)
   return path
 
 
@@ -220,6 +241,8 @@ def _unusable_source(kind, root):
     ('empty', ValueError, 'holds no entries'),
     ('all_corrupt', ValueError, 'none of the 2 images'),
     ('bad_length', ValueError, 'not a number of images'),
+    ('zero_size', ValueError, 'is not an LMDB: .* is empty'),
+    ('long_length', ValueError, 'b"length" 100000000 but only 2 "8-<index>"'),
   ],
 )
 def test_unusable_lmdbs_are_named_and_nothing_is_written(
@@ -231,6 +254,67 @@ def test_unusable_lmdbs_are_named_and_nothing_is_written(
     preparation.prepare_lmdb(source, data_dir, 8, 'x')
   assert str(source) in str(raised.value)  # the message names the path
   assert not data_dir.exists(), sorted(data_dir.rglob('*'))
+
+
+@pytest.mark.parametrize(
+  'kind, message',
+  [
+    (
+      'truncated',
+      r'LMDB {path} is truncated: {path}/data.mdb holds \d+ bytes '
+      r'but its pages need \d+',
+    ),
+    ('long_length', r'LMDB {path} has b"length" 100000000 but only 2 '),
+    ('file', r'{path} is not an LMDB: .*File is not an LMDB file'),
+    ('empty', r'LMDB {path} holds no entries'),
+    ('all_corrupt', r'none of the 2 images in {path} could be read'),
+  ],
+)
+def test_the_lmdb_command_refuses_a_damaged_lmdb_in_one_line(
+  tmp_path, kind, message
+):
+  # Before, a truncated LMDB died of SIGBUS (LMDB maps the file; reading past
+  # its end is a bus error) and a huge b'length' ran for hours.
+  source = _unusable_source(kind, tmp_path)
+  data_dir = tmp_path / 'data'
+  result = support.run_python(
+    '-m',
+    'cips_jax.data',
+    'lmdb',
+    source,
+    f'--data_dir={data_dir}',
+    '--resolution=8',
+    timeout=120,
+  )
+  assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+  assert 'Traceback' not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(
+    'cips_jax.data: error: '
+    + message.format(path=re.escape(str(source)))
+    + '.*',
+    last,
+  ), last
+  assert not data_dir.exists(), sorted(data_dir.rglob('*'))
+
+
+def test_many_unreadable_entries_are_summarised(tmp_path, caplog):
+  # One warning each for the first few, then a count: not one line per entry.
+  good = _encode(np.zeros((8, 8, 3), np.uint8), 'JPEG')
+  broken = {f'broken{i:02d}'.encode(): b'not an image' for i in range(8)}
+  _write_lmdb(tmp_path / 'mixed', broken | {b'good': good})
+  with caplog.at_level(logging.WARNING):
+    builder = preparation.prepare_lmdb(tmp_path / 'mixed', tmp_path, 8, 'x')
+  assert builder.info.metadata['skipped_files'] == sorted(
+    key.decode() for key in broken
+  )
+  messages = [r.getMessage() for r in caplog.records]
+  assert sum('Skipping unreadable image' in m for m in messages) == 5
+  (summary,) = [m for m in messages if m.startswith('Skipped 8 unreadable')]
+  assert summary.endswith(
+    'broken00, broken01, broken02, broken03, broken04 ... and 3 more'
+  )
+  assert len(sources.load_source(tmp_path, 'image_folder/x')) == 1
 
 
 def test_prepare_data_layout_without_a_large_enough_size(lmdbs, tmp_path):

@@ -12,18 +12,20 @@ They are stored as ArrayRecord files, which `data.load_source` reads.
     python -m cips_jax.data lsun --data_dir=DATA_DIR
 
 `procedural` writes `procedural_landscapes/<config>`, `folder` writes
-`image_folder/<name>` (unreadable files are skipped and named; the name defaults
-to <folder name>_<resolution>), `lsun` writes `lsun/church_outdoor`. Images
-with transparency (an alpha channel or a transparent palette entry) are
-composited on --background: white (the default), black, R,G,B (each 0-255,
-e.g. 0,128,255) or #rrggbb.
+`image_folder/<name>` (unreadable files are skipped, counted and the first few
+named; the name defaults to <folder name>_<resolution>), `lsun` writes
+`lsun/church_outdoor`. Images with transparency (an alpha channel or a
+transparent palette entry) are composited on --background: white (the
+default), black, R,G,B (each 0-255, e.g. 0,128,255) or #rrggbb.
 
 `lmdb` writes `image_folder/<name>` as `folder` does, from an LMDB (a directory
 holding data.mdb, or a single file): LSUN's own (e.g. church_outdoor_train_lmdb
 from the LSUN download; image id -> WebP/JPEG/PNG) or one the reference's
 prepare_data.py made ('<size>-<index>' -> JPEG, and 'length'; the entries of
 size --resolution are read, else those of the smallest larger size). The layout
-found is logged; entries that do not decode are skipped and their keys named.
+found is logged; entries that do not decode are skipped as files are. A
+truncated LMDB or a 'length' beyond the entries is refused before anything is
+written; a preparation stopped by SIGINT or SIGTERM removes its partial output.
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ def main(argv):
     if skipped:
       what = 'file(s)' if kind == 'folder' else 'LMDB entries'
       print(
-        f'skipped {len(skipped)} unreadable {what}: {", ".join(skipped)}',
+        f'skipped {len(skipped)} unreadable {what}: '
+        f'{builders.name_some(skipped)}',
         file=sys.stderr,
       )
   else:

@@ -50,7 +50,18 @@ from cips_jax.data import procedural
 
 JPEG_QUALITY = 95
 WHITE = (255, 255, 255)  # the default background of transparent images
+NAMED_SKIPS = 5  # unreadable images named one by one; the rest are counted
 _VERSION = tfds.core.Version('1.0.0')
+
+
+def name_some(keys: list[str], limit: int = NAMED_SKIPS) -> str:
+  """The first `limit` of `keys`, then how many more: 'a, b ... and 7 more'.
+
+  Keeps a log line or message short however many files were skipped.
+  """
+  named = ', '.join(keys[:limit])
+  rest = len(keys) - limit
+  return f'{named} ... and {rest} more' if rest > 0 else named
 
 
 # ------------------------------------------------------------------------------
@@ -180,8 +191,9 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     crop, so images may be non-square;
   - it is stored as JPEG quality 95 with full-resolution chroma (the reference
     used JPEG 85).
-  Unreadable or corrupt files are skipped: each one is named in a warning (absl
-  logging), and the list is kept in `builder.info.metadata['skipped_files']`
+  Unreadable or corrupt files are skipped: the first `NAMED_SKIPS` are named in
+  a warning each (absl logging) and a last warning counts them all, naming the
+  first few; the full list is kept in `builder.info.metadata['skipped_files']`
   (also saved with the data).
 
   With `source_format='lmdb'` the images are an LMDB's instead, in the order of
@@ -285,13 +297,16 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         keys, inputs = zip(*chunk)
         for key, result in zip(keys, pool.map(convert, inputs)):
           if isinstance(result, Exception):
-            logging.warning(
-              'Skipping unreadable image %s in %s: %s: %s',
-              key,
-              source,
-              type(result).__name__,
-              result,
-            )
+            # One line each for the first few only: a damaged source may have
+            # millions.
+            if len(skipped) < NAMED_SKIPS:
+              logging.warning(
+                'Skipping unreadable image %s in %s: %s: %s',
+                key,
+                source,
+                type(result).__name__,
+                result,
+              )
             skipped.append(key)
           else:
             yield key, {'image': result}
@@ -301,7 +316,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         len(skipped),
         count,
         source,
-        ', '.join(skipped),
+        name_some(skipped),
       )
     if len(skipped) == count:
       raise errors.DataError(

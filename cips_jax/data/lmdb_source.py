@@ -16,7 +16,11 @@ Two layouts are recognised (`detect_layout`):
         ...
 
 The database is opened read-only without locking, as a directory (holding
-data.mdb) or a single file. `preparation.prepare_lmdb` turns it into a data set.
+data.mdb) or a single file. Before anything is read, the data file must hold
+every page the database uses (a truncated copy would crash the process with a
+bus error when read, LMDB mapping it into memory) and prepare_data's b'length'
+must not exceed the entries of the size read. `preparation.prepare_lmdb` turns
+it into a data set.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ def open_lmdb(path: str | os.PathLike) -> lmdb.Environment:
   Raises:
     ImportError: the lmdb package is not installed.
     FileNotFoundError: `path` does not exist.
-    ValueError: `path` is not an LMDB.
+    ValueError: `path` is not an LMDB, or its data file is truncated.
   """
   if lmdb is None:
     raise ImportError(
@@ -78,16 +82,44 @@ def open_lmdb(path: str | os.PathLike) -> lmdb.Environment:
   if not path.exists():
     raise errors.MissingInputError(f'LMDB {path} does not exist')
   subdir = path.is_dir()
-  if subdir and not (path / 'data.mdb').is_file():
+  data_file = path / 'data.mdb' if subdir else path
+  if subdir and not data_file.is_file():
     raise errors.DataError(
       f'{path} is not an LMDB: a directory without data.mdb'
     )
+  if not os.path.getsize(data_file):  # lmdb says 'Bad file descriptor'
+    raise errors.DataError(f'{path} is not an LMDB: {data_file} is empty')
   try:
-    return lmdb.open(
+    env = lmdb.open(
       os.fspath(path), readonly=True, lock=False, readahead=False, subdir=subdir
     )
   except lmdb.Error as error:
     raise errors.DataError(f'{path} is not an LMDB: {error}') from None
+  try:
+    _check_not_truncated(env, path, data_file)
+  except BaseException:
+    env.close()
+    raise
+  return env
+
+
+def _check_not_truncated(
+  env: lmdb.Environment, path: pathlib.Path, data_file: pathlib.Path
+) -> None:
+  """Raises DataError if `data_file` is shorter than the pages `env` uses.
+
+  LMDB maps the file into memory and trusts its meta pages: reading a page past
+  the end of a truncated file (an interrupted copy or download) kills the
+  process with SIGBUS instead of raising. The meta pages themselves are safe
+  to read: opening checked that the file holds both.
+  """
+  needed = (env.info()['last_pgno'] + 1) * env.stat()['psize']
+  actual = os.path.getsize(data_file)
+  if actual < needed:
+    raise errors.DataError(
+      f'LMDB {path} is truncated: {data_file} holds {actual} bytes but its '
+      f'pages need {needed} (an interrupted copy or download?)'
+    )
 
 
 def detect_layout(env: lmdb.Environment, path: str | os.PathLike) -> Layout:
@@ -133,6 +165,24 @@ def _prepare_data_layout(txn, length: bytes, path) -> Layout:
   return Layout(PREPARE_DATA, int(length), tuple(sorted(sizes)))
 
 
+def count_sized_entries(txn, size: int) -> int:
+  """The number of '<size>-<index>' keys of one `size` in transaction `txn`.
+
+  Reads keys only (their values may be large): the keys of one size are
+  contiguous in LMDB's byte order, from b'<size>-' up to b'<size>.'.
+  """
+  prefix = f'{size}-'.encode('ascii')
+  cursor = txn.cursor()
+  if not cursor.set_range(prefix):
+    return 0
+  count = 0
+  for key in cursor.iternext(keys=True, values=False):
+    if not key.startswith(prefix):
+      break
+    count += bool(_SIZED_KEY.fullmatch(key))
+  return count
+
+
 def select_size(sizes: tuple[int, ...], resolution: int, path='the LMDB'):
   """The stored size to read: `resolution` itself, else the smallest larger.
 
@@ -166,9 +216,24 @@ class LmdbImages:
       self.size = None
       if self.layout.kind == PREPARE_DATA:
         self.size = select_size(self.layout.sizes, resolution, self.path)
+        self._check_length()
     except BaseException:
       self._env.close()
       raise
+
+  def _check_length(self) -> None:
+    """Raises DataError if b'length' exceeds the entries of the size read.
+
+    A damaged or hand-made b'length' far above the entries would otherwise
+    read (and skip) missing keys for hours.
+    """
+    with self._env.begin() as txn:
+      stored = count_sized_entries(txn, self.size)
+    if self.layout.count > stored:
+      raise errors.DataError(
+        f'LMDB {self.path} has b"length" {self.layout.count} but only '
+        f'{stored} "{self.size}-<index>" entries: it is damaged or incomplete'
+      )
 
   def __len__(self) -> int:
     return self.layout.count

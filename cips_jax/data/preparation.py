@@ -6,18 +6,27 @@
     preparation.prepare_lsun_churches(DATA_DIR)  # needs TensorFlow
 
 Each writes ArrayRecord files with a `builders` builder (or the tfds catalog's,
-for LSUN); `sources.load_source` reads them back.
+for LSUN); `sources.load_source` reads them back. tfds writes into a temporary
+`incomplete.*` folder beside the version folder and renames it when done,
+removing it on an exception; here a SIGTERM raises one too, so a stopped
+preparation leaves nothing that could pass for data (a killed one may leave
+the temporary folder, which `load_source` ignores and names).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+import contextlib
 import importlib.util
 import os
 import pathlib
 import re
+import signal
+import threading
 
+from absl import logging
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import constants as tfds_constants
 
 from cips_jax import errors
 from cips_jax.data import builders
@@ -59,6 +68,90 @@ def parse_background(
   return colour
 
 
+def incomplete_leftovers(config_dir: str | os.PathLike) -> list[pathlib.Path]:
+  """What unfinished preparations left in `config_dir`, sorted.
+
+  That is tfds's temporary `incomplete.*` folders (a preparation killed, or
+  still running) and version folders (x.y.z) without dataset_info.json.
+
+  Args:
+    config_dir: a data set's folder, DATA_DIR/<dataset>/<config>.
+  """
+  path = pathlib.Path(config_dir)
+  if not path.is_dir():
+    return []
+  return sorted(
+    child
+    for child in path.iterdir()
+    if child.name.startswith(tfds_constants.INCOMPLETE_PREFIX)
+    or (
+      re.fullmatch(r'\d+\.\d+\.\d+', child.name)
+      and not (child / 'dataset_info.json').exists()
+    )
+  )
+
+
+class _Terminated(BaseException):
+  """A SIGTERM, raised so that the preparation unwinds and cleans up."""
+
+
+@contextlib.contextmanager
+def _cleanup_on_sigterm() -> Iterator[None]:
+  """Makes a SIGTERM unwind the block, then end the process as it would.
+
+  SIGTERM's default action ends the process at once, leaving tfds's temporary
+  folder (possibly gigabytes) behind; raised as an exception, it lets tfds and
+  `_prepare_images` remove their partial output first. Only in the main thread
+  (the only one signal handlers run in) and only where SIGTERM has its default
+  action: a handler someone else installed is left alone.
+  """
+  if (
+    threading.current_thread() is not threading.main_thread()
+    or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+  ):
+    yield
+    return
+
+  def stop(signum, frame):
+    del signum, frame
+    # A second SIGTERM must not cut the cleanup short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise _Terminated()
+
+  signal.signal(signal.SIGTERM, stop)
+  try:
+    yield
+  except _Terminated:
+    logging.warning('SIGTERM: stopped preparing; its partial output is removed')
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)  # the exit status tells SIGTERM
+    raise
+  finally:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _check_leftovers(builder: tfds.core.DatasetBuilder) -> None:
+  """Names what unfinished preparations left beside `builder`'s data.
+
+  Raises:
+    ValueError: its version folder exists without dataset_info.json. tfds
+      would take it for the finished data set and write nothing.
+  """
+  version_dir = pathlib.Path(builder.data_dir)
+  if version_dir.exists() and not (version_dir / 'dataset_info.json').exists():
+    raise errors.DataError(
+      f'{version_dir} holds an unfinished data set (no dataset_info.json: a '
+      'copy or preparation cut short); delete it and prepare again'
+    )
+  for leftover in incomplete_leftovers(version_dir.parent):
+    # Not removed: it may be another preparation's, still running.
+    logging.warning(
+      'Ignoring %s: the partial output of a preparation that was killed (or '
+      'is still running); delete it to free its space',
+      leftover,
+    )
+
+
 def prepare_procedural(
   data_dir: str | os.PathLike, config_name: str = 's32'
 ) -> builders.ProceduralLandscapes:
@@ -77,7 +170,10 @@ def prepare_procedural(
   builder = builders.ProceduralLandscapes(
     config=config_name, data_dir=os.fspath(data_dir)
   )
-  builder.download_and_prepare(file_format='array_record')
+  if not builder.is_prepared():
+    _check_leftovers(builder)
+  with _cleanup_on_sigterm():
+    builder.download_and_prepare(file_format='array_record')
   return builder
 
 
@@ -117,7 +213,8 @@ def prepare_image_folder(
     (H, W, 3) with min(H, W) == resolution.
   Raises:
     ValueError: if `name` already holds images prepared from another folder,
-      resolution or background; or `background` names no colour.
+      resolution or background, or an unfinished version folder; or
+      `background` names no colour.
   """
   return _prepare_images(
     'folder', source_dir, data_dir, resolution, name, num_threads, background
@@ -160,9 +257,10 @@ def prepare_lmdb(
   Raises:
     ImportError: the lmdb package is not installed.
     FileNotFoundError: `lmdb_path` does not exist.
-    ValueError: `lmdb_path` is not an LMDB, holds no decodable image, or (from
-      prepare_data.py) no size at least `resolution`; or `name` already holds
-      other images. Nothing is written then.
+    ValueError: `lmdb_path` is not an LMDB, is truncated, holds no decodable
+      image, or (from prepare_data.py) no size at least `resolution` or fewer
+      entries of that size than its b'length'; or `name` already holds other
+      images. Nothing is written then.
   """
   return _prepare_images(
     'lmdb', lmdb_path, data_dir, resolution, name, num_threads, background
@@ -241,14 +339,17 @@ def _prepare_images(
         f'resolution {old.get("resolution")}{on}; pass another name or delete '
         'it'
       )
-  try:
-    builder.download_and_prepare(file_format='array_record')
-  except BaseException:
-    # tfds removes its unfinished files; the empty folders it made go too.
-    for folder in new_dirs:
-      if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
-    raise
+  else:
+    _check_leftovers(builder)
+  with _cleanup_on_sigterm():
+    try:
+      builder.download_and_prepare(file_format='array_record')
+    except BaseException:
+      # tfds removes its unfinished files; the empty folders it made go too.
+      for folder in new_dirs:
+        if folder.is_dir() and not any(folder.iterdir()):
+          folder.rmdir()
+      raise
   return builder
 
 
@@ -294,8 +395,9 @@ def prepare_lsun_churches(
       'prepare_lsun_churches).'
     )
   builder = tfds.builder('lsun/church_outdoor', data_dir=os.fspath(data_dir))
-  builder.download_and_prepare(
-    download_dir=None if download_dir is None else os.fspath(download_dir),
-    file_format='array_record',
-  )
+  with _cleanup_on_sigterm():
+    builder.download_and_prepare(
+      download_dir=None if download_dir is None else os.fspath(download_dir),
+      file_format='array_record',
+    )
   return builder

@@ -53,7 +53,12 @@ def prepare_command(data_dir: str | os.PathLike, name: str) -> str:
 
 
 def _version_dirs(path: pathlib.Path) -> list[pathlib.Path]:
-  """Finished data set version folders (x.y.z) under `path`, oldest first."""
+  """Finished data set version folders (x.y.z) under `path`, oldest first.
+
+  Finished means holding dataset_info.json, which tfds writes last; what an
+  unfinished preparation left (`preparation.incomplete_leftovers`) is never
+  read.
+  """
   if not path.is_dir():
     return []
   found = []
@@ -79,8 +84,8 @@ def load_source(data_dir: str | os.PathLike, name: str, split: str = 'train'):
     A sequence-like source: `len(source)`, `source[i]` -> {'image': uint8
     (H, W, 3)} and `source.__getitems__(indices)`; grain reads it.
   Raises:
-    FileNotFoundError: naming the folder searched and the command that prepares
-      it.
+    FileNotFoundError: naming the folder searched, what unfinished
+      preparations left there (ignored) and the command that prepares it.
   """
   dataset_config, _, version = name.partition(':')
   path = pathlib.Path(data_dir) / dataset_config
@@ -88,9 +93,16 @@ def load_source(data_dir: str | os.PathLike, name: str, split: str = 'train'):
   if version:
     versions = [v for v in versions if v.name == version]
   if not versions:
+    leftovers = preparation.incomplete_leftovers(path)
+    ignored = (
+      f'; ignored {", ".join(p.name for p in leftovers)}, the partial output '
+      'of a preparation that was stopped (or is still running): delete it'
+      if leftovers
+      else ''
+    )
     raise errors.MissingInputError(
       f'no prepared data set {name!r} in {path} (looked for '
-      f'{path}/{version or "<version>"}/dataset_info.json). '
+      f'{path}/{version or "<version>"}/dataset_info.json{ignored}). '
       'Prepare it with:\n  '
       f'{prepare_command(data_dir, name)}'
     )
