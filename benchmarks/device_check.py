@@ -6,10 +6,11 @@
 Figures (all from this one process, on the first device):
 - `matmul`: 4096^3 products in bfloat16 and float32 (XLA's default precision,
   which is TF32 on NVIDIA GPUs, and 'highest'), TFLOP/s;
-- `generation`: CIPSskip-256 at 256^2, batch 16 and 64, bfloat16 and float32,
-  for both per-image style forms (activations scaled around each product, or
-  the style folded into one weight per image): images/s, useful TFLOP/s
-  (3,401,344 MAC per pixel) and the fraction of the chip's dense bfloat16 peak;
+- `generation`: CIPSskip-256 at 256^2, batch 16 in bfloat16 and float32 and
+  batch 64 in bfloat16, for every per-image style form (activations scaled
+  around each product, the style folded into one weight per image, or the fused
+  Pallas layer): images/s, useful TFLOP/s (3,401,344 MAC per pixel) and the
+  fraction of the chip's dense bfloat16 peak;
 - `style_ratios`: a 2-style mixture and a style per pixel against per-image
   styles (time), bfloat16, batch 16;
 - `fused_layer`: one 512 -> 512 modulated layer over batch 16 x 256^2 pixels,
@@ -24,6 +25,13 @@ Figures (all from this one process, on the first device):
   256^2 rate;
 - `choices`: which per-image form 'auto' takes here, the fastest measured, and
   whether D convolves with im2col on this backend.
+
+Time budget: `--budget_s` (default 420 s, so the whole run with start-up and
+the JSON stays under 8 minutes on one H100 or H200). The cases run in order of
+importance, each only if the budget left covers the slowest case of its kind
+seen so far (compilation included); a case that does not fit is recorded under
+`skipped`, and one that fails (a kernel that does not compile) records its
+error instead of ending the run.
 `--smoke` shrinks every case (a 32^2 model 16 wide, batches of 4, one training
 case at 16^2 without remat, its R1 step timed for both) so the script runs on a
 CPU in CI (about 25 s on 2 cores): its figures mean nothing.
@@ -50,6 +58,34 @@ _SMOKE = flags.DEFINE_boolean(
   'smoke', False, 'tiny sizes, on any backend (figures meaningless)'
 )
 _OUT = flags.DEFINE_string('out', None, 'the JSON file (default: stdout only)')
+_BUDGET = flags.DEFINE_float(
+  'budget_s', 420.0, 'seconds the measurements may take (see the docstring)'
+)
+
+
+class Budget:
+  """Runs cases while time is left; remembers what was skipped."""
+
+  def __init__(self, seconds: float):
+    self.deadline = time.perf_counter() + seconds
+    self.slowest: dict[str, float] = {}
+    self.skipped: list[str] = []
+
+  def run(self, kind: str, name: str, case):
+    """case() if the slowest `kind` so far still fits; None otherwise."""
+    left = self.deadline - time.perf_counter()
+    if self.slowest.get(kind, 0.0) > left:
+      self.skipped.append(name)
+      return None
+    start = time.perf_counter()
+    try:
+      return case()
+    except Exception as error:  # a failure is a measurement here
+      return {'name': name, 'failed': f'{type(error).__name__}: {error}'[:400]}
+    finally:
+      took = time.perf_counter() - start
+      self.slowest[kind] = max(self.slowest.get(kind, 0.0), took)
+
 
 # Dense bfloat16 peaks (TFLOP/s) by jax device_kind, from the vendors' sheets.
 PEAK_BF16_TFLOPS = {
@@ -67,17 +103,27 @@ def peak_tflops(device) -> float | None:
   return PEAK_BF16_TFLOPS.get(device.device_kind)
 
 
-def generation_cases(smoke: bool, peak: float | None):
+# Every exact per-image form: activations, weights, fused.
+FORMS = generator_lib.PER_IMAGE_FORMS[:3]
+
+
+def generation_cases(smoke: bool, peak: float | None, budget: Budget):
   """Per-image renders by batch, dtype and form; the other forms' ratios."""
   gen32 = models.CIPSskip(**common.SMOKE_MODEL) if smoke else models.CIPSskip()
   variables = models.init(gen32, jax.random.key(0))
   side = common.SMOKE_SIDE if smoke else 256
-  batches = (4,) if smoke else (16, 64)
+  first = 4 if smoke else 16
+  # float32 at the first batch only: each case is a compilation.
+  plan = [(first, jnp.bfloat16), (first, jnp.float32)]
+  if not smoke:
+    plan.append((64, jnp.bfloat16))
   cases = []
-  for batch in batches:
-    for dtype in (jnp.bfloat16, jnp.float32):
-      for form in generator_lib.PER_IMAGE_FORMS[:2]:
-        gen = gen32.clone(dtype=dtype, per_image_form=form)
+  for batch, dtype in plan:
+    for form in FORMS:
+      gen = gen32.clone(dtype=dtype, per_image_form=form)
+      name = f'generation {form} {jnp.dtype(dtype).name} batch {batch}'
+
+      def measure(gen=gen, batch=batch, dtype=dtype):
         case = common.generator_case(
           gen, variables, 'per_image', batch, side, 1, np.inf
         )
@@ -86,22 +132,32 @@ def generation_cases(smoke: bool, peak: float | None):
         case['tflop_per_s'] = round(case.pop('gflop_per_s') / 1e3, 2)
         if peak:
           case['fraction_of_peak_bf16'] = round(case['tflop_per_s'] / peak, 4)
+        return case
+
+      case = budget.run('generation', name, measure)
+      if case is not None:
         cases.append(case)
+  batches = (first,)
   gen16 = gen32.clone(dtype=jnp.bfloat16)
   base = next(
     c
     for c in cases
-    if (c['batch'], c['dtype'], c['form'])
+    if (c.get('batch'), c.get('dtype'), c.get('form'))
     == (batches[0], 'bfloat16', generator_lib.MODULATED_ACTIVATIONS)
   )
   ratios = {}
   for kind in ('mixture2', 'per_pixel'):
-    case = common.generator_case(
-      gen16, variables, kind, batches[0], side, 1, np.inf
+    case = budget.run(
+      'generation',
+      f'style ratio {kind}',
+      lambda kind=kind: common.generator_case(
+        gen16, variables, kind, batches[0], side, 1, np.inf
+      ),
     )
-    ratios[f'{kind}_vs_per_image_time'] = round(
-      case['seconds'] / base['seconds'], 3
-    )
+    if case is not None and 'seconds' in case:
+      ratios[f'{kind}_vs_per_image_time'] = round(
+        case['seconds'] / base['seconds'], 3
+      )
   return cases, ratios
 
 
@@ -200,20 +256,35 @@ def main(argv):
     'float32_default': common.matmul_gflops(n, jnp.float32) / 1e3,
     'float32_highest': common.matmul_gflops(n, jnp.float32, highest) / 1e3,
   }
-  generation, ratios = generation_cases(smoke, peak)
-  fused = fused_layer_case(smoke)
+  budget = Budget(_BUDGET.value)
+  generation, ratios = generation_cases(smoke, peak, budget)
+  fused = budget.run('layer', 'fused layer', lambda: fused_layer_case(smoke))
   training = []
   if smoke:  # one small case: the code path, in seconds
     training.append(train_case(16, 4, False, True, peak)[0])
   for side, batch in () if smoke else ((256, 32), (64, 32)):
-    plain, useful = train_case(side, batch, False, False, peak)
-    with_remat, _ = train_case(side, batch, True, False, peak, useful)
-    training += [plain, with_remat]
+    plain = budget.run(
+      'train',
+      f'train {side} plain',
+      lambda side=side, batch=batch: train_case(
+        side, batch, False, False, peak
+      ),
+    )
+    if plain is None or 'failed' in plain:
+      training.append(plain or {'name': f'train {side} plain', 'skipped': True})
+      continue
+    plain, useful = plain
+    with_remat = budget.run(
+      'train',
+      f'train {side} remat',
+      lambda side=side, batch=batch, useful=useful: train_case(
+        side, batch, True, False, peak, useful
+      )[0],
+    )
+    training += [plain] + ([with_remat] if with_remat else [])
   at_256 = training[0]
-  fastest = min(
-    (c for c in generation if c['dtype'] == 'bfloat16'),
-    key=lambda c: c['seconds'] / c['batch'],
-  )
+  measured = [c for c in generation if c.get('dtype') == 'bfloat16']
+  fastest = min(measured, key=lambda c: c['seconds'] / c['batch'])
   report = {
     'benchmark': 'device_check',
     'smoke': smoke,
@@ -229,8 +300,10 @@ def main(argv):
     'train': training,
     'churches_projection': {
       'images': CHURCHES_IMAGES,
-      'images_per_s': at_256['images_per_s'],
-      'gpu_days': round(CHURCHES_IMAGES / at_256['images_per_s'] / 86400, 2),
+      'images_per_s': at_256.get('images_per_s'),
+      'gpu_days': round(CHURCHES_IMAGES / at_256['images_per_s'] / 86400, 2)
+      if at_256.get('images_per_s')
+      else None,
     },
     'choices': {
       'per_image_form_auto': generator_lib.resolve_per_image_form('auto'),
@@ -238,6 +311,8 @@ def main(argv):
       'discriminator_conv': discriminator_lib.resolve_conv_impl('auto'),
     },
     'useful_mac_per_pixel': common.MAC_PER_PIXEL,
+    'budget_s': _BUDGET.value,
+    'skipped': budget.skipped,
     'seconds_total': round(time.perf_counter() - start, 1),
   }
   common.print_json(report, out=_OUT.value)

@@ -298,10 +298,12 @@ def check_fits(
   num_devices: int,
   memory_bytes: Optional[int] = None,
 ) -> None:
-  """Raises ConfigError when the run's memory plan exceeds a device's memory.
+  """Raises ConfigError when even the least the run needs exceeds a device.
 
-  The plan (`memory_plan.plan`) comes from shapes, in a second or two at any
-  size, so absurd widths are refused before anything is allocated.
+  The plan (`memory_plan.plan(least=True)`: activations counted as with remat)
+  comes from shapes, in a second or two at any size, so absurd widths are
+  refused before anything is allocated, while a run that remat or another
+  dtype could fit is left to try.
   """
   if memory_bytes is None:
     memory_bytes = memory_plan.device_memory_bytes()
@@ -310,7 +312,7 @@ def check_fits(
       memory_bytes //= jax.local_device_count()
   if memory_bytes is None:
     return
-  needs = memory_plan.plan(config, num_devices)
+  needs = memory_plan.plan(config, num_devices, least=True)
   if needs.total_bytes <= memory_bytes:
     return
   describe = memory_plan.describe
@@ -324,7 +326,7 @@ def check_fits(
       f'{config.data.crop} per device'
     )
   raise ConfigError(
-    f'{field}: the run needs about {describe(needs.total_bytes)} per device '
+    f'{field}: the run needs at least {describe(needs.total_bytes)} per device '
     f'(parameters, optimizer state and EMA {describe(needs.state_bytes)}; '
     f'activations about {describe(needs.activations)}), more than the '
     f'{describe(memory_bytes)} a device has here ({cause}). Lower the batch, '

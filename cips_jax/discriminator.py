@@ -29,7 +29,7 @@ weights are copied unchanged apart from layout.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cips_jax import errors
+from cips_jax import platforms
+from cips_jax import precision as precision_lib
 from cips_jax.layers import EqualDense
 from cips_jax.layers import leaky_relu_gain
 from cips_jax.layers import unit_normal_init
@@ -166,21 +168,49 @@ def conv2d(
   y = jnp.dot(
     columns.reshape(-1, columns.shape[-1]),
     kernel.reshape(-1, kernel.shape[-1]),
-    precision=precision,
+    # bf16 operands in the backward pass too (cips_jax.precision).
+    precision=(
+      precision_lib.for_products(x.dtype) if precision is None else precision
+    ),
     preferred_element_type=jnp.float32,
   )
   return y.reshape(columns.shape[:3] + (kernel.shape[-1],))
 
 
-def resolve_conv_impl(impl: str) -> str:
-  """'auto' -> 'im2col' on CPU, 'xla' elsewhere."""
+# 'auto': im2col on CPUs, where it is faster (docs/benchmarks.md, "Training
+# step"); XLA's own convolution on accelerators.
+CONV_IMPL_BY_BACKEND = {'cpu': 'im2col'}
+DEFAULT_CONV_IMPL = 'xla'
+
+
+def resolve_conv_impl(impl: str, backend: Optional[str] = None) -> str:
+  """`impl`, or for 'auto' the choice of `backend` (default: jax's default).
+
+  Programs that may be lowered for another platform resolve 'auto' with
+  `per_platform` instead.
+  """
   if impl not in CONV_IMPLS:
     raise errors.InputError(
       f'conv_impl must be one of {CONV_IMPLS}, got {impl!r}'
     )
   if impl == 'auto':
-    return 'im2col' if jax.default_backend() == 'cpu' else 'xla'
+    return platforms.resolve(CONV_IMPL_BY_BACKEND, DEFAULT_CONV_IMPL, backend)
   return impl
+
+
+def per_platform(disc: Discriminator, fn: Callable[[Discriminator], Any]):
+  """fn(disc), with conv_impl 'auto' resolved for the lowering platform.
+
+  The training step builds D's calls through this, so a step exported from a
+  CPU for a TPU uses XLA's convolutions there (`platforms.dispatch`).
+  """
+  if disc.conv_impl != 'auto':
+    return fn(disc)
+  return platforms.dispatch(
+    CONV_IMPL_BY_BACKEND,
+    DEFAULT_CONV_IMPL,
+    lambda impl: fn(disc.clone(conv_impl=impl)),
+  )
 
 
 class EqualConv2d(nn.Module):

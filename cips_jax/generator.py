@@ -20,7 +20,7 @@ coordinates) and returns `(B, ..., 3)`.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from cips_jax import encodings
 from cips_jax import errors
 from cips_jax import layers
+from cips_jax import platforms
 from cips_jax import shapes
 
 Array = jax.Array
@@ -38,11 +39,12 @@ ACTIVATIONS = (None, 'sin', 'sinrelu')
 PIXEL_AXIS, IMAGE_AXIS = 'pixels', 'images'  # names of the two vmapped axes
 
 # How a per-image style reaches the pixels: scaling the activations before and
-# after each product ('activations'), or folded into one weight per image
-# ('weights', the reference's form). Per-pixel styles and mixtures always
-# modulate activations.
-MODULATED_ACTIVATIONS, FOLDED_WEIGHTS = 'activations', 'weights'
-PER_IMAGE_FORMS = (MODULATED_ACTIVATIONS, FOLDED_WEIGHTS, 'auto')
+# after each product ('activations'), folded into one weight per image
+# ('weights', the reference's form), or inside one Pallas kernel per layer
+# ('fused', `kernels.fused_pixel`; opt-in until a device measures it).
+# Per-pixel styles and mixtures always modulate activations.
+MODULATED_ACTIVATIONS, FOLDED_WEIGHTS, FUSED = 'activations', 'weights', 'fused'
+PER_IMAGE_FORMS = (MODULATED_ACTIVATIONS, FOLDED_WEIGHTS, FUSED, 'auto')
 # 'auto' per backend, by measurement (docs/benchmarks.md, "Per-image style
 # forms"): on CPUs folding only wins from a few images per call, and batch-1
 # renders are the common library call, so CPUs keep activations. GPU and TPU:
@@ -76,15 +78,35 @@ def _pixel_with_modulations(mode: str):
 
 
 def resolve_per_image_form(form: str, backend: Optional[str] = None) -> str:
-  """'activations' or 'weights': `form`, or for 'auto' the backend's choice."""
+  """`form`, or for 'auto' the choice of `backend` (default: jax's default).
+
+  Programs that may be lowered for another platform resolve 'auto' with
+  `per_platform` instead.
+  """
   if form not in PER_IMAGE_FORMS:
     raise errors.InputError(
       f'per_image_form must be one of {PER_IMAGE_FORMS}, got {form!r}'
     )
   if form != 'auto':
     return form
-  backend = backend or jax.default_backend()
-  return PER_IMAGE_FORM_BY_BACKEND.get(backend, MODULATED_ACTIVATIONS)
+  return platforms.resolve(
+    PER_IMAGE_FORM_BY_BACKEND, MODULATED_ACTIVATIONS, backend
+  )
+
+
+def per_platform(gen: CIPS, fn: Callable[[CIPS], Any]) -> Any:
+  """fn(gen), with per_image_form 'auto' resolved for the lowering platform.
+
+  `sampling` and `train` build their programs through this, so a step
+  exported from a CPU for a GPU carries the GPU's form (`platforms.dispatch`).
+  """
+  if gen.per_image_form != 'auto':
+    return fn(gen)
+  return platforms.dispatch(
+    PER_IMAGE_FORM_BY_BACKEND,
+    MODULATED_ACTIVATIONS,
+    lambda form: fn(gen.clone(per_image_form=form)),
+  )
 
 
 class MappingNetwork(nn.Module):
@@ -256,7 +278,13 @@ class CIPS(nn.Module):
       activation=self.activation,
       dtype=self.dtype,
       remat=self.remat,
+      fused=self.fused,
     )
+
+  @property
+  def fused(self) -> bool:
+    """Whether per-image styles run through the fused Pallas layer."""
+    return self.per_image_form == FUSED
 
   def build_layers(self):
     """Creates the layers after `conv1` (called by `setup`)."""
@@ -373,7 +401,13 @@ class CIPS(nn.Module):
     if layout.styles_vary_per_pixel:
       rgb = self._render_per_pixel_styles(layout, coords, w, mix, noise, mode)
     elif resolve_per_image_form(self.per_image_form) == FOLDED_WEIGHTS:
-      rgb = self._render_per_image_weights(layout, coords, w, noise, mode)
+      rgb = self._render_per_image_nested(
+        layout, coords, w, noise, mode, fold_weights=True
+      )
+    elif self.fused:
+      rgb = self._render_per_image_nested(
+        layout, coords, w, noise, mode, fold_weights=False
+      )
     else:
       rgb = self._render_per_image_styles(layout, coords, w, noise, mode)
     return rgb.reshape(layout.output_shape())
@@ -451,25 +485,29 @@ class CIPS(nn.Module):
     over_pixels = _vmap_over(_pixel_with_modulations(mode), PIXEL_AXIS)
     return over_pixels(self, coords, noise, modulations)
 
-  def _render_per_image_weights(
+  def _render_per_image_nested(
     self,
     layout: shapes.Layout,
     coords: Array,
     w: Array,
     noise: Optional[Array],
     mode: str,
+    *,
+    fold_weights: bool,
   ) -> Array:
-    """The RGB (B * P, 3) of per-image styles w (B, D), folded per image.
+    """The RGB (B * P, 3) of per-image styles w (B, D): pixels inside images.
 
     coords are (P, 2) or (B, P, 2); noise is (B, P, L) or None. Each layer's
-    style and demodulation are folded into one (in, out) weight per image (the
-    reference's form), and a vmap over pixels inside one over images makes
-    each layer one batched product.
+    style terms are computed once per image and mapped over the images only:
+    with `fold_weights`, one (in, out) weight per image (the reference's form),
+    so each layer is one batched product; otherwise (the fused form) the
+    scales and demodulations, which `kernels.fused_pixel` turns into one
+    kernel call per layer for all images.
     """
-    modulations = self.modulations_for(w, fold_weights=True)
+    modulations = self.modulations_for(w, fold_weights=fold_weights)
 
-    # The folded weights are per image: unmapped over its pixels, so each
-    # layer is one (P, in) x (in, out) product per image.
+    # The style terms are per image: unmapped over its pixels, so each layer
+    # sees (P, in) activations and one image's terms.
     over_pixels = _vmap_over(
       _pixel_with_modulations(mode), PIXEL_AXIS, (0, 0, None)
     )
@@ -515,7 +553,10 @@ class CIPSskip(CIPS):
         self.styled_dense(width, width),
       )
     ]
-    self.to_rgbs = [layers.ToRGB(width, dtype=self.dtype) for width in widths]
+    self.to_rgbs = [
+      layers.ToRGB(width, dtype=self.dtype, fused=self.fused)
+      for width in widths
+    ]
 
   def modulated_layers(self):
     return [self.conv1, *self.linears, *self.to_rgbs]
@@ -561,6 +602,7 @@ class StyledResBlock(nn.Module):
   activation: Optional[str] = None
   dtype: DType = jnp.float32
   remat: bool = False
+  fused: bool = False
 
   def setup(self):
     def styled(in_features, features):
@@ -570,6 +612,7 @@ class StyledResBlock(nn.Module):
         activation=self.activation,
         dtype=self.dtype,
         remat=self.remat,
+        fused=self.fused,
       )
 
     self.conv1 = styled(self.in_features, self.features)
@@ -629,10 +672,11 @@ class CIPSres(CIPS):
         activation=self.activation,
         dtype=self.dtype,
         remat=self.remat,
+        fused=self.fused,
       )
       for fan_in, width in zip(_input_widths(widths), widths)
     ]
-    self.to_rgb = layers.ToRGB(widths[-1], dtype=self.dtype)
+    self.to_rgb = layers.ToRGB(widths[-1], dtype=self.dtype, fused=self.fused)
 
   def modulated_layers(self):
     return [self.conv1, *self.blocks, self.to_rgb]

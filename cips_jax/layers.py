@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from cips_jax import errors
+from cips_jax import precision
+from cips_jax.kernels import fused_pixel
 
 Array = jax.Array
 DType = Any
@@ -256,6 +258,7 @@ class ModulatedDense(nn.Module):
       return jnp.dot(
         x.astype(self.dtype),
         modulation.weight.astype(self.dtype),
+        precision=precision.for_products(self.dtype),
         preferred_element_type=jnp.float32,
       )
     # Modulate the input, multiply by the shared kernel, demodulate the output:
@@ -264,6 +267,8 @@ class ModulatedDense(nn.Module):
     y = jnp.dot(
       (x * modulation.scale).astype(self.dtype),
       self.scaled_kernel().astype(self.dtype),
+      # bf16 operands in the backward pass too (cips_jax.precision).
+      precision=precision.for_products(self.dtype),
       preferred_element_type=jnp.float32,
     )
     return y if modulation.inv_norm is None else y * modulation.inv_norm
@@ -318,6 +323,10 @@ class StyledDense(nn.Module):
     dtype: matrix-multiply input dtype.
     remat: recompute this layer in the backward pass instead of storing its
       activations.
+    fused: with a precomputed per-image `Modulation` (the generator's 'fused'
+      form), run the layer as `kernels.fused_pixel.styled_dense`, one Pallas
+      kernel for all pixels and images under the generator's vmaps. Sine
+      activations and per-pixel styles keep the formula below.
   """
 
   in_features: int
@@ -325,6 +334,7 @@ class StyledDense(nn.Module):
   activation: Optional[str] = None
   dtype: DType = jnp.float32
   remat: bool = False
+  fused: bool = False
 
   def setup(self):
     self.modulated = ModulatedDense(
@@ -367,6 +377,18 @@ class StyledDense(nn.Module):
     """
 
     def forward(module, x, style, mix, noise, modulation):
+      if module.uses_kernel(modulation):
+        return fused_pixel.styled_dense(
+          x.astype(module.dtype),
+          module.modulated.scaled_kernel(),
+          modulation.scale,
+          modulation.inv_norm,
+          module.bias,
+          noise,
+          None if noise is None else module.noise_strength,
+          activation='lrelu',
+          out_dtype=module.dtype,
+        )
       y = module.modulated(
         x, style=style, mix=mix, pixel_axes=pixel_axes, modulation=modulation
       )
@@ -380,6 +402,15 @@ class StyledDense(nn.Module):
     if self.remat:
       forward = nn.remat(forward)
     return forward(self, x, style, mix, noise, modulation)
+
+  def uses_kernel(self, modulation: Optional[Modulation]) -> bool:
+    """Whether this call runs the fused kernel (the kernel has leaky ReLU)."""
+    return self.activation is None and _fusable(self.fused, modulation)
+
+
+def _fusable(fused: bool, modulation: Optional[Modulation]) -> bool:
+  """Whether a fused layer takes the kernel: a per-image scale, not folded."""
+  return fused and modulation is not None and modulation.scale is not None
 
 
 def apply_activation(y: Array, activation: Optional[str]) -> Array:
@@ -413,6 +444,7 @@ class ToRGB(nn.Module):
 
   in_features: int
   dtype: DType = jnp.float32
+  fused: bool = False  # see StyledDense
 
   def setup(self):
     # No demodulation: the output keeps the style's scale (docs/reference.md
@@ -442,11 +474,22 @@ class ToRGB(nn.Module):
     modulation: Optional[Modulation] = None,
   ) -> Array:
     """x: (in,) -> (3,); adds `skip` (3,) when given."""
-    rgb = (
-      self.modulated(
-        x, style=style, mix=mix, pixel_axes=pixel_axes, modulation=modulation
+    if _fusable(self.fused, modulation):
+      rgb = fused_pixel.styled_dense(
+        x.astype(self.dtype),
+        self.modulated.scaled_kernel(),
+        modulation.scale,
+        None,
+        self.bias,
+        activation=None,
+        out_dtype=jnp.float32,
       )
-      + self.bias
-    )
+    else:
+      rgb = (
+        self.modulated(
+          x, style=style, mix=mix, pixel_axes=pixel_axes, modulation=modulation
+        )
+        + self.bias
+      )
     # CIPSskip's running sum: no upsampling, unlike StyleGAN2's ToRGB skip.
     return rgb if skip is None else rgb + skip

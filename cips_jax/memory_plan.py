@@ -11,10 +11,14 @@ exceeds the device, so an absurd size (`model.style_dim=1000000`) is named at
 once instead of hanging in initialisation.
 
 The activation estimate counts what the backward pass must keep per pixel:
-each modulated layer's input, modulated input and pre-activation (one of them
-with `train.remat`, which recomputes the rest), in the compute dtype; and for
-D, each convolution's output, activation and input at every level, for the
-real and fake halves of the D step.
+each modulated layer's input, style-scaled input, product and pre-activation
+(only the input with `train.remat`, which recomputes the rest), in the compute
+dtype; and for D, each convolution's output, activation and input at every
+level, for the real and fake halves of the D step. Against XLA's memory
+analysis of the step compiled on a CPU (`benchmarks/memory_plan.py`,
+docs/benchmarks.md "Memory per device") it is within a few tens of percent.
+XLA:CPU keeps recomputed values alive as long as saved ones, so the remat
+figures are the plan's alone there.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from cips_jax import discriminator as discriminator_lib
 from cips_jax import train_state as train_state_lib
 
 # Arrays per pixel and modulated layer the backward pass keeps: the layer's
-# input, the style-scaled input and the pre-activation.
-SAVED_PER_LAYER = 3
+# input, the style-scaled input, the product and the pre-activation; with remat
+# the input alone.
+SAVED_PER_LAYER = 4
 SAVED_PER_LAYER_REMAT = 1
 # D keeps each convolution's input, output and activation; the D step runs it
 # on reals and fakes.
@@ -50,6 +55,12 @@ class Plan:
   ema: int  # the EMA copy of G
   activations: int  # the step's, estimated
   batch_per_device: int
+  activations_per_image: int  # of one image of the per-device batch
+
+  def max_batch(self, memory_bytes: int) -> int:
+    """The largest per-device batch whose plan fits `memory_bytes` (0: none)."""
+    free = memory_bytes - self.state_bytes
+    return max(free // self.activations_per_image, 0)
 
   @property
   def state_bytes(self) -> int:
@@ -75,8 +86,14 @@ def _is_embedding(path) -> bool:
   return any(getattr(key, 'key', None) == 'embedding' for key in path)
 
 
-def plan(config: ml_collections.ConfigDict, num_devices: int) -> Plan:
-  """The per-device memory plan of a training config on `num_devices`."""
+def plan(
+  config: ml_collections.ConfigDict, num_devices: int, *, least: bool = False
+) -> Plan:
+  """The per-device memory plan of a training config on `num_devices`.
+
+  `least`: count the activations as with remat whatever the config says, a
+  lower bound of what any setting of the run needs.
+  """
   gen, disc, _, _, abstract = train_state_lib.abstract_state(config)
   t = config.train
   # train.shard_embedding splits the embedding tables (and their moments) by
@@ -90,20 +107,22 @@ def plan(config: ml_collections.ConfigDict, num_devices: int) -> Plan:
   batch = max(t.global_batch_size // num_devices, 1)
   itemsize = jnp.dtype(t.compute_dtype).itemsize
   pixels = config.data.crop**2
-  saved = SAVED_PER_LAYER_REMAT if t.remat else SAVED_PER_LAYER
+  saved = SAVED_PER_LAYER_REMAT if t.remat or least else SAVED_PER_LAYER
   g_widths = 2 * gen.hidden_size + 2 * sum(gen.layer_widths())
-  g_activations = batch * pixels * g_widths * saved * itemsize
+  g_per_image = pixels * g_widths * saved * itemsize
   channels = discriminator_lib.discriminator_channels(
     disc.size, disc.channel_multiplier, disc.max_channels
   )
   d_per_image = sum(res * res * width for res, width in channels.items())
-  d_activations = D_PASSES * batch * d_per_image * SAVED_PER_CONV * itemsize
+  d_per_image *= D_PASSES * SAVED_PER_CONV * itemsize
+  per_image = g_per_image + d_per_image
   return Plan(
     parameters=g + d,
     optimizer=optimizer,
     ema=g,
-    activations=g_activations + d_activations,
+    activations=batch * per_image,
     batch_per_device=batch,
+    activations_per_image=per_image,
   )
 
 

@@ -49,6 +49,7 @@ from jax.sharding import PartitionSpec
 import numpy as np
 
 from cips_jax import errors
+from cips_jax import generator as generator_lib
 from cips_jax import parallel
 from cips_jax import shapes
 
@@ -189,14 +190,18 @@ def _synthesize(
     # Without a 'noise' stream the layers add zero noise (docs/reference.md
     # 6.3): renders are deterministic.
     rngs = None if rng is None else {'noise': rng}
-    return gen.apply(
-      variables,
-      w,
-      coords,
-      mix=mix,
-      embedding_mode=embedding_mode,
-      layout=layout,
-      rngs=rngs,
+    # 'auto' forms follow the platform this program is lowered for.
+    return generator_lib.per_platform(
+      gen,
+      lambda g: g.apply(
+        variables,
+        w,
+        coords,
+        mix=mix,
+        embedding_mode=embedding_mode,
+        layout=layout,
+        rngs=rngs,
+      ),
     )
 
   if chunk_size is None:
@@ -313,7 +318,7 @@ def render(
   chunk = max(min(chunk_size, num_pixels), MIN_RENDER_CHUNK * num_devices)
   if mesh is not None:
     chunk = parallel.divisible_by_devices(chunk, mesh)
-  render_chunk = _chunk_renderer(
+  render_chunk = chunk_renderer(
     gen, embedding_mode, mesh, layout.chunk(chunk), rng is not None
   )
   # Sent once, not with every chunk: the parameters, and the styles every chunk
@@ -346,11 +351,12 @@ def render(
 # Cached so that every render call with the same model and chunk reuses one
 # jitted function: a fresh jax.jit wrapper would trace and compile again.
 @functools.lru_cache(maxsize=32)
-def _chunk_renderer(gen, embedding_mode, mesh, chunk_layout, has_rng):
-  """One compiled chunk renderer per (model, chunk layout).
+def chunk_renderer(gen, embedding_mode, mesh, chunk_layout, has_rng):
+  """`render`'s jitted program for one chunk: cached per model and layout.
 
-  It is sharded over `mesh` when given: each device renders its share of the
-  chunk's pixels.
+  (variables, w, coords, mix, rng) -> (B, n, 3) for the n pixels of
+  `chunk_layout` (`Layout.chunk(n)`); sharded over `mesh` when given, each
+  device rendering its share of the chunk's pixels.
   """
   num_devices = 1 if mesh is None else mesh.size
   # Inside shard_map each device sees its 1/n of the chunk's pixels (`render`
@@ -363,14 +369,18 @@ def _chunk_renderer(gen, embedding_mode, mesh, chunk_layout, has_rng):
     if mesh is not None and rng is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.DATA_AXIS))
     rngs = None if rng is None else {'noise': rng}
-    return gen.apply(
-      variables,
-      w,
-      coords,
-      mix=mix,
-      embedding_mode=embedding_mode,
-      layout=device_layout,
-      rngs=rngs,
+    # 'auto' forms follow the platform this program is lowered for.
+    return generator_lib.per_platform(
+      gen,
+      lambda g: g.apply(
+        variables,
+        w,
+        coords,
+        mix=mix,
+        embedding_mode=embedding_mode,
+        layout=device_layout,
+        rngs=rngs,
+      ),
     )
 
   if mesh is None:

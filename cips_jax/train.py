@@ -41,6 +41,7 @@ import optax
 from cips_jax import checkpoints
 from cips_jax import config_validation
 from cips_jax import data as data_lib
+from cips_jax import discriminator as discriminator_lib
 from cips_jax import errors
 from cips_jax import evaluation
 from cips_jax import generator as generator_lib
@@ -126,17 +127,24 @@ def make_gan_step(config, gen, disc, g_tx, d_tx) -> Callable:
   def render(g_params, z, coords, noise_key):
     # Without a noise key the generator injects zero noise.
     rngs = {} if noise_key is None else {'noise': noise_key}
-    return gen.apply(
-      {'params': g_params},
-      z,
-      coords,
-      embedding_mode=embedding_mode,
-      method=type(gen).generate,
-      rngs=rngs,
+    # 'auto' forms (G's per-image style form, D's convolutions) follow the
+    # platform the step is lowered for, not the machine tracing it.
+    return generator_lib.per_platform(
+      gen,
+      lambda g: g.apply(
+        {'params': g_params},
+        z,
+        coords,
+        embedding_mode=embedding_mode,
+        method=type(g).generate,
+        rngs=rngs,
+      ),
     )
 
   def discriminate(d_params, inputs):
-    return disc.apply({'params': d_params}, inputs)
+    return discriminator_lib.per_platform(
+      disc, lambda d: d.apply({'params': d_params}, inputs)
+    )
 
   def gan_step(state: TrainState, inputs: StepInputs, with_r1: bool):
     real, coords = inputs.real, inputs.coords

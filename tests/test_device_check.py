@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 import support
 
 
@@ -30,7 +32,7 @@ def test_device_check_smoke_writes_every_figure(tmp_path):
   assert cases == {
     (dtype, form)
     for dtype in ('bfloat16', 'float32')
-    for form in ('activations', 'weights')
+    for form in ('activations', 'weights', 'fused')
   }
   assert set(report['style_ratios']) == {
     'mixture2_vs_per_image_time',
@@ -47,3 +49,29 @@ def test_device_check_smoke_writes_every_figure(tmp_path):
   )
   assert report['choices']['per_image_form_auto'] == 'activations'
   assert report['choices']['discriminator_conv'] == 'im2col'
+  assert report['skipped'] == [] and report['budget_s'] == 420.0
+
+
+def test_memory_plan_script_plans_every_device(tmp_path):
+  out = tmp_path / 'memory_plan.json'
+  result = support.run_python(
+    'benchmarks/memory_plan.py', '--smoke', f'--out={out}', timeout=300
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  (row,) = report['configs']
+  assert row['config'] == 'quickstart' and row['devices'] == 1
+  plain, remat = row['no_remat'], row['remat']
+  assert remat['activations_mib'] < plain['activations_mib']  # remat saves
+  for plan in (plain, remat):
+    state = plan['parameters_mib'] + plan['optimizer_mib'] + plan['ema_mib']
+    assert plan['total_mib'] == pytest.approx(
+      state + plan['activations_mib'], abs=0.2
+    )
+    per_image = plan['activations_mib'] / plan['batch_per_device']
+    for device, size in report['devices'].items():
+      usable = size * report['usable_fraction'] / 2**20
+      batch = plan['max_batch_per_device'][device]
+      # The largest batch fits and one more would not (to the JSON's rounding).
+      assert state + batch * per_image <= usable * 1.001
+      assert state + (batch + 1) * per_image > usable * 0.999

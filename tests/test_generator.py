@@ -558,8 +558,12 @@ def test_per_image_path_parameter_gradients_equal_the_per_pixel_path(arch):
 # The per-image style forms and bfloat16 activations.
 
 
-@pytest.mark.parametrize('form', generator_lib.PER_IMAGE_FORMS[:2])
-def test_both_per_image_forms_equal_the_oracle(oracle_setup, form):
+# activations, weights, fused (interpreted on a CPU): every exact form.
+EXACT_FORMS = generator_lib.PER_IMAGE_FORMS[:3]
+
+
+@pytest.mark.parametrize('form', EXACT_FORMS)
+def test_every_per_image_form_equals_the_oracle(oracle_setup, form):
   state_dict, gen, variables, coords, ws = oracle_setup
   w = ws[:, 0]
   img = sampling.synthesize(
@@ -573,18 +577,21 @@ def test_both_per_image_forms_equal_the_oracle(oracle_setup, form):
   assert relative_error(img, expected) <= 1e-5
 
 
-def test_folded_weights_match_the_reference_fixtures(fixture):
+@pytest.mark.parametrize(
+  'form', [generator_lib.FOLDED_WEIGHTS, generator_lib.FUSED]
+)
+def test_other_forms_match_the_reference_fixtures(fixture, form):
   name, spec, gen, variables, out = fixture
   size = spec['kwargs']['size']
-  folded = gen.clone(per_image_form=generator_lib.FOLDED_WEIGHTS)
-  img = sampling.synthesize(folded, variables, out['w'], out[f'coords_{size}'])
+  other = gen.clone(per_image_form=form)
+  img = sampling.synthesize(other, variables, out['w'], out[f'coords_{size}'])
   np.testing.assert_allclose(
     img, out[f'eval_img_{size}'], atol=PARITY_ATOL, rtol=0
   )
 
 
 @pytest.mark.parametrize('arch', [models.CIPSskip, models.CIPSres])
-def test_both_forms_give_the_same_parameter_gradients(arch):
+def test_every_form_gives_the_same_parameter_gradients(arch):
   gen = arch(size=8, hidden_size=16, style_dim=16, n_mlp=1, max_channels=16)
   variables = models.init(gen, jax.random.PRNGKey(0))
   z = jax.random.normal(jax.random.PRNGKey(1), (3, 16))
@@ -596,12 +603,10 @@ def test_both_forms_give_the_same_parameter_gradients(arch):
     )
     return jnp.sum(jnp.sin(rgb))
 
-  grads = [
-    jax.grad(loss)(variables['params'], form)
-    for form in generator_lib.PER_IMAGE_FORMS[:2]
-  ]
-  for a, b in zip(*map(jax.tree_util.tree_leaves, grads)):
-    assert jnp.max(jnp.abs(a - b)) <= 1e-5 * (jnp.max(jnp.abs(a)) + 1e-6)
+  grads = [jax.grad(loss)(variables['params'], form) for form in EXACT_FORMS]
+  for other in grads[1:]:
+    for a, b in zip(*map(jax.tree_util.tree_leaves, (grads[0], other))):
+      assert jnp.max(jnp.abs(a - b)) <= 1e-5 * (jnp.max(jnp.abs(a)) + 1e-6)
 
 
 def test_auto_picks_the_measured_form_per_backend():
@@ -609,8 +614,10 @@ def test_auto_picks_the_measured_form_per_backend():
   for backend, form in generator_lib.PER_IMAGE_FORM_BY_BACKEND.items():
     assert resolve('auto', backend) == form
   assert resolve('weights', 'cpu') == 'weights'
+  assert resolve('fused', 'cpu') == 'fused'  # opt-in, never 'auto''s pick
+  assert 'fused' not in generator_lib.PER_IMAGE_FORM_BY_BACKEND.values()
   with pytest.raises(ValueError, match='per_image_form must be one of'):
-    resolve('fused', 'cpu')
+    resolve('folded', 'cpu')
 
 
 def test_bfloat16_activations_between_layers():
@@ -630,7 +637,7 @@ def test_bfloat16_activations_between_layers():
   assert rgb.apply(params, x, style=style).dtype == jnp.float32
 
 
-@pytest.mark.parametrize('form', generator_lib.PER_IMAGE_FORMS[:2])
+@pytest.mark.parametrize('form', EXACT_FORMS)
 def test_bfloat16_generation_stays_close_to_float32(oracle_setup, form):
   _, gen, variables, coords, ws = oracle_setup
   w = ws[:, 0]

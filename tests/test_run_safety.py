@@ -171,7 +171,7 @@ def test_no_intact_checkpoint_refuses_without_starting_afresh(
     ({'model.style_dim': 1_000_000}, None, 'config.model: the run needs'),
     (
       {'train.global_batch_size': 64},
-      2 * 10**6,  # the state takes 0.2 MB, the activations about 6.7 MB
+      2 * 10**6,  # the state takes 0.2 MB, the activations at least 3.5 MB
       'config.train.global_batch_size = 64: the run needs',
     ),
   ],

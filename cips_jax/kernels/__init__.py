@@ -1,4 +1,4 @@
-"""Fused Pallas kernels, not used by the generator until a device measures them.
+"""Fused Pallas kernels: the generator's opt-in per_image_form='fused'.
 
 `modulated_dense`: one style-modulated 1x1 layer (product, demodulation, noise,
 bias, activation) per pallas_call, for per-image styles; Triton on GPU, Mosaic

@@ -33,9 +33,11 @@ from typing import Any, NamedTuple, Optional
 import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
 
 from cips_jax import errors
+from cips_jax import precision
 
 Array = jax.Array
 DType = Any
@@ -45,6 +47,25 @@ DType = Any
 _LRELU_SLOPE = 0.2
 _LRELU_GAIN = math.sqrt(2.0)
 _ACTIVATIONS = ('lrelu', None)
+
+# The kernels `fused_styled_dense` builds: Triton for GPUs, Mosaic for TPUs, or
+# Pallas's interpreter (any backend; CPUs have no Pallas compiler).
+BACKENDS = ('gpu', 'tpu', 'interpret')
+# Which kernel each platform that jax lowers for runs (lax.platform_dependent's
+# names): CUDA and ROCm GPUs take Triton.
+KERNEL_BACKEND_BY_PLATFORM = {
+  'cpu': 'interpret',
+  'cuda': 'gpu',
+  'rocm': 'gpu',
+  'tpu': 'tpu',
+}
+
+
+def default_kernel_backend() -> str:
+  """The kernel of jax's default backend: 'gpu', 'tpu' or 'interpret'."""
+  backend = jax.default_backend()
+  return backend if backend in ('gpu', 'tpu') else 'interpret'
+
 
 # Triton needs every block to have a power-of-two size, and its dots want at
 # least 16 rows and columns. Block sizes are therefore powers of two >= 16;
@@ -103,6 +124,8 @@ def styled_dense_reference(
     'bpi,io->bpo',
     modulated,
     kernel.astype(x.dtype),
+    # The gradient (the kernel's VJP) keeps bf16 operands (cips_jax.precision).
+    precision=precision.for_products(x.dtype),
     preferred_element_type=jnp.float32,
   )
   if inv_norm is not None:
@@ -127,6 +150,7 @@ def fused_styled_dense(
   block_pixels: int = 128,
   block_out: int = 128,
   interpret: Optional[bool] = None,
+  backend: Optional[str] = None,
 ) -> Array:
   """A style-modulated 1x1 layer for per-image styles, as one Pallas kernel.
 
@@ -151,6 +175,10 @@ def fused_styled_dense(
       multiple of 128 when OUT is larger than it).
     interpret: run the kernel in interpret mode; None means interpret on the
       CPU backend (Pallas cannot compile for CPU) and compile otherwise.
+    backend: the kernel to build, 'gpu' (Triton), 'tpu' (Mosaic) or
+      'interpret', whatever the default backend: a program exported for
+      another platform names it (see `BACKENDS`). None: from `interpret` and
+      the default backend.
 
   Returns:
     (B, P, OUT) in out_dtype.
@@ -178,11 +206,17 @@ def fused_styled_dense(
       raise errors.InputError(
         f'{name} must be a power of two >= {_MIN_BLOCK}, got {value}'
       )
-  if interpret is None:
-    interpret = jax.default_backend() == 'cpu'
+  if backend is None:
+    if interpret is None:
+      interpret = jax.default_backend() == 'cpu'
+    backend = 'interpret' if interpret else default_kernel_backend()
+  if backend not in BACKENDS:
+    raise errors.InputError(
+      f'backend must be one of {BACKENDS}, got {backend!r}'
+    )
   out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
   return _fused(
-    (activation, out_dtype, block_pixels, block_out, bool(interpret)),
+    (activation, out_dtype, block_pixels, block_out, backend),
     x,
     kernel,
     scale,
@@ -195,8 +229,8 @@ def fused_styled_dense(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(config, x, kernel, scale, inv_norm, bias, noise, noise_strength):
-  activation, out_dtype, block_pixels, block_out, interpret = config
-  backend = 'interpret' if interpret else jax.default_backend()
+  activation, out_dtype, block_pixels, block_out, backend = config
+  interpret = backend == 'interpret'
   plan = _plan(
     x.shape, kernel.shape[1], block_pixels, block_out, backend=backend
   )
@@ -370,6 +404,11 @@ def _pallas_forward(
     compiler_params = pltpu.CompilerParams(
       dimension_semantics=('parallel', 'parallel', 'parallel')
     )
+  elif backend == 'gpu':
+    # Naming Triton's parameters selects the Triton lowering (jax lowers a
+    # GPU pallas_call to Mosaic GPU otherwise, whose TMA copies need other
+    # block layouts). Triton's defaults otherwise.
+    compiler_params = pltriton.CompilerParams(num_warps=4, num_stages=2)
   y = pl.pallas_call(
     functools.partial(
       _kernel,
@@ -426,7 +465,11 @@ def _kernel(
   # activations, which matters on chips without bfloat16 vector units); and
   # it rounds W * s once, as the reference's per-sample weight does.
   def accumulate(k, acc):
-    start = pl.multiple_of(k * block_in, block_in)
+    start = k * block_in
+    if not isinstance(start, int):
+      # A traced loop index: tell the compiler the offset is aligned (Triton
+      # cannot annotate a constant, the single-step case).
+      start = pl.multiple_of(start, block_in)
     chunk = pl.ds(start, block_in)
     weight = (scale_ref[chunk, :] * kernel_ref[chunk, :]).astype(dtype)
     return acc + jnp.dot(

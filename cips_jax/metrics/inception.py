@@ -538,6 +538,30 @@ def load_params(path: Optional[str] = None, verify_sha1: bool = True) -> Params:
 # ------------------------------------------------------------------------------
 
 
+def feature_program(
+  mesh=None, compiler_options: Optional[dict[str, Any]] = None
+):
+  """The jitted network: (params, images (B, H, W, 3)) -> (B, 2048) features.
+
+  With `mesh`, the batch is split over its 'data' axis and the parameters are
+  replicated. `InceptionFeatures` runs it; the tests lower it for GPUs and TPUs.
+  """
+  model = InceptionV3()
+
+  def network(p, images):
+    return model.apply({'params': p}, preprocess(images))
+
+  if mesh is None:
+    return jax.jit(network, compiler_options=compiler_options)
+  batch = parallel.batch_sharded(mesh)
+  return jax.jit(
+    network,
+    in_shardings=(parallel.replicated(mesh), batch),
+    out_shardings=batch,
+    compiler_options=compiler_options,
+  )
+
+
 class InceptionFeatures:
   """Maps image batches to (B, 2048) float32 Inception pool features.
 
@@ -569,25 +593,13 @@ class InceptionFeatures:
       batch_size = parallel.divisible_by_devices(batch_size, mesh)
     self.batch_size = batch_size
     params = load_params(path) if params is None else params
-    model = InceptionV3()
-
-    def network(p, images):
-      return model.apply({'params': p}, preprocess(images))
-
+    self._network = feature_program(mesh, compiler_options)
     # The weights are put on the device(s) once, not sent with every batch.
     if mesh is None:
       self.params = jax.device_put(params)
-      self._network = jax.jit(network, compiler_options=compiler_options)
     else:
-      replicated = parallel.replicated(mesh)
       self._batch_sharding = parallel.batch_sharded(mesh)
-      self.params = jax.device_put(params, replicated)
-      self._network = jax.jit(
-        network,
-        in_shardings=(replicated, self._batch_sharding),
-        out_shardings=self._batch_sharding,
-        compiler_options=compiler_options,
-      )
+      self.params = jax.device_put(params, parallel.replicated(mesh))
 
   def _place(self, chunk: np.ndarray):
     """A host batch as a global array split over the mesh.
