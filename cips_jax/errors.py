@@ -30,9 +30,12 @@ or key) and never quote untrusted content at length (`bounded_repr`).
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import reprlib
 from typing import Any
+
+import numpy as np
 
 
 class Error(Exception):
@@ -99,18 +102,73 @@ class OutOfMemoryError(Error, MemoryError):
   """A computation needs more memory than the device has."""
 
 
+# What bounded_repr keeps of a value: items per container, and levels.
+_SHOWN_ITEMS = 8
+_SHOWN_LEVELS = 3
+
 _REPR = reprlib.Repr()
-_REPR.maxlevel = 3
+_REPR.maxlevel = _SHOWN_LEVELS
 _REPR.maxstring = 60
 _REPR.maxother = 60
-_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 8
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _SHOWN_ITEMS
+
+
+class _Cut:
+  """What stands for the parts of a value a message leaves out."""
+
+  def __repr__(self) -> str:
+    return '...'
+
+
+_CUT = _Cut()
+
+
+class _Text(str):
+  """A str that reprs as itself (a description, not a value)."""
+
+  def __repr__(self) -> str:
+    return str(self)
+
+
+def _outline(value: Any, levels: int) -> Any:
+  """`value` cut to a few items and levels, containers as plain ones."""
+  if isinstance(value, np.ndarray):
+    return _Text(f'array(shape={value.shape}, dtype={value.dtype})')
+  if isinstance(value, str):
+    return value[:100]
+  if isinstance(value, int) and value.bit_length() > 4096:
+    # repr refuses ints of over 4300 digits (sys.set_int_max_str_digits)
+    return _Text(f'<int of {value.bit_length()} bits>')
+  if not isinstance(value, (dict, list, tuple)):
+    return value
+  if not levels:
+    return _CUT
+  if isinstance(value, dict):
+    # A key is shown only when it is an atom, cut like any other (a huge int
+    # key would make reprlib raise).
+    out: Any = {
+      _outline(k, 0)
+      if isinstance(k, (str, int, float, type(None)))
+      else _Text(type(k).__name__): _outline(v, levels - 1)
+      for k, v in itertools.islice(value.items(), _SHOWN_ITEMS)
+    }
+    if len(value) > _SHOWN_ITEMS:
+      out[_CUT] = _CUT
+    return out
+  items = [_outline(v, levels - 1) for v in value[:_SHOWN_ITEMS]]
+  if len(value) > _SHOWN_ITEMS:
+    items.append(_CUT)
+  return tuple(items) if isinstance(value, tuple) else items
 
 
 def bounded_repr(value: Any, limit: int = 200) -> str:
   """A repr of untrusted `value` for a message: bounded in depth and length.
 
-  reprlib stops at a few levels and items, so a deep or huge object (a crafted
-  pickle's) costs little to describe and never floods the message.
+  Cheap whatever `value` is (a crafted pickle's, a huge checkpoint's): dicts,
+  lists and tuples are first cut to a few items and levels, since reprlib
+  prints a container subclass (an ``OrderedDict``) in full before cutting it;
+  arrays are described by shape and dtype, huge ints by their bit length.
+  reprlib then stops at a few levels and items, and the text at `limit`.
   """
-  text = _REPR.repr(value)
+  text = _REPR.repr(_outline(value, _SHOWN_LEVELS))
   return text if len(text) <= limit else text[: limit - 3] + '...'

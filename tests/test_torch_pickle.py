@@ -12,16 +12,20 @@ import os
 from pathlib import Path
 import pickle
 import pickletools
+import re
 import struct
 import zipfile
 
 import numpy as np
 import pytest
 
+from cips_jax import convert
+from cips_jax import errors
 from cips_jax import torch_pickle
 from cips_jax.torch_pickle import UnsafeCheckpointError
 from cips_jax.torch_pickle import writer
 import torch_check_object
+import torch_hostile
 
 DATA = Path(__file__).parent / 'data'
 
@@ -232,17 +236,23 @@ def test_refuses_os_system_and_does_not_run_it(tmp_path):
   assert isinstance(info.value, pickle.UnpicklingError)
 
 
-@pytest.mark.parametrize('protocol', [2, 4])  # GLOBAL and STACK_GLOBAL opcodes
-def test_refuses_builtins_eval(tmp_path, protocol):
+@pytest.mark.parametrize(
+  'protocol, error',
+  [
+    # Protocol 2 spells the module the Python 2 way, '__builtin__'.
+    (2, r"'__builtin__\.eval'"),
+    # Protocol 4 (STACK_GLOBAL) is refused before any name is read: torch
+    # writes protocol 2.
+    (4, 'protocol 4'),
+  ],
+)
+def test_refuses_builtins_eval(tmp_path, protocol, error):
   marker = tmp_path / 'EVALFILE'
   source = f"open({str(marker)!r}, 'w').close()"
   data_pkl = pickle.dumps([1, RunsEval(source)], protocol=protocol)
   path = write_checkpoint(tmp_path / 'evil.pt', data_pkl)
 
-  # Protocol 2 spells the module the Python 2 way, '__builtin__'.
-  with pytest.raises(
-    UnsafeCheckpointError, match=r"'(builtins|__builtin__)\.eval'"
-  ):
+  with pytest.raises(UnsafeCheckpointError, match=error):
     torch_pickle.load(path)
   assert not marker.exists()
 
@@ -266,7 +276,7 @@ def test_stand_ins_cannot_be_mutated_by_build(tmp_path):
   slot_state = b'N}X\x04\x00\x00\x00funcK\x01s\x86b.'
   for i, body in enumerate([dict_state, slot_state]):
     path = write_checkpoint(tmp_path / f'build{i}.pt', head + body)
-    with pytest.raises(AttributeError):
+    with pytest.raises(UnsafeCheckpointError, match='changes a global'):
       torch_pickle.load(path)
   # The shared stand-in still works afterwards.
   test_hand_built_tensors_have_the_right_values(tmp_path)
@@ -1037,3 +1047,363 @@ def test_real_torch_load_reads_what_save_writes(tmp_path):
       == record['tensors_compared']
     )
   torch_check_object.check_layout_with_torch(torch, path)
+
+
+# ----------------------------------------------------------------------------
+# Bounds: small files that would exhaust memory or time, or crash the
+# interpreter, are refused before they can (see the reader's docstring).
+# ------------------------------------------------------------------------------
+
+# Each would exhaust memory (tens of GB), hang or crash a reader without the
+# bounds, so they run in one isolated worker (torch_hostile.run_cases) with a
+# memory and a time limit: a crash or hang there fails the test and names the
+# case, instead of taking the test process down.
+ISOLATED = {
+  'zero strides': lambda d: torch_hostile.write_checkpoint(
+    d / 'strides.pt', *torch_hostile.zero_stride_bomb(40)
+  ),
+  'deflated storage': lambda d: torch_hostile.write_deflate_bomb(
+    d / 'storage.pt', 'data/0'
+  ),
+  'deflated data.pkl': lambda d: torch_hostile.write_deflate_bomb(
+    d / 'pickle.pt', 'data.pkl'
+  ),
+  'compressed list': lambda d: torch_hostile.write_compressed_list(
+    d / 'list.pt'
+  ),
+  'nested dict key': lambda d: torch_hostile.write_checkpoint(
+    d / 'key.pt', torch_hostile.key_bomb()
+  ),
+  'shared dict key': lambda d: torch_hostile.write_checkpoint(
+    d / 'shared_key.pt', torch_hostile.memo_bomb(100, 'key')
+  ),
+  'shared persistent id': lambda d: torch_hostile.write_checkpoint(
+    d / 'shared_pid.pt', torch_hostile.memo_bomb(100, 'persistent id')
+  ),
+  'memo index': lambda d: torch_hostile.write_checkpoint(
+    d / 'memo.pt', torch_hostile.memo_index_bomb()
+  ),
+}
+
+
+@pytest.fixture(scope='module')
+def isolated(tmp_path_factory):
+  """The outcome of loading each ISOLATED file, by name."""
+  folder = tmp_path_factory.mktemp('hostile')
+  cases = [
+    {'name': name, 'path': str(build(folder)), 'call': 'load'}
+    for name, build in ISOLATED.items()
+  ]
+  outcomes = torch_hostile.run_cases(
+    {'cases': cases, 'case_seconds': 20}, folder
+  )
+  return {outcome['name']: outcome for outcome in outcomes}
+
+
+def assert_refused(outcome, match, error='UnsafeCheckpointError'):
+  """Refused with `error`, quickly, having materialised next to nothing."""
+  assert outcome['outcome'] == 'error', outcome
+  assert outcome['type'] == error, outcome
+  assert re.search(match, outcome['message']), outcome['message']
+  assert outcome['path'] in outcome['message']
+  assert torch_hostile.acceptable(outcome) is None, outcome
+  assert outcome['peak'] < 4 << 20, outcome
+  assert outcome['seconds'] < 2, outcome
+  assert outcome['file_size'] < 4 << 20, outcome
+
+
+def test_zero_strides_cannot_expand_a_storage(isolated, tmp_path):
+  # 4 bytes of storage viewed as 40 GiB.
+  assert_refused(isolated['zero strides'], 'more than its storage of 1')
+  # A small broadcast view still loads; a larger one is refused.
+  storage = FakeStorage('0', STORAGE_CLASSES['FloatStorage'], 1)
+  raw = {'0': np.float32(2.5).tobytes()}
+  small = FakeTensor(storage, 0, (8, 1000), (0, 0))
+  path = write_checkpoint(tmp_path / 'small.pt', torch_like_dumps(small), raw)
+  np.testing.assert_array_equal(
+    torch_pickle.load(path), np.full((8, 1000), 2.5)
+  )
+  large = FakeTensor(storage, 0, (300, 1000), (0, 0))
+  path = write_checkpoint(tmp_path / 'large.pt', torch_like_dumps(large), raw)
+  with pytest.raises(UnsafeCheckpointError, match='broadcast view'):
+    torch_pickle.load(path)
+
+
+def test_a_deflated_storage_is_refused_unread(isolated):
+  # 3.6 MB that inflate to 3.5 GiB.
+  assert_refused(isolated['deflated storage'], "'archive/data/0' is compressed")
+
+
+def test_a_deflated_data_pkl_is_refused_unread(isolated):
+  assert_refused(isolated['deflated data.pkl'], "data.pkl' is compressed")
+
+
+def test_a_compressed_pickle_of_a_billion_items_is_refused(isolated):
+  # 1 MB that would build a list of 10**9 Nones.
+  assert_refused(isolated['compressed list'], "data.pkl' is compressed")
+
+
+def test_a_deeply_nested_dict_key_is_refused(isolated):
+  # A key nested 10**6 deep: hashing it overflows the C stack.
+  assert_refused(isolated['nested dict key'], 'nested more than 100 deep')
+
+
+def test_a_memo_shared_dict_key_is_refused(isolated):
+  # A key of 2**100 parts built in 300 bytes: hashing it never ends.
+  assert_refused(isolated['shared dict key'], 'more than 10000000 parts')
+
+
+def test_a_memo_shared_persistent_id_is_refused(isolated):
+  # The same structure where the reader would quote it in a message.
+  assert_refused(isolated['shared persistent id'], 'more than 10000000 parts')
+
+
+def test_a_huge_memo_index_is_refused(isolated):
+  # LONG_BINPUT 2**32 - 1 makes the C unpickler allocate a 32 GiB memo.
+  assert_refused(isolated['memo index'], 'memo index 4294967295')
+
+
+def test_the_budget_bounds_what_a_small_pickle_may_build(tmp_path):
+  # A stored pickle of 10**6 opcodes: 128 MB charged against a budget of
+  # 4 x 1 MB + 64 MiB.
+  data_pkl = torch_hostile.pkl(b']' + b'(' + b'N' * 10**6 + b'e')
+  path = write_checkpoint(tmp_path / 'wide.pt', data_pkl)
+  with pytest.raises(UnsafeCheckpointError, match='over its bound of'):
+    torch_pickle.load(path)
+
+
+@pytest.mark.parametrize(
+  'body, match',
+  [
+    (b']q\x00h\x00a', 'inside itself'),  # a list that holds itself
+    (b'}q\x00K\x01h\x00s', 'inside itself'),  # a dict that holds itself
+    # A list changed after it went into a tuple: its size in the scan would
+    # be stale.
+    (b']q\x00h\x00\x850h\x00Na', 'already inside another'),
+  ],
+)
+def test_containers_are_final_once_inside_another(tmp_path, body, match):
+  path = write_checkpoint(tmp_path / 'cycle.pt', torch_hostile.pkl(body))
+  with pytest.raises(UnsafeCheckpointError, match=match):
+    torch_pickle.load(path)
+
+
+def test_restore_type_tag_cannot_alias_a_container(tmp_path):
+  # D = {}; T = (D,); restore_type_tag(D)[1] = T; return T.  Returning D
+  # itself would make T hold itself behind the scan's back.
+  body = (
+    b'}q\x00h\x00\x85q\x010'
+    + torch_hostile.op_global('torch.jit._pickle', 'restore_type_tag')
+    + b'h\x00\x85RK\x01h\x01s0h\x01'
+  )
+  path = write_checkpoint(tmp_path / 'alias.pt', torch_hostile.pkl(body))
+  assert torch_pickle.load(path) == ({},)
+
+
+def test_a_duplicate_record_is_refused(tmp_path):
+  storage = FakeStorage('0', STORAGE_CLASSES['FloatStorage'], 1)
+  records = torch_hostile.checkpoint_records(
+    torch_like_dumps(FakeTensor(storage, 0, (1,), (1,))),
+    {'0': np.float32(1).tobytes()},
+  )
+  records.append(('archive/data/0', np.float32(2).tobytes()))
+  path = torch_hostile.write_archive(tmp_path / 'twice.pt', records)
+  with pytest.raises(errors.CheckpointError, match='appears twice'):
+    torch_pickle.load(path)
+
+
+# ----------------------------------------------------------------------------
+# Damaged or malformed files: one-line CheckpointErrors naming the file.
+# ------------------------------------------------------------------------------
+
+
+def record_offsets(data: bytes, name: str) -> tuple[int, int, int]:
+  """(local header, central directory entry, payload) offsets of a record."""
+  with zipfile.ZipFile(io.BytesIO(data)) as archive:
+    infos = archive.infolist()
+    central = archive.start_dir
+  for info in infos:
+    lengths = struct.unpack_from('<HHH', data, central + 28)
+    if info.filename == name:
+      local = info.header_offset
+      skip = sum(struct.unpack_from('<HH', data, local + 26))
+      return local, central, local + 30 + skip
+    central += 46 + sum(lengths)
+  raise KeyError(name)
+
+
+REAL = DATA / 'cips_skip_s4_checkpoint.pt'
+A_STORAGE = 'cips_skip_s4_checkpoint/data/0'
+
+
+def assert_one_line_error(path, match, error=errors.CheckpointError):
+  with pytest.raises(error) as info:
+    torch_pickle.load(path)
+  message = str(info.value)
+  assert re.search(match, message), message
+  assert str(path) in message and '\n' not in message and len(message) < 500
+
+
+def test_a_bad_crc_is_a_checkpoint_error(tmp_path):
+  data = bytearray(REAL.read_bytes())
+  data[record_offsets(data, A_STORAGE)[2]] ^= 0xFF
+  path = tmp_path / 'crc.pt'
+  path.write_bytes(data)
+  assert_one_line_error(path, 'damaged .*Bad CRC')
+
+
+def test_a_record_reaching_past_the_file_is_a_checkpoint_error(tmp_path):
+  data = bytearray(REAL.read_bytes())
+  local, central, _ = record_offsets(data, A_STORAGE)
+  for at in (local + 18, local + 22, central + 20, central + 24):
+    struct.pack_into('<I', data, at, 2**31)
+  path = tmp_path / 'long.pt'
+  path.write_bytes(data)
+  assert_one_line_error(path, "declares 2147483648 bytes .* beyond the file's")
+
+
+def test_a_damaged_local_header_is_a_checkpoint_error(tmp_path):
+  data = bytearray(REAL.read_bytes())
+  data[record_offsets(data, A_STORAGE)[0]] = 0
+  path = tmp_path / 'header.pt'
+  path.write_bytes(data)
+  assert_one_line_error(path, 'damaged .*BadZipFile')
+
+
+@pytest.mark.parametrize(
+  'data_pkl, match',
+  [
+    (b'', 'ends without STOP'),  # EOFError
+    (b'garbage', 'opcode torch does not write'),  # UnpicklingError
+    (b'\x80\x02X\x02\x00\x00\x00\xff\xfe.', 'UnicodeDecodeError'),
+    (b'\x80\x02h\x05.', 'memo entry 5 was never put'),  # KeyError
+    (b'\x80\x02t.', 'no MARK'),
+    (
+      b'\x80\x02ctorch._utils\n_rebuild_tensor_v2\n)R.',  # TypeError
+      'TypeError',
+    ),
+  ],
+)
+def test_a_malformed_pickle_is_a_checkpoint_error(tmp_path, data_pkl, match):
+  path = write_checkpoint(tmp_path / 'bad.pt', data_pkl)
+  assert_one_line_error(path, match)
+
+
+def test_a_deflated_record_is_refused_before_it_is_inflated(tmp_path):
+  # Garbage deflate data (zlib.error once inflated) is never inflated.
+  path = tmp_path / 'zlib.pt'
+  torch_hostile.write_raw_zip(
+    path,
+    [
+      ('archive/data.pkl', 8, b'\xff' * 64, 1000),
+      ('archive/byteorder', 0, b'little', 6),
+    ],
+  )
+  assert_one_line_error(path, 'compressed', UnsafeCheckpointError)
+
+
+# ----------------------------------------------------------------------------
+# Reading reference checkpoints (cips_jax.convert): content that does not fit
+# is a CheckpointError naming the file, never another exception.
+# ------------------------------------------------------------------------------
+
+TRAIN_STEP = DATA / 'train_step_s8.pt'
+
+
+def assert_convert_error(call, path, match):
+  """`call(path)` raises a bounded CheckpointError naming `path`."""
+  with pytest.raises(errors.CheckpointError) as info:
+    call(str(path))
+  message = str(info.value)
+  assert re.search(match, message), message
+  assert str(path) in message.split('\n')[0]
+  lines = message.split('\n')
+  assert len(lines) == 1 or (
+    isinstance(info.value, errors.CheckpointMismatchError) and len(lines) <= 4
+  ), message
+  assert max(map(len, lines)) <= 2000, max(map(len, lines))
+
+
+def test_a_one_dimensional_weight_is_a_mismatch(tmp_path):
+  state = torch_pickle.load(REAL)
+  for key in ('linears.0.conv.weight', 'lff.ffm.conv.weight'):
+    g_ema = collections.OrderedDict(state['g_ema'])
+    g_ema[key] = np.zeros(3, np.float32)
+    path = tmp_path / 'flat.pt'
+    torch_pickle.save({'g_ema': g_ema}, path)
+    assert_convert_error(
+      convert.load_torch_checkpoint, path, f'{re.escape(key)}: checkpoint'
+    )
+
+
+def test_untrusted_keys_are_quoted_with_bounds(tmp_path):
+  state = torch_pickle.load(REAL)
+  g_ema = collections.OrderedDict(state['g_ema'])
+  for i in range(2000):
+    g_ema[f'extra.{i}.' + 'x' * 1000] = np.zeros(1, np.float32)
+  g_ema['line\nbreak'] = np.zeros(1, np.float32)
+  path = tmp_path / 'keys.pt'
+  torch_pickle.save({'g_ema': g_ema}, path)
+  assert_convert_error(
+    convert.load_torch_checkpoint, path, r'2001 unexpected: .*\(\d+ more\)'
+  )
+  torch_pickle.save({'x' * 10**5: 1, 'y\nz': 2}, path)
+  assert_convert_error(
+    convert.load_torch_checkpoint, path, "no 'g_ema' state dict .*\\.\\.\\."
+  )
+
+
+@pytest.fixture(scope='module')
+def training_run():
+  """The fixture run's checkpoint and its modules."""
+  checkpoint = torch_pickle.load(TRAIN_STEP)
+  modules = (
+    convert.infer_generator(checkpoint['g']),
+    convert.infer_discriminator(checkpoint['d']),
+  )
+  return checkpoint, modules
+
+
+def with_optimizer(checkpoint, name, entry=None, **changes):
+  """`checkpoint` with changes to the optimizer state dict `name`.
+
+  `entry` changes the Adam state of parameter 0 (a function of it).
+  """
+  optimizer = dict(checkpoint[name])
+  if entry is not None:
+    optimizer['state'] = {**optimizer['state']}
+    optimizer['state'][0] = entry(dict(optimizer['state'][0]))
+  optimizer.update(changes)
+  return {**checkpoint, name: optimizer}
+
+
+@pytest.mark.parametrize(
+  'change, match',
+  [
+    # np.shape of a ragged list raises ValueError.
+    (
+      dict(entry=lambda s: {**s, 'exp_avg': [[1.0], [2.0, 3.0]]}),
+      'exp_avg is a list, not a tensor',
+    ),
+    (dict(entry=lambda s: {**s, 'step': 'abc'}), "step 'abc' is not a count"),
+    (
+      dict(entry=lambda s: {**s, 'step': float('nan')}),
+      'step nan is not a count',
+    ),
+    (dict(param_groups=[1, 2]), r'param_groups\[0\] is not a dict with a list'),
+    (
+      dict(param_groups=[{'params': 'abc'}]),
+      r'param_groups\[0\] is not a dict with a list',
+    ),
+    (dict(state=[1, 2]), 'not a torch optimizer state dict'),
+  ],
+)
+def test_a_malformed_optimizer_state_is_a_mismatch(
+  tmp_path, training_run, change, match
+):
+  checkpoint, modules = training_run
+  path = tmp_path / 'run.pt'
+  torch_pickle.save(with_optimizer(checkpoint, 'g_optim', **change), path)
+  assert_convert_error(
+    lambda p: convert.load_training_run(p, *modules), path, match
+  )

@@ -4,10 +4,16 @@ Checkpoints are read with `torch_pickle`, which rebuilds tensors and plain
 containers only and runs no other pickled code; torch is not needed.
 `load_torch_checkpoint` gives one network as (module, variables);
 `load_training_run` gives a whole training run (networks, Adam states, step).
+
+A checkpoint is untrusted: anything in it that does not fit (a tensor of the
+wrong rank, an optimizer state of the wrong types) is a
+`errors.CheckpointError` whose message names the file and quotes no value at
+length.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -20,6 +26,17 @@ from cips_jax import torch_pickle
 from cips_jax.convert import inference
 from cips_jax.convert import layouts
 from cips_jax.convert import runs
+
+# The largest step count: the train state counts steps in int32.
+_MAX_STEP = 2**31 - 1
+
+
+def _in_file(path: Any, err: errors.CheckpointError) -> errors.CheckpointError:
+  """`err` with its message naming the file `path`, if it does not yet."""
+  if str(path) in str(err):
+    return err
+  return type(err)(f'{path}: {err}')
+
 
 # ------------------------------------------------------------------------------
 # One network.
@@ -68,7 +85,7 @@ def select_state_dict(
       )
     return checkpoint
   found = (
-    sorted(map(str, checkpoint))
+    layouts.listing(sorted(map(layouts.key_text, checkpoint)))
     if isinstance(checkpoint, Mapping)
     else type(checkpoint)
   )
@@ -85,15 +102,23 @@ def from_state_dict(
 ) -> tuple[Any, dict[str, Any]]:
   """A reference state dict -> (module, variables).
 
-  The architecture is inferred from the state dict.
+  The architecture is inferred from the state dict; one that cannot work (e.g.
+  a size that is no power of two) is a CheckpointMismatchError.
   """
-  if which == 'd':
-    module = inference.infer_discriminator(state_dict, **overrides)
-    return module, layouts.discriminator_params(state_dict, module)
-  module = inference.infer_generator(
-    state_dict, activation=activation, **overrides
-  )
-  return module, layouts.generator_params(state_dict, module)
+  try:
+    if which == 'd':
+      module = inference.infer_discriminator(state_dict, **overrides)
+      return module, layouts.discriminator_params(state_dict, module)
+    module = inference.infer_generator(
+      state_dict, activation=activation, **overrides
+    )
+    return module, layouts.generator_params(state_dict, module)
+  except errors.CheckpointError:
+    raise
+  except errors.InputError as err:
+    raise layouts.CheckpointMismatchError(
+      f'the state dict describes an architecture that cannot work: {err}'
+    ) from None
 
 
 def load_torch_checkpoint(
@@ -113,8 +138,13 @@ def load_torch_checkpoint(
     `{'params': ...}`.
   """
   checkpoint = torch_pickle.load(path)
-  state_dict = select_state_dict(checkpoint, which, source=str(path))
-  return from_state_dict(state_dict, which, activation=activation, **overrides)
+  try:
+    state_dict = select_state_dict(checkpoint, which, source=str(path))
+    return from_state_dict(
+      state_dict, which, activation=activation, **overrides
+    )
+  except errors.CheckpointError as err:
+    raise _in_file(path, err) from None
 
 
 # ------------------------------------------------------------------------------
@@ -130,6 +160,72 @@ def reference_parameter_names(
   dict's order without its buffers.
   """
   return [key for key in state_dict if key not in buffers]
+
+
+def _param_groups(optimizer: Any, what: str) -> list[Mapping[str, Any]]:
+  """The param_groups of a torch optimizer state dict, their types checked."""
+  if not (
+    isinstance(optimizer, Mapping)
+    and isinstance(optimizer.get('state'), Mapping)
+    and isinstance(optimizer.get('param_groups'), (list, tuple))
+  ):
+    raise layouts.CheckpointMismatchError(
+      f'{what} is not a torch optimizer state dict (expected the keys '
+      "'state' and 'param_groups')"
+    )
+  groups = optimizer['param_groups']
+  for i, group in enumerate(groups):
+    params = group.get('params', ()) if isinstance(group, Mapping) else None
+    if not isinstance(params, (list, tuple)) or not all(
+      isinstance(p, int) and not isinstance(p, bool) for p in params
+    ):
+      raise layouts.CheckpointMismatchError(
+        f"{what}: param_groups[{i}] is not a dict with a list of 'params' "
+        f'indices (got {errors.bounded_repr(group, 100)})'
+      )
+  return list(groups)
+
+
+def _hyperparameters(groups: list[Mapping[str, Any]], what: str) -> dict:
+  """lr, betas and eps of the first param group (None where absent)."""
+  group = groups[0] if groups else {}
+  found = {k: group.get(k) for k in ('lr', 'betas', 'eps')}
+
+  def number(x: Any) -> bool:  # newer torch may keep lr as a 0-d tensor
+    if isinstance(x, np.ndarray):
+      return x.size == 1 and x.dtype.kind in 'fiu'
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+  fits = {
+    'lr': found['lr'] is None or number(found['lr']),
+    'eps': found['eps'] is None or number(found['eps']),
+    'betas': found['betas'] is None
+    or (
+      isinstance(found['betas'], (list, tuple))
+      and len(found['betas']) == 2
+      and all(number(b) for b in found['betas'])
+    ),
+  }
+  for key, ok in fits.items():
+    if not ok:
+      raise layouts.CheckpointMismatchError(
+        f'{what}: param_groups[0] {key} is '
+        f'{errors.bounded_repr(found[key], 100)}, not '
+        + ('a pair of numbers' if key == 'betas' else 'a number')
+      )
+  return found
+
+
+def _step_count(step: Any) -> Optional[float]:
+  """An Adam entry's step (a one-element tensor or a number), or None."""
+  if isinstance(step, np.ndarray):
+    if step.size != 1 or step.dtype.kind not in 'fiu':
+      return None
+    step = step.reshape(-1)[0].item()
+  if not isinstance(step, (int, float)) or isinstance(step, bool):
+    return None
+  step = float(step)
+  return step if math.isfinite(step) and 0 <= step <= _MAX_STEP else None
 
 
 def adam_state(
@@ -149,23 +245,16 @@ def adam_state(
     layout: the module's reference layout (`layouts.generator_layout`, ...).
     what: names the optimizer in errors, e.g. "g_optim".
   Raises:
-    CheckpointMismatchError naming every parameter whose state is missing or
-    mis-shaped, or whose step count differs from the others.
+    CheckpointMismatchError naming every parameter whose state is missing,
+    mis-shaped or of the wrong type, or whose step count differs from the
+    others; or naming what is wrong with the state dict's structure.
   """
-  if not (
-    isinstance(optimizer, Mapping)
-    and isinstance(optimizer.get('state'), Mapping)
-    and isinstance(optimizer.get('param_groups'), (list, tuple))
-  ):
-    raise layouts.CheckpointMismatchError(
-      f'{what} is not a torch optimizer state dict (expected the keys '
-      "'state' and 'param_groups')"
-    )
-  groups = optimizer['param_groups']
+  groups = _param_groups(optimizer, what)
   indices = [i for group in groups for i in group.get('params', ())]
   if len(indices) != len(names):
     detail = (
-      'no Adam state for ' + ', '.join(names[len(indices) :])
+      'no Adam state for '
+      + layouts.listing([layouts.key_text(n) for n in names[len(indices) :]])
       if len(indices) < len(names)
       else f'{len(indices) - len(names)} entries more than the parameters'
     )
@@ -176,41 +265,58 @@ def adam_state(
   problems, moments, counts = [], {'exp_avg': {}, 'exp_avg_sq': {}}, {}
   for index, name in zip(indices, names):
     entry = optimizer['state'].get(index)
+    label = layouts.key_text(name)
+    if name not in layout:
+      problems.append(f'{label}: not a parameter of the model')
+      continue
     shape = layout[name][1]
     if not isinstance(entry, Mapping) or not {
       'step',
       'exp_avg',
       'exp_avg_sq',
     } <= set(entry):
-      problems.append(f'{name}: no Adam state')
+      problems.append(f'{label}: no Adam state')
       continue
     for moment in ('exp_avg', 'exp_avg_sq'):
-      found = tuple(np.shape(entry[moment]))
+      if not isinstance(entry[moment], np.ndarray):
+        problems.append(
+          f'{label}: {moment} is {layouts.shape_text(entry[moment])}, not a '
+          'tensor'
+        )
+        continue
+      found = entry[moment].shape
       if found != shape:
-        problems.append(f'{name}: {moment} {found}, parameter {shape}')
+        problems.append(f'{label}: {moment} {found}, parameter {shape}')
       moments[moment][name] = entry[moment]
-    counts[name] = float(np.asarray(entry['step']))
+    count = _step_count(entry['step'])
+    if count is None:
+      problems.append(
+        f'{label}: step {errors.bounded_repr(entry["step"], 60)} is '
+        f'not a count from 0 to {_MAX_STEP}'
+      )
+    else:
+      counts[name] = count
   if problems:
     raise layouts.CheckpointMismatchError(
       f'{what} does not fit the model ({len(problems)} parameters): '
-      + '; '.join(problems)
+      + layouts.listing(problems)
     )
   distinct = sorted(set(counts.values()))
   if len(distinct) != 1 or distinct[0] != int(distinct[0]):
     raise layouts.CheckpointMismatchError(
-      f'{what}: the parameters have different step counts {distinct} '
+      f'{what}: the parameters have different step counts '
+      f'[{layouts.listing([str(c) for c in distinct], 200)}] '
       '(optax keeps one count per optimizer)'
     )
   mu, nu = (
     layouts.params_from_layout(moments[m], layout, f'{what} {m}')['params']
     for m in ('exp_avg', 'exp_avg_sq')
   )
-  group = groups[0]
   return runs.AdamState(
     count=int(distinct[0]),
     mu=mu,
     nu=nu,
-    hyperparameters={k: group.get(k) for k in ('lr', 'betas', 'eps')},
+    hyperparameters=_hyperparameters(groups, what),
   )
 
 
@@ -229,6 +335,18 @@ def load_training_run(
   differ.
   """
   checkpoint = torch_pickle.load(path)
+  try:
+    return _training_run(checkpoint, path, generator, discriminator)
+  except errors.CheckpointError as err:
+    raise _in_file(path, err) from None
+
+
+def _training_run(
+  checkpoint: Any,
+  path: str,
+  generator: generator_lib.CIPS,
+  discriminator: discriminator_lib.Discriminator,
+) -> runs.TrainingRun:
   missing = [
     k
     for k in runs.TRAINING_KEYS
@@ -236,7 +354,7 @@ def load_training_run(
   ]
   if missing:
     found = (
-      sorted(map(str, checkpoint))
+      layouts.listing(sorted(map(layouts.key_text, checkpoint)))
       if isinstance(checkpoint, Mapping)
       else type(checkpoint).__name__
     )
@@ -245,6 +363,11 @@ def load_training_run(
       f'{", ".join(missing)} (found: {found}). A generator alone starts a '
       'run with config.train.init_generator_from instead.'
     )
+  for key in ('g', 'g_ema', 'd'):
+    if not _is_state_dict(checkpoint[key]):
+      raise layouts.CheckpointMismatchError(
+        f"{path}: '{key}' is not a state dict (names -> tensors)"
+      )
   g_layout = layouts.generator_layout(generator)
   d_layout, d_buffers = layouts.discriminator_layout(discriminator)
   g = layouts.generator_params(checkpoint['g'], generator)['params']
@@ -263,9 +386,14 @@ def load_training_run(
     'd_optim',
   )
   step = checkpoint.get('step', g_adam.count)
-  if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+  if (
+    not isinstance(step, int)
+    or isinstance(step, bool)
+    or not 0 <= step <= _MAX_STEP
+  ):
     raise layouts.CheckpointMismatchError(
-      f"{path}: 'step' must be a non-negative int, got {step!r}"
+      f"{path}: 'step' must be an int from 0 to {_MAX_STEP}, got "
+      f'{errors.bounded_repr(step, 100)}'
     )
   return runs.TrainingRun(
     step=step, g=g, d=d, g_ema=g_ema, g_adam=g_adam, d_adam=d_adam

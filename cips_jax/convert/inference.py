@@ -2,8 +2,10 @@
 
 `infer_generator` tells CIPSskip from CIPSres and reads the size, widths, style
 dim, mapping depth and channel multiplier; `infer_discriminator` does the same
-for the discriminator. Keys that fit no architecture are left to the strict
-check of `layouts.params_from_layout` to name.
+for the discriminator. Keys that fit no architecture, and tensors of the wrong
+rank, are left to the strict check of `layouts.params_from_layout` to name:
+inference reads a dimension only where it exists, and falls back to the
+reference's default elsewhere.
 """
 
 from __future__ import annotations
@@ -11,17 +13,28 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-import numpy as np
-
 from cips_jax import discriminator as discriminator_lib
+from cips_jax import errors
 from cips_jax import generator as generator_lib
 from cips_jax.convert import layouts
 
+# Layer numbers in keys: longer ones fit no architecture (and would be slow to
+# parse), so such keys are left to the strict check to name.
+_INDEX = r'(\d{1,6})'
+# The most discriminator blocks any supported size (up to 1024) has.
+_MAX_DISCRIMINATOR_BLOCKS = 8
 
-def _shape(
-  state_dict: layouts.StateDict, key: str
-) -> Optional[tuple[int, ...]]:
-  return tuple(np.shape(state_dict[key])) if key in state_dict else None
+
+def _dim(state_dict: layouts.StateDict, key: str, axis: int, default: int):
+  """Dimension `axis` of the tensor `key`; `default` if there is none."""
+  shape = layouts.array_shape(state_dict.get(key))
+  if shape is None or not -len(shape) <= axis < len(shape):
+    return default
+  return shape[axis]
+
+
+def _str_keys(state_dict: layouts.StateDict) -> set[str]:
+  return {k for k in state_dict if isinstance(k, str)}
 
 
 def _fit_channel_table(widths: list[int], table_fn) -> tuple[int, int]:
@@ -31,11 +44,14 @@ def _fit_channel_table(widths: list[int], table_fn) -> tuple[int, int]:
   """
   max_channels = max(widths) if widths else 512
   for cm in (2, 1, 4, 8, 3, 5, 6, 7):
-    if table_fn(len(widths), cm, max_channels) == widths:
-      return cm, max_channels
+    try:
+      if table_fn(len(widths), cm, max_channels) == widths:
+        return cm, max_channels
+    except errors.InputError:  # more layers than the table has
+      break
   raise layouts.CheckpointMismatchError(
-    f'layer widths {widths} fit no channel_multiplier of the '
-    'reference channel table'
+    f'layer widths {layouts.listing([str(w) for w in widths])} fit no '
+    'channel_multiplier of the reference channel table'
   )
 
 
@@ -51,7 +67,7 @@ def infer_generator(
       the keys.
     **overrides: module attributes to force (e.g. lr_mlp, dtype).
   """
-  keys = set(state_dict)
+  keys = _str_keys(state_dict)
   residual = 'to_rgb_last.bias' in keys or any(
     k.startswith('linears.1.conv1.') for k in keys
   )
@@ -64,18 +80,20 @@ def infer_generator(
       "instead of '.activate.bias'), and 'sin' and 'sinrelu' have the same "
       "keys: pass activation='sin' or activation='sinrelu'"
     )
-  hidden = (_shape(state_dict, 'lff.ffm.conv.weight') or (512,))[0]
-  size = (_shape(state_dict, 'emb.input') or (1, 1, 256, 256))[-1]
-  style_dim = (_shape(state_dict, 'style.1.weight') or (512, 512))[-1]
-  n_mlp = len([k for k in keys if re.fullmatch(r'style\.\d+\.weight', k)]) or 8
+  hidden = _dim(state_dict, 'lff.ffm.conv.weight', 0, 512)
+  size = _dim(state_dict, 'emb.input', -1, 256)
+  style_dim = _dim(state_dict, 'style.1.weight', -1, 512)
+  n_mlp = (
+    len([k for k in keys if re.fullmatch(rf'style\.{_INDEX}\.weight', k)]) or 8
+  )
   if residual:  # blocks are linears.1 ... (linears.0 is the input layer)
     cls, table_fn = generator_lib.CIPSres, generator_lib.res_widths
-    pattern = r'linears\.(\d+)\.conv1\.conv\.weight'
+    pattern = rf'linears\.{_INDEX}\.conv1\.conv\.weight'
   else:  # layers come in pairs of one width
     cls, table_fn = generator_lib.CIPSskip, generator_lib.skip_widths
-    pattern = r'linears\.(\d+)\.conv\.weight'
+    pattern = rf'linears\.{_INDEX}\.conv\.weight'
   layer_widths = {
-    int(match.group(1)): np.shape(state_dict[key])[1]
+    int(match.group(1)): _dim(state_dict, key, 1, 0)
     for key in keys
     if (match := re.fullmatch(pattern, key))
   }
@@ -102,22 +120,26 @@ def infer_discriminator(
   state_dict: layouts.StateDict, **overrides
 ) -> discriminator_lib.Discriminator:
   """The Discriminator module of the reference state dict `state_dict`."""
-  keys = set(state_dict)
-  input_channels = (_shape(state_dict, 'convs.0.0.weight') or (0, 3))[1]
+  keys = _str_keys(state_dict)
+  input_channels = _dim(state_dict, 'convs.0.0.weight', 1, 3)
   blocks = sorted(
     {
       int(m.group(1))
       for k in keys
-      if (m := re.fullmatch(r'convs\.(\d+)\.conv1\.0\.weight', k))
+      if (m := re.fullmatch(rf'convs\.{_INDEX}\.conv1\.0\.weight', k))
     }
   )
+  if len(blocks) > _MAX_DISCRIMINATOR_BLOCKS:
+    raise layouts.CheckpointMismatchError(
+      f'the state dict has {len(blocks)} discriminator blocks; a '
+      f'discriminator has at most {_MAX_DISCRIMINATOR_BLOCKS} (size 1024)'
+    )
   n_first = (
-    len([k for k in keys if re.fullmatch(r'convs\.(\d+)\.0\.weight', k)]) - 1
+    len([k for k in keys if re.fullmatch(rf'convs\.{_INDEX}\.0\.weight', k)])
+    - 1
   )
   size = 2 ** (len(blocks) + 2)
-  widths = [
-    np.shape(state_dict[f'convs.{i}.conv1.0.weight'])[0] for i in blocks
-  ]
+  widths = [_dim(state_dict, f'convs.{i}.conv1.0.weight', 0, 0) for i in blocks]
   max_channels = max(widths) if widths else 512
   cm = 2
   for candidate in (2, 1, 4, 8):

@@ -10,7 +10,7 @@ reverse direction (`to_torch`) inverts the same layouts exactly.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax
 import numpy as np
@@ -31,6 +31,53 @@ Entry = tuple[
 
 # A state dict that does not fit the architecture; the message lists the keys.
 CheckpointMismatchError = errors.CheckpointMismatchError
+
+
+# ------------------------------------------------------------------------------
+# Naming a checkpoint's content in messages: checkpoints are untrusted, so a
+# message never quotes one of their values at length.
+
+
+def key_text(key: Any) -> str:
+  """How a state-dict key (or another untrusted name) appears in a message.
+
+  As it is when it is a short printable str, else as a bounded repr.
+  """
+  if isinstance(key, str) and len(key) <= 100 and key.isprintable():
+    return key
+  return errors.bounded_repr(key, 100)
+
+
+def listing(items: Sequence[str], limit: int = 1500) -> str:
+  """`items` joined with commas, cut after about `limit` characters.
+
+  What is cut is counted, e.g. 'a, b, ... (40 more)'.
+  """
+  shown, length = [], 0
+  for item in items:
+    if length + len(item) > limit and shown:
+      break
+    shown.append(item)
+    length += len(item) + 2
+  rest = len(items) - len(shown)
+  return ', '.join(shown) + (f', ... ({rest} more)' if rest else '')
+
+
+def shape_text(value: Any) -> str:
+  """The shape of a tensor, or the type of something else, for a message."""
+  shape = array_shape(value)
+  if shape is None:
+    return f'a {type(value).__name__}'
+  return str(shape) if len(shape) <= 8 else errors.bounded_repr(shape, 100)
+
+
+def array_shape(value: Any) -> Optional[tuple[int, ...]]:
+  """The shape of an array (numpy or jax), or None for anything else.
+
+  Never converts `value`: `np.shape` of a nested list would copy it.
+  """
+  shape = getattr(value, 'shape', None)
+  return shape if isinstance(shape, tuple) else None
 
 
 # ------------------------------------------------------------------------------
@@ -211,14 +258,20 @@ def check_state_dict(
 ) -> None:
   """Raises CheckpointMismatchError naming every bad key.
 
-  Bad keys are missing, unexpected or mis-shaped.
+  Bad keys are missing, unexpected or mis-shaped (a value that is not an array
+  is mis-shaped).  Each list is cut after about 1500 characters.
   """
+  if not isinstance(state_dict, Mapping):
+    raise CheckpointMismatchError(
+      f'the checkpoint holds a {type(state_dict).__name__} where a state dict '
+      f'of {what} belongs'
+    )
   missing = [k for k in expected if k not in state_dict]
-  unexpected = [k for k in state_dict if k not in expected]
+  unexpected = [key_text(k) for k in state_dict if k not in expected]
   misshaped = [
-    f'{k}: checkpoint {tuple(np.shape(state_dict[k]))}, expected {expected[k]}'
+    f'{k}: checkpoint {shape_text(state_dict[k])}, expected {expected[k]}'
     for k in expected
-    if k in state_dict and tuple(np.shape(state_dict[k])) != expected[k]
+    if k in state_dict and array_shape(state_dict[k]) != expected[k]
   ]
   if missing or unexpected or misshaped:
     lines = [f'the checkpoint does not fit {what}:']
@@ -228,7 +281,7 @@ def check_state_dict(
       ('mis-shaped', misshaped),
     ):
       if keys:
-        lines.append(f'  {len(keys)} {title}: ' + ', '.join(keys))
+        lines.append(f'  {len(keys)} {title}: ' + listing(keys))
     raise CheckpointMismatchError('\n'.join(lines))
 
 
@@ -243,6 +296,8 @@ def params_from_layout(
   The params are float32. `optional` names keys that may be present and are
   ignored (fixed buffers).
   """
+  if not isinstance(state_dict, Mapping):
+    check_state_dict(state_dict, {}, what)  # raises, naming what it holds
   given = {k: v for k, v in state_dict.items() if k not in optional}
   check_state_dict(given, {k: entry[1] for k, entry in layout.items()}, what)
   flat = {

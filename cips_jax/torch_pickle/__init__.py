@@ -3,19 +3,24 @@
 Two halves, which share the archive's layout (:mod:`.formats`):
 
 * :mod:`.reader` -- :func:`load`, a safe reader: its unpickler resolves only a
-  whitelist of torch names, each to an inert stand-in, runs no pickled code
-  and refuses everything else with :class:`UnsafeCheckpointError`;
+  whitelist of torch names, each to an inert stand-in (:mod:`.stand_ins`),
+  runs no pickled code and refuses everything else with
+  :class:`UnsafeCheckpointError`; every size the file declares is checked
+  before it is read (:mod:`.archive`, :mod:`.scan`), so that a load's memory
+  (:mod:`.budget`) and time stay in proportion to the file (the bounds are
+  listed in the reader's docstring), and messages quote what it reads with
+  :func:`cips_jax.errors.bounded_repr`;
 * :mod:`.writer` -- :func:`save`, its inverse for plain checkpoints, writing
   the bytes ``torch.save`` lays out, so that ``torch.load(path,
   weights_only=True)`` reads them too.
 """
 
-from cips_jax.torch_pickle.reader import ALLOWED_GLOBALS
-from cips_jax.torch_pickle.reader import SCRIPT_NAMESPACE
-from cips_jax.torch_pickle.reader import ScriptObject
-from cips_jax.torch_pickle.reader import TorchDtype
-from cips_jax.torch_pickle.reader import UnsafeCheckpointError
+from cips_jax.errors import UnsafeCheckpointError
 from cips_jax.torch_pickle.reader import load
+from cips_jax.torch_pickle.stand_ins import ALLOWED_GLOBALS
+from cips_jax.torch_pickle.stand_ins import SCRIPT_NAMESPACE
+from cips_jax.torch_pickle.stand_ins import ScriptObject
+from cips_jax.torch_pickle.stand_ins import TorchDtype
 from cips_jax.torch_pickle.writer import save
 
 __all__ = [
