@@ -42,7 +42,9 @@ MODES = (
   'invert',
   'spectrum',
 )
-EXTENSIONS = {'interpolate': '.gif'}  # every other mode writes a .png
+# The files each mode writes; every other mode writes a .png. An interpolation
+# is an animation (.gif) or its frames side by side (.png, a strip).
+EXTENSIONS = {'interpolate': ('.gif', '.png')}
 
 
 class ModeError(errors.InputError):
@@ -128,9 +130,11 @@ def check(mode: str, out: str, options: Options) -> None:
   """
   if mode not in MODES:
     raise OptionError(f'--mode={mode}: expected one of {", ".join(MODES)}')
-  expected = EXTENSIONS.get(mode, '.png')
-  if os.path.splitext(out)[1].lower() != expected:
-    raise OptionError(f'--out={out}: mode {mode} writes a {expected} file')
+  expected = EXTENSIONS.get(mode, ('.png',))
+  if os.path.splitext(out)[1].lower() not in expected:
+    raise OptionError(
+      f'--out={out}: mode {mode} writes a {" or a ".join(expected)} file'
+    )
   o = options
   for name in (
     'num_images',
@@ -345,7 +349,12 @@ def _interpolate(ctx: _Context, out: str) -> dict[str, Any]:
   frames = ctx.render(
     ws, grids.uniform(height, width), label='rendering frames'
   )
-  images_lib.save_gif(out, frames, fps=ctx.options.fps)
+  if out.lower().endswith('.png'):  # a strip: the frames in one row
+    images_lib.save_png(
+      out, images_lib.image_grid(frames, ncols=len(frames), padding=0)
+    )
+  else:
+    images_lib.save_gif(out, frames, fps=ctx.options.fps)
   return {'shape': list(frames.shape)}
 
 

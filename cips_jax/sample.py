@@ -16,7 +16,7 @@ generator, or an official PyTorch .pt file. Modes (all deterministic given
   foveated     PNG  --num_points samples densest at --fixation, shown as a
                     Voronoi mosaic
   interpolate  GIF  --frames between two latents, lerp in W or slerp in Z
-                    (--space)
+                    (--space); with a .png --out, the frames side by side
   mix          PNG  spatial styles: --num_styles latents in vertical bands
                     (--softness)
   invert       PNG  project --target (an image file) into W and per-pixel W
@@ -47,7 +47,7 @@ _MODE = flags.DEFINE_enum(
   'mode', 'grid', list(pictures.MODES), 'What to render.'
 )
 _OUT = flags.DEFINE_string(
-  'out', None, 'Output file (.png; .gif for interpolate).'
+  'out', None, 'Output file (.png; .gif or a .png strip for interpolate).'
 )
 _OPTIONS = cli.define_flags_for(pictures.Options)
 flags.mark_flags_as_required(['checkpoint', 'out'])

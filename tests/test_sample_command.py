@@ -195,10 +195,25 @@ def test_a_workdir_and_a_reference_pt_sample(workdir, tmp_path):
   assert _image(tmp_path / 'b.png').shape == (6, 6, 3)
 
 
+def test_an_interpolation_as_a_png_is_a_strip_of_its_frames(exported, tmp_path):
+  gif, png = tmp_path / 'walk.gif', tmp_path / 'walk.png'
+  options = MODES['interpolate']
+  render_mode('interpolate', exported[False], gif, **options)
+  render_mode('interpolate', exported[False], png, **options)
+  strip = _image(png)
+  assert strip.shape == (8, 4 * 8, 3)  # the 4 frames side by side
+  with Image.open(gif) as frames:
+    for i in range(4):
+      frames.seek(i)
+      first = np.asarray(frames.convert('RGB'))
+      # The same frames (GIF quantises colours: close, not equal).
+      assert np.abs(strip[:, 8 * i : 8 * i + 8].astype(int) - first).mean() < 8
+
+
 @pytest.mark.parametrize(
   'mode, out, options, message',
   [
-    ('interpolate', 'x.png', {}, 'writes a .gif file'),
+    ('interpolate', 'x.jpg', {}, 'writes a .gif or a .png file'),
     ('grid', 'x.gif', {}, 'writes a .png file'),
     ('grid', 'x.png', dict(num_images=0), '--num_images=0'),
     ('foveated', 'x.png', dict(fixation='2,0'), '--fixation=2,0'),
@@ -248,7 +263,7 @@ def test_the_command_line_entry_point(exported, tmp_path):
   )
   assert result.returncode == 1 and 'cylindrical=True' in result.stderr
   for flags, message in (
-    (['--mode=interpolate', '--out=x.png'], 'writes a .gif file'),
+    (['--mode=interpolate', '--out=x.jpg'], 'writes a .gif or a .png file'),
     (
       ['--mode=grid', '--out=x.png', f'--checkpoint={tmp_path / "no"}'],
       'no checkpoint at',
