@@ -9,6 +9,7 @@
     report = TrainingReport(writer, total_steps, start_step, batch_size)
     report.add(step_outputs)  # every step: averaged until the next write
     report.write(step)  # checks they are finite, logs, writes scalars
+    curves = read_scalars(workdir)  # {'d_loss': [(step, value), ...], ...}
     bar = ProgressBar('rendering')  # a progress(done, total) callback
 
 Events go through tensorboardX, so nothing here needs TensorFlow.
@@ -17,8 +18,10 @@ Events go through tensorboardX, so nothing here needs TensorFlow.
 from __future__ import annotations
 
 import datetime
+import glob
 import math
 import os
+import struct
 import sys
 import time
 from typing import Any, Callable, Mapping, Optional
@@ -28,6 +31,7 @@ from clu import metrics as clu_metrics
 import jax
 import numpy as np
 import tensorboardX
+from tensorboardX.proto import event_pb2
 from tensorboardX.summary import hparams as hparams_summaries
 
 from cips_jax import errors
@@ -423,3 +427,43 @@ class TrainingReport:
     self.writer.write_scalars(step, values)
     self.averages = {}
     self.last_time, self.last_step = now, step
+
+
+def read_events(logdir: str | os.PathLike) -> list[event_pb2.Event]:
+  """Every Event of the TensorBoard event files under `logdir` (recursively).
+
+  Read from the files' TFRecord framing (uint64 length, uint32 CRC, the
+  event, uint32 CRC) without TensorFlow; files in name order.
+  """
+  events = []
+  pattern = os.path.join(os.fspath(logdir), '**', 'events.out.tfevents.*')
+  for path in sorted(glob.glob(pattern, recursive=True)):
+    with open(path, 'rb') as f:
+      data = f.read()
+    offset = 0
+    while offset + 12 <= len(data):
+      (length,) = struct.unpack('<Q', data[offset : offset + 8])
+      offset += 12  # the length and its CRC
+      event = event_pb2.Event()
+      event.ParseFromString(data[offset : offset + length])
+      events.append(event)
+      offset += length + 4  # the event and its CRC
+  return events
+
+
+def read_scalars(
+  logdir: str | os.PathLike,
+) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value), ...]} of the scalars written under `logdir`.
+
+  For example a workdir's `tensorboard/` folder: d_loss, g_loss, eval/fid...
+  Steps ascend; a step written twice (a resumed run) keeps its last value.
+  """
+  scalars: dict[str, dict[int, float]] = {}
+  for event in read_events(logdir):
+    if not event.HasField('summary'):
+      continue
+    for value in event.summary.value:
+      if value.WhichOneof('value') == 'simple_value':
+        scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+  return {tag: sorted(points.items()) for tag, points in scalars.items()}

@@ -6,23 +6,21 @@ test module imports another.
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import os
 import pathlib
 import socket
-import struct
 import subprocess
 import sys
 
 import jax
 import numpy as np
-from tensorboardX.proto import event_pb2
 
 from cips_jax import checkpoints
 from cips_jax import grids
 from cips_jax import models
 from cips_jax import parallel
+from cips_jax import summary
 from cips_jax import train_state
 
 TESTS = pathlib.Path(__file__).resolve().parent
@@ -117,26 +115,8 @@ def run_python(
   )
 
 
-def read_events(logdir: str) -> list:
-  """All Event protos of the event files under `logdir` (recursively), parsed
-  from the TFRecord framing: uint64 length, uint32 crc, data, uint32 crc."""
-  events = []
-  for path in sorted(
-    glob.glob(
-      os.path.join(logdir, '**', 'events.out.tfevents.*'), recursive=True
-    )
-  ):
-    with open(path, 'rb') as f:
-      data = f.read()
-    offset = 0
-    while offset < len(data):
-      (length,) = struct.unpack('<Q', data[offset : offset + 8])
-      offset += 12
-      event = event_pb2.Event()
-      event.ParseFromString(data[offset : offset + length])
-      events.append(event)
-      offset += length + 4
-  return events
+# The events of a TensorBoard folder, as the library reads them.
+read_events = summary.read_events
 
 
 def summary_values(events) -> list:

@@ -40,6 +40,20 @@ def test_writer_scalars_read_back(tmp_path):
   }
 
 
+def test_read_scalars_gives_each_tag_its_curve(tmp_path):
+  logdir = tmp_path / 'run'
+  with MetricWriter(logdir) as writer:
+    writer.write_scalars(2, {'d_loss': 1.5, 'eval/fid': 90.0})
+    writer.write_scalars(1, {'d_loss': 2.5})
+    writer.write_scalars(2, {'d_loss': 0.5})  # rewritten: the last one counts
+    writer.write_images(2, {'samples': np.zeros((4, 4, 3), np.uint8)})
+  assert summary.read_scalars(logdir) == {
+    'd_loss': [(1, 2.5), (2, 0.5)],
+    'eval/fid': [(2, 90.0)],
+  }
+  assert summary.read_scalars(tmp_path / 'empty') == {}
+
+
 def test_training_report_averages_each_name_over_its_own_steps(tmp_path):
   logdir = str(tmp_path / 'run')
   with MetricWriter(logdir) as writer:
