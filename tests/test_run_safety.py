@@ -80,8 +80,13 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_taken_over(
   finally:
     first.send_signal(signal.SIGKILL)
     first.wait()
-  # A killed run cannot release its lock; the next one takes it over.
-  latest = max(int(p.name) for p in (tmp_path / 'checkpoints').iterdir())
+  # A killed run cannot release its lock; the next one takes it over. The kill
+  # may land mid-save, leaving orbax's '<step>.orbax-checkpoint-tmp' folder.
+  latest = max(
+    int(p.name)
+    for p in (tmp_path / 'checkpoints').iterdir()
+    if p.name.isdigit()
+  )
   third = support.run_python(
     *main_args(tmp_path, data_dir, latest + 2), timeout=300
   )
