@@ -131,6 +131,8 @@ class Sandbox:
       ('exported/', f'{r}/exported/'),
       ('quickstart_run.pt', f'{self.out}/quickstart_run.pt'),
       ('HOST0:1234', f'127.0.0.1:{self.port}'),
+      # The model in the box, from the checkout; the pictures go to out/.
+      ('pretrained/noto_emoji', str(REPO / 'pretrained' / 'noto_emoji')),
       ('--resolution=256', '--resolution=16'),
     ):
       command = command.replace(old, new)
