@@ -29,7 +29,7 @@ weights are copied unchanged apart from layout.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -186,8 +186,8 @@ DEFAULT_CONV_IMPL = 'xla'
 def resolve_conv_impl(impl: str, backend: Optional[str] = None) -> str:
   """`impl`, or for 'auto' the choice of `backend` (default: jax's default).
 
-  Programs that may be lowered for another platform resolve 'auto' with
-  `per_platform` instead.
+  For reports; inside a program, EqualConv2d resolves 'auto' for the platform
+  the program is lowered for (`platforms.dispatch`).
   """
   if impl not in CONV_IMPLS:
     raise errors.InputError(
@@ -196,21 +196,6 @@ def resolve_conv_impl(impl: str, backend: Optional[str] = None) -> str:
   if impl == 'auto':
     return platforms.resolve(CONV_IMPL_BY_BACKEND, DEFAULT_CONV_IMPL, backend)
   return impl
-
-
-def per_platform(disc: Discriminator, fn: Callable[[Discriminator], Any]):
-  """fn(disc), with conv_impl 'auto' resolved for the lowering platform.
-
-  The training step builds D's calls through this, so a step exported from a
-  CPU for a TPU uses XLA's convolutions there (`platforms.dispatch`).
-  """
-  if disc.conv_impl != 'auto':
-    return fn(disc)
-  return platforms.dispatch(
-    CONV_IMPL_BY_BACKEND,
-    DEFAULT_CONV_IMPL,
-    lambda impl: fn(disc.clone(conv_impl=impl)),
-  )
 
 
 class EqualConv2d(nn.Module):
@@ -252,14 +237,22 @@ class EqualConv2d(nn.Module):
       (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
     )
     kernel = kernel * (1.0 / math.sqrt(fan_in))
-    y = conv2d(
-      x.astype(self.dtype),
-      kernel.astype(self.dtype),
-      self.stride,
-      self.padding,
-      self.precision,
-      resolve_conv_impl(self.conv_impl),
-    )
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+
+    def convolve(impl):
+      return conv2d(
+        x, kernel, self.stride, self.padding, self.precision, impl
+      )
+
+    if self.conv_impl == 'auto':
+      # Staged per convolution, not around all of D: jax traces (and, for
+      # gradients, linearises) every branch, and a branch holding the whole
+      # discriminator tripled the churches step's tracing time.
+      y = platforms.dispatch(
+        CONV_IMPL_BY_BACKEND, DEFAULT_CONV_IMPL, convolve
+      )
+    else:
+      y = convolve(resolve_conv_impl(self.conv_impl))  # checks the name
     # Unscaled: the reference's EqualConv2d has no lr_mul.
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,))

@@ -41,7 +41,6 @@ import optax
 from cips_jax import checkpoints
 from cips_jax import config_validation
 from cips_jax import data as data_lib
-from cips_jax import discriminator as discriminator_lib
 from cips_jax import errors
 from cips_jax import evaluation
 from cips_jax import generator as generator_lib
@@ -142,9 +141,7 @@ def make_gan_step(config, gen, disc, g_tx, d_tx) -> Callable:
     )
 
   def discriminate(d_params, inputs):
-    return discriminator_lib.per_platform(
-      disc, lambda d: d.apply({'params': d_params}, inputs)
-    )
+    return disc.apply({'params': d_params}, inputs)
 
   def gan_step(state: TrainState, inputs: StepInputs, with_r1: bool):
     real, coords = inputs.real, inputs.coords

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cips_jax import discriminator as discriminator_lib
 from cips_jax import generator as generator_lib
 from cips_jax import grids
 from cips_jax import models
@@ -167,9 +166,7 @@ def test_discriminator_convolutions_follow_the_lowering_platform():
   images = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
 
   def logits(variables, images):
-    return discriminator_lib.per_platform(
-      disc, lambda d: d.apply(variables, images)
-    )
+    return disc.apply(variables, images)
 
   convolutions = {
     platform: lowering.summary(
