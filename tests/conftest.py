@@ -66,6 +66,26 @@ def pytest_unconfigure(config):
     shutil.rmtree(cache, ignore_errors=True)
 
 
+# The longest modules first (seconds measured on 2 cores; the rest follow in
+# their usual order). With `--dist loadscope` a module runs whole on one
+# worker, so a long one collected last would leave the other worker idle.
+_LONGEST_FIRST = (
+  'test_readme.py',  # ~220
+  'test_train_e2e.py',  # ~140
+  'test_evaluate.py',  # ~110
+  'test_lowering.py',  # ~60
+  'test_sample_command.py',  # ~70
+  'test_train.py',  # ~70
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  # A stable sort: each module keeps its own order.
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def _shared_root(tmp_path_factory) -> pathlib.Path:
   """A folder every worker of this session sees (the workers' common parent)."""
   root = tmp_path_factory.getbasetemp()
