@@ -233,14 +233,17 @@ def scan_pickle(data: bytes, path: str, budget: budget_lib.Budget) -> None:
     if node.depth > MAX_DEPTH:
       raise refuse(f'containers nested more than {MAX_DEPTH} deep')
 
-  def new(kind: int, children: list[_Node]) -> _Node:
-    node = _Node(kind)
+  def adopt(target: _Node, children: list[_Node]) -> None:
+    # Each child is now inside `target`: sealed, and counted in its size.
     for child in children:
       child.sealed = True
-      node.nodes += child.nodes
-      if child.depth >= node.depth:
-        node.depth = child.depth + 1
-    check(node)
+      target.nodes += child.nodes
+      target.depth = max(target.depth, child.depth + 1)
+    check(target)
+
+  def new(kind: int, children: list[_Node]) -> _Node:
+    node = _Node(kind)
+    adopt(node, children)
     return node
 
   def grow(target: _Node, kinds: tuple[int, ...], children: list[_Node]):
@@ -251,12 +254,7 @@ def scan_pickle(data: bytes, path: str, budget: budget_lib.Budget) -> None:
     for child in children:
       if child is target:
         raise refuse('it puts a container inside itself')
-    for child in children:
-      child.sealed = True
-      target.nodes += child.nodes
-      if child.depth >= target.depth:
-        target.depth = child.depth + 1
-    check(target)
+    adopt(target, children)
 
   while True:
     if pos >= size:
