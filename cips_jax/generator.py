@@ -20,7 +20,7 @@ coordinates) and returns `(B, ..., 3)`.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -81,7 +81,7 @@ def resolve_per_image_form(form: str, backend: Optional[str] = None) -> str:
   """`form`, or for 'auto' the choice of `backend` (default: jax's default).
 
   Programs that may be lowered for another platform resolve 'auto' with
-  `per_platform` instead.
+  `apply_per_platform` instead.
   """
   if form not in PER_IMAGE_FORMS:
     raise errors.InputError(
@@ -94,18 +94,21 @@ def resolve_per_image_form(form: str, backend: Optional[str] = None) -> str:
   )
 
 
-def per_platform(gen: CIPS, fn: Callable[[CIPS], Any]) -> Any:
-  """fn(gen), with per_image_form 'auto' resolved for the lowering platform.
+def apply_per_platform(gen: CIPS, variables, *args, **kwargs) -> Any:
+  """gen.apply(variables, *args, **kwargs), with per_image_form 'auto'
+  resolved for the platform the program is lowered for.
 
-  `sampling` and `train` build their programs through this, so a step
+  `sampling` and `train` call the generator through this, so a program
   exported from a CPU for a GPU carries the GPU's form (`platforms.dispatch`).
   """
   if gen.per_image_form != 'auto':
-    return fn(gen)
+    return gen.apply(variables, *args, **kwargs)
   return platforms.dispatch(
     PER_IMAGE_FORM_BY_BACKEND,
     MODULATED_ACTIVATIONS,
-    lambda form: fn(gen.clone(per_image_form=form)),
+    lambda form: gen.clone(per_image_form=form).apply(
+      variables, *args, **kwargs
+    ),
   )
 
 

@@ -191,17 +191,15 @@ def _synthesize(
     # 6.3): renders are deterministic.
     rngs = None if rng is None else {'noise': rng}
     # 'auto' forms follow the platform this program is lowered for.
-    return generator_lib.per_platform(
+    return generator_lib.apply_per_platform(
       gen,
-      lambda g: g.apply(
-        variables,
-        w,
-        coords,
-        mix=mix,
-        embedding_mode=embedding_mode,
-        layout=layout,
-        rngs=rngs,
-      ),
+      variables,
+      w,
+      coords,
+      mix=mix,
+      embedding_mode=embedding_mode,
+      layout=layout,
+      rngs=rngs,
     )
 
   if chunk_size is None:
@@ -370,17 +368,15 @@ def chunk_renderer(gen, embedding_mode, mesh, chunk_layout, has_rng):
       rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.DATA_AXIS))
     rngs = None if rng is None else {'noise': rng}
     # 'auto' forms follow the platform this program is lowered for.
-    return generator_lib.per_platform(
+    return generator_lib.apply_per_platform(
       gen,
-      lambda g: g.apply(
-        variables,
-        w,
-        coords,
-        mix=mix,
-        embedding_mode=embedding_mode,
-        layout=device_layout,
-        rngs=rngs,
-      ),
+      variables,
+      w,
+      coords,
+      mix=mix,
+      embedding_mode=embedding_mode,
+      layout=device_layout,
+      rngs=rngs,
     )
 
   if mesh is None:

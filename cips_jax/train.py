@@ -128,16 +128,14 @@ def make_gan_step(config, gen, disc, g_tx, d_tx) -> Callable:
     rngs = {} if noise_key is None else {'noise': noise_key}
     # 'auto' forms (G's per-image style form, D's convolutions) follow the
     # platform the step is lowered for, not the machine tracing it.
-    return generator_lib.per_platform(
+    return generator_lib.apply_per_platform(
       gen,
-      lambda g: g.apply(
-        {'params': g_params},
-        z,
-        coords,
-        embedding_mode=embedding_mode,
-        method=type(g).generate,
-        rngs=rngs,
-      ),
+      {'params': g_params},
+      z,
+      coords,
+      embedding_mode=embedding_mode,
+      method=type(gen).generate,
+      rngs=rngs,
     )
 
   def discriminate(d_params, inputs):
