@@ -95,7 +95,8 @@ class WorkdirLockedError(Error, RuntimeError):
 
 
 class DivergedError(Error, FloatingPointError):
-  """Training metrics became non-finite; no checkpoint of that state exists."""
+  """Training metrics or the train state became non-finite; no checkpoint of
+  that state exists."""
 
 
 class OutOfMemoryError(Error, MemoryError):

@@ -415,8 +415,8 @@ class TrainingReport:
     if bad:
       raise errors.DivergedError(
         f'non-finite training metrics at step {step}: {bad}. Training '
-        'stopped; the last checkpoint written before this point is intact '
-        '(lower the learning rates, or check the data).'
+        'stopped before saving this state; every checkpoint written holds a '
+        'finite state (lower the learning rates, or check the data).'
       )
     now = time.perf_counter()
     # Unsmoothed, over exactly this interval's steps, for TensorBoard.

@@ -408,6 +408,46 @@ def _training_evaluator(run: Run) -> Optional[evaluation.Evaluator]:
     ) from None
 
 
+@jax.jit
+def _non_finite_parts(state: TrainState) -> dict[str, jax.Array]:
+  """{field: True if any of its values is NaN or infinite} of a train state."""
+  return {
+    field.name: jnp.any(
+      jnp.array(
+        [
+          ~jnp.all(jnp.isfinite(leaf))
+          for leaf in jax.tree_util.tree_leaves(getattr(state, field.name))
+          if jnp.issubdtype(leaf.dtype, jnp.inexact)
+        ]
+        or [False]
+      )
+    )
+    for field in dataclasses.fields(state)
+  }
+
+
+def check_state_finite(step: int, state: TrainState, newest_saved) -> None:
+  """Raises errors.DivergedError if any value of `state` is not finite.
+
+  The loop calls it before every checkpoint, so no checkpoint ever holds a
+  diverged state. `newest_saved`: the newest checkpoint's step (None if none),
+  which the message names.
+  """
+  bad = [name for name, is_bad in _non_finite_parts(state).items() if is_bad]
+  if not bad:
+    return
+  resume = (
+    f'the newest checkpoint, step {newest_saved}, holds a finite state'
+    if newest_saved is not None
+    else 'no checkpoint was written'
+  )
+  raise errors.DivergedError(
+    f'the train state after step {step} holds non-finite values (in '
+    f'{", ".join(bad)}); it was not saved and training stopped: {resume}. '
+    'Lower the learning rates (train.g_lr, train.d_lr), or check the data.'
+  )
+
+
 def periodic_work(
   run: Run, metrics: summary.TrainingReport, start_step: int
 ) -> tuple[list[Any], periodic.Every, periodic.Profile]:
@@ -460,6 +500,9 @@ def periodic_work(
 
   def save_checkpoint(step, state):
     report.force(step, state)
+    # The losses are computed before the step's update: the updated state
+    # itself (Adam's step, the EMA) is checked before it is written.
+    check_state_finite(step, state, run.manager.latest_step())
     run.manager.save(step, state)
 
   checkpoint = periodic.Every(

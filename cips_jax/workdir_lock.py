@@ -5,18 +5,24 @@
 
 Two runs on one workdir would each save and prune checkpoints from their own
 lists, so the second silently replaces the first's. The lock is `flock(2)` on
-`WORKDIR/lock`, which also holds who took it (host, pid, start time, command)
-as JSON:
+the workdir itself (its directory), which nothing can delete from under a
+running run, and `WORKDIR/lock` records who holds it (host, pid, start time,
+command) as JSON, for the messages only:
 - a second run refuses at once with `errors.WorkdirLockedError` naming the
-  holder;
+  holder (or "another process" when the record is missing or unreadable);
 - the kernel drops a flock when its process dies, however it dies, so a lock
   left by a killed run is free: the next run takes it over and says whose it
-  was;
+  was (the record it left);
+- deleting `WORKDIR/lock` does not free the lock (the record is not the lock);
+- the record is never opened through a symbolic link, never truncated and
+  never written in place: a new record is written to a file this process
+  creates and renamed over `lock` (which replaces a planted link, not what it
+  points to), and the holder removes it when the run ends;
 - a multi-host run takes it in process 0, and every process learns the outcome
   (a refused run stops on all hosts, not only on the first).
-The file stays after a run ends (emptied): removing it could race a second
-process that opened it meanwhile. File systems that do not share flocks
-between hosts (some NFS mounts) only protect against runs on the same host.
+It does not protect against another user who can write into the workdir
+(they can delete the checkpoints themselves), nor across hosts on file systems
+that do not share flocks (some NFS mounts).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 from typing import Iterator, Optional
 
@@ -67,11 +74,26 @@ class Holder:
     return f'process {self.pid} on {self.host}, started {self.started}'
 
 
-def _read_holder(fd: int) -> Optional[Holder]:
-  """The holder the open lock file records; None if empty or unreadable."""
-  os.lseek(fd, 0, os.SEEK_SET)
-  # A record is a few hundred bytes; more than that is not ours.
-  text = os.read(fd, 4096).decode('utf-8', 'replace')
+# A record is a few hundred bytes; more than that is not ours.
+_MAX_RECORD_BYTES = 4096
+
+
+def _read_holder(dir_fd: int) -> Optional[Holder]:
+  """The holder `lock` records; None if absent, a link, or unreadable."""
+  try:
+    fd = os.open(
+      LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd
+    )
+  except OSError:  # none, or a symbolic link (ELOOP), or unreadable
+    return None
+  try:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device: not ours
+      return None
+    text = os.read(fd, _MAX_RECORD_BYTES).decode('utf-8', 'replace')
+  except OSError:
+    return None
+  finally:
+    os.close(fd)
   try:
     record = json.loads(text)
     return Holder(
@@ -84,26 +106,53 @@ def _read_holder(fd: int) -> Optional[Holder]:
     return None
 
 
-def _write_holder(fd: int, holder: Holder) -> None:
-  os.ftruncate(fd, 0)
-  os.lseek(fd, 0, os.SEEK_SET)
-  os.write(fd, json.dumps(dataclasses.asdict(holder)).encode())
-  os.fsync(fd)
+def _write_holder(dir_fd: int, holder: Holder) -> int:
+  """Writes the record to a new file renamed over `lock`.
+
+  Returns a descriptor of the record, held open until the run ends: while it
+  is open its inode cannot be reused, so `release` can tell our record from
+  anything put in its place.
+  """
+  temporary = f'.lock.{os.getpid()}.tmp'
+  with contextlib.suppress(FileNotFoundError):  # a leftover of a killed run
+    os.unlink(temporary, dir_fd=dir_fd)
+  fd = os.open(
+    temporary,
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+    0o644,
+    dir_fd=dir_fd,
+  )
+  try:
+    os.write(fd, json.dumps(dataclasses.asdict(holder)).encode())
+    os.fsync(fd)
+    os.replace(temporary, LOCK_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+  except OSError:
+    os.close(fd)
+    raise
+  return fd
 
 
-def acquire(workdir: str) -> int:
-  """Takes WORKDIR's lock for this process; returns the open file descriptor.
+@dataclasses.dataclass(frozen=True)
+class Held:
+  """A held workdir lock: the directory's descriptor and our record's."""
+
+  workdir: str
+  dir_fd: int
+  record_fd: int
+
+
+def acquire(workdir: str) -> Held:
+  """Takes WORKDIR's lock for this process.
 
   Raises:
     errors.WorkdirLockedError: another live process holds it (named).
   """
-  path = os.path.join(workdir, LOCK_FILE)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  dir_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
   try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
-    holder = _read_holder(fd)
-    os.close(fd)
+    holder = _read_holder(dir_fd)
+    os.close(dir_fd)
     who = holder.describe() if holder else 'another process'
     command = f' ({errors.bounded_repr(holder.command)})' if holder else ''
     raise errors.WorkdirLockedError(
@@ -111,7 +160,7 @@ def acquire(workdir: str) -> int:
       'for it to end or stop it, or train in another --workdir; two runs on '
       "one workdir would overwrite each other's checkpoints"
     ) from None
-  previous = _read_holder(fd)
+  previous = _read_holder(dir_fd)
   if previous is not None:
     # The flock was free, so its recorded holder died without releasing it.
     logging.warning(
@@ -120,15 +169,26 @@ def acquire(workdir: str) -> int:
       previous.describe(),
       workdir,
     )
-  _write_holder(fd, Holder.this_process())
-  return fd
+  try:
+    record_fd = _write_holder(dir_fd, Holder.this_process())
+  except OSError:
+    os.close(dir_fd)
+    raise
+  return Held(workdir=workdir, dir_fd=dir_fd, record_fd=record_fd)
 
 
-def release(fd: int) -> None:
-  """Empties the lock file (the run ended cleanly) and lets go of it."""
-  os.ftruncate(fd, 0)
-  fcntl.flock(fd, fcntl.LOCK_UN)
-  os.close(fd)
+def release(held: Held) -> None:
+  """Removes our record (if it is still ours) and lets go of the lock."""
+  try:
+    current = os.stat(LOCK_FILE, dir_fd=held.dir_fd, follow_symlinks=False)
+    ours = os.fstat(held.record_fd)
+    if (current.st_dev, current.st_ino) == (ours.st_dev, ours.st_ino):
+      os.unlink(LOCK_FILE, dir_fd=held.dir_fd)
+  except OSError:  # removed or replaced meanwhile: not ours to touch
+    pass
+  os.close(held.record_fd)
+  fcntl.flock(held.dir_fd, fcntl.LOCK_UN)
+  os.close(held.dir_fd)
 
 
 @contextlib.contextmanager
@@ -137,10 +197,10 @@ def hold(workdir: str) -> Iterator[None]:
 
   Raises errors.WorkdirLockedError in every process when the lock is taken.
   """
-  fd, refusal = None, None
+  held, refusal = None, None
   if jax.process_index() == 0:
     try:
-      fd = acquire(workdir)
+      held = acquire(workdir)
     except errors.WorkdirLockedError as error:
       refusal = error
   if jax.process_count() > 1:
@@ -159,5 +219,5 @@ def hold(workdir: str) -> Iterator[None]:
   try:
     yield
   finally:
-    if fd is not None:
-      release(fd)
+    if held is not None:
+      release(held)

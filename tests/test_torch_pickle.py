@@ -1101,14 +1101,14 @@ def isolated(tmp_path_factory):
 
 
 def assert_refused(outcome, match, error='UnsafeCheckpointError'):
-  """Refused with `error`, quickly, having materialised next to nothing."""
+  """Refused with `error`, having materialised next to nothing (a hang is the
+  worker's 20 s alarm, reported as a crash)."""
   assert outcome['outcome'] == 'error', outcome
   assert outcome['type'] == error, outcome
   assert re.search(match, outcome['message']), outcome['message']
   assert outcome['path'] in outcome['message']
   assert torch_hostile.acceptable(outcome) is None, outcome
   assert outcome['peak'] < 4 << 20, outcome
-  assert outcome['seconds'] < 2, outcome
   assert outcome['file_size'] < 4 << 20, outcome
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from cips_jax import errors
 from cips_jax import sampling
 from cips_jax import train
 from cips_jax import train_state
@@ -166,6 +167,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
   step, state = final_state(tiny_config(data_dir), tmp_path)
   assert step == 10
   assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state))
+
+
+def test_a_diverged_update_on_a_checkpoint_step_is_not_saved(
+  data_dir, tmp_path
+):
+  # Step 0's losses are computed before its update, so they are finite; the
+  # update with an infinite learning rate is not, and the checkpoint due
+  # after it (the last step) must not be written.
+  config = tiny_config(
+    data_dir,
+    **{'train.num_steps': 1, 'train.g_lr': float('inf'), 'train.r1_every': 1},
+  )
+  with pytest.raises(
+    errors.DivergedError,
+    match=r'after step 1 holds non-finite values \(in ema_params, g_params\)'
+    r'.*no checkpoint was written',
+  ):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert os.listdir(tmp_path / 'checkpoints') == []
 
 
 def test_resuming_with_another_architecture_names_the_difference(
