@@ -15,6 +15,7 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from cips_jax import errors
@@ -46,17 +47,78 @@ def module_config(module) -> dict[str, Any]:
 
 
 def module_from_config(config: dict[str, Any]):
-  """Inverse of `module_config`."""
+  """Inverse of `module_config`; checks every field first.
+
+  Raises errors.CheckpointError naming the field when `config` is not what
+  `module_config` writes: an unknown class or field, a value of the wrong type,
+  an integer out of bounds, a non-finite float.
+  """
+  if not isinstance(config, dict) or not isinstance(config.get('kwargs'), dict):
+    raise errors.CheckpointError(
+      'not a generator description (expected {"class": ..., "kwargs": '
+      f'{{...}}}}, got {errors.bounded_repr(config)})'
+    )
   name = config.get('class')
   if name not in models.GENERATORS:
     raise errors.CheckpointError(
-      f'unknown generator class {name!r}; expected one of '
+      f'unknown generator class {errors.bounded_repr(name)}; expected one of '
       f'{sorted(models.GENERATORS)}'
     )
+  cls = models.GENERATORS[name]
+  fields = {
+    f.name: f.default
+    for f in dataclasses.fields(cls)
+    if f.name not in _SKIPPED_FIELDS
+  }
   kwargs = dict(config['kwargs'])
+  for key, value in kwargs.items():
+    if key not in fields:
+      raise errors.CheckpointError(
+        f'{name} has no field {errors.bounded_repr(key)}'
+      )
+    problem = _field_problem(key, value, fields[key])
+    if problem:
+      raise errors.CheckpointError(
+        f'{name}.{key} = {errors.bounded_repr(value)}: {problem}'
+      )
   if 'dtype' in kwargs:
     kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
-  return models.GENERATORS[name](**kwargs)
+  return cls(**kwargs)
+
+
+# Integer fields of a generator and their bounds: far beyond any model that
+# fits a device, so a value outside them is damage, not a choice.
+_INT_BOUNDS = {
+  'size': (1, 1 << 16),
+  'hidden_size': (1, 1 << 14),
+  'style_dim': (1, 1 << 14),
+  'n_mlp': (0, 64),
+  'channel_multiplier': (1, 64),
+  'max_channels': (1, 1 << 14),
+}
+_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def _field_problem(key: str, value, default) -> str | None:
+  """Why `value` cannot be generator field `key` (whose default is `default`),
+  or None.
+  """
+  if key == 'dtype':
+    return None if value in _DTYPES else f'must be one of {_DTYPES}'
+  if isinstance(default, bool):
+    return None if isinstance(value, bool) else 'must be true or false'
+  if isinstance(default, int):
+    low, high = _INT_BOUNDS.get(key, (0, 1 << 14))
+    if isinstance(value, bool) or not isinstance(value, int):
+      return 'must be an integer'
+    return None if low <= value <= high else f'must be in [{low}, {high}]'
+  if isinstance(default, float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      return 'must be a number'
+    return None if 0 < value < float('inf') else 'must be finite and positive'
+  if value is None or (isinstance(value, str) and len(value) <= 64):
+    return None
+  return 'must be a short string'
 
 
 def export_generator(directory: str, module, variables: dict[str, Any]) -> None:
@@ -81,20 +143,71 @@ def export_generator(directory: str, module, variables: dict[str, Any]) -> None:
 
 
 def load_generator(directory: str):
-  """Reads an exported generator: returns `(module, variables)`."""
+  """Reads an exported generator: returns `(module, variables)`.
+
+  Read as a training checkpoint is: the model JSON is checked (fields, types,
+  bounds) before anything is built, and the parameters' shapes against the
+  architecture it describes. Raises MissingInputError without a directory,
+  DamagedCheckpointError for an unreadable part (named), and
+  CheckpointMismatchError for parameters of another architecture.
+  """
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise errors.MissingInputError(f'no exported generator at {directory}')
   checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  restored = checkpointer.restore(
-    directory,
-    ocp.args.Composite(
-      params=ocp.args.StandardRestore(), model=ocp.args.JsonRestore()
-    ),
-  )
-  return module_from_config(restored['model']), {
-    'params': restored['params']['params']
+  model_path = os.path.join(directory, 'model')
+  try:
+    model_config = checkpointer.restore(
+      directory, ocp.args.Composite(model=ocp.args.JsonRestore())
+    )['model']
+  except Exception as error:  # orbax raises many types; all mean damage
+    raise errors.DamagedCheckpointError(
+      f'the model description {model_path} cannot be read '
+      f'({describe_damage(error)})'
+    ) from None
+  try:
+    module = module_from_config(model_config)
+    expected = jax.eval_shape(lambda: models.init(module, jax.random.key(0)))
+  except errors.CheckpointError as error:
+    raise errors.CheckpointError(f'{model_path}: {error}') from None
+  except Exception as error:  # the module refused its own fields
+    raise errors.CheckpointError(
+      f'{model_path} does not describe a generator that can be built '
+      f'({describe_damage(error)})'
+    ) from None
+  params_path = os.path.join(directory, 'params')
+  try:
+    params = checkpointer.restore(
+      directory, ocp.args.Composite(params=ocp.args.StandardRestore())
+    )['params']['params']
+  except Exception as error:  # as above
+    raise errors.DamagedCheckpointError(
+      f'the parameters {params_path} cannot be read ({describe_damage(error)})'
+    ) from None
+  _check_shapes(params, expected['params'], params_path, model_path)
+  return module, {'params': params}
+
+
+def _check_shapes(params, expected, params_path: str, model_path: str):
+  """Raises CheckpointMismatchError unless `params` has `expected`'s tree and
+  shapes, naming the first differences."""
+  flat = lambda tree: {  # noqa: E731
+    jax.tree_util.keystr(path): tuple(np.shape(leaf))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
   }
+  saved, wanted = flat(params), flat(expected)
+  differences = [
+    f'{key}: saved {saved.get(key)}, model {wanted.get(key)}'
+    for key in sorted(set(saved) | set(wanted))
+    if saved.get(key) != wanted.get(key)
+  ]
+  if differences:
+    raise errors.CheckpointMismatchError(
+      f'the parameters {params_path} do not match the architecture '
+      f'{model_path} describes ({len(differences)} differences; '
+      + '; '.join(differences[:3])
+      + ')'
+    )
 
 
 class TrainCheckpoints:

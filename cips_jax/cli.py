@@ -92,6 +92,10 @@ def run(main: Callable[[list[str]], Any], name: str) -> None:
   def main_reporting_errors(argv):
     try:
       return main(argv)
+    except KeyboardInterrupt:
+      # Ctrl-C: one line and the shell's status for SIGINT, no traceback.
+      sys.stderr.write(f'{name}: interrupted\n')
+      sys.exit(130)
     except Exception as error:  # re-raised below unless a user can act on it
       reported = as_user_error(error)
       if reported is None:

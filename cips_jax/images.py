@@ -13,10 +13,11 @@ Everything here is numpy and pillow; nothing imports JAX.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pathlib
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 from PIL import Image
@@ -122,11 +123,31 @@ def save_png(path: str | os.PathLike, image: Any) -> str:
   if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[-1] not in (3, 4)):
     raise errors.InputError(f'expected an image (H, W, 3), got shape {x.shape}')
   path = os.fspath(path)
+  with _replaced_at_the_end(path) as temporary:
+    Image.fromarray(x).save(temporary, format='PNG')
+  return path
+
+
+@contextlib.contextmanager
+def _replaced_at_the_end(path: str) -> Iterator[str]:
+  """A temporary file beside `path`, renamed to `path` once written.
+
+  Interrupted (Ctrl-C, an error, a full disk), the temporary file is removed
+  and whatever `path` held before is left as it was.
+  """
   parent = os.path.dirname(path)
   if parent:
     os.makedirs(parent, exist_ok=True)
-  Image.fromarray(x).save(path, format='PNG')
-  return path
+  temporary = os.path.join(
+    parent, f'.{os.path.basename(path)}.{os.getpid()}.tmp'
+  )
+  try:
+    yield temporary
+    os.replace(temporary, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(temporary)
+    raise
 
 
 def save_gif(
@@ -142,21 +163,21 @@ def save_gif(
       f'expected frames (T, H, W, 3), got shape {x.shape}'
     )
   path = os.fspath(path)
-  if os.path.dirname(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
   images = [Image.fromarray(frame) for frame in x]
   # The NETSCAPE loop count 0 repeats forever; without the block a GIF plays
   # once (a count of 1 would play it twice).
   looping = {'loop': 0} if loop else {}
-  images[0].save(
-    path,
-    format='GIF',
-    save_all=True,
-    append_images=images[1:],
-    # Milliseconds per frame; GIF stores hundredths, so the rate is approximate.
-    duration=int(round(1000 / fps)),
-    **looping,
-  )
+  with _replaced_at_the_end(path) as temporary:
+    images[0].save(
+      temporary,
+      format='GIF',
+      save_all=True,
+      append_images=images[1:],
+      # Milliseconds per frame; GIF stores hundredths, so the rate is
+      # approximate.
+      duration=int(round(1000 / fps)),
+      **looping,
+    )
   return path
 
 
@@ -304,21 +325,41 @@ def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
   return image.resize((new_w, new_h), Image.BILINEAR)
 
 
+# read_image refuses larger images before decoding them: 8192 x 8192 is half a
+# GB of floats in the 16-bit conversion, and far more than any target needs.
+MAX_DECODED_PIXELS = 8192 * 8192
+
+
 def read_image(path: str | os.PathLike, height: int, width: int) -> np.ndarray:
   """An image file as uint8 (height, width, 3).
 
-  The shorter side is resized, then the image is centre-cropped.
+  The shorter side is resized, then the image is centre-cropped. Any mode PIL
+  reads works (RGB, RGBA and LA lose their alpha, palette, grayscale, 16-bit).
 
   Raises:
-    ValueError: if the file cannot be read as an image (the message names it).
+    errors.InputError: the file cannot be read as an image, or it has more
+      than MAX_DECODED_PIXELS pixels (measured before decoding); the message
+      names it.
   """
   try:
     with Image.open(path) as image:
+      w, h = image.size
+      if w * h > MAX_DECODED_PIXELS:
+        raise errors.InputError(
+          f'the image {path} is {w}x{h} pixels, more than the '
+          f'{MAX_DECODED_PIXELS:,} read_image decodes: downscale it first'
+        )
+      # PIL decodes lazily: decode while the file is open (an RGB image
+      # already at the target size would otherwise be read after closing).
+      image.load()
       # The shorter side goes to the larger target side: both sides then
       # cover the centre crop.
-      image = resize_shorter_side(to_rgb(image), max(height, width))
-  except (OSError, UnidentifiedImageError) as error:
+      array = np.asarray(resize_shorter_side(to_rgb(image), max(height, width)))
+  except (
+    OSError,
+    UnidentifiedImageError,
+    Image.DecompressionBombError,
+  ) as error:
     raise errors.InputError(f'cannot read the image {path}: {error}') from None
-  array = np.asarray(image)
   top, left = (array.shape[0] - height) // 2, (array.shape[1] - width) // 2
   return array[top : top + height, left : left + width]

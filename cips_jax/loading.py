@@ -34,7 +34,8 @@ NotAGeneratorError = errors.NotAGeneratorError
 
 
 def _is_export(path: str) -> bool:
-  return all(
+  # Either part marks an export: one without the other is a damaged export.
+  return any(
     os.path.isdir(os.path.join(path, item)) for item in ('model', 'params')
   )
 
@@ -51,17 +52,62 @@ def _is_export_of_state(path: str) -> bool:
   )
 
 
+def _read_only_manager(manager_dir: str) -> ocp.CheckpointManager:
+  """An orbax manager that never creates, moves or deletes anything."""
+  return ocp.CheckpointManager(
+    manager_dir, options=ocp.CheckpointManagerOptions(read_only=True)
+  )
+
+
 def _restore(manager_dir: str, step: int, **items) -> dict:
   """The orbax `items` of checkpoint `step` in `manager_dir`.
 
   Raises DamagedCheckpointError, naming the newest intact checkpoint to use
   instead, when `step` cannot be read.
   """
-  with ocp.CheckpointManager(manager_dir) as manager:
+  with _read_only_manager(manager_dir) as manager:
     try:
       return manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as error:  # orbax raises many types; all mean damage
       raise _damaged(manager, manager_dir, step, error) from None
+
+
+# A reader beside a live run retries this many times when the step it reads is
+# pruned under it (a run keeping one checkpoint prunes one per save).
+_VANISHED_RETRIES = 20
+
+
+def restore_newest(manager_dir: str, **items) -> tuple[int, dict]:
+  """(step, the orbax `items`) of the newest checkpoint in `manager_dir`.
+
+  Safe beside a live training run: it writes nothing, and a step that the run
+  prunes while it is being read is skipped for the next newest (the listing is
+  read again). A step is called damaged (DamagedCheckpointError, naming the
+  newest intact one) only if it is still there, complete, and cannot be read
+  twice in a row.
+  """
+  workdir = os.path.dirname(manager_dir)
+  for _ in range(_VANISHED_RETRIES):
+    steps = checkpoint_steps(workdir)
+    if not steps:
+      raise errors.MissingInputError(
+        f'the training workdir {workdir} has no checkpoint yet'
+      )
+    step = steps[-1]
+    for attempt in range(2):
+      try:
+        with _read_only_manager(manager_dir) as manager:
+          return step, manager.restore(step, args=ocp.args.Composite(**items))
+      except Exception as error:  # orbax raises many types
+        if not _is_export_of_state(os.path.join(manager_dir, str(step))):
+          break  # pruned under us: list again
+        if attempt == 1:  # still there, and unreadable twice: damaged
+          with _read_only_manager(manager_dir) as manager:
+            raise _damaged(manager, manager_dir, step, error) from None
+  raise errors.CheckpointError(
+    f'every checkpoint of {workdir} vanished while it was read, '
+    f'{_VANISHED_RETRIES} times: is a run pruning faster than it saves?'
+  )
 
 
 def _damaged(manager, manager_dir: str, step: int, error: Exception):
@@ -100,6 +146,11 @@ def _restore_training_step(manager_dir: str, step: int, which: str):
     state=ocp.args.StandardRestore(),
     config=ocp.args.JsonRestore(),
   )
+  return _generator_of(saved, which)
+
+
+def _generator_of(saved: dict, which: str):
+  """(generator, variables) of a restored training checkpoint."""
   gen = models.generator_from_config(saved['config']['model'])
   return gen, {'params': saved['state'][checkpoints.NETWORKS[which]]}
 
@@ -149,7 +200,8 @@ def workdir_config(workdir: str):
     try:
       saved = _restore(manager_dir, step, config=ocp.args.JsonRestore())
     except errors.DamagedCheckpointError as error:
-      logging.warning('%s', error)
+      if _is_export_of_state(os.path.join(manager_dir, str(step))):
+        logging.warning('%s', error)  # damaged; pruned ones go unmentioned
       continue
     return ml_collections.ConfigDict(saved['config'])
   raise errors.DamagedCheckpointError(
@@ -197,9 +249,12 @@ def open_generator(
     )
   manager_dir = os.path.join(path, 'checkpoints')
   if os.path.isdir(manager_dir):
-    return _restore_training_step(
-      manager_dir, latest_checkpoint_step(path), which
+    _, saved = restore_newest(
+      manager_dir,
+      state=ocp.args.StandardRestore(),
+      config=ocp.args.JsonRestore(),
     )
+    return _generator_of(saved, which)
   raise NotAGeneratorError(
     f'{path} is not a training workdir (no checkpoints/ inside), an exported '
     'generator (no model/ and params/ inside), a training step directory, or a '

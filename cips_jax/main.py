@@ -22,6 +22,7 @@ import jax
 from ml_collections import config_flags
 
 from cips_jax import cli
+from cips_jax import errors
 from cips_jax import host_malloc
 from cips_jax import train
 
@@ -78,6 +79,11 @@ class _QuietLibraries(logging_lib.Filter):
 
 def main(argv):
   cli.no_positional_arguments(argv)
+  if not _WORKDIR.value.strip():
+    # An empty --workdir would train into the current folder.
+    raise errors.OptionError(
+      '--workdir is empty: name a folder for the checkpoints and logs'
+    )
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if _runs_as_one_of_several_processes():
     jax.distributed.initialize(

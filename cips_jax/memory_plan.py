@@ -132,12 +132,17 @@ def device_memory_bytes(device: Optional[jax.Device] = None) -> Optional[int]:
   """
   device = device or jax.local_devices()[0]
   if device.platform == 'cpu':
-    try:
-      return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    except (ValueError, OSError):
-      return None
+    return host_memory_bytes()
   stats = device.memory_stats() or {}
   return stats.get('bytes_limit')
+
+
+def host_memory_bytes() -> Optional[int]:
+  """This machine's physical memory; None if unknown."""
+  try:
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (ValueError, OSError):
+    return None
 
 
 def describe(num_bytes: float) -> str:

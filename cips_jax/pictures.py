@@ -15,6 +15,7 @@ type, default and help), so `--width=1024` on the command line is
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Optional
 
@@ -25,6 +26,7 @@ from cips_jax import errors
 from cips_jax import grids
 from cips_jax import images as images_lib
 from cips_jax import inversion
+from cips_jax import memory_plan
 from cips_jax import sampling
 from cips_jax import style_fields
 from cips_jax import summary
@@ -136,6 +138,15 @@ def check(mode: str, out: str, options: Options) -> None:
       f'--out={out}: mode {mode} writes a {" or a ".join(expected)} file'
     )
   o = options
+  for field in dataclasses.fields(Options):
+    value = getattr(o, field.name)
+    # NaN and infinities pass every comparison below the wrong way.
+    if isinstance(value, float) and not math.isfinite(value):
+      raise OptionError(f'--{field.name}={value}: must be a finite number')
+  if not 0 <= o.seed < 2**32:
+    raise OptionError(f'--seed={o.seed}: must be in [0, 2**32)')
+  if not 0 < o.fps <= 1000:
+    raise OptionError(f'--fps={o.fps}: must be in (0, 1000]')
   for name in (
     'num_images',
     'chunk_size',
@@ -169,7 +180,7 @@ def check(mode: str, out: str, options: Options) -> None:
   except ValueError:
     # Unparsable: falls through to the same message as an out-of-range value.
     fixation = ()
-  if len(fixation) != 2 or max(abs(v) for v in fixation) > 1:
+  if len(fixation) != 2 or not all(abs(v) <= 1 for v in fixation):
     raise OptionError(f'--fixation={o.fixation}: expected x,y in [-1, 1]')
   if mode == 'invert' and not o.target:
     raise OptionError('--mode=invert needs --target=IMAGE_FILE')
@@ -179,6 +190,53 @@ def check(mode: str, out: str, options: Options) -> None:
     value = getattr(o, name)
     if value and not os.path.exists(os.path.expanduser(value)):
       raise OptionError(f'--{name}={value}: no such file or folder')
+
+
+# Host bytes per output pixel: the float32 render (12), its uint8 copy and the
+# image encoder's (3 each), and as much again for the grids and copies between.
+_BYTES_PER_OUTPUT_PIXEL = 36
+
+
+def planned_output_bytes(mode: str, gen, options: Options) -> int:
+  """The host memory `mode` needs for its outputs with `gen` (from sizes)."""
+  o = options
+  height = o.height or gen.size
+  around = gen.cylindrical and mode == 'blend' or mode == 'panorama'
+  width = o.width or (4 * height if around else height)
+  images = {
+    'grid': o.num_images,
+    'interpolate': o.frames,
+    # The pure renders, the mix, and the mixture weights (k floats a pixel).
+    'mix': 2 * o.num_styles + 1,
+    'blend': 4,
+    # The target, two reconstructions, and a w per pixel with Adam's moments.
+    'invert': 3 + 3 * gen.style_dim * 4 // _BYTES_PER_OUTPUT_PIXEL,
+  }.get(mode, 1)
+  if mode == 'superres':
+    height, width = (int(round(o.scale * side)) for side in (height, width))
+  return images * height * width * _BYTES_PER_OUTPUT_PIXEL
+
+
+def check_output_memory(mode: str, gen, options: Options) -> None:
+  """Raises OptionError when `mode`'s outputs would need more than half this
+  machine's memory (planned from sizes, before anything is rendered)."""
+  needed = planned_output_bytes(mode, gen, options)
+  memory = memory_plan.host_memory_bytes()
+  if memory is None or needed <= memory // 2:
+    return
+  o = options
+  flags = {
+    'grid': f'--num_images={o.num_images}',
+    'interpolate': f'--frames={o.frames}',
+    'superres': f'--scale={o.scale}',
+    'mix': f'--num_styles={o.num_styles}',
+  }.get(mode, f'--height={o.height} --width={o.width}')
+  raise OptionError(
+    f'{flags}: --mode={mode} would need about '
+    f'{memory_plan.describe(needed)} of memory for its output, more than half '
+    f"of this machine's {memory_plan.describe(memory)}; ask for less, or "
+    'render tiles with the library (sampling.render on grids.patch)'
+  )
 
 
 class _Context:
@@ -470,5 +528,6 @@ def run(
   """
   # Checked again here: library callers may skip the command's early check.
   check(mode, out, options)
+  check_output_memory(mode, gen, options)
   report = _MODES[mode](_Context(gen, variables, options), out)
   return {'mode': mode, 'out': os.path.abspath(out), **report}

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 from cips_jax import checkpoints
 from cips_jax import convert
@@ -150,12 +151,15 @@ def restore_run(workdir: str):
   """
   config = loading.workdir_config(workdir)
   gen, disc, _, _, abstract = abstract_state(config)
-  manager = checkpoints.TrainCheckpoints(
+  sharding = parallel.replicated(parallel.make_mesh())
+  target = jax.tree_util.tree_map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+    abstract,
+  )
+  # A reader: it never moves a damaged step aside (only the run holding the
+  # workdir's lock does), and a step pruned under it is skipped.
+  _, saved = loading.restore_newest(
     os.path.join(os.path.abspath(os.path.expanduser(workdir)), 'checkpoints'),
-    keep=config.logging.keep_checkpoints,
-    config=config,
+    state=ocp.args.StandardRestore(target),
   )
-  state = manager.restore_latest(
-    abstract, parallel.replicated(parallel.make_mesh())
-  )
-  return config, gen, disc, state
+  return config, gen, disc, saved['state']

@@ -79,8 +79,36 @@ _LONGEST_FIRST = (
 )
 
 
+# The slow tier (`pytest -m slow`; the day-to-day tier is `-m "not slow"`):
+# modules that train through the command line, start several processes, read
+# the shared 120-step run, or run the real Inception network at scale. CI runs
+# both tiers.
+SLOW_MODULES = frozenset(
+  {
+    'test_readme.py',  # every README command, each a process
+    'test_train_e2e.py',  # training runs: resume, SIGTERM/SIGKILL, 8 devices
+    'test_sample_command.py',  # the shared 120-step run, the commands
+    'test_evaluate.py',  # Inception: FID/KID, perceptual inversion
+    'test_lowering.py',  # every program lowered for cuda and tpu
+    'test_run_safety.py',  # the lock and damage with live training processes
+    'test_multihost.py',  # two processes, one run
+    'test_notebook.py',  # the notebook, executed
+    'test_device_check.py',  # the device check's and memory plan's smoke runs
+    'test_continue_reference_run.py',  # continuing a PyTorch run
+    'test_lmdb_data.py',  # LMDB preparation, then training
+    'test_host_malloc.py',  # repeated steps in fresh processes
+    'test_pretrained.py',  # the shipped model against a fresh one
+    'test_sharded_embedding.py',  # an 8-device process
+    'test_torch_export.py',  # the shared 120-step run, exported
+  }
+)
+
+
 def pytest_collection_modifyitems(config, items):
   del config
+  for item in items:
+    if item.path.name in SLOW_MODULES:
+      item.add_marker(pytest.mark.slow)
   rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
   # A stable sort: each module keeps its own order.
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

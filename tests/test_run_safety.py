@@ -23,7 +23,9 @@ import pytest
 
 from cips_jax import config_validation
 from cips_jax import errors
+from cips_jax import loading
 from cips_jax import train
+from cips_jax import train_state
 import support
 from support import final_state
 from support import tiny_config
@@ -49,22 +51,52 @@ def lock_holder(workdir) -> dict:
     return {}
 
 
+def steps_saved(workdir) -> list[int]:
+  """The committed checkpoint steps of a workdir (none while it is created)."""
+  try:
+    return [
+      int(p.name)
+      for p in (pathlib.Path(workdir) / 'checkpoints').iterdir()
+      if p.name.isdigit()
+    ]
+  except FileNotFoundError:
+    return []
+
+
 def test_a_second_run_is_refused_and_a_killed_runs_lock_taken_over(
   data_dir, tmp_path
 ):
+  # A checkpoint every step, only the last kept: every save prunes a step.
+  pruning = [
+    '--config.logging.checkpoint_every=1',
+    '--config.logging.keep_checkpoints=1',
+  ]
   first = subprocess.Popen(
-    [sys.executable, *main_args(tmp_path, data_dir, 1_000_000)],
+    [sys.executable, *main_args(tmp_path, data_dir, 1_000_000, *pruning)],
     cwd=support.REPO,
     stdout=subprocess.DEVNULL,
     stderr=subprocess.DEVNULL,
   )
   try:
     start = time.time()
-    while not (tmp_path / 'checkpoints' / '20').exists():
+    while not steps_saved(tmp_path) or max(steps_saved(tmp_path)) < 5:
       assert first.poll() is None, 'the first run stopped'
       assert time.time() - start < 300, 'the first run made no checkpoint'
       time.sleep(0.1)
     assert lock_holder(tmp_path)['pid'] == first.pid
+    # Readers beside the run: each gets the newest step it can read, whatever
+    # the run prunes meanwhile, and none moves or writes anything.
+    read = []
+    for _ in range(6):
+      read.append(train_state.restore_run(str(tmp_path))[3].step)
+      loading.open_generator(str(tmp_path))
+    assert read == sorted(read) and read[-1] > 5, read
+    assert set(os.listdir(tmp_path)) <= {
+      'checkpoints',
+      'lock',
+      'samples',
+      'tensorboard',
+    }
     # The same command with another seed: before the lock, both trained and
     # the second's checkpoints replaced the first's.
     second = support.run_python(
@@ -82,11 +114,7 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_taken_over(
     first.wait()
   # A killed run cannot release its lock; the next one takes it over. The kill
   # may land mid-save, leaving orbax's '<step>.orbax-checkpoint-tmp' folder.
-  latest = max(
-    int(p.name)
-    for p in (tmp_path / 'checkpoints').iterdir()
-    if p.name.isdigit()
-  )
+  latest = max(steps_saved(tmp_path))
   third = support.run_python(
     *main_args(tmp_path, data_dir, latest + 2), timeout=300
   )

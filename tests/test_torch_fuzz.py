@@ -1,4 +1,5 @@
-"""Fuzzing torch_pickle.load and convert's readers with hostile checkpoints.
+"""Fuzzing torch_pickle.load and convert's readers with hostile checkpoints,
+and loading.open_generator with damaged exported generators.
 
 A seeded mutator (torch_hostile.Mutator) turns the real fixtures
 (tests/data/*.pt) into damaged, malformed or malicious files (flipped bytes,
@@ -17,24 +18,28 @@ Run with ``-s`` to see the numbers: cases tried, the worst memory and time of
 one load, and the outcomes by type; they are also written to fuzz.json in the
 test's temporary folder.  A failure names the case: rebuild its file with
 ``torch_hostile.Mutator(SEED, folder, fixture).case(index)``.
+
+The exports: EXPORT_CASES damaged copies of a tiny export
+(``torch_hostile.export_cases``, seeded the same way), each a load or a
+one-line error, never a crash.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import pathlib
 import time
 
 import torch_hostile
 
 # Cases 0 .. CASES - 1 of the seeded mutator: every kind of damage appears
-# among them (asserted), and all of them run in about 15 s on the slower 2-core
-# CPU.
+# among them (asserted); they run in about 17 s on the slower 2-core CPU.
 CASES = 120
 SEED = 20240611
 # The per-case hang limit in the worker (a case past it kills the worker).  The
-# slowest case takes under 2 s here, under tracemalloc (which makes the scan of
-# a pickle about ten times slower); a hang is far beyond either.
+# slowest case took 3.2 s on the slower 2-core CPU with the other core busy,
+# under tracemalloc (which makes the scan of a pickle about ten times slower).
 CASE_SECONDS = 60
 
 
@@ -85,3 +90,35 @@ def test_hostile_checkpoints_give_a_load_or_a_one_line_error(tmp_path):
   # The unchanged fixtures among the cases loaded.
   controls = [o for o in outcomes if o['name'].startswith('control')]
   assert all(o['outcome'] == 'ok' for o in controls), controls
+
+
+EXPORT_CASES = 30
+
+
+def test_damaged_exports_give_a_load_or_a_one_line_error(
+  exported_generators, tmp_path
+):
+  """A fixed, seeded list of damaged copies of an exported generator (flipped
+  bytes, truncated or deleted files, hostile model JSON), each opened by
+  `loading.open_generator` in the worker."""
+  work = tmp_path / 'exports'
+  work.mkdir()
+  cases = torch_hostile.export_cases(
+    SEED, EXPORT_CASES, pathlib.Path(exported_generators[False]), work
+  )
+  outcomes = torch_hostile.run_cases(
+    {'cases': cases, 'case_seconds': CASE_SECONDS}, tmp_path, timeout=10 * 60
+  )
+  assert [o['index'] for o in outcomes] == list(range(EXPORT_CASES))
+  bad = [
+    (o['index'], o['name'], why, o['type'], o['message'][:300])
+    for o in outcomes
+    if (why := torch_hostile.acceptable(o))
+  ]
+  assert not bad, bad[:10]
+  summary = collections.Counter(o['type'] for o in outcomes)
+  print('\nexport fuzz:', json.dumps(summary))
+  controls = [o for o in outcomes if o['name'].startswith('export control')]
+  assert controls and all(o['outcome'] == 'ok' for o in controls), controls
+  # Most damage is refused: a case that loads changed bytes nobody reads.
+  assert summary[None] < EXPORT_CASES // 2, summary

@@ -627,6 +627,86 @@ def _zip_layout(data: bytes) -> dict:
   }
 
 
+# ------------------------------------------------------------------------------
+# Damaged exported generators (checkpoints.export_generator's layout).
+
+# Values a field of an export's model JSON is set to.
+EXPORT_VALUES = [
+  -1,
+  0,
+  1,
+  2**31,
+  2**63,
+  1e308,
+  float('nan'),
+  float('inf'),
+  '',
+  'x' * 5000,
+  [],
+  {},
+  None,
+  True,
+  'float64',
+  'CIPSres',
+]
+# What the model JSON is replaced with whole.
+EXPORT_JSON = [b'', b'{', b'null', b'[]', b'{"class": "CIPSskip"}', b'\xff\xfe']
+
+
+def export_cases(
+  seed: int, count: int, source: pathlib.Path, workdir: pathlib.Path
+) -> list[dict]:
+  """`count` damaged copies of the export `source`, as run_cases' cases.
+
+  Case i depends on (seed, i) alone; every 20th is an undamaged control.
+  """
+  import shutil
+
+  cases = []
+  for index in range(count):
+    rng = random.Random(f'export:{seed}:{index}')
+    path = workdir / f'export_{index}'
+    shutil.copytree(source, path)
+    files = sorted(p for p in path.rglob('*') if p.is_file())
+    kind = (
+      'control'
+      if index % 20 == 0
+      else rng.choice(['flip', 'truncate', 'delete', 'field', 'json'])
+    )
+    target = rng.choice(files)
+    what = str(target.relative_to(path))
+    if kind == 'flip':
+      data = bytearray(target.read_bytes())
+      for _ in range(rng.randint(1, 8)):
+        if data:
+          data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+      target.write_bytes(bytes(data))
+    elif kind == 'truncate':
+      data = target.read_bytes()
+      target.write_bytes(data[: rng.randrange(max(len(data), 1))])
+    elif kind == 'delete':
+      target.unlink()
+    elif kind in ('field', 'json'):
+      model = path / 'model' / 'metadata'
+      config = json.loads(model.read_text())
+      if kind == 'json':
+        model.write_bytes(rng.choice(EXPORT_JSON))
+        what = 'model JSON replaced'
+      else:
+        key = rng.choice(sorted(config['kwargs']) + ['class', 'extra'])
+        value = rng.choice(EXPORT_VALUES)
+        if key == 'class':
+          config['class'] = value
+        else:
+          config['kwargs'][key] = value
+        model.write_text(json.dumps(config))
+        what = f'{key} = {str(value)[:20]}'
+    cases.append(
+      {'name': f'export {kind}: {what}', 'path': str(path), 'call': 'export'}
+    )
+  return cases
+
+
 # The kinds of case the mutator makes, with their weights.
 CASE_KINDS = {
   'control': 1,
@@ -1064,6 +1144,7 @@ def _worker(spec_path: str) -> None:
   # Imported here, not at the top: the parent (pytest) only starts workers.
   from cips_jax import convert
   from cips_jax import errors
+  from cips_jax import loading
   from cips_jax import torch_pickle
 
   fixture = torch_pickle.load(FIXTURES['train_step_s8'])
@@ -1075,6 +1156,7 @@ def _worker(spec_path: str) -> None:
     'load': torch_pickle.load,
     'convert': convert.load_torch_checkpoint,
     'run': lambda path: convert.load_training_run(path, *modules),
+    'export': loading.open_generator,
   }
   if 'cases' in spec:
     cases = iter(spec['cases'][spec['start'] :])

@@ -92,6 +92,10 @@ def _positional(argv: list[str]) -> tuple[str, list[str]]:
   return kind, rest
 
 
+# The largest stored side --resolution accepts.
+MAX_RESOLUTION = 8192
+
+
 def main(argv):
   kind, rest = _positional(argv)
   if kind == 'procedural':
@@ -104,6 +108,13 @@ def main(argv):
       raise errors.DataError(
         f'{kind} needs --resolution=PIXELS (the shorter side of the stored '
         'images)'
+      )
+    if not 1 <= _RESOLUTION.value <= MAX_RESOLUTION:
+      # Every stored image is decoded and resized to this side in memory.
+      raise errors.DataError(
+        f'--resolution={_RESOLUTION.value}: must be in [1, {MAX_RESOLUTION}] '
+        '(the shorter side of the stored images; the largest recipe trains '
+        'at 1024)'
       )
     background = preparation.parse_background(_BACKGROUND.value, '--background')
     prepare = (
