@@ -60,6 +60,10 @@ def _power_of_two(value: Any) -> bool:
   return isinstance(value, int) and value > 0 and value & (value - 1) == 0
 
 
+# The most images logging.num_samples may ask of each sample grid.
+MAX_SAMPLE_GRID = 1024
+
+
 def _int_at_least(low: int) -> Callable[[Any, Context], bool]:
   return lambda v, _: isinstance(v, int) and v >= low
 
@@ -220,8 +224,13 @@ RULES: tuple[Rule, ...] = (
       'sample_every',
       'checkpoint_every',
       'keep_checkpoints',
-      'num_samples',
     )
+  ),
+  # The sample grid is rendered whole, on every sample step.
+  Rule(
+    'logging.num_samples',
+    lambda v, _: isinstance(v, int) and 1 <= v <= MAX_SAMPLE_GRID,
+    f'must be in [1, {MAX_SAMPLE_GRID}] (the images of the sample grid)',
   ),
   Rule('logging.swd_num_images', _int_at_least(0), 'must be >= 0'),
   Rule(
@@ -298,12 +307,12 @@ def check_fits(
   num_devices: int,
   memory_bytes: Optional[int] = None,
 ) -> None:
-  """Raises ConfigError when even the least the run needs exceeds a device.
+  """Raises ConfigError when the run, as configured, exceeds a device.
 
-  The plan (`memory_plan.plan(least=True)`: activations counted as with remat)
-  comes from shapes, in a second or two at any size, so absurd widths are
-  refused before anything is allocated, while a run that remat or another
-  dtype could fit is left to try.
+  The plan (`memory_plan.plan`, with the config's own train.remat and
+  train.compute_dtype) comes from shapes, in a second or two at any size, so
+  absurd widths and batches are refused before anything is allocated. The
+  advice names only the remedies the config does not already use.
   """
   if memory_bytes is None:
     memory_bytes = memory_plan.device_memory_bytes()
@@ -312,24 +321,29 @@ def check_fits(
       memory_bytes //= jax.local_device_count()
   if memory_bytes is None:
     return
-  needs = memory_plan.plan(config, num_devices, least=True)
+  needs = memory_plan.plan(config, num_devices)
   if needs.total_bytes <= memory_bytes:
     return
   describe = memory_plan.describe
+  t = config.train
   if needs.state_bytes > memory_bytes:
     field = 'config.model'
     cause = 'its parameters, optimizer state and EMA alone do not fit'
   else:
-    field = f'config.train.global_batch_size = {config.train.global_batch_size}'
+    field = f'config.train.global_batch_size = {t.global_batch_size}'
     cause = (
       f'at {needs.batch_per_device} images of {config.data.crop}x'
       f'{config.data.crop} per device'
     )
+  remedies = ['Lower the batch, data.crop or the widths', 'use more devices']
+  if not t.remat:
+    remedies.append('set train.remat=True')
+  if t.compute_dtype != 'bfloat16':
+    remedies.append("set train.compute_dtype='bfloat16'")
   raise ConfigError(
-    f'{field}: the run needs at least {describe(needs.total_bytes)} per device '
+    f'{field}: the run needs about {describe(needs.total_bytes)} per device '
     f'(parameters, optimizer state and EMA {describe(needs.state_bytes)}; '
     f'activations about {describe(needs.activations)}), more than the '
-    f'{describe(memory_bytes)} a device has here ({cause}). Lower the batch, '
-    'data.crop or the widths, use more devices, or set train.remat=True or '
-    "train.compute_dtype='bfloat16'"
+    f'{describe(memory_bytes)} a device has here ({cause}). '
+    + '; '.join(remedies)
   )

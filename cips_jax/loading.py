@@ -18,6 +18,7 @@ The commands (`cips_jax.sample`, `cips_jax.evaluate`) take any of these as
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from absl import logging
@@ -75,6 +76,7 @@ def _restore(manager_dir: str, step: int, **items) -> dict:
 # A reader beside a live run retries this many times when the step it reads is
 # pruned under it (a run keeping one checkpoint prunes one per save).
 _VANISHED_RETRIES = 20
+_RETRY_PAUSE_S = 0.5
 
 
 def restore_newest(manager_dir: str, **items) -> tuple[int, dict]:
@@ -104,6 +106,8 @@ def restore_newest(manager_dir: str, **items) -> tuple[int, dict]:
         if attempt == 1:  # still there, and unreadable twice: damaged
           with _read_only_manager(manager_dir) as manager:
             raise _damaged(manager, manager_dir, step, error) from None
+        # A deletion caught half-way finishes meanwhile.
+        time.sleep(_RETRY_PAUSE_S)
   raise errors.CheckpointError(
     f'every checkpoint of {workdir} vanished while it was read, '
     f'{_VANISHED_RETRIES} times: is a run pruning faster than it saves?'
@@ -191,22 +195,29 @@ def workdir_config(workdir: str):
   manager_dir = os.path.join(
     os.path.abspath(os.path.expanduser(workdir)), 'checkpoints'
   )
-  steps = checkpoint_steps(workdir)
-  if not steps:
-    raise errors.MissingInputError(
-      f'the training workdir {workdir} has no checkpoint yet'
-    )
-  for step in reversed(steps):
-    try:
-      saved = _restore(manager_dir, step, config=ocp.args.JsonRestore())
-    except errors.DamagedCheckpointError as error:
-      if _is_export_of_state(os.path.join(manager_dir, str(step))):
-        logging.warning('%s', error)  # damaged; pruned ones go unmentioned
-      continue
-    return ml_collections.ConfigDict(saved['config'])
-  raise errors.DamagedCheckpointError(
-    f'no checkpoint in {manager_dir} holds a readable config (steps '
-    f'{", ".join(map(str, steps))})'
+  for _ in range(_VANISHED_RETRIES):
+    steps = checkpoint_steps(workdir)
+    if not steps:
+      raise errors.MissingInputError(
+        f'the training workdir {workdir} has no checkpoint yet'
+      )
+    for step in reversed(steps):
+      try:
+        saved = _restore(manager_dir, step, config=ocp.args.JsonRestore())
+      except errors.DamagedCheckpointError as error:
+        if not _is_export_of_state(os.path.join(manager_dir, str(step))):
+          break  # pruned by a live run while read: list the steps again
+        logging.warning('%s', error)
+        continue
+      return ml_collections.ConfigDict(saved['config'])
+    else:
+      raise errors.DamagedCheckpointError(
+        f'no checkpoint in {manager_dir} holds a readable config (steps '
+        f'{", ".join(map(str, steps))})'
+      )
+  raise errors.CheckpointError(
+    f'every checkpoint of {workdir} vanished while it was read, '
+    f'{_VANISHED_RETRIES} times: is a run pruning faster than it saves?'
   )
 
 

@@ -16,6 +16,7 @@ from cips_jax import config_validation
 from cips_jax import configs
 from cips_jax import convert
 from cips_jax import losses
+from cips_jax import memory_plan
 from cips_jax import parallel
 from cips_jax import train
 from cips_jax import train_state
@@ -277,3 +278,36 @@ def test_bfloat16_compute_and_remat_step():
   )
   _, out32 = step32(state, fake_batch(config), True)
   assert float(out['d_loss']) == pytest.approx(float(out32['d_loss']), rel=0.05)
+
+
+def test_the_memory_check_plans_the_run_as_configured():
+  # Before, the check used the remat plan whatever the config said: a run
+  # needing more than the device without remat was let through.
+  config = tiny_config()
+  config.train.global_batch_size = 64
+  plain = memory_plan.plan(config, num_devices=1).total_bytes
+  config.train.remat = True
+  with_remat = memory_plan.plan(config, num_devices=1).total_bytes
+  assert with_remat < plain
+  between = (plain + with_remat) // 2
+  config_validation.check_fits(config, 1, memory_bytes=between)  # fits
+  config.train.remat = False
+  with pytest.raises(config_validation.ConfigError) as refused:
+    config_validation.check_fits(config, 1, memory_bytes=between)
+  assert 'set train.remat=True' in str(refused.value)
+  assert "set train.compute_dtype='bfloat16'" in str(refused.value)
+  # Advice only for what is not already set.
+  config.train.remat, config.train.compute_dtype = True, 'bfloat16'
+  with pytest.raises(config_validation.ConfigError) as refused:
+    config_validation.check_fits(config, 1, memory_bytes=1000)
+  assert 'remat' not in str(refused.value).split('. ')[-1]
+  assert 'bfloat16' not in str(refused.value)
+
+
+def test_the_sample_grid_is_bounded():
+  config = tiny_config()
+  config.logging.num_samples = 1_000_000
+  with pytest.raises(
+    config_validation.ConfigError, match=r'logging.num_samples.*\[1, 1024\]'
+  ):
+    config_validation.validate(config, num_devices=1, num_processes=1)
