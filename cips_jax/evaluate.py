@@ -27,8 +27,10 @@ from cips_jax import data
 from cips_jax import errors
 from cips_jax import evaluation
 from cips_jax import loading
+from cips_jax import memory_plan
 from cips_jax import parallel
 from cips_jax import summary
+from cips_jax.metrics import inception
 
 _WORKDIR = flags.DEFINE_string(
   'workdir', None, 'Training workdir (config, data, cache).'
@@ -68,6 +70,20 @@ def _check_flags() -> None:
   if _BATCH_SIZE.value < 1:
     raise errors.OptionError(
       f'--batch_size={_BATCH_SIZE.value}: must be positive'
+    )
+  if not 0 <= _SEED.value < 2**32:
+    raise errors.OptionError(f'--seed={_SEED.value}: must be in [0, 2**32)')
+  # Planned from sizes before anything is loaded: each device runs its share
+  # of a batch through Inception.
+  per_device = -(-_BATCH_SIZE.value // jax.device_count())
+  needed = per_device * inception.BYTES_PER_IMAGE
+  memory = memory_plan.device_memory_bytes()
+  if memory is not None and needed > memory // 2:
+    raise errors.OptionError(
+      f'--batch_size={_BATCH_SIZE.value}: Inception needs about '
+      f'{memory_plan.describe(needed)} per device for it, more than half of '
+      f'the {memory_plan.describe(memory)} a device has here; lower '
+      '--batch_size'
     )
   if _OUT.value and not _OUT.value.endswith('.json'):
     raise errors.OptionError(

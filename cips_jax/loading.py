@@ -53,10 +53,15 @@ def _is_export_of_state(path: str) -> bool:
   )
 
 
-def _read_only_manager(manager_dir: str) -> ocp.CheckpointManager:
-  """An orbax manager that never creates, moves or deletes anything."""
-  return ocp.CheckpointManager(
-    manager_dir, options=ocp.CheckpointManagerOptions(read_only=True)
+def _restore_step(manager_dir: str, step: int, **items) -> dict:
+  """The orbax `items` of step directory MANAGER_DIR/STEP, read directly.
+
+  No orbax CheckpointManager: constructing one lists and inspects every step,
+  which fails when a live run prunes one meanwhile. Nothing is written.
+  """
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  return checkpointer.restore(
+    os.path.join(manager_dir, str(step)), ocp.args.Composite(**items)
   )
 
 
@@ -66,11 +71,10 @@ def _restore(manager_dir: str, step: int, **items) -> dict:
   Raises DamagedCheckpointError, naming the newest intact checkpoint to use
   instead, when `step` cannot be read.
   """
-  with _read_only_manager(manager_dir) as manager:
-    try:
-      return manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as error:  # orbax raises many types; all mean damage
-      raise _damaged(manager, manager_dir, step, error) from None
+  try:
+    return _restore_step(manager_dir, step, **items)
+  except Exception as error:  # orbax raises many types; all mean damage
+    raise _damaged(manager_dir, step, error) from None
 
 
 # A reader beside a live run retries this many times when the step it reads is
@@ -98,14 +102,12 @@ def restore_newest(manager_dir: str, **items) -> tuple[int, dict]:
     step = steps[-1]
     for attempt in range(2):
       try:
-        with _read_only_manager(manager_dir) as manager:
-          return step, manager.restore(step, args=ocp.args.Composite(**items))
+        return step, _restore_step(manager_dir, step, **items)
       except Exception as error:  # orbax raises many types
         if not _is_export_of_state(os.path.join(manager_dir, str(step))):
           break  # pruned under us: list again
         if attempt == 1:  # still there, and unreadable twice: damaged
-          with _read_only_manager(manager_dir) as manager:
-            raise _damaged(manager, manager_dir, step, error) from None
+          raise _damaged(manager_dir, step, error) from None
         # A deletion caught half-way finishes meanwhile.
         time.sleep(_RETRY_PAUSE_S)
   raise errors.CheckpointError(
@@ -114,18 +116,19 @@ def restore_newest(manager_dir: str, **items) -> tuple[int, dict]:
   )
 
 
-def _damaged(manager, manager_dir: str, step: int, error: Exception):
+def _damaged(manager_dir: str, step: int, error: Exception):
   """The DamagedCheckpointError of `step`, naming the newest intact step."""
   intact = None
   for older in sorted(
-    (s for s in manager.all_steps() if s < step), reverse=True
+    (s for s in checkpoint_steps(os.path.dirname(manager_dir)) if s < step),
+    reverse=True,
   ):
     try:
-      manager.restore(
+      _restore_step(
+        manager_dir,
         older,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()
-        ),
+        state=ocp.args.StandardRestore(),
+        config=ocp.args.JsonRestore(),
       )
     except Exception:  # damaged too: look further back
       continue

@@ -191,6 +191,24 @@ def test_image_folder_prepares_and_skips_corrupt_files(
     preparation.prepare_image_folder(source, tmp_path, 8, 'test_images')
 
 
+def test_an_image_too_large_to_decode_is_skipped_from_its_header(
+  tmp_path, caplog
+):
+  # A 16-bit PNG of 9000 x 9000 compresses to a few hundred KB; decoded and
+  # converted it took 5.2 GB. Its header is read, never its pixels.
+  source = tmp_path / 'photos'
+  source.mkdir()
+  Image.new('I;16', (9000, 9000)).save(source / 'huge.png')
+  Image.fromarray(procedural.landscape(0, 12, 12)).save(source / 'ok.png')
+  with caplog.at_level(logging.WARNING):
+    builder = preparation.prepare_image_folder(
+      source, tmp_path / 'data', 8, 'x'
+    )
+  assert builder.info.metadata['skipped_files'] == ['huge.png']
+  assert any('9000x9000 pixels' in r.getMessage() for r in caplog.records)
+  assert len(sources.load_source(tmp_path / 'data', 'image_folder/x')) == 1
+
+
 def test_image_folder_from_manual_dir(image_tree, tmp_path):
   import tensorflow_datasets as tfds
 

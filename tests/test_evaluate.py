@@ -110,6 +110,16 @@ def test_evaluate_names_bad_input(tmp_path):
   assert result.returncode != 0 and '--num_samples=1' in result.stderr
   result = run_evaluate(f'--workdir={tmp_path / "nothing"}')
   assert result.returncode == 1 and 'not a training workdir' in result.stderr
+  # Planned before anything is loaded: 10^6 images through Inception at once.
+  result = run_evaluate(f'--workdir={tmp_path}', '--batch_size=1000000')
+  assert result.returncode == 1
+  assert (
+    result.stderr.strip()
+    .splitlines()[-1]
+    .startswith(
+      'cips_jax.evaluate: error: --batch_size=1000000: Inception needs about'
+    )
+  )
 
 
 def test_missing_weights_stop_training_before_it_starts(

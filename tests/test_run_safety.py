@@ -66,37 +66,19 @@ def steps_saved(workdir) -> list[int]:
 def test_a_second_run_is_refused_and_a_killed_runs_lock_taken_over(
   data_dir, tmp_path
 ):
-  # A checkpoint every step, only the last kept: every save prunes a step.
-  pruning = [
-    '--config.logging.checkpoint_every=1',
-    '--config.logging.keep_checkpoints=1',
-  ]
   first = subprocess.Popen(
-    [sys.executable, *main_args(tmp_path, data_dir, 1_000_000, *pruning)],
+    [sys.executable, *main_args(tmp_path, data_dir, 1_000_000)],
     cwd=support.REPO,
     stdout=subprocess.DEVNULL,
     stderr=subprocess.DEVNULL,
   )
   try:
     start = time.time()
-    while not steps_saved(tmp_path) or max(steps_saved(tmp_path)) < 5:
+    while not (tmp_path / 'checkpoints' / '20').exists():
       assert first.poll() is None, 'the first run stopped'
       assert time.time() - start < 300, 'the first run made no checkpoint'
       time.sleep(0.1)
     assert lock_holder(tmp_path)['pid'] == first.pid
-    # Readers beside the run: each gets the newest step it can read, whatever
-    # the run prunes meanwhile, and none moves or writes anything.
-    read = []
-    for _ in range(6):
-      read.append(train_state.restore_run(str(tmp_path))[3].step)
-      loading.open_generator(str(tmp_path))
-    assert read == sorted(read) and read[-1] > 5, read
-    assert set(os.listdir(tmp_path)) <= {
-      'checkpoints',
-      'lock',
-      'samples',
-      'tensorboard',
-    }
     # The same command with another seed: before the lock, both trained and
     # the second's checkpoints replaced the first's.
     second = support.run_python(
@@ -122,6 +104,51 @@ def test_a_second_run_is_refused_and_a_killed_runs_lock_taken_over(
   assert f'taking over the lock of process {first.pid}' in third.stderr
   assert lock_holder(tmp_path) == {}  # released at the end
   assert str(latest + 2) in os.listdir(tmp_path / 'checkpoints')
+
+
+def test_readers_beside_a_run_that_prunes_every_step(data_dir, tmp_path):
+  # A checkpoint every step, only the last kept: every save prunes the step
+  # before. Before, readers called the pruned step damaged, and convert's
+  # reader moved checkpoints aside in the live run's workdir.
+  run = subprocess.Popen(
+    [
+      sys.executable,
+      *main_args(
+        tmp_path,
+        data_dir,
+        1_000_000,
+        '--config.logging.checkpoint_every=1',
+        '--config.logging.keep_checkpoints=1',
+      ),
+    ],
+    cwd=support.REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  try:
+    start = time.time()
+    while not steps_saved(tmp_path) or max(steps_saved(tmp_path)) < 5:
+      assert run.poll() is None, 'the run stopped'
+      assert time.time() - start < 300, 'the run made no checkpoint'
+      time.sleep(0.1)
+    # Each reader gets the newest step it can read, whatever the run prunes
+    # meanwhile, and none moves or writes anything.
+    read = []
+    for _ in range(6):
+      read.append(int(train_state.restore_run(str(tmp_path))[3].step))
+      gen, _ = loading.open_generator(str(tmp_path))
+      assert gen.size == 8
+    assert read == sorted(read) and read[-1] > 5, read
+    assert run.poll() is None, 'the run stopped'
+  finally:
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+  assert set(os.listdir(tmp_path)) <= {
+    'checkpoints',
+    'lock',
+    'samples',
+    'tensorboard',
+  }
 
 
 def our_traceback(stderr: str) -> bool:

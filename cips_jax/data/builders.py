@@ -402,6 +402,14 @@ def _load_resized_jpeg(
     if isinstance(source, bytes):
       source = io.BytesIO(source)
     with Image.open(source) as image:
+      # Measured from the header, before decoding: a small file can declare
+      # a picture of gigabytes (a 16-bit PNG of 9000 x 9000 is a few KB).
+      width, height = image.size
+      if width * height > images.MAX_DECODED_PIXELS:
+        raise ValueError(
+          f'{width}x{height} pixels, more than the '
+          f'{images.MAX_DECODED_PIXELS:,} an image may have'
+        )
       # decodes everything now: truncated files fail here, not later
       image.load()
       image = images.resize_shorter_side(flatten(image, background), resolution)
