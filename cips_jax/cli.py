@@ -23,6 +23,8 @@ with `--verbosity=1` to log the traceback of a reported error as well.
 from __future__ import annotations
 
 import dataclasses
+import logging as logging_lib
+import os
 import sys
 import types
 import typing
@@ -84,10 +86,27 @@ def _drop_closed_loop_callbacks() -> None:
   sys.excepthook = hook
 
 
+class _OwnInfoOnly(logging_lib.Filter):
+  """Keeps the libraries' INFO chatter (orbax's dozen lines per checkpoint,
+  jax's backend probing, tfds's preparation) off the console; their warnings
+  and errors, and everything cips_jax logs, stay."""
+
+  def filter(self, record):
+    return (
+      record.levelno >= logging_lib.WARNING
+      or f'{os.sep}cips_jax{os.sep}' in record.pathname
+    )
+
+
 def run(main: Callable[[list[str]], Any], name: str) -> None:
-  """Runs `main(argv)` as the command `name` (see the module docstring)."""
+  """Runs `main(argv)` as the command `name` (see the module docstring).
+
+  CIPS_JAX_VERBOSE=1 in the environment brings the libraries' INFO lines back.
+  """
   host_malloc.reuse_freed_memory()
   _drop_closed_loop_callbacks()
+  if os.environ.get('CIPS_JAX_VERBOSE', '') in ('', '0'):
+    logging.get_absl_handler().addFilter(_OwnInfoOnly())
 
   def main_reporting_errors(argv):
     try:
@@ -104,6 +123,10 @@ def run(main: Callable[[list[str]], Any], name: str) -> None:
       sys.exit(f'{name}: error: {reported}')
 
   def parse_flags(argv):
+    if any(arg in _HELP_ARGUMENTS for arg in argv[1:]):
+      # absl's --help lists only flags defined in the main module, and exits 1.
+      print(own_flags_help())
+      sys.exit(0)
     try:
       return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as error:
@@ -112,6 +135,26 @@ def run(main: Callable[[list[str]], Any], name: str) -> None:
       sys.exit(f'{name}: error: {_unknown_config_field(argv, error)}')
 
   app.run(main_reporting_errors, flags_parser=parse_flags)
+
+
+_HELP_ARGUMENTS = ('--help', '-h', '-?', '--helpshort')
+
+
+def own_flags_help() -> str:
+  """The running command's docstring and every flag it defines, with help.
+
+  The command's own flags are those its module defines and those defined for
+  it here (`define_flags_for`, `define_checkpoint_flags`); absl's and other
+  libraries' flags stay in `--helpfull`.
+  """
+  main = sys.modules.get('__main__')
+  lines = [(getattr(main, '__doc__', None) or '').strip(), '', 'Flags:']
+  by_module = flags.FLAGS.flags_by_module_dict()
+  for module in (sys.argv[0], __name__):
+    if module in by_module:
+      lines.append(flags.FLAGS.module_help(module))
+  lines.append("\nAll flags, the libraries' included: --helpfull")
+  return '\n'.join(lines)
 
 
 def _unknown_config_field(argv: list[str], error: BaseException) -> str:

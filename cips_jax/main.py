@@ -12,7 +12,6 @@ the same command; it joins the others through `jax.distributed.initialize()`
 
 from __future__ import annotations
 
-import logging as logging_lib
 import os
 import sys
 
@@ -65,18 +64,6 @@ def _runs_as_one_of_several_processes() -> bool:
   return False
 
 
-class _QuietLibraries(logging_lib.Filter):
-  """Drops the INFO chatter of orbax, a dozen lines per checkpoint.
-
-  Its warnings are kept.
-  """
-
-  def filter(self, record):
-    return (
-      record.levelno >= logging_lib.WARNING or '/orbax/' not in record.pathname
-    )
-
-
 def main(argv):
   cli.no_positional_arguments(argv)
   if not _WORKDIR.value.strip():
@@ -84,7 +71,6 @@ def main(argv):
     raise errors.OptionError(
       '--workdir is empty: name a folder for the checkpoints and logs'
     )
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   if _runs_as_one_of_several_processes():
     jax.distributed.initialize(
       coordinator_address=_COORDINATOR.value,

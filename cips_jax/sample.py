@@ -22,8 +22,8 @@ generator, or an official PyTorch .pt file. Modes (all deterministic given
   invert       PNG  project --target (an image file) into W and per-pixel W
   spectrum     PNG  power spectra of samples vs the images in --real_images
 
-The options are the fields of `cips_jax.pictures.Options` (run with --helpfull
-for their help). Long renders stream over pixel chunks (--chunk_size) with a
+The options are the fields of `cips_jax.pictures.Options` (--help lists them
+with their help). Long renders stream over pixel chunks (--chunk_size) with a
 progress bar; a JSON line with what was written (and e.g. the panorama's seam
 statistics) ends the output.
 """

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,3 +162,60 @@ def test_an_empty_workdir_and_a_huge_resolution_are_refused(tmp_path):
   assert data.returncode == 1
   assert '--resolution=100000: must be in [1, 8192]' in data.stderr
   assert not (tmp_path / 'data').exists()
+
+
+# Each command's own flags, a few of each that --help must list.
+OWN_FLAGS = {
+  'cips_jax.main': ('--config', '--workdir', '--num_processes'),
+  'cips_jax.sample': (
+    '--checkpoint',
+    '--num_images',
+    '--truncation_psi',
+    '--seed',
+    '--scale',
+    '--frames',
+    '--which',
+  ),
+  'cips_jax.evaluate': ('--workdir', '--checkpoint', '--batch_size', '--seed'),
+  'cips_jax.convert': ('--checkpoint', '--output', '--[no]to_torch'),
+  'cips_jax.data': ('--data_dir', '--resolution', '--background'),
+}
+
+
+@pytest.mark.parametrize('command', sorted(OWN_FLAGS))
+def test_help_lists_the_commands_own_flags_and_exits_0(command):
+  result = _command(command, '--help', timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  for flag in OWN_FLAGS[command]:
+    assert f'\n  {flag}' in result.stdout, (flag, result.stdout)
+  # Not the 170 flags of absl, orbax and jax: those stay in --helpfull.
+  assert '--jax_' not in result.stdout and '--helpfull' in result.stdout
+
+
+def test_a_command_prints_its_own_lines_only(tmp_path):
+  out = tmp_path / 'grid.png'
+  result = _command(
+    'cips_jax.sample',
+    f'--checkpoint={support.REPO / "pretrained" / "noto_emoji"}',
+    '--mode=grid',
+    '--num_images=4',
+    f'--out={out}',
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  # absl's INFO lines look like 'I1207 00:50:09.00 123 file.py:42] ...'.
+  library_lines = [
+    line for line in result.stderr.splitlines() if re.match(r'I\d{4} ', line)
+  ]
+  assert library_lines == [], library_lines
+  assert out.exists()
+  # CIPS_JAX_VERBOSE=1 brings them back (orbax's, for one).
+  verbose = support.run_python(
+    '-m',
+    'cips_jax.sample',
+    f'--checkpoint={support.REPO / "pretrained" / "noto_emoji"}',
+    '--mode=grid',
+    '--num_images=4',
+    f'--out={tmp_path / "again.png"}',
+    env=dict(os.environ, CIPS_JAX_VERBOSE='1'),
+  )
+  assert verbose.returncode == 0 and 'orbax' in verbose.stderr
