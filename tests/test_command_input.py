@@ -120,18 +120,18 @@ def test_ctrl_c_is_one_line_and_status_130(exported_generators, tmp_path):
     ],
     cwd=support.REPO,
     stderr=subprocess.PIPE,
-    text=True,
   )
   try:
-    # The progress bar's first line: the command is at work, past start-up.
-    seen = []
-    for line in process.stderr:
-      seen.append(line)
-      if 'rendering frames' in line:
-        break
+    # The progress bar's first draw (it ends in a carriage return, not a
+    # newline): the command is at work, past start-up.
+    seen = b''
+    while b'rendering frames' not in seen:
+      chunk = os.read(process.stderr.fileno(), 4096)
+      assert chunk, seen.decode(errors='replace')[-2000:]  # ended before
+      seen += chunk
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    stderr = ''.join(seen) + stderr
+    _, rest = process.communicate(timeout=120)
+    stderr = (seen + rest).decode(errors='replace')
   finally:
     process.kill()
   assert process.returncode == 130, stderr[-2000:]
