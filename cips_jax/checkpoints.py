@@ -210,6 +210,21 @@ def _check_shapes(params, expected, params_path: str, model_path: str):
     )
 
 
+def restore_target(abstract_state, sharding):
+  """`abstract_state`'s leaves as ShapeDtypeStructs placed by `sharding`.
+
+  `sharding` is one sharding for every leaf, or a tree of them like the state.
+  What orbax's StandardRestore restores into.
+  """
+  if isinstance(sharding, jax.sharding.Sharding):  # one for every leaf
+    sharding = jax.tree_util.tree_map(lambda _: sharding, abstract_state)
+  return jax.tree_util.tree_map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    abstract_state,
+    sharding,
+  )
+
+
 class TrainCheckpoints:
   """Training checkpoints under one directory.
 
@@ -262,13 +277,7 @@ class TrainCheckpoints:
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       return None
-    if isinstance(sharding, jax.sharding.Sharding):  # one for every leaf
-      sharding = jax.tree_util.tree_map(lambda _: sharding, abstract_state)
-    target = jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      abstract_state,
-      sharding,
-    )
+    target = restore_target(abstract_state, sharding)
     damaged = {}
     for step in steps:
       try:

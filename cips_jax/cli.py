@@ -91,10 +91,12 @@ class _OwnInfoOnly(logging_lib.Filter):
   jax's backend probing, tfds's preparation) off the console; their warnings
   and errors, and everything cips_jax logs, stay."""
 
+  # This package's own folder: its records are kept whatever their level.
+  package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
   def filter(self, record):
-    return (
-      record.levelno >= logging_lib.WARNING
-      or f'{os.sep}cips_jax{os.sep}' in record.pathname
+    return record.levelno >= logging_lib.WARNING or record.pathname.startswith(
+      self.package
     )
 
 

@@ -83,6 +83,14 @@ _VANISHED_RETRIES = 20
 _RETRY_PAUSE_S = 0.5
 
 
+def _vanished(workdir: str) -> errors.CheckpointError:
+  """The error of a reader whose every step was pruned while it read."""
+  return errors.CheckpointError(
+    f'every checkpoint of {workdir} vanished while it was read, '
+    f'{_VANISHED_RETRIES} times: is a run pruning faster than it saves?'
+  )
+
+
 def restore_newest(manager_dir: str, **items) -> tuple[int, dict]:
   """(step, the orbax `items`) of the newest checkpoint in `manager_dir`.
 
@@ -110,10 +118,7 @@ def restore_newest(manager_dir: str, **items) -> tuple[int, dict]:
           raise _damaged(manager_dir, step, error) from None
         # A deletion caught half-way finishes meanwhile.
         time.sleep(_RETRY_PAUSE_S)
-  raise errors.CheckpointError(
-    f'every checkpoint of {workdir} vanished while it was read, '
-    f'{_VANISHED_RETRIES} times: is a run pruning faster than it saves?'
-  )
+  raise _vanished(workdir)
 
 
 def _damaged(manager_dir: str, step: int, error: Exception):
@@ -218,10 +223,7 @@ def workdir_config(workdir: str):
         f'no checkpoint in {manager_dir} holds a readable config (steps '
         f'{", ".join(map(str, steps))})'
       )
-  raise errors.CheckpointError(
-    f'every checkpoint of {workdir} vanished while it was read, '
-    f'{_VANISHED_RETRIES} times: is a run pruning faster than it saves?'
-  )
+  raise _vanished(workdir)
 
 
 def open_generator(

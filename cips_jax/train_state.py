@@ -151,10 +151,8 @@ def restore_run(workdir: str):
   """
   config = loading.workdir_config(workdir)
   gen, disc, _, _, abstract = abstract_state(config)
-  sharding = parallel.replicated(parallel.make_mesh())
-  target = jax.tree_util.tree_map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-    abstract,
+  target = checkpoints.restore_target(
+    abstract, parallel.replicated(parallel.make_mesh())
   )
   # A reader: it never moves a damaged step aside (only the run holding the
   # workdir's lock does), and a step pruned under it is skipped.

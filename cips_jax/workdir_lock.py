@@ -136,7 +136,6 @@ def _write_holder(dir_fd: int, holder: Holder) -> int:
 class Held:
   """A held workdir lock: the directory's descriptor and our record's."""
 
-  workdir: str
   dir_fd: int
   record_fd: int
 
@@ -174,7 +173,7 @@ def acquire(workdir: str) -> Held:
   except OSError:
     os.close(dir_fd)
     raise
-  return Held(workdir=workdir, dir_fd=dir_fd, record_fd=record_fd)
+  return Held(dir_fd=dir_fd, record_fd=record_fd)
 
 
 def release(held: Held) -> None:

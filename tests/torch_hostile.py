@@ -30,6 +30,7 @@ import pickle
 import pickletools
 import random
 import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -660,8 +661,6 @@ def export_cases(
 
   Case i depends on (seed, i) alone; every 20th is an undamaged control.
   """
-  import shutil
-
   cases = []
   for index in range(count):
     rng = random.Random(f'export:{seed}:{index}')
