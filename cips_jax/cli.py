@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging as logging_lib
 import os
+import re
 import sys
 import types
 import typing
@@ -73,17 +74,48 @@ def _drop_closed_loop_callbacks() -> None:
 
   When orbax's restore fails on one array (a damaged checkpoint), it closes
   its asyncio loop while tensorstore still completes the other reads; each
-  completion then reports 'Event loop is closed' through sys.excepthook from
-  a tensorstore thread, thousands of tracebacks after the one-line error.
+  completion then raises 'Event loop is closed' in a tensorstore thread,
+  thousands of tracebacks around the one-line error. Depending on the path,
+  tensorstore reports them through sys.unraisablehook or sys.excepthook;
+  both drop exactly that error and pass every other one on.
   """
-  previous = sys.excepthook
+  is_closed_loop = lambda value: (  # noqa: E731
+    type(value) is RuntimeError and str(value) == 'Event loop is closed'
+  )
+  previous_excepthook = sys.excepthook
+  previous_unraisablehook = sys.unraisablehook
 
-  def hook(kind, value, traceback):
-    if kind is RuntimeError and str(value) == 'Event loop is closed':
-      return
-    previous(kind, value, traceback)
+  def excepthook(kind, value, traceback):
+    if not is_closed_loop(value):
+      previous_excepthook(kind, value, traceback)
 
-  sys.excepthook = hook
+  def unraisablehook(unraisable):
+    if not is_closed_loop(unraisable.exc_value):
+      previous_unraisablehook(unraisable)
+
+  sys.excepthook = excepthook
+  sys.unraisablehook = unraisablehook
+  # The failed restore's sibling reads also end as asyncio tasks and futures
+  # whose error nobody retrieves; asyncio logs each, traceback and all.
+  logging_lib.getLogger('asyncio').addFilter(_AbandonedCheckpointReads())
+
+
+class _AbandonedCheckpointReads(logging_lib.Filter):
+  """Drops asyncio's 'exception was never retrieved' records of checkpoint
+  reads: orbax's tasks, and tensorstore's futures, whose errors are
+  ValueErrors that open with an absl status code ('OUT_OF_RANGE: ...')."""
+
+  _STATUS = re.compile(r'[A-Z_]+: ')
+
+  def filter(self, record):
+    message = record.getMessage()
+    if 'exception was never retrieved' not in message.split('\n', 1)[0]:
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    from_a_read = 'orbax' in message or (
+      isinstance(error, ValueError) and self._STATUS.match(str(error))
+    )
+    return not from_a_read
 
 
 class _OwnInfoOnly(logging_lib.Filter):

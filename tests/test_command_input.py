@@ -219,3 +219,50 @@ def test_a_command_prints_its_own_lines_only(tmp_path):
     env=dict(os.environ, CIPS_JAX_VERBOSE='1'),
   )
   assert verbose.returncode == 0 and 'orbax' in verbose.stderr
+
+
+# A command whose main leaves behind what a failed orbax restore leaves (see
+# cli._drop_closed_loop_callbacks), then one error of its own of each kind.
+_ABANDONED_READS = r"""
+import asyncio, gc, sys
+from cips_jax import cli
+
+class Completion:
+  # Python reports an error raised in __del__ as unraisable, as it does
+  # tensorstore's callbacks on orbax's closed loop.
+  def __init__(self, loop):
+    self.loop = loop
+  def __del__(self):
+    self.loop.call_soon_threadsafe(print)
+
+class OtherProblem:
+  def __del__(self):
+    raise RuntimeError('another loop problem')
+
+def main(argv):
+  loop = asyncio.new_event_loop()
+  loop.close()
+  Completion(loop)
+  OtherProblem()
+  async def reads():
+    running = asyncio.get_running_loop()
+    read = running.create_future()
+    read.set_exception(ValueError('OUT_OF_RANGE: Error reading "x/.zarray"'))
+    own = running.create_future()
+    own.set_exception(ValueError('a bug of our own'))
+    del read, own
+    gc.collect()
+  asyncio.run(reads())
+
+cli.run(main, 'abandoned')
+"""
+
+
+def test_a_failed_restores_abandoned_reads_print_nothing():
+  result = support.run_python('-c', _ABANDONED_READS)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'Event loop is closed' not in result.stderr
+  assert 'OUT_OF_RANGE' not in result.stderr
+  # Errors that are not a checkpoint read's still reach the console.
+  assert 'a bug of our own' in result.stderr
+  assert 'another loop problem' in result.stderr
