@@ -47,6 +47,10 @@ setup(
       'ruff==0.17.6',
       'lmdb',
     ],
+    # The real XLA:TPU compiler (libtpu, the version that matches jax) for
+    # benchmarks/tpu_compile.py and tests/test_tpu_compile.py: compiling for
+    # TPU slices on a machine without one. About 680 MB.
+    'tpu': ['jax[tpu]'],
     # Preparing a data set from an LMDB (LSUN's own, or the reference
     # prepare_data.py's): python -m cips_jax.data lmdb.
     'lmdb': ['lmdb'],

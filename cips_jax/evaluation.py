@@ -278,7 +278,8 @@ def _sharded_renderer(gen, batch_size: int, mesh):
 
   def render(params, key, coords):
     z = jax.random.normal(key, (batch_size, gen.style_dim))
-    return sampling.generate(gen, {'params': params}, z, coords)
+    with parallel.tracing_over(mesh):  # the fused kernel splits itself
+      return sampling.generate(gen, {'params': params}, z, coords)
 
   replicated = parallel.replicated(mesh)
   return jax.jit(

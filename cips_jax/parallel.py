@@ -72,6 +72,34 @@ def state_shardings(
   return jax.tree_util.tree_map_with_path(rule, state)
 
 
+def tracing_over(mesh: Mesh):
+  """A context to trace a program jitted over `mesh` in.
+
+  jit's shardings alone do not name the mesh while a program is traced; under
+  this context `jax.sharding.get_abstract_mesh()` does, so code that XLA
+  cannot partition by itself (the fused Pallas kernel: Mosaic and Triton
+  calls are opaque to it) splits itself over the 'data' axis
+  (`splittable_data_shards`).
+  """
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def splittable_data_shards() -> int:
+  """How many shards the 'data' axis of the mesh being traced over has.
+
+  1 outside `tracing_over`, and inside a shard_map over 'data' (each device
+  already holds its own shard there).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or DATA_AXIS not in mesh.axis_names:
+    return 1
+  if mesh.axis_types[mesh.axis_names.index(DATA_AXIS)] == (
+    jax.sharding.AxisType.Manual
+  ):
+    return 1
+  return mesh.shape[DATA_AXIS]
+
+
 def batch_sharded(mesh: Mesh) -> NamedSharding:
   """The leading (batch) axis is split across the 'data' axis."""
   return NamedSharding(mesh, P(DATA_AXIS))

@@ -250,7 +250,9 @@ def jit_train_steps(
 
   def step_fn(with_r1):
     def step(state, batch):
-      return train_step(state, batch, with_r1)
+      # The fused kernel splits itself over the mesh (XLA cannot).
+      with parallel.tracing_over(mesh):
+        return train_step(state, batch, with_r1)
 
     return step
 

@@ -51,6 +51,12 @@ def pytest_configure(config):
   del config
   if 'XLA_FLAGS' not in os.environ:  # read when the backend starts, after this
     os.environ['XLA_FLAGS'] = ' '.join(_FAST_COMPILE_FLAGS)
+  # The tests run on CPUs. With libtpu installed (the 'tpu' extra, for
+  # tests/test_tpu_compile.py), jax would otherwise try to start a TPU in
+  # every process, and libtpu print a page of warnings on a machine without
+  # one. Compiling for a TPU topology needs no TPU backend.
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  jax.config.update('jax_platforms', os.environ['JAX_PLATFORMS'])
   if 'JAX_COMPILATION_CACHE_DIR' in os.environ:  # the caller chose one: keep it
     return
   cache = tempfile.mkdtemp(prefix='cips_jax_test_xla_cache_')
@@ -108,6 +114,7 @@ SLOW_MODULES = frozenset(
     'test_pretrained.py',  # the shipped model against a fresh one
     'test_sharded_embedding.py',  # an 8-device process
     'test_torch_export.py',  # the shared 120-step run, exported
+    'test_tpu_compile.py',  # XLA:TPU compiling for a 16-chip slice
   }
 )
 

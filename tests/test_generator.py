@@ -5,6 +5,7 @@ explicit oracle.
 from __future__ import annotations
 
 import functools
+import json
 import re
 
 import jax
@@ -21,6 +22,7 @@ from cips_jax import sampling
 from reference_fixtures import reference_outputs
 from reference_fixtures import reference_state_dict
 from reference_fixtures import relative_error
+import support
 
 GENERATOR_FIXTURES = ['cips_skip_s8', 'cips_res_s8', 'cips_skip_s4']
 PARITY_ATOL = 1e-4
@@ -652,3 +654,19 @@ def test_bfloat16_generation_stays_close_to_float32(oracle_setup, form):
   # bfloat16 keeps 8 bits of mantissa: ~0.4% per rounding, over a few layers.
   assert relative_error(half, full) <= 3e-2
   assert relative_error(half, full) > 0  # it really ran in bfloat16
+
+
+def test_the_fused_form_splits_itself_over_the_devices_of_a_jit():
+  # Mosaic calls cannot be partitioned by XLA (a TPU pod refused the fused
+  # form under the sharded jit); the script's program must hold the kernel's
+  # shard_maps and equal the activations form on one device.
+  result = support.run_python(
+    support.TESTS / 'scripts' / 'fused_over_devices.py',
+    env=support.environment_with_devices(4),
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report['devices'] == 4
+  assert report['fused_shard_maps'] > 0
+  assert report['activations_shard_maps'] == 0
+  assert report['images'] < 1e-5 and report['grads'] < 1e-5

@@ -20,6 +20,12 @@ kernel call:
 Any other batching (a style per pixel) falls back to the vmapped reference
 formula, which is exact: the fused path serves per-image styles.
 
+Under a jit over several devices XLA cannot partition the kernel call (a
+Mosaic or Triton call is opaque to it; XLA:TPU refuses to compile it): traced
+under `parallel.tracing_over(mesh)`, as the training step and the evaluation
+renders are, the call runs in a shard_map over the 'data' axis, each device on
+its own images.
+
 Gradients: the kernel call has a custom VJP at the batched level (the VJP of
 the (B, P) reference formula, so the kernel's gradient is one product over all
 pixels, not a sum of per-pixel outer products). `custom_vmap` itself has no
@@ -36,7 +42,9 @@ from typing import Any, Callable, Optional
 import jax
 from jax.custom_batching import custom_vmap
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
+from cips_jax import parallel
 from cips_jax.kernels import modulated_dense
 
 Array = jax.Array
@@ -176,9 +184,13 @@ def _image_layer(arguments, activation, out_dtype, reference):
 
     by_platform = modulated_dense.KERNEL_BACKEND_BY_PLATFORM
     branches = {p: build(backend) for p, backend in by_platform.items()}
-    return jax.lax.platform_dependent(
-      *arrays.values(), default=build('interpret'), **branches
-    )
+
+    def on_this_platform(*values):
+      return jax.lax.platform_dependent(
+        *values, default=build('interpret'), **branches
+      )
+
+    return _split_over_data(on_this_platform, arrays)
 
   def one_image(*args):
     a = arguments.named(args)
@@ -207,6 +219,44 @@ def _image_layer(arguments, activation, out_dtype, reference):
   image = custom_vmap(one_image)
   image.def_vmap(over_images)
   return image
+
+
+# The arguments with one row per image; the kernel and bias are shared.
+_PER_IMAGE = ('x', 'scale', 'inv_norm', 'noise')
+
+
+def _split_over_data(call: Callable[..., Array], arrays: dict[str, Array]):
+  """`call(*arrays.values())`, one image shard per device of the mesh traced
+  over (`parallel.tracing_over`).
+
+  XLA cannot partition a Mosaic or Triton call: under a jit over several
+  devices the kernel runs inside a shard_map over the 'data' axis, each device
+  on its own images (the batch is padded to a multiple of the devices, the
+  padding sliced off). Elsewhere it is called as is.
+  """
+  shards = parallel.splittable_data_shards()
+  if shards == 1:
+    return call(*arrays.values())
+  batch = arrays['x'].shape[0]
+  padding = -batch % shards
+  padded = {
+    name: jnp.pad(value, [(0, padding)] + [(0, 0)] * (value.ndim - 1))
+    if name in _PER_IMAGE and padding
+    else value
+    for name, value in arrays.items()
+  }
+  split = PartitionSpec(parallel.DATA_AXIS)
+  specs = tuple(
+    split if name in _PER_IMAGE else PartitionSpec() for name in padded
+  )
+  sharded = jax.shard_map(
+    call,
+    mesh=jax.sharding.get_abstract_mesh(),
+    in_specs=specs,
+    out_specs=split,
+    check_vma=False,
+  )
+  return sharded(*padded.values())[:batch]
 
 
 def _pixel_axes(arguments) -> list[Optional[int]]:
