@@ -88,6 +88,7 @@ _LONGEST_FIRST = (
   'test_train_e2e.py',  # ~140
   'test_evaluate.py',  # ~110
   'test_lowering.py',  # ~60
+  'test_tpu_compile.py',  # ~50
   'test_sample_command.py',  # ~70
   'test_train.py',  # ~70
 )

@@ -114,3 +114,14 @@ def test_the_training_steps_count_is_the_products_and_ds_padded_windows(
   # docs/tpu_compile.md), never less than the products.
   step = compiled['programs']['train_step_small_bfloat16']
   assert 0.95 <= step['flops_ratio'] <= 1.6
+
+
+def test_the_docs_table_is_the_checked_in_json(tmp_path):
+  # docs/tpu_compile.md is regenerated from benchmarks/results/tpu_compile.json
+  # by one command; the page in the repository must be its output.
+  page = support.REPO / 'docs' / 'tpu_compile.md'
+  copy = tmp_path / 'tpu_compile.md'
+  copy.write_text(page.read_text())
+  result = support.run_python(SCRIPT, f'--table={copy}', timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert copy.read_text() == page.read_text()
