@@ -455,6 +455,11 @@ def churches(dtype: str):
   return config
 
 
+def _with_form(config, form: str):
+  config.train.per_image_form = form
+  return config
+
+
 def _with_remat(config):
   config.train.remat = True
   return config
@@ -484,6 +489,14 @@ PROGRAMS: dict[str, Callable[[Any], Program]] = {
     for dtype in ('float32', 'bfloat16')
     for r1 in (False, True)
   },
+  # The per-image style folded into each image's weights: the evidence for
+  # 'auto' on TPUs, beside the default (activations) form above.
+  'train_step_churches_bfloat16_weights': lambda mesh: train_step(
+    _with_form(churches('bfloat16'), generator_lib.FOLDED_WEIGHTS),
+    mesh,
+    False,
+    CHURCHES_PER_DEVICE,
+  ),
   # The remedy where bfloat16 alone does not fit: recompute G's layers.
   'train_step_churches_bfloat16_remat': lambda mesh: train_step(
     _with_remat(churches('bfloat16')), mesh, False, CHURCHES_PER_DEVICE

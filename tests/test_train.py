@@ -280,6 +280,27 @@ def test_bfloat16_compute_and_remat_step():
   assert float(out['d_loss']) == pytest.approx(float(out32['d_loss']), rel=0.05)
 
 
+def test_on_a_tpu_the_memory_check_leaves_room_for_xlas_remat():
+  # XLA:TPU rematerializes what does not fit (the churches step in float32,
+  # planned at 29.4 GiB, compiles into 14.3 GiB of a v4 TensorCore): a TPU
+  # refuses a run only when even the remat plan exceeds it.
+  config = tiny_config()
+  config.train.global_batch_size = 64
+  plain = memory_plan.plan(config, num_devices=1).total_bytes
+  least = memory_plan.plan(config, num_devices=1, least=True).total_bytes
+  between = (plain + least) // 2
+  config_validation.check_fits(config, 1, memory_bytes=between, backend='tpu')
+  with pytest.raises(config_validation.ConfigError):
+    config_validation.check_fits(config, 1, memory_bytes=between, backend='gpu')
+  with pytest.raises(config_validation.ConfigError) as refused:
+    config_validation.check_fits(
+      config, 1, memory_bytes=least // 2, backend='tpu'
+    )
+  # The figure is the remat plan's, and remat is no remedy there.
+  assert memory_plan.describe(least) in str(refused.value)
+  assert 'remat' not in str(refused.value)
+
+
 def test_the_memory_check_plans_the_run_as_configured():
   # Before, the check used the remat plan whatever the config said: a run
   # needing more than the device without remat was let through.
