@@ -57,6 +57,7 @@ from absl import flags  # noqa: E402
 import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 import product_flops  # noqa: E402
 
 from cips_jax import configs  # noqa: E402
@@ -102,29 +103,21 @@ class Chip:
 
   name: str
   peak_bf16_tflops: float
-  hbm_gib: float
+  hbm: str  # capacity, as published
   hbm_gbps: float  # GB/s
   source: str
 
 
 CHIPS = {
-  'v4': Chip('TPU v4', 275.0, 32.0, 1200.0, 'cloud.google.com/tpu/docs/v4'),
+  'v4': Chip('TPU v4', 275.0, '32 GiB', 1200.0, 'cloud.google.com/tpu/docs/v4'),
   'v5e': Chip(
-    'TPU v5e', 197.0, 16.0 * 1e9 / 2**30, 819.0, 'cloud.google.com/tpu/docs/v5e'
+    'TPU v5e', 197.0, '16 GB', 819.0, 'cloud.google.com/tpu/docs/v5e'
   ),
   'v5p': Chip(
-    'TPU v5p',
-    459.0,
-    95.0 * 1e9 / 2**30,
-    2765.0,
-    'cloud.google.com/tpu/docs/v5p',
+    'TPU v5p', 459.0, '95 GB', 2765.0, 'cloud.google.com/tpu/docs/v5p'
   ),
   'v6e': Chip(
-    'TPU v6e',
-    918.0,
-    32.0 * 1e9 / 2**30,
-    1638.0,
-    'cloud.google.com/tpu/docs/v6e',
+    'TPU v6e', 918.0, '32 GB', 1638.0, 'cloud.google.com/tpu/docs/v6e'
   ),
 }
 
@@ -161,17 +154,42 @@ class Slice:
     return len({d.process_index for d in self.devices})
 
   @property
-  def hbm_bytes(self) -> float:
-    """HBM of one device."""
-    return self.chip.hbm_gib * 2**30 / self.devices_per_chip
-
-  @property
   def peak_flops(self) -> float:
     return self.chip.peak_bf16_tflops * 1e12 / self.devices_per_chip
 
   @property
   def hbm_bytes_per_s(self) -> float:
     return self.chip.hbm_gbps * 1e9 / self.devices_per_chip
+
+
+_AVAILABLE = re.compile(r'exceeds available HBM \(([\d.]+)G\)')
+
+
+def available_hbm_bytes(target: Slice) -> int:
+  """The HBM per device that XLA:TPU allocates from, asked of the compiler.
+
+  It is less than the chip's (the runtime keeps a share: 15.75 of a v5e's
+  16 GiB); a program that needs more does not compile. The compiler names it
+  when refusing a program that needs far more.
+  """
+  mesh = jax.sharding.Mesh(np.asarray(target.devices[:1]), ('one',))
+  replicated = jax.sharding.NamedSharding(mesh, jax.P())
+
+  def oversized(key):
+    x = jax.random.uniform(key, (2**36,))  # 256 GiB of temporaries
+    return jnp.sum(jnp.sin(x) * jnp.cos(x[::-1]))
+
+  program = jax.jit(oversized, in_shardings=replicated)
+  try:
+    program.lower(
+      jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)
+    ).compile()
+  except Exception as error:  # the refusal we asked for
+    found = _AVAILABLE.search(str(error))
+    if found:
+      return round(float(found[1]) * 2**30)
+    raise
+  raise RuntimeError(f'{target.name}: a 256 GiB program compiled')
 
 
 def tpu_slice(name: str) -> Slice:
@@ -242,6 +260,7 @@ def train_step(config, mesh, with_r1: bool, per_device_batch: int) -> Program:
       'global_batch': batch_size,
       'per_device_batch': per_device_batch,
       'compute_dtype': config.train.compute_dtype,
+      'per_image_form': config.train.per_image_form,
       'remat': bool(config.train.remat),
       'r1': with_r1,
     },
@@ -449,13 +468,12 @@ def experiment(name: str):
   )
 
 
-def churches(dtype: str):
+def churches(dtype: str, form: str = generator_lib.MODULATED_ACTIVATIONS):
+  """experiments/churches.py in `dtype`, its per-image styles in `form` (the
+  rows were first compiled with activations, 'auto''s TPU choice then; it
+  folds weights since, on the evidence of the '_weights' row)."""
   config = experiment('churches')
   config.train.compute_dtype = dtype
-  return config
-
-
-def _with_form(config, form: str):
   config.train.per_image_form = form
   return config
 
@@ -470,11 +488,17 @@ CHURCHES_PER_DEVICE = 4
 GENERATION_PER_DEVICE = 8
 
 
-def _other_step(name: str) -> Callable:
+def _other_step(name: str, remat: bool = False, dtype: str = '') -> Callable:
   def build(mesh):
     config = experiment(name)
+    # As churches(): the form these rows were compiled with.
+    config.train.per_image_form = generator_lib.MODULATED_ACTIVATIONS
     per_device = max(config.train.global_batch_size // 8, 1)
-    return train_step(config, mesh, False, per_device)
+    if dtype:
+      config.train.compute_dtype = dtype
+    return train_step(
+      _with_remat(config) if remat else config, mesh, False, per_device
+    )
 
   return build
 
@@ -492,7 +516,7 @@ PROGRAMS: dict[str, Callable[[Any], Program]] = {
   # The per-image style folded into each image's weights: the evidence for
   # 'auto' on TPUs, beside the default (activations) form above.
   'train_step_churches_bfloat16_weights': lambda mesh: train_step(
-    _with_form(churches('bfloat16'), generator_lib.FOLDED_WEIGHTS),
+    churches('bfloat16', generator_lib.FOLDED_WEIGHTS),
     mesh,
     False,
     CHURCHES_PER_DEVICE,
@@ -527,6 +551,9 @@ PROGRAMS: dict[str, Callable[[Any], Program]] = {
     f'train_step_{name}': _other_step(name)
     for name in ('landscapes', 'panorama', 'emoji', 'quickstart')
   },
+  # CIPSres-256 in float32 does not fit a v5e chip as shipped.
+  'train_step_landscapes_remat': _other_step('landscapes', remat=True),
+  'train_step_landscapes_bfloat16': _other_step('landscapes', dtype='bfloat16'),
 }
 
 
@@ -624,8 +651,6 @@ def compile_program(program: Program, target: Slice) -> dict[str, Any]:
     'compile_seconds': round(compile_s, 1),
     'memory_bytes': per_device,
     'memory_total_bytes': total,
-    'hbm_bytes': round(target.hbm_bytes),
-    'fits': total <= target.hbm_bytes,
     'flops': flops,
     'bytes_accessed': bytes_accessed,
     'roofline_seconds': roofline_s,
@@ -672,7 +697,8 @@ def describe_target(target: Slice) -> dict[str, Any]:
     'chips': target.chips,
     'devices': len(target.devices),
     'hosts': target.hosts,
-    'hbm_gib_per_device': round(target.hbm_bytes / 2**30, 2),
+    'hbm_per_chip': target.chip.hbm,
+    'available_hbm_bytes': available_hbm_bytes(target),
     'peak_bf16_tflops_per_device': target.peak_flops / 1e12,
     'hbm_gbps_per_device': target.hbm_bytes_per_s / 1e9,
     'source': target.chip.source,
@@ -730,24 +756,45 @@ def run(programs, target_names, out_path: Optional[str]) -> dict:
         continue
       print(f'{name} {program} ...', file=sys.stderr, flush=True)
       entry['programs'][program] = compile_or_error(build, target)
+      with_capacity(results)
       if out_path:
         results = _merged_write(out_path, results, name, program)
   return results
 
 
+def with_capacity(results: dict) -> dict:
+  """Sets each compiled program's 'hbm_bytes' (the compiler's available HBM
+  per device) and 'fits', probing the targets that lack the figure."""
+  for name, entry in results['targets'].items():
+    entry.pop('hbm_gib_per_device', None)  # runs before this figure existed
+    entry['hbm_per_chip'] = CHIPS[TARGETS[name][0]].hbm
+    if 'available_hbm_bytes' not in entry:
+      entry['available_hbm_bytes'] = available_hbm_bytes(tpu_slice(name))
+    for found in entry['programs'].values():
+      if 'memory_total_bytes' in found:
+        found['hbm_bytes'] = entry['available_hbm_bytes']
+        found['fits'] = found['memory_total_bytes'] <= found['hbm_bytes']
+  return results
+
+
 def recount(path: str) -> None:
-  """Recomputes the own-count fields of every compiled program in `path`."""
+  """Recomputes the own-count fields of the compiled programs in `path`
+  (those of --programs and --targets, if given)."""
   with open(path) as f:
     results = json.load(f)
   for name, entry in results['targets'].items():
+    if _TARGETS.value and name not in _TARGETS.value:
+      continue
     target = tpu_slice(name)
     mesh = parallel.make_mesh(target.devices)
     for program, found in entry['programs'].items():
       if 'error' in found or program not in PROGRAMS:
         continue
+      if _PROGRAMS.value and program not in _PROGRAMS.value:
+        continue
       own = own_count(PROGRAMS[program](mesh), target)
       found.update(counted(found, own, target))
-  _write(path, results)
+  _write(path, with_capacity(results))
 
 
 def _cpu_model() -> str:
@@ -798,7 +845,7 @@ def main(argv):
   common.check_no_arguments(argv)
   if _TABLE.value:
     with open(_OUT.value) as f:
-      results = json.load(f)
+      results = with_capacity(json.load(f))
     write_table(_TABLE.value, markdown_table(results))
     return
   if _RECOUNT.value:
@@ -863,12 +910,15 @@ def markdown_table(results: dict) -> str:
     'of the products in the jaxpr (benchmarks/product_flops.py). The '
     'roofline time is max(FLOPs / peak, bytes accessed / HBM bandwidth) and '
     'MFU the own count over that time, over the peak: an upper bound, not a '
-    'measurement. Collectives: kind, count and bytes per device of the '
+    'measurement. "Of HBM" is the share of what XLA allocates from (the '
+    "chip less the runtime's share; XLA refuses a program that needs more). "
+    'Collectives: kind, count and bytes per device of the '
     'compiled program. Mosaic: Pallas kernels compiled.',
     '',
-    '| target | chip | chips | devices | hosts | HBM / device | bf16 peak / '
-    'device | HBM bandwidth / device | source |',
-    '|---|---|---|---|---|---|---|---|---|',
+    '| target | chip | chips | devices | hosts | HBM / chip | XLA '
+    'allocates / device | bf16 peak / device | HBM bandwidth / device '
+    '| source |',
+    '|---|---|---|---|---|---|---|---|---|---|',
   ]
   targets = {
     name: results['targets'].get(name) or describe_target(tpu_slice(name))
@@ -877,7 +927,8 @@ def markdown_table(results: dict) -> str:
   for name, t in targets.items():
     lines.append(
       f'| {name} | {t["chip"]} | {t["chips"]} | {t["devices"]} | '
-      f'{t["hosts"]} | {t["hbm_gib_per_device"]:.1f} GiB | '
+      f'{t["hosts"]} | {t["hbm_per_chip"]} | '
+      f'{t["available_hbm_bytes"] / 2**30:.2f} GiB | '
       f'{t["peak_bf16_tflops_per_device"]:.1f} TFLOP/s | '
       f'{t["hbm_gbps_per_device"]:.0f} GB/s | {t["source"]} |'
     )

@@ -344,7 +344,8 @@ def check_fits(
       logging.warning(
         'the run is planned at %s per device without remat, more than the '
         "device's %s: XLA will rematerialize to fit (more FLOPs per step); "
-        'train.remat=True or a smaller batch per device leaves it room',
+        'a smaller batch per device leaves it room (train.remat=True does '
+        'not: XLA:TPU then needs more, docs/tpu_compile.md)',
         memory_plan.describe(needs.total_bytes),
         memory_plan.describe(memory_bytes),
       )

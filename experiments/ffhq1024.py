@@ -13,8 +13,10 @@ be sharp at 1024 while its embedding is read bilinearly.
         --workdir=$WORKDIR --config.data.data_dir=$DATA \
         --config.train.init_generator_from=$FFHQ256_WORKDIR_EXPORT_OR_ffhq256.pt
 
-Hardware: 8 GPUs or a TPU v3-8 (batch 32 of 256 patches: the same cost per step
-as 256 training).
+Hardware: 8 GPUs, or a TPU v4-8, v5e-8, v5p-8 or v6e-8 (batch 32 of 256
+patches: the shapes, cost and memory of churches.py's step in bfloat16, which
+XLA:TPU compiles at 4 images per device into 14.1, 14.9, 40.3 and 30.3 GiB of
+15.25, 15.75, 95.7 and 31.25; docs/tpu_compile.md).
 Expected result: the reference reports FID 10.07 at 1024 for its progressive
 model.
 """
