@@ -5,7 +5,8 @@ A one-axis device mesh, shardings, and host-local -> global batches.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import jax
 from jax.experimental import multihost_utils
@@ -15,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from cips_jax import errors
+from cips_jax import platforms
 
 DATA_AXIS = 'data'
 
@@ -72,16 +74,25 @@ def state_shardings(
   return jax.tree_util.tree_map_with_path(rule, state)
 
 
-def tracing_over(mesh: Mesh):
+@contextlib.contextmanager
+def tracing_over(mesh: Mesh) -> Iterator[None]:
   """A context to trace a program jitted over `mesh` in.
 
   jit's shardings alone do not name the mesh while a program is traced; under
   this context `jax.sharding.get_abstract_mesh()` does, so code that XLA
   cannot partition by itself (the fused Pallas kernel: Mosaic and Triton
   calls are opaque to it) splits itself over the 'data' axis
-  (`splittable_data_shards`).
+  (`splittable_data_shards`). The program is built for the platform of the
+  mesh's devices, so the per-platform choices are made for it while tracing
+  (`platforms.pinned_to`).
   """
-  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+  backend = mesh.devices.flat[0].platform
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    if backend in platforms.PLATFORMS_OF_BACKEND:
+      with platforms.pinned_to(backend):
+        yield
+    else:  # a platform the choices do not name: leave them staged
+      yield
 
 
 def splittable_data_shards() -> int:

@@ -103,8 +103,22 @@ def create_state(gen, disc, g_tx, d_tx, seed: int) -> TrainState:
 def abstract_state(config: ml_collections.ConfigDict):
   """(gen, disc, g_tx, d_tx, the state's shapes and dtypes) of a config.
 
-  Nothing is allocated: the state is traced with `jax.eval_shape`.
+  Nothing is allocated: the state is traced with `jax.eval_shape`. Built once
+  per config: a run asks for it while validating (the memory plan) and again
+  while setting up; the models, optimisers and shapes are immutable, so the
+  callers share them.
   """
+  key = config.to_json_best_effort(sort_keys=True)
+  if key not in _ABSTRACT_STATES:
+    _ABSTRACT_STATES.clear()  # one config at a time: a run's
+    _ABSTRACT_STATES[key] = _build_abstract_state(config)
+  return _ABSTRACT_STATES[key]
+
+
+_ABSTRACT_STATES: dict[str, tuple] = {}
+
+
+def _build_abstract_state(config: ml_collections.ConfigDict) -> tuple:
   gen, disc = build_models(config)
   g_tx, d_tx = make_optimizers(config)
   shapes = jax.eval_shape(

@@ -20,6 +20,8 @@ import pytest
 from cips_jax import generator as generator_lib
 from cips_jax import grids
 from cips_jax import models
+from cips_jax import parallel
+from cips_jax import platforms
 from cips_jax import sampling
 import lowering
 import support
@@ -177,6 +179,45 @@ def test_discriminator_convolutions_follow_the_lowering_platform():
   # im2col (products only) on CPUs, XLA's convolutions on accelerators.
   assert convolutions['cpu'] == 0
   assert convolutions['cuda'] > 0 and convolutions['tpu'] > 0
+
+
+def test_a_program_jitted_over_a_mesh_traces_only_its_platforms_choice():
+  disc = models.Discriminator(size=8, channel_multiplier=1, max_channels=8)
+  variables = jax.eval_shape(lambda: models.init(disc, jax.random.PRNGKey(0)))
+  images = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+  mesh = parallel.make_mesh()
+  traced = []
+
+  def logits(variables, images):
+    with parallel.tracing_over(mesh):
+      return disc.apply(variables, images)
+
+  def staged_choices(fn):
+    jax.clear_caches()
+    jaxpr = str(jax.make_jaxpr(fn)(variables, images))
+    return jaxpr.count('platform_index')
+
+  # Over this CPU's devices: the CPU's im2col only, nothing staged.
+  assert staged_choices(logits) == 0
+  text = lowered_text(logits, 'cpu', variables, images)
+  assert lowering.summary(text)['convolutions'] == 0
+  # An export for several platforms stages every choice out again; one for
+  # another platform makes its choice.
+  with platforms.exporting_for():
+    assert staged_choices(logits) > 0
+  with platforms.exporting_for('tpu'):
+    assert staged_choices(logits) == 0
+    text = lowered_text(logits, 'tpu', variables, images)
+  assert lowering.summary(text)['convolutions'] > 0
+  # The pin follows the named backend, whatever the tracing machine is.
+  with platforms.pinned_to('tpu'):
+    traced.append(staged_choices(lambda v, x: disc.apply(v, x)))
+    text = lowered_text(lambda v, x: disc.apply(v, x), 'tpu', variables, images)
+  assert traced == [0] and lowering.summary(text)['convolutions'] > 0
+  for context in (platforms.pinned_to, platforms.exporting_for):
+    with pytest.raises(ValueError, match='backend must be one of'):
+      with context('metal'):
+        pass
 
 
 def test_the_generators_auto_form_follows_the_lowering_platform(monkeypatch):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from cips_jax import configs
 from cips_jax import grids
 from cips_jax import parallel
+from cips_jax import platforms
 from cips_jax import sampling
 from cips_jax import shapes
 from cips_jax import train
@@ -35,6 +36,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import lowering  # noqa: E402
 
 PLATFORMS = ('cuda', 'tpu')
+BACKEND_OF_PLATFORM = {'cuda': 'gpu', 'tpu': 'tpu'}
 # Pallas's Triton kernels have no serialisation guarantee; lowering is all we
 # ask of them here.
 TRITON = jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')
@@ -47,15 +49,24 @@ def abstract(tree, sharding=None):
   )
 
 
-def lower(fn, *args, platforms=PLATFORMS):
-  """{platform: properties} of the jitted `fn` at abstract `args`."""
+def lower(fn, *args, targets=PLATFORMS, per_platform_trace=False):
+  """{platform: properties} of the jitted `fn` at abstract `args`.
+
+  `per_platform_trace`: trace `fn` anew for each platform, with that
+  platform's choices only (`platforms.exporting_for`); else one trace holds
+  every platform's choices, staged, and each lowering keeps its own.
+  """
   results = {}
-  for platform in platforms:
+  for platform in targets:
     start = time.perf_counter()
+    backend = BACKEND_OF_PLATFORM[platform] if per_platform_trace else None
     try:
-      exported = jax.export.export(
-        fn, platforms=[platform], disabled_checks=[TRITON]
-      )(*args)
+      if per_platform_trace:
+        jax.clear_caches()  # jax's trace caches do not know the setting
+      with platforms.exporting_for(backend):
+        exported = jax.export.export(
+          fn, platforms=[platform], disabled_checks=[TRITON]
+        )(*args)
       mlir = exported.mlir_module()
       report = lowering.summary(mlir)
       report['inputs'] = len(exported.in_avals)
@@ -98,7 +109,10 @@ def training_steps(report):
     leaves = len(jax.tree_util.tree_leaves(state))
     for with_r1, step in steps.items():
       name = f'train_step_{dtype}' + ('_r1' if with_r1 else '')
-      report[name] = lower(step, state, batch)
+      # Jitted over this CPU's devices, the steps would otherwise make the
+      # CPU's choices while tracing (`parallel.tracing_over`); one trace per
+      # platform is also quicker than one with every choice staged.
+      report[name] = lower(step, state, batch, per_platform_trace=True)
       report[name]['state_leaves'] = leaves
 
 
@@ -177,9 +191,7 @@ def fused_layers(report):
           inv_norm = rest[0] if demodulate else None
           return layer(x, kernel, scale, inv_norm, rest[-1])
 
-        report[name].update(
-          lower(jax.jit(call), *present, platforms=[platform])
-        )
+        report[name].update(lower(jax.jit(call), *present, targets=[platform]))
 
 
 def main():
