@@ -91,16 +91,6 @@ def environment_with_devices(count: int) -> dict[str, str]:
   )
 
 
-def environment_for_inception(env=None) -> dict[str, str]:
-  """`env` (default: this process's) with XLA:CPU at its usual optimisation
-  level: the suite lowers it for its many small programs, but Inception's
-  convolutions run twice as fast at the usual level (the last flag wins)."""
-  env = dict(os.environ if env is None else env)
-  flags = env.get('XLA_FLAGS', '')
-  env['XLA_FLAGS'] = f'{flags} --xla_backend_optimization_level=3'
-  return env
-
-
 def run_python(
   *args, cwd=REPO, env=None, timeout=600
 ) -> subprocess.CompletedProcess:

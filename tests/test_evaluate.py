@@ -72,9 +72,7 @@ def test_training_writes_fid_and_kid_to_tensorboard(evaluated_run):
 
 
 def run_evaluate(*args):
-  return support.run_python(
-    '-m', 'cips_jax.evaluate', *args, env=support.environment_for_inception()
-  )
+  return support.run_python('-m', 'cips_jax.evaluate', *args)
 
 
 def test_the_evaluate_command_reuses_the_cached_real_statistics(
@@ -163,7 +161,7 @@ def test_real_statistics_cache_is_keyed_by_what_it_holds(tmp_path):
 
 def test_evaluation_shards_over_devices(extractor):
   del extractor  # only here to skip without weights
-  env = support.environment_for_inception(support.environment_with_devices(8))
+  env = support.environment_with_devices(8)
   script = support.TESTS / 'scripts' / 'evaluation_on_devices.py'
   result = support.run_python(script, env=env)
   assert result.returncode == 0, result.stderr[-3000:]

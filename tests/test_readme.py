@@ -160,10 +160,10 @@ class Sandbox:
     return argv
 
 
-def run(argv, cwd, env=None, timeout=600):
+def run(argv, cwd, timeout=600):
   argv = [sys.executable if argv[0] == 'python' else argv[0]] + argv[1:]
   return subprocess.run(
-    argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    argv, cwd=cwd, capture_output=True, text=True, timeout=timeout
   )
 
 
@@ -192,14 +192,7 @@ def results(tmp_path_factory, data_dir):
     argv = sandbox.shrink(sandbox.substitute(command))
     # From the checkout, as the README says, where a command names a file in it.
     in_repo = 'benchmarks/' in command or 'experiments/' in command
-    env = (
-      support.environment_for_inception()
-      if command.startswith('python -m cips_jax.evaluate')
-      else None
-    )
-    outcome[command] = run(
-      argv, cwd or (REPO if in_repo else sandbox.out), env=env
-    )
+    outcome[command] = run(argv, cwd or (REPO if in_repo else sandbox.out))
     return outcome[command]
 
   # First what the others read: the data, the quickstart and panorama workdirs,
