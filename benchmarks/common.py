@@ -28,7 +28,7 @@ import platform
 import resource
 import subprocess
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from absl import app
 import flax
@@ -252,6 +252,30 @@ def train_config(
   return config
 
 
+class BoundStep(NamedTuple):
+  """`train.jit_train_step`'s program with its static arguments bound: call it
+  or lower it with (state, batch)."""
+
+  jitted: Callable
+  static: dict
+
+  def __call__(self, state, batch):
+    return self.jitted(state, batch, **self.static)
+
+  def lower(self, state, batch):
+    return self.jitted.lower(state, batch, **self.static)
+
+
+def bound_steps(models, state_sharding=None) -> dict[bool, BoundStep]:
+  """{with_r1: the step of `models` (`train.StepModels`) jitted over its
+  mesh}."""
+  jitted = train.jit_train_step(models, state_sharding)
+  return {
+    with_r1: BoundStep(jitted, {'models': models, 'with_r1': with_r1})
+    for with_r1 in (False, True)
+  }
+
+
 def prepared_steps(config):
   """A config's fresh train state, its jitted steps and a random batch.
 
@@ -264,9 +288,7 @@ def prepared_steps(config):
     lambda: train_state.create_state(gen, disc, g_tx, d_tx, 0),
     out_shardings=parallel.replicated(mesh),
   )()
-  steps = train.jit_train_steps(
-    train.make_train_step(config, gen, disc, g_tx, d_tx), mesh
-  )
+  steps = bound_steps(train.step_models(config, gen, disc, g_tx, d_tx, mesh))
   b, c = config.train.global_batch_size, config.data.crop
   rng = np.random.default_rng(0)
   batch = parallel.global_batch(

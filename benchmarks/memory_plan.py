@@ -103,8 +103,8 @@ def cross_check(name: str, config) -> dict:
   mesh = parallel.make_mesh(jax.devices()[:1])
   gen, disc, g_tx, d_tx, state = train_state.abstract_state(config)
   disc = disc.clone(conv_impl='xla')  # as on an accelerator
-  steps = train.jit_train_steps(
-    train.make_train_step(config, gen, disc, g_tx, d_tx), mesh
+  steps = common.bound_steps(
+    train.step_models(config, gen, disc, g_tx, d_tx, mesh)
   )
   b, c = config.train.global_batch_size, config.data.crop
   batch = {

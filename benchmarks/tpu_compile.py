@@ -223,30 +223,12 @@ def _sharded(tree, sharding):
 
 def train_step(config, mesh, with_r1: bool, per_device_batch: int) -> Program:
   """The training step of `config` at `per_device_batch` images per device."""
-  side = config.data.crop
   batch_size = per_device_batch * mesh.size
   config.train.global_batch_size = batch_size
-  split = parallel.batch_sharded(mesh)
-  batch = {
-    'image': jax.ShapeDtypeStruct(
-      (batch_size, side, side, 3), jnp.float32, sharding=split
-    ),
-    'coords': jax.ShapeDtypeStruct(
-      (batch_size, side, side, 2), jnp.float32, sharding=split
-    ),
-  }
-  gen, disc, g_tx, d_tx, state = train_state.abstract_state(config)
-  shardings = parallel.state_shardings(
-    state, mesh, config.train.shard_embedding
+  models, state, batch, shardings = train.abstract_step(
+    config, mesh, batch_size
   )
-  state = jax.tree_util.tree_map(
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-    state,
-    shardings,
-  )
-  steps = train.jit_train_steps(
-    train.make_train_step(config, gen, disc, g_tx, d_tx), mesh, shardings
-  )
+  steps = common.bound_steps(models, shardings)
   parameter_bytes = sum(
     x.size * x.dtype.itemsize
     for x in jax.tree_util.tree_leaves((state.g_params, state.d_params))

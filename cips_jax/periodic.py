@@ -9,9 +9,12 @@ evaluation, checkpoints and profiling.
       state = train_step(state, ...)
       for action in actions:
         action(step + 1, state)
+    for action in actions:
+      action.finish(step + 1, state)
 
-Each action runs at most once per step, so the loop may also `force` one (a
-checkpoint before a preemption stop) without repeating what just ran. The
+Each action runs at most once per step. `finish` is the loop's last word to
+every action, however it ended (the last step, or a preemption): a checkpoint
+made `at_finish` is saved there unless it just was, a profiler trace stops. The
 interface follows clu's `periodic_actions` (`every_steps`, `on_steps`,
 `PeriodicCallback`, `Profile`); clu's module itself imports TensorFlow
 (through `clu.metric_writers`), which this package never requires.
@@ -31,6 +34,7 @@ class Every:
 
   `every_steps` 0 (or None) means never periodically. `step` is the number of
   steps completed, so `every_steps=100` runs after steps 100, 200, ...
+  `at_finish`: also run when the loop finishes early (`finish`).
   """
 
   def __init__(
@@ -39,10 +43,12 @@ class Every:
     work: Callable[[int, Any], None],
     *,
     at_steps: Iterable[int] = (),
+    at_finish: bool = False,
   ):
     self.every_steps = every_steps or 0
     self.work = work
     self.at_steps = frozenset(at_steps)
+    self.at_finish = at_finish
     self.last_step = None
 
   def due(self, step: int) -> bool:
@@ -63,6 +69,11 @@ class Every:
     self.last_step = step
     self.work(step, state)
     return True
+
+  def finish(self, step: int, state: Any) -> bool:
+    """The loop ended after `step` steps: runs the work there if `at_finish`
+    (unless it already ran there)."""
+    return self.force(step, state) if self.at_finish else False
 
 
 class Profile:
@@ -94,6 +105,13 @@ class Profile:
       self.stop(state)
       return True
     return False
+
+  def finish(self, step: int, state: Any) -> bool:
+    """The loop ended: stops a running trace; returns whether one ran."""
+    del step
+    tracing = self.tracing
+    self.stop(state)
+    return tracing
 
   def stop(self, state: Any = None) -> None:
     """Ends the trace (if one runs) once `state` is computed, and writes it."""

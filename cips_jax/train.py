@@ -109,162 +109,232 @@ def draw_step_inputs(seed: int, step, batch, style_dim: int) -> StepInputs:
   )
 
 
-def make_gan_step(config, gen, disc, g_tx, d_tx) -> Callable:
-  """Returns `gan_step(state, inputs: StepInputs, with_r1) -> (state, metrics)`.
+@dataclasses.dataclass(frozen=True)
+class StepModels:
+  """What the training step reads besides the state and the batch: static
+  under jit (hashable), built once per run by `step_models`.
 
-  The reference trainer's arithmetic on explicit inputs; not yet jitted.
+  gen, disc: the networks; g_tx, d_tx: their optimisers; mesh: the mesh the
+  step is jitted over, or None; seed: step i's latents and noise come from
+  (seed, i); embedding_mode: how G reads its embedding (`train_embedding_mode`);
+  r1_weight: the lazy R1 penalty's weight, gamma / 2 * r1_every (StyleGAN2's
+  lazy regularisation keeps the average strength); ema_decay: per step;
+  d_input_coords: D sees the coordinates beside the pixels.
   """
+
+  gen: Any
+  disc: Any
+  g_tx: Any
+  d_tx: Any
+  mesh: Any
+  seed: int
+  embedding_mode: str
+  r1_weight: float
+  ema_decay: float
+  d_input_coords: bool
+
+
+def step_models(
+  config: ml_collections.ConfigDict, gen, disc, g_tx, d_tx, mesh=None
+) -> StepModels:
+  """The `StepModels` of a config's run."""
   t = config.train
-  embedding_mode = train_embedding_mode(config)
-  # The lazy regulariser runs every r1_every steps, so it is weighted by
-  # r1_every to keep its average strength (StyleGAN2's lazy regularisation).
-  r1_weight = t.r1_gamma / 2 * t.r1_every
+  return StepModels(
+    gen=gen,
+    disc=disc,
+    g_tx=g_tx,
+    d_tx=d_tx,
+    mesh=mesh,
+    seed=t.seed,
+    embedding_mode=train_embedding_mode(config),
+    r1_weight=t.r1_gamma / 2 * t.r1_every,
+    ema_decay=t.ema_decay,
+    d_input_coords=t.d_input_coords,
+  )
 
-  def d_inputs(pixels, coords):
-    return jnp.concatenate([pixels, coords], -1) if t.d_input_coords else pixels
 
-  def render(g_params, z, coords, noise_key):
-    # Without a noise key the generator injects zero noise.
-    rngs = {} if noise_key is None else {'noise': noise_key}
-    # 'auto' forms (G's per-image style form, D's convolutions) follow the
-    # platform the step is lowered for, not the machine tracing it.
-    return generator_lib.apply_per_platform(
-      gen,
-      {'params': g_params},
-      z,
-      coords,
-      embedding_mode=embedding_mode,
-      method=type(gen).generate,
-      rngs=rngs,
+def _render(models: StepModels, g_params, z, coords, noise_key):
+  # Without a noise key the generator injects zero noise. 'auto' forms (G's
+  # per-image style form, D's convolutions) follow the platform the step is
+  # lowered for, not the machine tracing it.
+  rngs = {} if noise_key is None else {'noise': noise_key}
+  return generator_lib.apply_per_platform(
+    models.gen,
+    {'params': g_params},
+    z,
+    coords,
+    embedding_mode=models.embedding_mode,
+    method=type(models.gen).generate,
+    rngs=rngs,
+  )
+
+
+def _d_inputs(models: StepModels, pixels, coords):
+  if models.d_input_coords:
+    return jnp.concatenate([pixels, coords], -1)
+  return pixels
+
+
+def _discriminate(models: StepModels, d_params, inputs):
+  return models.disc.apply({'params': d_params}, inputs)
+
+
+def gan_step(
+  state: TrainState, inputs: StepInputs, *, models: StepModels, with_r1: bool
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One step of the reference trainer's arithmetic on explicit inputs.
+
+  Returns (the new state, {'d_loss', 'real_score', 'fake_score', 'g_loss'},
+  with 'r1_penalty' when `with_r1`). Not jitted: `train_step` draws the inputs
+  and is what the loop jits.
+  """
+  coords = inputs.coords
+  real_inputs = _d_inputs(models, inputs.real, coords)
+
+  # D step: G frozen.
+  fake = jax.lax.stop_gradient(
+    _render(models, state.g_params, inputs.d_z, coords, inputs.d_noise_key)
+  )
+
+  def d_loss_fn(d_params):
+    real_logits = _discriminate(models, d_params, real_inputs)
+    fake_logits = _discriminate(
+      models, d_params, _d_inputs(models, fake, coords)
+    )
+    return losses.discriminator_loss(real_logits, fake_logits), (
+      real_logits,
+      fake_logits,
     )
 
-  def discriminate(d_params, inputs):
-    return disc.apply({'params': d_params}, inputs)
+  (d_loss, (real_logits, fake_logits)), d_grads = jax.value_and_grad(
+    d_loss_fn, has_aux=True
+  )(state.d_params)
+  updates, d_opt_state = models.d_tx.update(
+    d_grads, state.d_opt_state, state.d_params
+  )
+  d_params = optax.apply_updates(state.d_params, updates)
 
-  def gan_step(state: TrainState, inputs: StepInputs, with_r1: bool):
-    real, coords = inputs.real, inputs.coords
+  out = {
+    'd_loss': d_loss,
+    'real_score': jnp.mean(real_logits),
+    'fake_score': jnp.mean(fake_logits),
+  }
+  # Lazy R1: its own gradient and Adam step, after the main D step (as the
+  # reference does; D's Adam count advances twice on these steps).
+  if with_r1:
 
-    # D step: G frozen.
-    fake = jax.lax.stop_gradient(
-      render(state.g_params, inputs.d_z, coords, inputs.d_noise_key)
-    )
-
-    def d_loss_fn(d_params):
-      real_logits = discriminate(d_params, d_inputs(real, coords))
-      fake_logits = discriminate(d_params, d_inputs(fake, coords))
-      return losses.discriminator_loss(real_logits, fake_logits), (
-        real_logits,
-        fake_logits,
+    def r1_loss_fn(d_params):
+      penalty = losses.r1_penalty(
+        functools.partial(_discriminate, models, d_params), real_inputs
       )
+      return models.r1_weight * penalty, penalty
 
-    (d_loss, (real_logits, fake_logits)), d_grads = jax.value_and_grad(
-      d_loss_fn, has_aux=True
-    )(state.d_params)
-    updates, d_opt_state = d_tx.update(
-      d_grads, state.d_opt_state, state.d_params
+    (_, penalty), r1_grads = jax.value_and_grad(r1_loss_fn, has_aux=True)(
+      d_params
     )
-    d_params = optax.apply_updates(state.d_params, updates)
+    updates, d_opt_state = models.d_tx.update(r1_grads, d_opt_state, d_params)
+    d_params = optax.apply_updates(d_params, updates)
+    out['r1_penalty'] = penalty
 
-    out = {
-      'd_loss': d_loss,
-      'real_score': jnp.mean(real_logits),
-      'fake_score': jnp.mean(fake_logits),
-    }
-    # Lazy R1: its own gradient and Adam step, after the main D step (as the
-    # reference does; D's Adam count advances twice on these steps).
-    if with_r1:
-
-      def r1_loss_fn(d_params):
-        penalty = losses.r1_penalty(
-          functools.partial(discriminate, d_params), d_inputs(real, coords)
-        )
-        return r1_weight * penalty, penalty
-
-      (_, penalty), r1_grads = jax.value_and_grad(r1_loss_fn, has_aux=True)(
-        d_params
-      )
-      updates, d_opt_state = d_tx.update(r1_grads, d_opt_state, d_params)
-      d_params = optax.apply_updates(d_params, updates)
-      out['r1_penalty'] = penalty
-
-    # G step: D frozen, new z, same coordinates.
-    def g_loss_fn(g_params):
-      fake = render(g_params, inputs.g_z, coords, inputs.g_noise_key)
-      return losses.generator_loss(
-        discriminate(d_params, d_inputs(fake, coords))
-      )
-
-    g_loss, g_grads = jax.value_and_grad(g_loss_fn)(state.g_params)
-    updates, g_opt_state = g_tx.update(
-      g_grads, state.g_opt_state, state.g_params
+  # G step: D frozen, new z, same coordinates.
+  def g_loss_fn(g_params):
+    fake = _render(models, g_params, inputs.g_z, coords, inputs.g_noise_key)
+    return losses.generator_loss(
+      _discriminate(models, d_params, _d_inputs(models, fake, coords))
     )
-    g_params = optax.apply_updates(state.g_params, updates)
-    ema_params = jax.tree_util.tree_map(
-      lambda e, p: t.ema_decay * e + (1.0 - t.ema_decay) * p,
-      state.ema_params,
-      g_params,
-    )
-    out['g_loss'] = g_loss
-    new_state = TrainState(
-      step=state.step + 1,
-      g_params=g_params,
-      d_params=d_params,
-      ema_params=ema_params,
-      g_opt_state=g_opt_state,
-      d_opt_state=d_opt_state,
-    )
-    return new_state, out
 
-  return gan_step
+  g_loss, g_grads = jax.value_and_grad(g_loss_fn)(state.g_params)
+  updates, g_opt_state = models.g_tx.update(
+    g_grads, state.g_opt_state, state.g_params
+  )
+  g_params = optax.apply_updates(state.g_params, updates)
+  decay = models.ema_decay
+  ema_params = jax.tree_util.tree_map(
+    lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, g_params
+  )
+  out['g_loss'] = g_loss
+  new_state = TrainState(
+    step=state.step + 1,
+    g_params=g_params,
+    d_params=d_params,
+    ema_params=ema_params,
+    g_opt_state=g_opt_state,
+    d_opt_state=d_opt_state,
+  )
+  return new_state, out
 
 
-def make_train_step(config, gen, disc, g_tx, d_tx) -> Callable:
-  """Returns `train_step(state, batch, with_r1) -> (state, metrics)`.
+def train_step(
+  state: TrainState, batch, *, models: StepModels, with_r1: bool
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One training step: the inputs of step `state.step`, then `gan_step`.
 
   `batch` holds 'image' (B, H, W, 3) and 'coords' (B, H, W, 2); the latents
-  and noise come from (config.train.seed, state.step). Not yet jitted.
+  and noise come from (models.seed, state.step). Jit it with
+  `static_argnames=STEP_STATIC_ARGNAMES` (`jit_train_step` also places it on
+  `models.mesh`).
   """
-  gan_step = make_gan_step(config, gen, disc, g_tx, d_tx)
+  inputs = draw_step_inputs(
+    models.seed, state.step, batch, models.gen.style_dim
+  )
+  if models.mesh is None:
+    return gan_step(state, inputs, models=models, with_r1=with_r1)
+  # The fused kernel splits itself over the mesh (XLA cannot), and the
+  # per-platform choices are the mesh's platform's.
+  with parallel.tracing_over(models.mesh):
+    return gan_step(state, inputs, models=models, with_r1=with_r1)
 
-  def train_step(state: TrainState, batch, with_r1: bool):
-    inputs = draw_step_inputs(
-      config.train.seed, state.step, batch, gen.style_dim
-    )
-    return gan_step(state, inputs, with_r1)
 
-  return train_step
+STEP_STATIC_ARGNAMES = ('models', 'with_r1')
 
 
-def jit_train_steps(
-  train_step, mesh, state_sharding=None
-) -> dict[bool, Callable]:
-  """The step jitted over the mesh, with and without R1.
+def jit_train_step(models: StepModels, state_sharding=None) -> Callable:
+  """`train_step` jitted over `models.mesh`, the state donated.
 
-  Returns {with_r1: fn(state, batch)}. `state_sharding`: a sharding (tree) for
-  the state, default replicated (see `parallel.state_shardings`). The state is
-  donated: each step updates it in place.
+  Call it as `step(state, batch, models=models, with_r1=...)`. The state and
+  the batch keep the placements they come with (`parallel.state_shardings`,
+  `parallel.global_batch`); the new state leaves with `state_sharding`
+  (default replicated), the metrics replicated.
   """
+  mesh = models.mesh
   state_sharding = (
     parallel.replicated(mesh) if state_sharding is None else state_sharding
   )
+  return jax.jit(
+    train_step,
+    static_argnames=STEP_STATIC_ARGNAMES,
+    donate_argnames='state',
+    out_shardings=(state_sharding, parallel.replicated(mesh)),
+  )
 
-  def step_fn(with_r1):
-    def step(state, batch):
-      # The fused kernel splits itself over the mesh (XLA cannot).
-      with parallel.tracing_over(mesh):
-        return train_step(state, batch, with_r1)
 
-    return step
+def abstract_step(
+  config: ml_collections.ConfigDict, mesh, global_batch_size: int
+) -> tuple[StepModels, TrainState, dict[str, jax.ShapeDtypeStruct], Any]:
+  """What lowering the step of `config` over `mesh` takes, allocating nothing.
 
-  return {
-    with_r1: jax.jit(
-      step_fn(with_r1),
-      in_shardings=(state_sharding, parallel.batch_sharded(mesh)),
-      out_shardings=(state_sharding, parallel.replicated(mesh)),
-      donate_argnames='state',
+  Returns (models, the state's and a batch's `jax.ShapeDtypeStruct`s placed
+  as a run places them, the state's shardings): `jit_train_step(models,
+  shardings).lower(state, batch, models=models, with_r1=...)`.
+  """
+  gen, disc, g_tx, d_tx, shapes = train_state_lib.abstract_state(config)
+  shardings = parallel.state_shardings(
+    shapes, mesh, config.train.shard_embedding
+  )
+  state = jax.tree_util.tree_map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    shapes,
+    shardings,
+  )
+  side, split = config.data.crop, parallel.batch_sharded(mesh)
+  batch = {
+    name: jax.ShapeDtypeStruct(
+      (global_batch_size, side, side, channels), jnp.float32, sharding=split
     )
-    for with_r1 in (False, True)
+    for name, channels in (('image', 3), ('coords', 2))
   }
+  models = step_models(config, gen, disc, g_tx, d_tx, mesh)
+  return models, state, batch, shardings
 
 
 # ------------------------------------------------------------------------------
@@ -452,14 +522,14 @@ def check_state_finite(step: int, state: TrainState, newest_saved) -> None:
 
 def periodic_work(
   run: Run, metrics: summary.TrainingReport, start_step: int
-) -> tuple[list[Any], periodic.Every, periodic.Profile]:
+) -> list[Any]:
   """The loop's periodic actions, in the order they run after a step.
 
   Metrics every `log_every`; an EMA sample grid every `sample_every`; FID/KID
-  every `eval_every_steps`; a checkpoint every `checkpoint_every`; all of them
-  after the last step. Returns (actions, the checkpoint action, the profiler).
-  The checkpoint first reports the metrics not yet written, so no checkpoint
-  of a diverged state is saved.
+  every `eval_every_steps`; a checkpoint every `checkpoint_every` and when the
+  loop finishes (a preemption stop); all of them after the last step; a
+  profiler trace. The checkpoint first reports the metrics not yet written,
+  so no checkpoint of a diverged state is saved.
   """
   config, gen = run.config, run.gen
   t, log = config.train, config.logging
@@ -508,7 +578,7 @@ def periodic_work(
     run.manager.save(step, state)
 
   checkpoint = periodic.Every(
-    log.checkpoint_every, save_checkpoint, at_steps=last
+    log.checkpoint_every, save_checkpoint, at_steps=last, at_finish=True
   )
   actions = [
     report,
@@ -524,7 +594,7 @@ def periodic_work(
     first_step=start_step + PROFILE_AFTER_STEPS,
     num_steps=log.profile_steps,
   )
-  return [*actions, profile], checkpoint, profile
+  return [*actions, profile]
 
 
 def train_loop(run: Run, state: TrainState) -> TrainState:
@@ -534,15 +604,15 @@ def train_loop(run: Run, state: TrainState) -> TrainState:
   """
   t = run.config.train
   start_step = int(state.step)
-  steps = jit_train_steps(
-    make_train_step(run.config, run.gen, run.disc, run.g_tx, run.d_tx),
-    run.mesh,
-    run.shardings,
+  models = step_models(
+    run.config, run.gen, run.disc, run.g_tx, run.d_tx, run.mesh
   )
+  step_fn = jit_train_step(models, run.shardings)
   metrics = summary.TrainingReport(
     run.writer, t.num_steps, start_step, t.global_batch_size
   )
-  actions, checkpoint, profile = periodic_work(run, metrics, start_step)
+  actions = periodic_work(run, metrics, start_step)
+  done = start_step
   # Read ahead on grain's threads; the stream equals batch_at(step), step by
   # step.
   local_batches = run.batches.iterate(start_step)
@@ -553,18 +623,21 @@ def train_loop(run: Run, state: TrainState) -> TrainState:
         {k: local[k] for k in ('image', 'coords')}, run.mesh
       )
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        state, out = steps[step % t.r1_every == 0](state, batch)
-      metrics.add(out)
-      for action in actions:
-        action(step + 1, state)
-      if preemption.requested:
-        checkpoint.force(step + 1, state)
-        logging.warning(
-          'stopped by SIGTERM at step %d; run the same command to resume',
-          step + 1,
+        state, out = step_fn(
+          state, batch, models=models, with_r1=step % t.r1_every == 0
         )
+      metrics.add(out)
+      done = step + 1
+      for action in actions:
+        action(done, state)
+      if preemption.requested:
         break
-  profile.stop(state)
+  for action in actions:
+    action.finish(done, state)
+  if preemption.requested:
+    logging.warning(
+      'stopped by SIGTERM at step %d; run the same command to resume', done
+    )
   return state
 
 

@@ -70,9 +70,12 @@ def continued_run(config):
   state = reference_run_lib.continue_reference_run(
     config, str(PT), gen, disc, g_tx, d_tx, abstract
   )
-  step = jax.jit(
-    train.make_gan_step(config, gen, disc, g_tx, d_tx), static_argnums=2
-  )
+  models = train.step_models(config, gen, disc, g_tx, d_tx)
+  jitted = jax.jit(train.gan_step, static_argnames=train.STEP_STATIC_ARGNAMES)
+
+  def step(state, inputs, with_r1):
+    return jitted(state, inputs, models=models, with_r1=with_r1)
+
   return gen, disc, state, step
 
 

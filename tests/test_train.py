@@ -18,6 +18,7 @@ from cips_jax import convert
 from cips_jax import losses
 from cips_jax import memory_plan
 from cips_jax import parallel
+from cips_jax import periodic
 from cips_jax import train
 from cips_jax import train_state
 from reference_fixtures import reference_outputs
@@ -40,9 +41,12 @@ def setup():
   gen, disc = train_state.build_models(config)
   g_tx, d_tx = train_state.make_optimizers(config)
   state = train_state.create_state(gen, disc, g_tx, d_tx, config.train.seed)
-  step = jax.jit(
-    train.make_train_step(config, gen, disc, g_tx, d_tx), static_argnums=2
-  )
+  models = train.step_models(config, gen, disc, g_tx, d_tx)
+  jitted = jax.jit(train.train_step, static_argnames=train.STEP_STATIC_ARGNAMES)
+
+  def step(state, batch, with_r1):
+    return jitted(state, batch, models=models, with_r1=with_r1)
+
   return config, gen, disc, state, step
 
 
@@ -263,20 +267,17 @@ def test_bfloat16_compute_and_remat_step():
   gen, disc = train_state.build_models(config)
   g_tx, d_tx = train_state.make_optimizers(config)
   state = train_state.create_state(gen, disc, g_tx, d_tx, 0)
-  step = jax.jit(
-    train.make_train_step(config, gen, disc, g_tx, d_tx), static_argnums=2
-  )
-  new_state, out = step(state, fake_batch(config), True)
+  step = jax.jit(train.train_step, static_argnames=train.STEP_STATIC_ARGNAMES)
+  models = train.step_models(config, gen, disc, g_tx, d_tx)
+  new_state, out = step(state, fake_batch(config), models=models, with_r1=True)
   assert all(np.isfinite(float(v)) for v in out.values())
   leaves = jax.tree_util.tree_leaves(new_state.g_params)
   assert all(leaf.dtype == jnp.float32 for leaf in leaves)
   # Same step in float32 without remat: close, not equal (bfloat16 rounding).
   config32 = tiny_config()
   gen32, disc32 = train_state.build_models(config32)
-  step32 = jax.jit(
-    train.make_train_step(config32, gen32, disc32, g_tx, d_tx), static_argnums=2
-  )
-  _, out32 = step32(state, fake_batch(config), True)
+  models32 = train.step_models(config32, gen32, disc32, g_tx, d_tx)
+  _, out32 = step(state, fake_batch(config), models=models32, with_r1=True)
   assert float(out['d_loss']) == pytest.approx(float(out32['d_loss']), rel=0.05)
 
 
@@ -332,3 +333,26 @@ def test_the_sample_grid_is_bounded():
     config_validation.ConfigError, match=r'logging.num_samples.*\[1, 1024\]'
   ):
     config_validation.validate(config, num_devices=1, num_processes=1)
+
+
+def test_finish_runs_what_asks_for_it_once_and_stops_the_trace(tmp_path):
+  calls = []
+  checkpoint = periodic.Every(
+    10, lambda step, _: calls.append(step), at_steps={30}, at_finish=True
+  )
+  samples = periodic.Every(10, lambda step, _: calls.append(-step))
+  for step in range(1, 8):  # a run stopped (preempted) after step 7
+    checkpoint(step, None)
+    samples(step, None)
+  assert calls == []
+  assert checkpoint.finish(7, None) and not samples.finish(7, None)
+  assert calls == [7]
+  # A finish right after the work ran at that step does not repeat it.
+  assert checkpoint(10, None) and not checkpoint.finish(10, None)
+  assert calls == [7, 10]
+  profile = periodic.Profile(str(tmp_path), first_step=1, num_steps=100)
+  state = jnp.ones(3)
+  assert profile(1, state) and profile.tracing
+  assert profile.finish(2, state) and not profile.tracing
+  assert not profile.finish(3, state)
+  assert list(tmp_path.rglob('*.xplane.pb'))

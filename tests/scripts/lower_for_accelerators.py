@@ -49,8 +49,9 @@ def abstract(tree, sharding=None):
   )
 
 
-def lower(fn, *args, targets=PLATFORMS, per_platform_trace=False):
-  """{platform: properties} of the jitted `fn` at abstract `args`.
+def lower(fn, *args, targets=PLATFORMS, per_platform_trace=False, static=None):
+  """{platform: properties} of the jitted `fn` at abstract `args` (and its
+  static keyword arguments `static`).
 
   `per_platform_trace`: trace `fn` anew for each platform, with that
   platform's choices only (`platforms.exporting_for`); else one trace holds
@@ -66,7 +67,7 @@ def lower(fn, *args, targets=PLATFORMS, per_platform_trace=False):
       with platforms.exporting_for(backend):
         exported = jax.export.export(
           fn, platforms=[platform], disabled_checks=[TRITON]
-        )(*args)
+        )(*args, **(static or {}))
       mlir = exported.mlir_module()
       report = lowering.summary(mlir)
       report['inputs'] = len(exported.in_avals)
@@ -85,34 +86,24 @@ def churches(dtype: str):
 
 def training_steps(report):
   mesh = parallel.make_mesh()
-  batch_sharding = parallel.batch_sharded(mesh)
-  batch = {
-    'image': jax.ShapeDtypeStruct(
-      (BATCH, SIDE, SIDE, 3), jnp.float32, sharding=batch_sharding
-    ),
-    'coords': jax.ShapeDtypeStruct(
-      (BATCH, SIDE, SIDE, 2), jnp.float32, sharding=batch_sharding
-    ),
-  }
   for dtype in ('float32', 'bfloat16'):
-    config = churches(dtype)
-    gen, disc, g_tx, d_tx, state = train_state.abstract_state(config)
-    shardings = parallel.state_shardings(state, mesh, False)
-    state = jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      state,
-      shardings,
+    models, state, batch, shardings = train.abstract_step(
+      churches(dtype), mesh, BATCH
     )
-    steps = train.jit_train_steps(
-      train.make_train_step(config, gen, disc, g_tx, d_tx), mesh, shardings
-    )
+    step = train.jit_train_step(models, shardings)
     leaves = len(jax.tree_util.tree_leaves(state))
-    for with_r1, step in steps.items():
+    for with_r1 in (False, True):
       name = f'train_step_{dtype}' + ('_r1' if with_r1 else '')
       # Jitted over this CPU's devices, the steps would otherwise make the
       # CPU's choices while tracing (`parallel.tracing_over`); one trace per
       # platform is also quicker than one with every choice staged.
-      report[name] = lower(step, state, batch, per_platform_trace=True)
+      report[name] = lower(
+        step,
+        state,
+        batch,
+        per_platform_trace=True,
+        static={'models': models, 'with_r1': with_r1},
+      )
       report[name]['state_leaves'] = leaves
 
 

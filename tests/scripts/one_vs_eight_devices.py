@@ -35,15 +35,17 @@ batch = fake_batch(config)
 results = {}
 for name, devices in (('one', jax.devices()[:1]), ('eight', jax.devices())):
   mesh = parallel.make_mesh(devices)
-  step_fn = train.make_train_step(config, gen, disc, g_tx, d_tx)
-  steps = train.jit_train_steps(step_fn, mesh)
+  models = train.step_models(config, gen, disc, g_tx, d_tx, mesh)
+  step_fn = train.jit_train_step(models)
   s = jax.device_put(state, parallel.replicated(mesh))
   outs = []
   # Two steps, both with R1 (a superset of the plain step): one program per
   # mesh to compile.
   for step in range(2):
     with_r1 = step % config.train.r1_every == 0
-    s, out = steps[with_r1](s, parallel.global_batch(batch, mesh))
+    s, out = step_fn(
+      s, parallel.global_batch(batch, mesh), models=models, with_r1=with_r1
+    )
     outs.append({k: float(v) for k, v in out.items()})
   results[name] = (s, outs)
 (one, one_out), (eight, eight_out) = results['one'], results['eight']

@@ -36,15 +36,17 @@ mesh = parallel.make_mesh()
 results, shard_rows = {}, {}
 for shard in (False, True):
   shardings = parallel.state_shardings(host_state, mesh, shard_embedding=shard)
-  step_fn = train.make_train_step(config, gen, disc, g_tx, d_tx)
-  steps = train.jit_train_steps(step_fn, mesh, shardings)
+  models = train.step_models(config, gen, disc, g_tx, d_tx, mesh)
+  step_fn = train.jit_train_step(models, shardings)
   state = jax.device_put(host_state, shardings)
   outs = []
   # Two steps, both with R1 (a superset of the plain step): one program per
   # mesh to compile.
   for step in range(2):
     with_r1 = step % config.train.r1_every == 0
-    state, out = steps[with_r1](state, parallel.global_batch(batch, mesh))
+    state, out = step_fn(
+      state, parallel.global_batch(batch, mesh), models=models, with_r1=with_r1
+    )
     outs.append({k: float(v) for k, v in out.items()})
   tables = {
     'g_params': state.g_params['embedding'],
