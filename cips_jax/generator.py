@@ -1,4 +1,4 @@
-"""The CIPS generators (CIPSskip, CIPSres) and their mapping network.
+"""The CIPS generators (CIPSskip, CIPSres).
 
 A CIPS generator is a function of one pixel: `(xy, style) -> rgb`. The modules
 below write that function (`synthesize_pixel`) and `__call__` lifts it with
@@ -19,8 +19,7 @@ coordinates) and returns `(B, ..., 3)`.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -31,6 +30,7 @@ from cips_jax import errors
 from cips_jax import layers
 from cips_jax import platforms
 from cips_jax import shapes
+from cips_jax import widths as widths_lib
 
 Array = jax.Array
 DType = Any
@@ -119,91 +119,6 @@ def apply_per_platform(gen: CIPS, variables, *args, **kwargs) -> Any:
   )
 
 
-class MappingNetwork(nn.Module):
-  """z -> w: pixel norm, then `n_mlp` equalized dense layers.
-
-  The layers have lr_mul 0.01 and leaky ReLU x sqrt 2.
-
-  Attributes:
-    style_dim: width of z and w.
-    n_mlp: number of dense layers.
-    lr_mul: learning-rate multiplier of every layer.
-  """
-
-  style_dim: int = 512
-  n_mlp: int = 8
-  lr_mul: float = 0.01
-
-  @nn.compact
-  def __call__(self, z: Array) -> Array:
-    """z: (..., style_dim) -> w: (..., style_dim)."""
-    # The reference's style.0; the dense layers are style.1 .. style.n_mlp.
-    x = layers.pixel_norm(z)
-    for i in range(self.n_mlp):
-      x = layers.EqualDense(
-        self.style_dim, lr_mul=self.lr_mul, activate=True, name=f'dense_{i}'
-      )(x)
-    return x
-
-
-def skip_widths(
-  count: int, channel_multiplier: int, max_channels: int = 512
-) -> list[int]:
-  """Widths of CIPSskip's layer pairs: the reference's channel table, capped."""
-  # Indexed by stage, not by resolution (docs/reference.md 1.4).
-  table = [
-    512,
-    512,
-    512,
-    512,
-    256 * channel_multiplier,
-    128 * channel_multiplier,
-    64 * channel_multiplier,
-    32 * channel_multiplier,
-    16 * channel_multiplier,
-  ]
-  return [min(w, max_channels) for w in _extend(table, count)]
-
-
-def res_widths(
-  count: int, channel_multiplier: int, max_channels: int = 512
-) -> list[int]:
-  """Widths of CIPSres's residual blocks.
-
-  Entries 7 and 8 differ from CIPSskip's.
-  """
-  # 64 cm and 32 cm where CIPSskip has 32 cm and 16 cm: the reference's own
-  # table, not a typo (docs/reference.md 1.4).
-  table = [
-    512,
-    512,
-    512,
-    512,
-    256 * channel_multiplier,
-    128 * channel_multiplier,
-    64 * channel_multiplier,
-    64 * channel_multiplier,
-    32 * channel_multiplier,
-  ]
-  return [min(w, max_channels) for w in _extend(table, count)]
-
-
-def _extend(table: Sequence[int], count: int) -> list[int]:
-  if count > len(table):
-    raise errors.InputError(
-      f'size too large: {count} layer pairs, the channel table has {len(table)}'
-    )
-  return list(table[:count])
-
-
-def num_pairs(size: int) -> int:
-  """log2(size) - 1: number of layer pairs (CIPSskip) or residual blocks."""
-  # size & (size - 1) clears the lowest set bit: 0 only for powers of two.
-  if size < 4 or size & (size - 1):
-    raise errors.InputError(f'size must be a power of two >= 4, got {size}')
-  return int(math.log2(size)) - 1
-
-
 class CIPS(nn.Module):
   """What CIPSskip and CIPSres share.
 
@@ -248,6 +163,8 @@ class CIPS(nn.Module):
   dtype: DType = jnp.float32
   remat: bool = False
   per_image_form: str = 'auto'
+  # The subclass's channel table (`widths`), by layer pair or block.
+  width_table: ClassVar[Callable[..., list[int]]]
 
   @property
   def num_styled_layers(self) -> int:
@@ -256,18 +173,24 @@ class CIPS(nn.Module):
     Each takes one noise draw.
     """
     # conv1, then two per stage (CIPSres: two per block); ToRGBs take no noise.
-    return 1 + 2 * num_pairs(self.size)
+    return 1 + 2 * widths_lib.num_pairs(self.size)
 
   def layer_widths(self) -> list[int]:
     """Output width of each layer pair (CIPSskip) or residual block."""
-    raise NotImplementedError
+    return self.width_table(
+      widths_lib.num_pairs(self.size),
+      self.channel_multiplier,
+      self.max_channels,
+    )
 
   def setup(self):
     if self.activation not in ACTIVATIONS:
       raise errors.InputError(
         f"activation must be None, 'sin' or 'sinrelu', got {self.activation!r}"
       )
-    self.mapping = MappingNetwork(self.style_dim, self.n_mlp, self.lr_mlp)
+    self.mapping = layers.MappingNetwork(
+      self.style_dim, self.n_mlp, self.lr_mlp
+    )
     self.fourier = encodings.FourierFeatures(self.hidden_size, self.cylindrical)
     # N(0, 1), stored (size, size, C) and indexed [row=y, col=x]: the
     # reference's (1, C, size, size) `emb.input`, moved (docs/reference.md 1.1).
@@ -310,7 +233,30 @@ class CIPS(nn.Module):
     pixel_axes: tuple[str, ...] = (),
     modulations: Optional[list] = None,
   ) -> Array:
-    """(2 * hidden_size,) input features of one pixel -> (3,) RGB."""
+    """(2 * hidden_size,) input features of one pixel -> (3,) RGB.
+
+    noise: (num_styled_layers,) draws or None; modulations: the
+    `modulations_for` of this pixel's style, or None (then `style`, `mix`).
+    """
+    noises = (
+      [None] * self.num_styled_layers
+      if noise is None
+      else [noise[i] for i in range(self.num_styled_layers)]
+    )
+    mods = modulations or [None] * len(self.modulated_layers())
+    styled = dict(style=style, mix=mix, pixel_axes=pixel_axes)
+    h = self.conv1(features, noise=noises[0], modulation=mods[0], **styled)
+    return self.layers_after_conv1(h, noises[1:], mods[1:], styled)
+
+  def layers_after_conv1(
+    self, h: Array, noises: list, modulations: list, styled: dict
+  ) -> Array:
+    """conv1's output (width,) -> (3,) RGB, through the rest of the MLP.
+
+    noises: one draw (or None) per styled layer after conv1; modulations:
+    those of `modulated_layers()` after conv1; styled: the style, mix and
+    pixel_axes keywords every styled layer takes.
+    """
     raise NotImplementedError
 
   def modulated_layers(self) -> list:
@@ -546,10 +492,7 @@ class CIPSskip(CIPS):
   projections whose outputs are summed. 44,317,092 parameters at the defaults.
   """
 
-  def layer_widths(self) -> list[int]:
-    return skip_widths(
-      num_pairs(self.size), self.channel_multiplier, self.max_channels
-    )
+  width_table = staticmethod(widths_lib.skip_widths)
 
   def build_layers(self):
     widths = self.layer_widths()
@@ -557,7 +500,7 @@ class CIPSskip(CIPS):
     # each pair changing the width.
     self.linears = [
       layer
-      for fan_in, width in zip(_input_widths(widths), widths)
+      for fan_in, width in zip(widths_lib.input_widths(widths), widths)
       for layer in (
         self.styled_dense(fan_in, width),
         self.styled_dense(width, width),
@@ -571,93 +514,24 @@ class CIPSskip(CIPS):
   def modulated_layers(self):
     return [self.conv1, *self.linears, *self.to_rgbs]
 
-  def pixel_mlp(
-    self,
-    features,
-    *,
-    style=None,
-    mix=None,
-    noise=None,
-    pixel_axes=(),
-    modulations=None,
-  ):
-    noise = _noise_list(noise, self.num_styled_layers)
-    mods = _modulation_list(modulations, len(self.modulated_layers()))
-    styled = dict(style=style, mix=mix, pixel_axes=pixel_axes)
-    h = self.conv1(features, noise=noise[0], modulation=mods[0], **styled)
+  def layers_after_conv1(self, h, noises, modulations, styled):
+    # modulated_layers() lists the 2n linears, then the n ToRGBs.
+    linear_mods, rgb_mods = _split(modulations, len(self.linears))
+    stages = zip(
+      _pairs(self.linears), _pairs(noises), _pairs(linear_mods), self.to_rgbs
+    )
     # The running sum of every ToRGB (the reference starts it at 0); no tanh
     # or clamp at the end (docs/reference.md 1.4).
     rgb = None
-    for i, to_rgb in enumerate(self.to_rgbs):
-      for layer in (2 * i + 1, 2 * i + 2):  # layer 0 is conv1
-        h = self.linears[layer - 1](
-          h, noise=noise[layer], modulation=mods[layer], **styled
-        )
-      # modulated_layers() lists the ToRGBs after conv1 and the 2n linears,
-      # i.e. after the num_styled_layers layers that take noise.
-      rgb = to_rgb(
-        h, skip=rgb, modulation=mods[self.num_styled_layers + i], **styled
-      )
+    for (layers_of_stage, stage_noises, stage_mods, to_rgb), rgb_mod in zip(
+      stages, rgb_mods
+    ):
+      for layer, layer_noise, mod in zip(
+        layers_of_stage, stage_noises, stage_mods
+      ):
+        h = layer(h, noise=layer_noise, modulation=mod, **styled)
+      rgb = to_rgb(h, skip=rgb, modulation=rgb_mod, **styled)
     return rgb
-
-
-class StyledResBlock(nn.Module):
-  """(conv2(conv1(x)) + skip(x)) / sqrt(2).
-
-  skip is a 1x1 equalized projection if the widths differ, else the identity.
-  """
-
-  in_features: int
-  features: int
-  activation: Optional[str] = None
-  dtype: DType = jnp.float32
-  remat: bool = False
-  fused: bool = False
-
-  def setup(self):
-    def styled(in_features, features):
-      return layers.StyledDense(
-        in_features,
-        features,
-        activation=self.activation,
-        dtype=self.dtype,
-        remat=self.remat,
-        fused=self.fused,
-      )
-
-    self.conv1 = styled(self.in_features, self.features)
-    self.conv2 = styled(self.features, self.features)
-    # The reference's bias-free equalized 1x1 projection (`skip.0`), only
-    # where the widths change.
-    if self.in_features != self.features:
-      self.skip = layers.EqualDense(self.features, use_bias=False)
-
-  def modulation_for(self, style, *, fold_weights: bool = False):
-    """style (..., D) -> the Modulations of conv1 and conv2."""
-    return tuple(
-      conv.modulation_for(style, fold_weights=fold_weights)
-      for conv in (self.conv1, self.conv2)
-    )
-
-  def __call__(
-    self,
-    x,
-    *,
-    style=None,
-    mix=None,
-    noise=(None, None),
-    pixel_axes=(),
-    modulations=None,
-  ):
-    """x: (in,) -> (features,); noise: two per-pixel draws (or Nones)."""
-    mods = (None, None) if modulations is None else modulations
-    styled = dict(style=style, mix=mix, pixel_axes=pixel_axes)
-    h = self.conv1(x, noise=noise[0], modulation=mods[0], **styled)
-    h = self.conv2(h, noise=noise[1], modulation=mods[1], **styled)
-    skip = x if self.in_features == self.features else self.skip(x)
-    # / sqrt(2) keeps the sum of two unit-scale branches at unit scale; the
-    # result is stored in `dtype`, as StyledDense's outputs are.
-    return ((h + skip) / layers.SQRT2).astype(self.dtype)
 
 
 class CIPSres(CIPS):
@@ -668,15 +542,12 @@ class CIPSres(CIPS):
   parameters at the defaults.
   """
 
-  def layer_widths(self) -> list[int]:
-    return res_widths(
-      num_pairs(self.size), self.channel_multiplier, self.max_channels
-    )
+  width_table = staticmethod(widths_lib.res_widths)
 
   def build_layers(self):
     widths = self.layer_widths()
     self.blocks = [
-      StyledResBlock(
+      layers.StyledResBlock(
         fan_in,
         width,
         activation=self.activation,
@@ -684,50 +555,27 @@ class CIPSres(CIPS):
         remat=self.remat,
         fused=self.fused,
       )
-      for fan_in, width in zip(_input_widths(widths), widths)
+      for fan_in, width in zip(widths_lib.input_widths(widths), widths)
     ]
     self.to_rgb = layers.ToRGB(widths[-1], dtype=self.dtype, fused=self.fused)
 
   def modulated_layers(self):
     return [self.conv1, *self.blocks, self.to_rgb]
 
-  def pixel_mlp(
-    self,
-    features,
-    *,
-    style=None,
-    mix=None,
-    noise=None,
-    pixel_axes=(),
-    modulations=None,
-  ):
-    noise = _noise_list(noise, self.num_styled_layers)
-    mods = _modulation_list(modulations, len(self.modulated_layers()))
-    styled = dict(style=style, mix=mix, pixel_axes=pixel_axes)
-    h = self.conv1(features, noise=noise[0], modulation=mods[0], **styled)
-    for i, block in enumerate(self.blocks):
-      # Styled layer 0 is conv1, so block i owns noise draws 2i+1 and 2i+2;
-      # mods[i + 1] is its (conv1, conv2) pair from StyledResBlock.
-      h = block(
-        h,
-        noise=(noise[2 * i + 1], noise[2 * i + 2]),
-        modulations=mods[i + 1],
-        **styled,
-      )
-    return self.to_rgb(h, modulation=mods[-1], **styled)
+  def layers_after_conv1(self, h, noises, modulations, styled):
+    # Each block takes two noise draws and its (conv1, conv2) modulations.
+    block_mods, (rgb_mod,) = _split(modulations, len(self.blocks))
+    for block, block_noises, mods in zip(
+      self.blocks, _pairs(noises), block_mods
+    ):
+      h = block(h, noise=block_noises, modulations=mods, **styled)
+    return self.to_rgb(h, modulation=rgb_mod, **styled)
 
 
-def _input_widths(widths: list[int]) -> list[int]:
-  """Input width of each layer pair or block.
-
-  conv1 outputs widths[0], then each takes the previous one's output.
-  """
-  return [widths[0]] + widths[:-1]
+def _pairs(items: Sequence) -> list[tuple]:
+  """[a, b, c, d] -> [(a, b), (c, d)]: a stage's or a block's two layers."""
+  return list(zip(items[0::2], items[1::2]))
 
 
-def _noise_list(noise: Optional[Array], count: int) -> list:
-  return [None] * count if noise is None else [noise[i] for i in range(count)]
-
-
-def _modulation_list(modulations: Optional[list], count: int) -> list:
-  return [None] * count if modulations is None else modulations
+def _split(items: Sequence, count: int) -> tuple[list, list]:
+  return list(items[:count]), list(items[count:])

@@ -308,7 +308,21 @@ def ordering_anchor(x: Array, axes: tuple[str, ...]) -> Array:
   return 0.0 * (total != total).astype(x.dtype)
 
 
-class StyledDense(nn.Module):
+class _StyledThroughModulatedDense:
+  """A layer whose style enters through its `modulated` ModulatedDense
+  (StyledDense, ToRGB): the one home of `modulation_for`."""
+
+  def modulation_for(
+    self, style: Array, *, fold_weights: bool = False
+  ) -> Modulation:
+    """style (..., D) -> this layer's Modulation for each style.
+
+    See ModulatedDense; `fold_weights` gives the per-image weight form.
+    """
+    return self.modulated.modulation_for(style, fold_weights=fold_weights)
+
+
+class StyledDense(_StyledThroughModulatedDense, nn.Module):
   """ModulatedDense, then noise injection, then bias and activation.
 
   The reference's StyledConv.
@@ -349,15 +363,6 @@ class StyledDense(nn.Module):
     # The activation's bias (`.activate.bias`); the modulated layer has none.
     self.bias = self.param('bias', nn.initializers.zeros, (self.features,))
 
-  def modulation_for(
-    self, style: Array, *, fold_weights: bool = False
-  ) -> Modulation:
-    """style (..., D) -> this layer's Modulation for each style.
-
-    See ModulatedDense; `fold_weights` gives the per-image weight form.
-    """
-    return self.modulated.modulation_for(style, fold_weights=fold_weights)
-
   def __call__(
     self,
     x: Array,
@@ -384,8 +389,8 @@ class StyledDense(nn.Module):
           modulation.scale,
           modulation.inv_norm,
           module.bias,
-          noise,
-          None if noise is None else module.noise_strength,
+          noise=noise,
+          noise_strength=None if noise is None else module.noise_strength,
           activation='lrelu',
           out_dtype=module.dtype,
         )
@@ -436,7 +441,7 @@ def apply_activation(y: Array, activation: Optional[str]) -> Array:
   )
 
 
-class ToRGB(nn.Module):
+class ToRGB(_StyledThroughModulatedDense, nn.Module):
   """Modulated 1x1 projection to RGB without demodulation.
 
   It adds a bias (and a skip).
@@ -453,15 +458,6 @@ class ToRGB(nn.Module):
       self.in_features, 3, demodulate=False, dtype=self.dtype
     )
     self.bias = self.param('bias', nn.initializers.zeros, (3,))
-
-  def modulation_for(
-    self, style: Array, *, fold_weights: bool = False
-  ) -> Modulation:
-    """style (..., D) -> this layer's Modulation for each style.
-
-    See ModulatedDense; `fold_weights` gives the per-image weight form.
-    """
-    return self.modulated.modulation_for(style, fold_weights=fold_weights)
 
   def __call__(
     self,
@@ -493,3 +489,89 @@ class ToRGB(nn.Module):
       )
     # CIPSskip's running sum: no upsampling, unlike StyleGAN2's ToRGB skip.
     return rgb if skip is None else rgb + skip
+
+
+class MappingNetwork(nn.Module):
+  """z -> w: pixel norm, then `n_mlp` equalized dense layers.
+
+  The layers have lr_mul 0.01 and leaky ReLU x sqrt 2.
+
+  Attributes:
+    style_dim: width of z and w.
+    n_mlp: number of dense layers.
+    lr_mul: learning-rate multiplier of every layer.
+  """
+
+  style_dim: int = 512
+  n_mlp: int = 8
+  lr_mul: float = 0.01
+
+  @nn.compact
+  def __call__(self, z: Array) -> Array:
+    """z: (..., style_dim) -> w: (..., style_dim)."""
+    # The reference's style.0; the dense layers are style.1 .. style.n_mlp.
+    x = pixel_norm(z)
+    for i in range(self.n_mlp):
+      x = EqualDense(
+        self.style_dim, lr_mul=self.lr_mul, activate=True, name=f'dense_{i}'
+      )(x)
+    return x
+
+
+class StyledResBlock(nn.Module):
+  """(conv2(conv1(x)) + skip(x)) / sqrt(2).
+
+  skip is a 1x1 equalized projection if the widths differ, else the identity.
+  """
+
+  in_features: int
+  features: int
+  activation: Optional[str] = None
+  dtype: DType = jnp.float32
+  remat: bool = False
+  fused: bool = False
+
+  def setup(self):
+    def styled(in_features, features):
+      return StyledDense(
+        in_features,
+        features,
+        activation=self.activation,
+        dtype=self.dtype,
+        remat=self.remat,
+        fused=self.fused,
+      )
+
+    self.conv1 = styled(self.in_features, self.features)
+    self.conv2 = styled(self.features, self.features)
+    # The reference's bias-free equalized 1x1 projection (`skip.0`), only
+    # where the widths change.
+    if self.in_features != self.features:
+      self.skip = EqualDense(self.features, use_bias=False)
+
+  def modulation_for(self, style, *, fold_weights: bool = False):
+    """style (..., D) -> the Modulations of conv1 and conv2."""
+    return tuple(
+      conv.modulation_for(style, fold_weights=fold_weights)
+      for conv in (self.conv1, self.conv2)
+    )
+
+  def __call__(
+    self,
+    x,
+    *,
+    style=None,
+    mix=None,
+    noise=(None, None),
+    pixel_axes=(),
+    modulations=None,
+  ):
+    """x: (in,) -> (features,); noise: two per-pixel draws (or Nones)."""
+    mods = (None, None) if modulations is None else modulations
+    styled = dict(style=style, mix=mix, pixel_axes=pixel_axes)
+    h = self.conv1(x, noise=noise[0], modulation=mods[0], **styled)
+    h = self.conv2(h, noise=noise[1], modulation=mods[1], **styled)
+    skip = x if self.in_features == self.features else self.skip(x)
+    # / sqrt(2) keeps the sum of two unit-scale branches at unit scale; the
+    # result is stored in `dtype`, as StyledDense's outputs are.
+    return ((h + skip) / SQRT2).astype(self.dtype)

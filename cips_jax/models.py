@@ -15,7 +15,7 @@ from cips_jax import errors
 from cips_jax.discriminator import Discriminator
 from cips_jax.generator import CIPSres
 from cips_jax.generator import CIPSskip
-from cips_jax.generator import MappingNetwork
+from cips_jax.layers import MappingNetwork
 
 __all__ = [
   'CIPSskip',

@@ -634,7 +634,7 @@ def test_bfloat16_activations_between_layers():
   assert layer.apply(params, x, style=style).dtype == jnp.bfloat16
   modulation = layer.apply(params, style, method=layer.modulation_for)
   assert modulation.scale.dtype == modulation.inv_norm.dtype == jnp.float32
-  block = generator_lib.StyledResBlock(16, 8, dtype=jnp.bfloat16)
+  block = layers.StyledResBlock(16, 8, dtype=jnp.bfloat16)
   params = block.init(jax.random.PRNGKey(0), x, style=style)
   assert block.apply(params, x, style=style).dtype == jnp.bfloat16
   rgb = layers.ToRGB(16, dtype=jnp.bfloat16)

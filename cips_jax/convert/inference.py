@@ -16,6 +16,7 @@ from typing import Optional
 from cips_jax import discriminator as discriminator_lib
 from cips_jax import errors
 from cips_jax import generator as generator_lib
+from cips_jax import widths as widths_lib
 from cips_jax.convert import layouts
 
 # Layer numbers in keys: longer ones fit no architecture (and would be slow to
@@ -87,10 +88,10 @@ def infer_generator(
     len([k for k in keys if re.fullmatch(rf'style\.{_INDEX}\.weight', k)]) or 8
   )
   if residual:  # blocks are linears.1 ... (linears.0 is the input layer)
-    cls, table_fn = generator_lib.CIPSres, generator_lib.res_widths
+    cls, table_fn = generator_lib.CIPSres, widths_lib.res_widths
     pattern = rf'linears\.{_INDEX}\.conv1\.conv\.weight'
   else:  # layers come in pairs of one width
-    cls, table_fn = generator_lib.CIPSskip, generator_lib.skip_widths
+    cls, table_fn = generator_lib.CIPSskip, widths_lib.skip_widths
     pattern = rf'linears\.{_INDEX}\.conv\.weight'
   layer_widths = {
     int(match.group(1)): _dim(state_dict, key, 1, 0)

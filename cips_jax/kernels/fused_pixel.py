@@ -1,8 +1,9 @@
 """The fused Pallas layer as a function of ONE pixel, for the generator's vmaps.
 
     y = fused_pixel.styled_dense(
-        x, kernel, scale, inv_norm, bias, noise, noise_strength,
-        activation='lrelu', out_dtype=jnp.bfloat16,
+        x, kernel, scale, inv_norm, bias, noise=noise,
+        noise_strength=noise_strength, activation='lrelu',
+        out_dtype=jnp.bfloat16,
     )  # x (IN,) -> (OUT,)
 
 The generator is written for one pixel and vmapped over pixels (inside) and
@@ -56,13 +57,15 @@ def styled_dense(
   scale: Array,
   inv_norm: Optional[Array],
   bias: Array,
+  *,
   noise: Optional[Array] = None,
   noise_strength: Optional[Array] = None,
-  *,
   activation: Optional[str] = 'lrelu',
   out_dtype: Any = None,
 ) -> Array:
   """One pixel's style-modulated layer, fused into one kernel under vmap.
+
+  The signature of `modulated_dense.fused_styled_dense` for one pixel.
 
   Args:
     x: (IN,) the pixel's activations.
