@@ -167,7 +167,7 @@ def bounded_repr(value: Any, limit: int = 200) -> str:
 
   Cheap whatever `value` is (a crafted pickle's, a huge checkpoint's): dicts,
   lists and tuples are first cut to a few items and levels, since reprlib
-  prints a container subclass (an ``OrderedDict``) in full before cutting it;
+  prints a container subclass (an `OrderedDict`) in full before cutting it;
   arrays are described by shape and dtype, huge ints by their bit length.
   reprlib then stops at a few levels and items, and the text at `limit`.
   """

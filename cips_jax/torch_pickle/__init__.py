@@ -1,18 +1,18 @@
 """PyTorch zip checkpoints with numpy, without torch.
 
-Two halves, which share the archive's layout (:mod:`.formats`):
+Two halves, which share the archive's layout (`.formats`):
 
-* :mod:`.reader` -- :func:`load`, a safe reader: its unpickler resolves only a
-  whitelist of torch names, each to an inert stand-in (:mod:`.stand_ins`),
+* `.reader` -- `load`, a safe reader: its unpickler resolves only a
+  whitelist of torch names, each to an inert stand-in (`.stand_ins`),
   runs no pickled code and refuses everything else with
-  :class:`UnsafeCheckpointError`; every size the file declares is checked
-  before it is read (:mod:`.archive`, :mod:`.scan`), so that a load's memory
-  (:mod:`.budget`) and time stay in proportion to the file (the bounds are
+  `UnsafeCheckpointError`; every size the file declares is checked
+  before it is read (`.archive`, `.scan`), so that a load's memory
+  (`.budget`) and time stay in proportion to the file (the bounds are
   listed in the reader's docstring), and messages quote what it reads with
-  :func:`cips_jax.errors.bounded_repr`;
-* :mod:`.writer` -- :func:`save`, its inverse for plain checkpoints, writing
-  the bytes ``torch.save`` lays out, so that ``torch.load(path,
-  weights_only=True)`` reads them too.
+  `cips_jax.errors.bounded_repr`;
+* `.writer` -- `save`, its inverse for plain checkpoints, writing
+  the bytes `torch.save` lays out, so that `torch.load(path,
+  weights_only=True)` reads them too.
 """
 
 from cips_jax.errors import UnsafeCheckpointError

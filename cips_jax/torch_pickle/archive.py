@@ -1,11 +1,11 @@
 """The zip records of a checkpoint, each checked before it is read.
 
-The records the reader reads (``data.pkl``, ``data/<key>``, ``byteorder``)
+The records the reader reads (`data.pkl`, `data/<key>`, `byteorder`)
 must be stored, not compressed: torch writes them stored, and a deflated
 record can inflate to any size before its length is known.  Each must lie
 within the file, be named once in the archive, and match its CRC.  The zip's
 central directory, and each record read, are charged to the load's budget
-(:mod:`.budget`) before ``zipfile`` builds or reads them.
+(`.budget`) before `zipfile` builds or reads them.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from cips_jax.torch_pickle import budget as budget_lib
 def _directory_size(file: BinaryIO, size: int) -> int | None:
   """The size the zip's end record gives its central directory, or None.
 
-  Found as ``zipfile`` finds it (the last end record in the file's last 64 KiB,
-  and the zip64 end record it points to), so that what ``zipfile`` then builds
+  Found as `zipfile` finds it (the last end record in the file's last 64 KiB,
+  and the zip64 end record it points to), so that what `zipfile` then builds
   from the directory can be charged before it is built.
   """
   tail_size = min(size, 22 + 0xFFFF)
@@ -118,7 +118,7 @@ class Archive:
 
 
 def find_prefix(archive: Archive) -> str:
-  """Return the top folder (with trailing slash) that holds ``data.pkl``."""
+  """Return the top folder (with trailing slash) that holds `data.pkl`."""
   pickles = [
     name
     for name in archive.infos

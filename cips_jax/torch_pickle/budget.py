@@ -1,9 +1,9 @@
 """The memory one load may use: a budget charged before each allocation.
 
-A load may materialise at most ``4 x file size + 64 MiB``
-(:data:`BUDGET_FILE_MULTIPLE`, :data:`BUDGET_CONSTANT`): a running
-:class:`Budget`, charged before each allocation with the zip directory (16
-bytes per byte of the central directory, what ``zipfile`` builds from it), the
+A load may materialise at most `4 x file size + 64 MiB`
+(`BUDGET_FILE_MULTIPLE`, `BUDGET_CONSTANT`): a running
+`Budget`, charged before each allocation with the zip directory (16
+bytes per byte of the central directory, what `zipfile` builds from it), the
 pickle (128 bytes per opcode, 5 per byte of string or long int, 4 KiB per
 TorchScript class and 16 per memo index: a bound on what the unpickler makes),
 each storage record read and each tensor built (three times over for bfloat16

@@ -1,22 +1,22 @@
 """Read PyTorch zip checkpoints into numpy without torch.
 
 No pickled code is run.  The archive's layout is described in
-:mod:`cips_jax.torch_pickle.formats`.
+`cips_jax.torch_pickle.formats`.
 
 A pickle may name any importable callable, so unpickling an untrusted file with
-the standard ``pickle.load`` can run arbitrary code.  :func:`load` uses an
+the standard `pickle.load` can run arbitrary code.  `load` uses an
 unpickler that resolves only an explicit whitelist of torch names, each to a
 small local stand-in, and refuses everything else with
-:class:`UnsafeCheckpointError`.  Tensors come back as fresh C-contiguous
-``numpy.ndarray`` objects, ``collections.OrderedDict`` as itself, and plain
+`UnsafeCheckpointError`.  Tensors come back as fresh C-contiguous
+`numpy.ndarray` objects, `collections.OrderedDict` as itself, and plain
 containers and scalars unchanged.
 
-TorchScript archives (``torch.jit.save``) share this layout; their ``data.pkl``
-also names the scripted module classes (``__torch__.<module> <Class>``, built
-with NEWOBJ and BUILD) and list helpers from ``torch.jit._pickle``.  Any name
-under ``__torch__.`` resolves to an inert :class:`ScriptObject` subclass, made
+TorchScript archives (`torch.jit.save`) share this layout; their `data.pkl`
+also names the scripted module classes (`__torch__.<module> <Class>`, built
+with NEWOBJ and BUILD) and list helpers from `torch.jit._pickle`.  Any name
+under `__torch__.` resolves to an inert `ScriptObject` subclass, made
 afresh for each load, whose instances keep only the class name and the BUILD
-state dict; none of the archive's ``code/`` is read or run.
+state dict; none of the archive's `code/` is read or run.
 
 Bounds
 ------
@@ -29,21 +29,21 @@ against the file before anything is read or allocated, and a load costs
 memory and time in proportion to the file.  Each bound is described where it
 is enforced:
 
-* memory (:mod:`.budget`): at most ``4 x file size + 64 MiB``, charged before
+* memory (`.budget`): at most `4 x file size + 64 MiB`, charged before
   each allocation; a valid checkpoint needs about twice its size;
-* records (:mod:`.archive`): stored, not compressed, within the file, named
+* records (`.archive`): stored, not compressed, within the file, named
   once and matching their CRC; a storage record must also hold its declared
   elements, checked against the size the zip declares before it is read;
-* the pickle (:mod:`.scan`): scanned before it is unpickled, so that only
+* the pickle (`.scan`): scanned before it is unpickled, so that only
   protocol 2's opcodes, a bounded memo, short ints, cheap dict keys and
   objects of bounded size and depth get through;
-* tensors (:mod:`.stand_ins`): at most 32 dimensions, reaching no element
+* tensors (`.stand_ins`): at most 32 dimensions, reaching no element
   outside their storage, and broadcast only up to a small size.
 
 Anything else wrong with the file (a damaged zip, a truncated record, a pickle
-that does not parse) is a :class:`cips_jax.errors.CheckpointError` whose
+that does not parse) is a `cips_jax.errors.CheckpointError` whose
 one-line message names the file; untrusted values are quoted with
-:func:`cips_jax.errors.bounded_repr`.
+`cips_jax.errors.bounded_repr`.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _is_text(value: Any, text: str) -> bool:
 
 
 class _CheckpointUnpickler(pickle.Unpickler):
-  """Unpickler for ``data.pkl`` that resolves only whitelisted names.
+  """Unpickler for `data.pkl` that resolves only whitelisted names.
 
   It reads storages from the archive on demand.
   """
@@ -209,25 +209,25 @@ def _load(file: BinaryIO, path: str) -> Any:
 
 
 def load(path: str | os.PathLike[str]) -> Any:
-  """Load a ``torch.save`` zip checkpoint without torch or running its code.
+  """Load a `torch.save` zip checkpoint without torch or running its code.
 
-  A ``torch.jit.save`` archive loads too. Returns the saved object with every
-  tensor (or ``nn.Parameter``) replaced by a fresh C-contiguous
-  ``numpy.ndarray`` of the matching dtype in native byte order (bfloat16 becomes
-  float32), ``collections.OrderedDict`` kept, and plain containers and scalars
-  as they were.  A TorchScript archive gives a tree of :class:`ScriptObject`
-  (class name plus attribute dict), its parameters as arrays; ``constants.pkl``
-  and ``code/`` are not read.
+  A `torch.jit.save` archive loads too. Returns the saved object with every
+  tensor (or `nn.Parameter`) replaced by a fresh C-contiguous
+  `numpy.ndarray` of the matching dtype in native byte order (bfloat16 becomes
+  float32), `collections.OrderedDict` kept, and plain containers and scalars
+  as they were.  A TorchScript archive gives a tree of `ScriptObject`
+  (class name plus attribute dict), its parameters as arrays; `constants.pkl`
+  and `code/` are not read.
 
-  Raises :class:`cips_jax.errors.MissingInputError` (a ``FileNotFoundError``)
-  if ``path`` does not exist, :class:`UnsafeCheckpointError` if the pickle
-  references any global outside :data:`ALLOWED_GLOBALS`, or the file breaks
+  Raises `cips_jax.errors.MissingInputError` (a `FileNotFoundError`)
+  if `path` does not exist, `UnsafeCheckpointError` if the pickle
+  references any global outside `ALLOWED_GLOBALS`, or the file breaks
   one of the bounds of the module docstring (it could exhaust memory or time),
-  and :class:`cips_jax.errors.CheckpointError` (a ``ValueError``) for anything
+  and `cips_jax.errors.CheckpointError` (a `ValueError`) for anything
   else that makes it unreadable: not a torch zip checkpoint (e.g. a legacy
   pre-1.6 file), missing, damaged or truncated records, a malformed pickle.
-  Every message is one line naming the file.  ``OSError`` comes through when
-  the file cannot be opened, and ``MemoryError`` if the machine runs out of
+  Every message is one line naming the file.  `OSError` comes through when
+  the file cannot be opened, and `MemoryError` if the machine runs out of
   memory within the bounds.
   """
   path_str = os.fspath(path)

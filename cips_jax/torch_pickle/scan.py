@@ -1,15 +1,15 @@
-"""The scan that refuses a costly ``data.pkl`` before it is unpickled.
+"""The scan that refuses a costly `data.pkl` before it is unpickled.
 
-Only the opcodes of protocol 2, which ``torch.save`` and TorchScript write, at
-most :data:`MAX_OPCODES` of them (and no more than the budget allows,
-:mod:`.budget`); memo indices no larger than their byte offset (the C
+Only the opcodes of protocol 2, which `torch.save` and TorchScript write, at
+most `MAX_OPCODES` of them (and no more than the budget allows,
+`.budget`); memo indices no larger than their byte offset (the C
 unpickler sizes its memo array by the largest index); ints of at most 1 KiB;
 dict keys only strings, ints of up to 8 bytes, floats, bools, None and globals
 (their hashes are cheap, and no crafted key collides with more than a few
 others).  A simulation of the unpickler's stack, memo and marks tracks the
 size of every object with shared parts counted each time they appear, so that
 hashing, printing or walking the result is bounded: no object may exceed
-:data:`MAX_NODES` parts or :data:`MAX_DEPTH` levels, and no container may
+`MAX_NODES` parts or `MAX_DEPTH` levels, and no container may
 change once it is inside another (which rules out cycles and keeps the sizes
 exact).  Scanning costs under a microsecond per opcode.
 """
@@ -29,7 +29,7 @@ from cips_jax.torch_pickle import stand_ins
 MAX_NODES = 10**7
 #: Deepest nesting of containers in an unpickled value.
 MAX_DEPTH = 100
-#: Most opcodes in a ``data.pkl``.
+#: Most opcodes in a `data.pkl`.
 MAX_OPCODES = 10**7
 # Longest int (LONG1/LONG4 payload) and longest int usable as a dict key: a
 # key's hash is its value modulo 2**61 - 1, so longer ints could all collide.
@@ -111,9 +111,9 @@ _KIND_NAMES = (
 class _Node:
   """One object of the simulated stack: its kind and expanded size.
 
-  ``nodes`` counts the object and everything it holds, a part shared through
+  `nodes` counts the object and everything it holds, a part shared through
   the memo counted each time it appears (what hashing, printing or walking it
-  costs); ``depth`` is its nesting.  ``sealed`` marks a container that is
+  costs); `depth` is its nesting.  `sealed` marks a container that is
   inside another, which may no longer change.
   """
 
@@ -194,7 +194,7 @@ _STRINGS = frozenset(
 
 
 def scan_pickle(data: bytes, path: str, budget: budget_lib.Budget) -> None:
-  """Refuses a ``data.pkl`` that could exhaust memory or time once unpickled.
+  """Refuses a `data.pkl` that could exhaust memory or time once unpickled.
 
   Parses the opcodes as the C unpickler does and simulates its stack, memo and
   marks over sizes instead of objects; see the module docstring for the

@@ -1,15 +1,15 @@
 """What a checkpoint's globals resolve to: a whitelist of inert stand-ins.
 
 A pickle may name any importable callable; here only the names of
-:data:`ALLOWED_GLOBALS` resolve, each to a small local stand-in (a dtype, a
+`ALLOWED_GLOBALS` resolve, each to a small local stand-in (a dtype, a
 storage type, a function rebuilding a tensor or a container), and any name
-under :data:`SCRIPT_NAMESPACE` to a fresh, inert :class:`ScriptObject`
+under `SCRIPT_NAMESPACE` to a fresh, inert `ScriptObject`
 subclass.
 
 Tensors are rebuilt with at most 32 dimensions, reaching no element outside
 their storage, and with more elements than the storage holds (zero or
-overlapping strides) only for a result of at most :data:`MAX_EXPANDED_BYTES`;
-each is charged to the load's budget (:mod:`.budget`) before it is copied.
+overlapping strides) only for a result of at most `MAX_EXPANDED_BYTES`;
+each is charged to the load's budget (`.budget`) before it is copied.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class _Frozen:
 
   The pickle BUILD opcode sets attributes on whatever object is on the stack.
   Stand-ins are shared module-level objects, so they refuse attribute writes
-  (and have no ``__dict__``) to keep one checkpoint from altering how the next
+  (and have no `__dict__`) to keep one checkpoint from altering how the next
   one is read.
   """
 
@@ -50,9 +50,9 @@ class _Frozen:
 
 
 class TorchDtype(_Frozen):
-  """What a pickled torch dtype global (e.g. ``torch.float32``) loads as.
+  """What a pickled torch dtype global (e.g. `torch.float32`) loads as.
 
-  ``name`` is the torch name (``"float32"``); ``numpy`` is the matching numpy
+  `name` is the torch name (`"float32"`); `numpy` is the matching numpy
   dtype (bfloat16, which numpy lacks, maps to float32, the type its tensors are
   widened to).
   """
@@ -73,10 +73,10 @@ class TorchDtype(_Frozen):
 
 
 class StorageType(_Frozen):
-  """Stand-in for a storage class such as ``torch.FloatStorage``.
+  """Stand-in for a storage class such as `torch.FloatStorage`.
 
-  ``stored`` is the little-endian dtype of one element as written in
-  ``data/<key>``; ``kind`` says whether elements need more than a byte-order fix
+  `stored` is the little-endian dtype of one element as written in
+  `data/<key>`; `kind` says whether elements need more than a byte-order fix
   after reading.
   """
 
@@ -117,18 +117,18 @@ class _Function(_Frozen):
 
 
 #: Module prefix of TorchScript class names; globals under it load as
-#: :class:`ScriptObject`.
+#: `ScriptObject`.
 SCRIPT_NAMESPACE = '__torch__'
 
 
 class ScriptObject(_Frozen):
   """What an instance of a TorchScript class loads as.
 
-  For example a scripted ``nn.Module``. ``type_name`` is the pickled class name,
-  e.g. ``"__torch__.inceptionv3.Conv2dLayer"``; ``state`` is the dict the
+  For example a scripted `nn.Module`. `type_name` is the pickled class name,
+  e.g. `"__torch__.inceptionv3.Conv2dLayer"`; `state` is the dict the
   pickle's BUILD opcode supplied (attribute name -> value: tensors as numpy
-  arrays, submodules as further ``ScriptObject`` instances).  The instance has
-  no other behaviour; the methods in the archive's ``code/`` are ignored.
+  arrays, submodules as further `ScriptObject` instances).  The instance has
+  no other behaviour; the methods in the archive's `code/` are ignored.
   """
 
   __slots__ = ('state',)
@@ -155,7 +155,7 @@ class ScriptObject(_Frozen):
 
 
 def is_script_name(module: str) -> bool:
-  """Whether a pickled global's module is under :data:`SCRIPT_NAMESPACE`."""
+  """Whether a pickled global's module is under `SCRIPT_NAMESPACE`."""
   return module == SCRIPT_NAMESPACE or module.startswith(SCRIPT_NAMESPACE + '.')
 
 
@@ -169,7 +169,7 @@ def check_script_name(module: str, name: str) -> None:
 
 
 def script_class(module: str, name: str) -> type[ScriptObject]:
-  """A fresh, empty ``ScriptObject`` subclass for one pickled class name.
+  """A fresh, empty `ScriptObject` subclass for one pickled class name.
 
   NEWOBJ insists on a real type, so each name gets its own subclass; making them
   per load keeps a class seen in one archive from being shared with the next.
@@ -182,7 +182,7 @@ def script_class(module: str, name: str) -> type[ScriptObject]:
   )
 
 
-# Item checks of the ``torch.jit._pickle.build_<kind>list`` helpers (bool is an
+# Item checks of the `torch.jit._pickle.build_<kind>list` helpers (bool is an
 # int subclass).
 _LIST_ITEM_CHECKS: dict[str, Callable[[Any], bool]] = {
   'int': lambda x: isinstance(x, int) and not isinstance(x, bool),
@@ -193,7 +193,7 @@ _LIST_ITEM_CHECKS: dict[str, Callable[[Any], bool]] = {
 
 
 def _typed_list(kind: str) -> Callable[[Any], list[Any]]:
-  """Stand-in for ``torch.jit._pickle.build_<kind>list``.
+  """Stand-in for `torch.jit._pickle.build_<kind>list`.
 
   Checks the items and returns a list.
   """
@@ -227,7 +227,7 @@ def _restore_type_tag(value: Any, type_str: Any = None) -> Any:
 
 
 def _ordered_dict(*args: Any) -> collections.OrderedDict:
-  """``collections.OrderedDict()``: pickles fill it with SETITEMS afterwards.
+  """`collections.OrderedDict()`: pickles fill it with SETITEMS afterwards.
 
   Arguments are refused, so that its keys pass the scan's key checks.
   """
@@ -258,7 +258,7 @@ def _rebuild_tensor(
   stride: Any,
   budget: budget_lib.Budget,
 ) -> np.ndarray:
-  """Build a fresh contiguous array from a strided view of ``storage``."""
+  """Build a fresh contiguous array from a strided view of `storage`."""
   if not isinstance(storage, Storage):
     raise errors.UnsafeCheckpointError(
       f'tensor built from {type(storage).__name__}, not a storage'
@@ -341,7 +341,7 @@ def _rebuild_parameter(
   backward_hooks: Any = None,
   state: Any = None,
 ) -> np.ndarray:
-  """An ``nn.Parameter`` is just its tensor once autograd is gone."""
+  """An `nn.Parameter` is just its tensor once autograd is gone."""
   if not isinstance(data, np.ndarray):
     raise errors.UnsafeCheckpointError(
       f'parameter built from {type(data).__name__}, not a tensor'
@@ -350,7 +350,7 @@ def _rebuild_parameter(
 
 
 def _size(dims: Any = ()) -> tuple[int, ...]:
-  """``torch.Size`` is a tuple of ints."""
+  """`torch.Size` is a tuple of ints."""
   return _index_tuple(tuple(dims) if isinstance(dims, list) else dims, 'size')
 
 
@@ -415,7 +415,7 @@ ALLOWED_NAMES = frozenset(
 )
 
 #: Dotted names of the only globals a checkpoint may reference, besides
-#: TorchScript class names (under :data:`SCRIPT_NAMESPACE`).
+#: TorchScript class names (under `SCRIPT_NAMESPACE`).
 ALLOWED_GLOBALS = frozenset(
   f'{module}.{name}' for module, name in ALLOWED_NAMES
 )
@@ -424,7 +424,7 @@ ALLOWED_GLOBALS = frozenset(
 def tensor_builders(
   budget: budget_lib.Budget,
 ) -> dict[tuple[str, str], _Function]:
-  """The ``torch._utils._rebuild_tensor*`` stand-ins of one load."""
+  """The `torch._utils._rebuild_tensor*` stand-ins of one load."""
 
   def v1(storage: Any, storage_offset: Any, size: Any, stride: Any) -> Any:
     return _rebuild_tensor(storage, storage_offset, size, stride, budget)

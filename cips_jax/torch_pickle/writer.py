@@ -1,15 +1,15 @@
 """Write PyTorch zip checkpoints from numpy without torch.
 
-:func:`save` is the inverse of :func:`load` for plain checkpoints: it writes
-numpy arrays (as tensors), dicts, ``OrderedDict``, lists, tuples, str, int,
-float, bool and None in the layout ``torch.save`` uses, so that :func:`load`
-gives the object back bit for bit and ``torch.load(path, weights_only=True)``
+`save` is the inverse of `load` for plain checkpoints: it writes
+numpy arrays (as tensors), dicts, `OrderedDict`, lists, tuples, str, int,
+float, bool and None in the layout `torch.save` uses, so that `load`
+gives the object back bit for bit and `torch.load(path, weights_only=True)`
 reads it, all without torch.  The pickle is emitted opcode by opcode (the
 standard pickler cannot name torch's globals without importing torch), and the
 zip records are laid out as torch's own writer lays them out: stored, each
-payload aligned to 64 bytes (so ``torch.load(..., mmap=True)`` can map it),
+payload aligned to 64 bytes (so `torch.load(..., mmap=True)` can map it),
 followed by the same data descriptors.  The file is written to a temporary name
-beside ``path`` and renamed into place, and the same object always gives the
+beside `path` and renamed into place, and the same object always gives the
 same bytes.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 from cips_jax import errors
 from cips_jax.torch_pickle import formats
 
-# Little-endian dtype (``numpy.dtype.str``) -> the torch storage class written
+# Little-endian dtype (`numpy.dtype.str`) -> the torch storage class written
 # for it.  bfloat16, which numpy lacks, is read but never written.
 _STORAGE_FOR_DTYPE = {
   **{
@@ -45,7 +45,7 @@ _HEAD_RECORDS = (
   ('.storage_alignment', b'64'),
   ('byteorder', b'little'),
 )
-# ... and this one after them.  (torch also writes ``.data/serialization_id``,
+# ... and this one after them.  (torch also writes `.data/serialization_id`,
 # a random number used for logging; it is left out to keep the bytes
 # reproducible, and torch.load does not need it.)
 _TAIL_RECORDS = (('version', b'3\n'),)
@@ -59,12 +59,12 @@ _GLOBAL_ORDERED_DICT = pickle.GLOBAL + b'collections\nOrderedDict\n'
 
 
 class _TensorPickler:
-  """Writes ``data.pkl`` with the opcodes torch's pickler uses for these types.
+  """Writes `data.pkl` with the opcodes torch's pickler uses for these types.
 
   Protocol 2 and no memo: each global is spelled out where it is used, and an
   object reached twice is written twice.  An array becomes a call of
-  ``torch._utils._rebuild_tensor_v2`` on a persistent reference to a storage
-  of its own; the arrays are collected in ``storages``, in key order, for the
+  `torch._utils._rebuild_tensor_v2` on a persistent reference to a storage
+  of its own; the arrays are collected in `storages`, in key order, for the
   zip.
   """
 
@@ -219,13 +219,13 @@ def _zip64_extra(size: int | None, offset: int | None) -> bytes:
 class _ZipWriter:
   """Stored zip records in the layout of torch's writer (miniz, patched).
 
-  A record is a local header whose extra field ends in an ``FB`` field of
-  ``Z`` bytes padding the payload's start to a multiple of 64, the payload,
+  A record is a local header whose extra field ends in an `FB` field of
+  `Z` bytes padding the payload's start to a multiple of 64, the payload,
   and, for a non-empty payload, a data descriptor (its CRC and sizes); the
   local header's own CRC and sizes are 0, and so are all dates.  The archive
   ends with zip64 end records whatever its size.  Zip64 fields appear, as
-  miniz writes them, only where a size or offset reaches ``_ZIP32_LIMIT``.
-  torch.load with ``calculate_storage_offsets`` predicts each storage's
+  miniz writes them, only where a size or offset reaches `_ZIP32_LIMIT`.
+  torch.load with `calculate_storage_offsets` predicts each storage's
   offset from this layout, without reading the headers.
   """
 
@@ -240,7 +240,7 @@ class _ZipWriter:
     self._offset += len(data)
 
   def add(self, name: str, payload: bytes | memoryview) -> None:
-    """Append one record; ``payload`` is bytes or a 1-D memoryview of bytes."""
+    """Append one record; `payload` is bytes or a 1-D memoryview of bytes."""
     filename = (self._prefix + name).encode('utf-8')
     size, offset = len(payload), self._offset
     big_size, big_offset = size >= _ZIP32_LIMIT, offset >= _ZIP32_LIMIT
@@ -363,7 +363,7 @@ def _write_archive(
 def _create_temporary(directory: str, base: str) -> tuple[int, str]:
   """Create and open a new file beside the target; returns (fd, path).
 
-  Created with mode 0o666 less the umask, as ``open`` would create the target.
+  Created with mode 0o666 less the umask, as `open` would create the target.
   """
   flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, 'O_BINARY', 0)
   for _ in range(100):
@@ -376,26 +376,26 @@ def _create_temporary(directory: str, base: str) -> tuple[int, str]:
 
 
 def save(obj: Any, path: str | os.PathLike[str]) -> None:
-  """Write ``obj`` as a ``torch.save`` zip checkpoint, without torch.
+  """Write `obj` as a `torch.save` zip checkpoint, without torch.
 
-  ``obj`` may hold numpy arrays of dtype float32, float64, float16, int64,
+  `obj` may hold numpy arrays of dtype float32, float64, float16, int64,
   int32, int16, int8, uint8 or bool (any shape, 0-d and empty included; each
   becomes a tensor of its own, written C-contiguous and little-endian), dicts
-  and ``collections.OrderedDict`` with str or int keys, lists, tuples, str,
+  and `collections.OrderedDict` with str or int keys, lists, tuples, str,
   int, float, bool and None, nested in any way.  The types must be exactly
-  these: a subclass (a numpy scalar, a namedtuple) raises ``TypeError``, as
-  does anything else, naming where it is, e.g. ``obj['g']['x']: cannot write
-  a <class 'set'>``; a container that contains itself raises ``ValueError``.
+  these: a subclass (a numpy scalar, a namedtuple) raises `TypeError`, as
+  does anything else, naming where it is, e.g. `obj['g']['x']: cannot write
+  a <class 'set'>`; a container that contains itself raises `ValueError`.
   Nothing is written in either case.
 
-  :func:`load` reads the file back bit for bit (arrays in native byte order,
-  OrderedDicts as OrderedDicts), and so does ``torch.load(path,
-  weights_only=True)``, with or without ``mmap=True``.  The archive's top
-  folder is named after the file (``path``'s name less its extension), as
+  `load` reads the file back bit for bit (arrays in native byte order,
+  OrderedDicts as OrderedDicts), and so does `torch.load(path,
+  weights_only=True)`, with or without `mmap=True`.  The archive's top
+  folder is named after the file (`path`'s name less its extension), as
   torch names it; the same object and file name always give the same bytes.
 
-  The file is written under a temporary name in ``path``'s folder, synced and
-  renamed over ``path``: if anything fails, ``path`` is as it was and no
+  The file is written under a temporary name in `path`'s folder, synced and
+  renamed over `path`: if anything fails, `path` is as it was and no
   temporary file is left.
   """
   path_str = os.fspath(path)
