@@ -21,12 +21,6 @@ import orbax.checkpoint as ocp
 from cips_jax import errors
 from cips_jax import models
 
-# The networks of a training run, by the reference's names, and the train-state
-# field each is saved in: the EMA generator (the one to sample from), the
-# trained generator, the discriminator.
-NETWORKS = {'g_ema': 'ema_params', 'g': 'g_params', 'd': 'd_params'}
-# The two generators: what `--which` chooses between in the commands.
-GENERATOR_NETWORKS = ('g_ema', 'g')
 _SKIPPED_FIELDS = ('parent', 'name')
 
 

@@ -36,9 +36,9 @@ from absl import flags
 from absl import logging
 import jax
 
-from cips_jax import checkpoints
 from cips_jax import errors
 from cips_jax import host_malloc
+from cips_jax import networks
 
 # Errors with a message meant for the user (see the module docstring).
 USER_ERRORS = (errors.Error, OSError)
@@ -219,14 +219,14 @@ def define_checkpoint_flags(
 ) -> tuple[flags.FlagHolder, flags.FlagHolder]:
   """The `--checkpoint` and `--which` flags the commands share.
 
-  Returns their holders; `--which` picks one of `checkpoints.GENERATOR_NETWORKS`
+  Returns their holders; `--which` picks one of `networks.GENERATOR_NETWORKS`
   (the EMA generator by default).
   """
   checkpoint = flags.DEFINE_string('checkpoint', None, checkpoint_help)
   which = flags.DEFINE_enum(
     'which',
     'g_ema',
-    list(checkpoints.GENERATOR_NETWORKS),
+    list(networks.GENERATOR_NETWORKS),
     "Which generator of a training checkpoint: 'g_ema' (the EMA generator, "
     "the one to sample from) or 'g' (the trained one).",
   )

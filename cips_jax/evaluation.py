@@ -299,22 +299,25 @@ def evaluator_for_run(
   seed: int,
   inception_weights: Optional[str] = None,
   mesh=None,
+  coords: Optional[np.ndarray] = None,
   progress: Optional[Callable[[int, int], None]] = None,
 ) -> Evaluator:
   """The `Evaluator` of a training run: its data, grid and cached statistics.
 
   Used by training (`config.logging.eval_*`) and by the evaluate command (its
-  flags). Fakes are rendered on the grid reals are compared on
-  (`render_grids`); real statistics are cached in `stats_cache_dir(workdir)`.
+  flags). Fakes are rendered on the grid reals are compared on (`coords`,
+  default the second of `render_grids`, which a run computes once); real
+  statistics are cached in `stats_cache_dir(workdir)`.
   Raises FileNotFoundError, with where to get them, without the Inception
   weights.
   """
   extractor = inception.InceptionFeatures(
     path=inception_weights or None, mesh=mesh, batch_size=batch_size
   )
-  _, coords = render_grids(
-    config.data.resolution, config.model.cylindrical, source
-  )
+  if coords is None:
+    _, coords = render_grids(
+      config.data.resolution, config.model.cylindrical, source
+    )
   return Evaluator.create(
     extractor,
     source,

@@ -29,6 +29,7 @@ from cips_jax import checkpoints
 from cips_jax import convert
 from cips_jax import errors
 from cips_jax import models
+from cips_jax import networks
 
 # The path exists but holds nothing this package can read as a generator.
 NotAGeneratorError = errors.NotAGeneratorError
@@ -164,7 +165,7 @@ def _restore_training_step(manager_dir: str, step: int, which: str):
 def _generator_of(saved: dict, which: str):
   """(generator, variables) of a restored training checkpoint."""
   gen = models.generator_from_config(saved['config']['model'])
-  return gen, {'params': saved['state'][checkpoints.NETWORKS[which]]}
+  return gen, {'params': saved['state'][networks.NETWORKS[which]]}
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -241,9 +242,9 @@ def open_generator(
     FileNotFoundError: nothing at `path`, or a workdir without checkpoints.
     NotAGeneratorError: `path` is none of the above.
   """
-  if which not in checkpoints.GENERATOR_NETWORKS:
+  if which not in networks.GENERATOR_NETWORKS:
     raise errors.CheckpointError(
-      f'which must be one of {checkpoints.GENERATOR_NETWORKS} (a generator),'
+      f'which must be one of {networks.GENERATOR_NETWORKS} (a generator),'
       f' got {which!r}'
     )
   path = os.path.abspath(os.path.expanduser(path))

@@ -186,29 +186,40 @@ def _synthesize(
   Compiled per model, layout and options.
   """
 
-  def render(w, coords, mix, rng, layout):
-    # Without a 'noise' stream the layers add zero noise (docs/reference.md
-    # 6.3): renders are deterministic.
-    rngs = None if rng is None else {'noise': rng}
-    # 'auto' forms follow the platform this program is lowered for.
-    return generator_lib.apply_per_platform(
-      gen,
-      variables,
-      w,
-      coords,
-      mix=mix,
-      embedding_mode=embedding_mode,
-      layout=layout,
-      rngs=rngs,
+  def render_layout(w, coords, mix, rng, layout):
+    return _apply_generator(
+      gen, variables, w, coords, mix, rng, embedding_mode, layout
     )
 
   if chunk_size is None:
-    return render(w, coords, mix, rng, layout)
-  return _render_in_chunks(render, layout, w, coords, mix, rng, chunk_size)
+    return render_layout(w, coords, mix, rng, layout)
+  return _render_in_chunks(
+    render_layout, layout, w, coords, mix, rng, chunk_size
+  )
+
+
+def _apply_generator(
+  gen, variables, w, coords, mix, rng, embedding_mode, layout
+):
+  """The generator's render of parsed inputs (`layout`), in one program."""
+  # Without a 'noise' stream the layers add zero noise (docs/reference.md
+  # 6.3): renders are deterministic.
+  rngs = None if rng is None else {'noise': rng}
+  # 'auto' forms follow the platform this program is lowered for.
+  return generator_lib.apply_per_platform(
+    gen,
+    variables,
+    w,
+    coords,
+    mix=mix,
+    embedding_mode=embedding_mode,
+    layout=layout,
+    rngs=rngs,
+  )
 
 
 def _render_in_chunks(
-  render, layout: shapes.Layout, w, coords, mix, rng, chunk_size: int
+  render_layout, layout: shapes.Layout, w, coords, mix, rng, chunk_size: int
 ):
   """Renders `chunk_size` pixels at a time.
 
@@ -235,7 +246,7 @@ def _render_in_chunks(
     start = jnp.minimum(index * chunk_size, num_pixels - chunk_size)
     # Each chunk draws its own noise, so noisy renders depend on chunk_size.
     chunk_rng = None if rng is None else jax.random.fold_in(rng, index)
-    chunk = render(
+    chunk = render_layout(
       # Per-image styles and a mixture's (B, K, D) serve every chunk.
       take(w, start, 1) if per_pixel_w else w,
       take(coords, start, layout.pixel_axis),
@@ -361,26 +372,17 @@ def chunk_renderer(gen, embedding_mode, mesh, chunk_layout, has_rng):
   # rounds the chunk to a multiple of the mesh size).
   device_layout = chunk_layout.chunk(chunk_layout.num_pixels // num_devices)
 
-  def render(variables, w, coords, mix, rng):
+  def render_device_share(variables, w, coords, mix, rng):
     # The key is replicated: fold in the device index so that devices draw
     # different noise.
     if mesh is not None and rng is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(parallel.DATA_AXIS))
-    rngs = None if rng is None else {'noise': rng}
-    # 'auto' forms follow the platform this program is lowered for.
-    return generator_lib.apply_per_platform(
-      gen,
-      variables,
-      w,
-      coords,
-      mix=mix,
-      embedding_mode=embedding_mode,
-      layout=device_layout,
-      rngs=rngs,
+    return _apply_generator(
+      gen, variables, w, coords, mix, rng, embedding_mode, device_layout
     )
 
   if mesh is None:
-    return jax.jit(render)
+    return jax.jit(render_device_share)
   pixels = (
     PartitionSpec(parallel.DATA_AXIS)
     if chunk_layout.shared_coords
@@ -397,7 +399,11 @@ def chunk_renderer(gen, embedding_mode, mesh, chunk_layout, has_rng):
     PartitionSpec() if has_rng else None,
   )
   sharded = jax.shard_map(
-    render, mesh=mesh, in_specs=in_specs, out_specs=per_pixel, check_vma=False
+    render_device_share,
+    mesh=mesh,
+    in_specs=in_specs,
+    out_specs=per_pixel,
+    check_vma=False,
   )
   return jax.jit(sharded)
 

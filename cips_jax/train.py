@@ -359,6 +359,10 @@ class Run:
   shardings: Any  # a sharding per state leaf
   writer: summary.MetricWriter
   is_chief: bool
+  # (H, W, 2) grids: samples are rendered on the first, compared with reals
+  # (FID, SWD) on the second (`evaluation.render_grids`).
+  sample_grid: Any
+  eval_grid: Any
 
 
 def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -378,6 +382,9 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
     flip=config.data.flip,
     seed=t.seed,
     cylindrical=config.model.cylindrical,
+  )
+  sample_grid, eval_grid = evaluation.render_grids(
+    config.data.resolution, config.model.cylindrical, source
   )
   return Run(
     config=config,
@@ -400,6 +407,8 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
       os.path.join(workdir, 'tensorboard'), enabled=is_chief
     ),
     is_chief=is_chief,
+    sample_grid=sample_grid,
+    eval_grid=eval_grid,
   )
 
 
@@ -468,6 +477,7 @@ def _training_evaluator(run: Run) -> Optional[evaluation.Evaluator]:
       seed=run.config.train.seed,
       inception_weights=log.inception_weights,
       mesh=run.mesh,
+      coords=run.eval_grid,
       progress=summary.ProgressBar(
         'Inception features of real images', unit='images'
       )
@@ -537,13 +547,10 @@ def periodic_work(
   sample_z = jax.random.normal(
     jax.random.PRNGKey(t.seed + 1), (log.num_samples, gen.style_dim)
   )
-  sample_coords, _ = evaluation.render_grids(
-    config.data.resolution, config.model.cylindrical, run.source
-  )
 
   def write_samples(step, state):
     samples = evaluation.render_samples(
-      gen, state.ema_params, sample_z, sample_coords
+      gen, state.ema_params, sample_z, run.sample_grid
     )
     if run.is_chief:
       grid = images_lib.image_grid(samples)
@@ -643,12 +650,9 @@ def train_loop(run: Run, state: TrainState) -> TrainState:
 
 def _log_swd(run: Run, state: TrainState, reals, label: str) -> None:
   """SWD of EMA samples against `reals` (uint8), logged and written."""
-  _, coords = evaluation.render_grids(
-    run.config.data.resolution, run.config.model.cylindrical, run.source
-  )
   step = int(state.step)
   scores = evaluation.sliced_wasserstein_of_samples(
-    run.gen, state.ema_params, reals, coords, run.config.train.seed
+    run.gen, state.ema_params, reals, run.eval_grid, run.config.train.seed
   )
   logging.info(
     'SWD (%s, step %d): %s',

@@ -18,10 +18,10 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from cips_jax import checkpoints
 from cips_jax import discriminator as discriminator_lib
 from cips_jax import errors
 from cips_jax import generator as generator_lib
+from cips_jax import networks
 from cips_jax import torch_pickle
 from cips_jax.convert import inference
 from cips_jax.convert import layouts
@@ -65,9 +65,9 @@ def select_state_dict(
 
   A bare state dict is returned once its kind is checked.
   """
-  if which not in checkpoints.NETWORKS:
+  if which not in networks.NETWORKS:
     raise errors.CheckpointError(
-      f'which must be one of {tuple(checkpoints.NETWORKS)}, got {which!r}'
+      f'which must be one of {tuple(networks.NETWORKS)}, got {which!r}'
     )
   if (
     isinstance(checkpoint, Mapping)
