@@ -159,7 +159,7 @@ def run(main: Callable[[list[str]], Any], name: str) -> None:
   def parse_flags(argv):
     if any(arg in _HELP_ARGUMENTS for arg in argv[1:]):
       # absl's --help lists only flags defined in the main module, and exits 1.
-      print(own_flags_help())
+      print(own_flags_help(main.__module__))
       sys.exit(0)
     try:
       return app.parse_flags_with_usage(argv)
@@ -174,8 +174,10 @@ def run(main: Callable[[list[str]], Any], name: str) -> None:
 _HELP_ARGUMENTS = ('--help', '-h', '-?', '--helpshort')
 
 
-def own_flags_help() -> str:
+def own_flags_help(command_module: str = '__main__') -> str:
   """The running command's docstring and every flag it defines, with help.
+
+  `command_module`: the name of the module that defines the command's `main`.
 
   The command's own flags are those its module defines and those defined for
   it here (`define_flags_for`, `define_checkpoint_flags`); absl's and other
@@ -184,7 +186,10 @@ def own_flags_help() -> str:
   main = sys.modules.get('__main__')
   lines = [(getattr(main, '__doc__', None) or '').strip(), '', 'Flags:']
   by_module = flags.FLAGS.flags_by_module_dict()
-  for module in (sys.argv[0], __name__):
+  # absl files a flag under the name of the module defining it: the script's
+  # path for __main__, else the module's name (a command run through its
+  # package's __main__ entry point).
+  for module in dict.fromkeys((sys.argv[0], command_module, __name__)):
     if module in by_module:
       lines.append(flags.FLAGS.module_help(module))
   lines.append("\nAll flags, the libraries' included: --helpfull")

@@ -27,8 +27,14 @@ COMMANDS = {
   'cips_jax.main',
   'cips_jax.sample',
   'cips_jax.evaluate',
-  'cips_jax.convert.__main__',
-  'cips_jax.data.__main__',
+  'cips_jax.convert_command',
+  'cips_jax.data_command',
+}
+# `python -m cips_jax.convert` and `.data`: the library package's __main__,
+# an entry point that runs its command and nothing else.
+ENTRY_POINTS = {
+  'cips_jax.convert.__main__': 'cips_jax.convert_command',
+  'cips_jax.data.__main__': 'cips_jax.data_command',
 }
 
 
@@ -58,13 +64,57 @@ def imported_modules(tree: ast.Module) -> set[str]:
 
 def test_the_commands_exist_and_nothing_imports_them():
   modules = package_modules()
-  assert COMMANDS <= set(modules)
+  assert COMMANDS <= set(modules) and set(ENTRY_POINTS) <= set(modules)
   offenders = {
     name: sorted(imported_modules(tree) & COMMANDS)
     for name, tree in modules.items()
-    if imported_modules(tree) & COMMANDS
+    if imported_modules(tree) & COMMANDS and name not in ENTRY_POINTS
   }
   assert not offenders, f'modules that import a command line: {offenders}'
+  for entry, command in ENTRY_POINTS.items():
+    package = imported_modules(modules[entry]) - {'cips_jax'}
+    assert package == {'cips_jax.cli', command}, (entry, package)
+
+
+def _package_of(module: str) -> str:
+  """'cips_jax.data.builders' -> 'cips_jax.data'; top-level modules are
+  their own."""
+  parts = module.split('.')
+  return '.'.join(parts[:2])
+
+
+def test_imports_between_the_package_parts_run_one_way():
+  # Library modules and subpackages (data/, convert/, metrics/, ...) form no
+  # cycle: a subpackage never imports a module that imports it. Commands and
+  # entry points sit on top and are left out.
+  modules = package_modules()
+  library = {
+    name: tree
+    for name, tree in modules.items()
+    # The package's __init__ re-exports the public modules: not a part.
+    if name not in COMMANDS and name not in ENTRY_POINTS and name != 'cips_jax'
+  }
+  parts = {_package_of(name) for name in library}
+  edges = {part: set() for part in parts}
+  for name, tree in library.items():
+    for imported in imported_modules(tree):
+      target = _package_of(imported)
+      if target in parts and target != _package_of(name):
+        edges[_package_of(name)].add(target)
+
+  def reaches(start, goal, seen=()):
+    return any(
+      nxt == goal or (nxt not in seen and reaches(nxt, goal, (*seen, nxt)))
+      for nxt in edges[start]
+    )
+
+  cycles = sorted(
+    f'{a} -> {b} -> ... -> {a}'
+    for a in parts
+    for b in edges[a]
+    if reaches(b, a)
+  )
+  assert not cycles, cycles
 
 
 def private_names_reached(name: str, tree: ast.Module) -> list[str]:

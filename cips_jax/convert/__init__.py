@@ -23,7 +23,7 @@ The namespace gathers four modules, by job:
 - `to_torch`: writing one back (`generator_state_dict`,
   `discriminator_state_dict`, `training_checkpoint`, ...).
 
-`python -m cips_jax.convert` (`cips_jax/convert/__main__.py`) converts from the
+`python -m cips_jax.convert` (`cips_jax/convert_command.py`) converts from the
 shell, both ways.
 """
 
