@@ -25,7 +25,6 @@ import optax
 import orbax.checkpoint as ocp
 
 from cips_jax import checkpoints
-from cips_jax import convert
 from cips_jax import errors
 from cips_jax import loading
 from cips_jax import models
@@ -132,15 +131,12 @@ def start_from_generator(
 ) -> TrainState:
   """Replaces G and its EMA by a pretrained generator.
 
-  The generator is a reference .pt or an exported dir. Used to fine-tune, e.g.
-  the 256 architecture on patches of a 1024 grid. The shapes must match the
+  The generator is anything `loading.open_generator` reads (a reference .pt,
+  an export, a training workdir's EMA generator). Used to fine-tune, e.g. the
+  256 architecture on patches of a 1024 grid. The shapes must match the
   config's generator exactly; the generator's optimizer state starts afresh.
   """
-  path = os.path.expanduser(path)
-  if os.path.isdir(path):
-    _, variables = checkpoints.load_generator(path)
-  else:
-    _, variables = convert.load_torch_checkpoint(path)
+  _, variables = loading.open_generator(path)
   expected = jax.tree_util.tree_map(lambda x: x.shape, state.g_params)
   found = jax.tree_util.tree_map(lambda x: np.shape(x), variables['params'])
   if expected != found:

@@ -12,9 +12,11 @@ import numpy as np
 import optax
 import pytest
 
+from cips_jax import checkpoints
 from cips_jax import config_validation
 from cips_jax import configs
 from cips_jax import convert
+from cips_jax import errors
 from cips_jax import losses
 from cips_jax import memory_plan
 from cips_jax import parallel
@@ -356,3 +358,41 @@ def test_finish_runs_what_asks_for_it_once_and_stops_the_trace(tmp_path):
   assert profile.finish(2, state) and not profile.tracing
   assert not profile.finish(3, state)
   assert list(tmp_path.rglob('*.xplane.pb'))
+
+
+def test_a_run_can_start_from_a_pretrained_generator(tmp_path):
+  config = tiny_config()
+  gen, disc = train_state.build_models(config)
+  g_tx, d_tx = train_state.make_optimizers(config)
+  state = train_state.create_state(gen, disc, g_tx, d_tx, seed=0)
+  pretrained = train_state.create_state(gen, disc, g_tx, d_tx, seed=7)
+  export = tmp_path / 'export'
+  checkpoints.export_generator(
+    str(export), gen, {'params': pretrained.ema_params}
+  )
+  started = train_state.start_from_generator(
+    state, str(export), g_tx, parallel.replicated(parallel.make_mesh())
+  )
+  for field in ('g_params', 'ema_params'):
+    for got, want in zip(
+      jax.tree_util.tree_leaves(getattr(started, field)),
+      jax.tree_util.tree_leaves(pretrained.ema_params),
+    ):
+      np.testing.assert_array_equal(got, want)
+  # D is untouched and G's Adam moments start afresh (zero).
+  for got, want in zip(
+    jax.tree_util.tree_leaves(started.d_params),
+    jax.tree_util.tree_leaves(state.d_params),
+  ):
+    np.testing.assert_array_equal(got, want)
+  adam = started.g_opt_state[0]
+  assert all(not np.any(m) for m in jax.tree_util.tree_leaves(adam.mu))
+  # Another architecture is named, not loaded.
+  wider = config.copy_and_resolve_references()
+  wider.model.hidden_size = 32
+  gen32, disc32 = train_state.build_models(wider)
+  other = train_state.create_state(gen32, disc32, g_tx, d_tx, seed=0)
+  with pytest.raises(errors.CheckpointError, match='does not match'):
+    train_state.start_from_generator(
+      other, str(export), g_tx, parallel.replicated(parallel.make_mesh())
+    )
