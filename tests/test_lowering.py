@@ -94,7 +94,7 @@ def test_bfloat16_programs_multiply_bfloat16_and_sum_in_float32(lowered):
     assert found['bf16_violations'] == [], (name, platform)
   for name, platform, found in programs(lowered, 'train_step_bfloat16'):
     # D's forward convolutions in bfloat16; its backward ones take float32
-    # operands (the stated exception, README "Accelerators").
+    # operands (the stated exception, docs/training.md "Accelerators").
     assert found['forward_convolution_dtypes'] == ['bf16xbf16']
     assert found['f32_backward_convolutions'] > 0
   # float32 programs stay float32.
