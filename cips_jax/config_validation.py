@@ -23,7 +23,7 @@ from cips_jax import generator as generator_lib
 from cips_jax import memory_plan
 from cips_jax import models
 
-TRAIN_EMBEDDING_MODES = ('reference',) + encodings.EMBEDDING_MODES
+TRAIN_EMBEDDING_MODES = ('table_on_full_grid',) + encodings.EMBEDDING_MODES
 
 
 # A config value that cannot work; the message starts with the field's name.

@@ -84,8 +84,10 @@ def reference_config() -> ml_collections.ConfigDict:
   train.per_image_form = 'auto'
   # False = D sees RGB only (the reference's --img2dis)
   train.d_input_coords = False
-  # table on the full grid, bilinear on patches
-  train.embedding_mode = 'reference'
+  # 'table_on_full_grid': the table itself when training on the full
+  # size x size grid, bilinear on patches and other grids (the reference's
+  # reads); or 'bilinear', 'aligned', 'table' always
+  train.embedding_mode = 'table_on_full_grid'
   # a .pt or exported generator to start G and EMA from
   train.init_generator_from = ''
   # a reference (PyTorch) training checkpoint .pt to continue: G, D, EMA, both
@@ -115,4 +117,21 @@ def reference_config() -> ml_collections.ConfigDict:
   # > 0: a profiler trace of this many steps (after the process's first two,
   # which compile), in tensorboard/plugins/profile/ for TensorBoard's profiler
   logging.profile_steps = 0
+  return config
+
+
+# Values that configs saved by earlier versions hold, by their new names.
+_RENAMED_VALUES = {
+  ('train', 'embedding_mode'): {'reference': 'table_on_full_grid'}
+}
+
+
+def upgraded(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A saved config with the values earlier versions wrote under other names
+  renamed (train.embedding_mode 'reference' is now 'table_on_full_grid')."""
+  for (section, field), renames in _RENAMED_VALUES.items():
+    if section in config and field in config[section]:
+      value = config[section][field]
+      if isinstance(value, str) and value in renames:
+        config[section][field] = renames[value]
   return config

@@ -244,8 +244,9 @@ class EqualConv2d(nn.Module):
 
     if self.conv_impl == 'auto':
       # Staged per convolution, not around all of D: jax traces (and, for
-      # gradients, linearises) every branch, and branches holding the whole
-      # discriminator made the churches step trace 1.5x slower.
+      # gradients, linearises) every branch, so a branch holding all of D
+      # would trace it once per choice. Under a mesh only one branch is
+      # traced (`parallel.tracing_over`; docs/benchmarks.md, "Tracing").
       y = platforms.dispatch(CONV_IMPL_BY_BACKEND, DEFAULT_CONV_IMPL, convolve)
     else:
       y = convolve(resolve_conv_impl(self.conv_impl))  # checks the name

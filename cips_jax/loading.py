@@ -26,6 +26,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from cips_jax import checkpoints
+from cips_jax import configs
 from cips_jax import convert
 from cips_jax import errors
 from cips_jax import models
@@ -218,7 +219,7 @@ def workdir_config(workdir: str):
           break  # pruned by a live run while read: list the steps again
         logging.warning('%s', error)
         continue
-      return ml_collections.ConfigDict(saved['config'])
+      return configs.upgraded(ml_collections.ConfigDict(saved['config']))
     else:
       raise errors.DamagedCheckpointError(
         f'no checkpoint in {manager_dir} holds a readable config (steps '

@@ -62,12 +62,12 @@ PROFILE_AFTER_STEPS = 2
 def train_embedding_mode(config: ml_collections.ConfigDict) -> str:
   """How G reads its embedding while training.
 
-  'reference': like the reference, the direct table on the full size x size grid
-  and bilinear (align_corners=False) on patches and other grids; 'aligned' or
-  'bilinear': always.
+  'table_on_full_grid': as the reference reads it, the direct table on the
+  full size x size grid and bilinear (align_corners=False) on patches and
+  other grids; 'aligned', 'bilinear' or 'table': always.
   """
   mode = config.train.embedding_mode
-  if mode != 'reference':
+  if mode != 'table_on_full_grid':
     return mode
   full_grid = config.data.crop == config.model.size == config.data.resolution
   return 'table' if full_grid else 'bilinear'

@@ -85,3 +85,15 @@ def test_memory_plan_script_plans_every_device(tmp_path):
       # The largest batch fits and one more would not (to the JSON's rounding).
       assert state + batch * per_image <= usable * 1.001
       assert state + (batch + 1) * per_image > usable * 0.999
+
+
+def test_tracing_script_traces_both_ways(tmp_path):
+  out = tmp_path / 'tracing.json'
+  result = support.run_python(
+    'benchmarks/tracing.py', '--smoke', '--repeats=1', f'--out={out}'
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  (case,) = json.loads(out.read_text())['cases'].values()
+  for way in ('staged_seconds', 'pinned_seconds'):
+    assert set(case[way]) == {'plain', 'r1'}
+    assert all(seconds > 0 for seconds in case[way].values())

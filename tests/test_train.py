@@ -230,7 +230,7 @@ def test_config_validation_names_the_field(field, value, message):
     # A cylindrical model trains on windows of panoramas, not on the R x R grid.
     (
       {'model.cylindrical': True},
-      "config.train.embedding_mode = 'reference': must be 'bilinear'",
+      "config.train.embedding_mode = 'table_on_full_grid': must be 'bilinear'",
     ),
     # Fields that were removed are named, with what replaced them.
     ({'data.to_crop': True}, 'config.data.to_crop: not a field'),
@@ -396,3 +396,17 @@ def test_a_run_can_start_from_a_pretrained_generator(tmp_path):
     train_state.start_from_generator(
       other, str(export), g_tx, parallel.replicated(parallel.make_mesh())
     )
+
+
+def test_a_config_saved_with_the_old_embedding_mode_name_still_reads():
+  config = tiny_config()
+  config.train.embedding_mode = 'reference'  # what earlier versions saved
+  with pytest.raises(config_validation.ConfigError, match='must be one of'):
+    config_validation.validate(config, num_devices=1)
+  upgraded = configs.upgraded(config)
+  assert upgraded.train.embedding_mode == 'table_on_full_grid'
+  config_validation.validate(upgraded, num_devices=1)
+  full_grid = upgraded.data.crop == upgraded.model.size
+  assert train.train_embedding_mode(upgraded) == (
+    'table' if full_grid else 'bilinear'
+  )
