@@ -16,10 +16,10 @@ multi-platform export keeps both and picks on the device.
 Staging costs tracing time, though: every branch is traced, and
 differentiating through the staged choice (the training step) traces more
 again: the churches step's R1 program traces in 10.8 s staged against 4.6 s
-with one branch on the 2-core EPYC (`benchmarks/tracing.py`). A program jitted over a mesh of concrete
-devices is lowered for their platform, so `parallel.tracing_over(mesh)` pins
-the choice to it (`pinned_to`); an export for other platforms, from such a
-program, names them (`exporting_for`).
+with one branch on the 2-core EPYC (`benchmarks/tracing.py`). A program
+jitted over a mesh of concrete devices is lowered for their platform, so
+`parallel.tracing_over(mesh)` pins the choice to it (`pinned_to`); an export
+for other platforms, from such a program, names them (`exporting_for`).
 """
 
 from __future__ import annotations
