@@ -24,7 +24,7 @@ from cips_jax import models
 _SKIPPED_FIELDS = ('parent', 'name')
 
 
-def module_config(module) -> dict[str, Any]:
+def _module_config(module) -> dict[str, Any]:
   """The constructor arguments of a generator as JSON-friendly values.
 
   A dtype is given as its name.
@@ -40,11 +40,11 @@ def module_config(module) -> dict[str, Any]:
   return {'class': type(module).__name__, 'kwargs': config}
 
 
-def module_from_config(config: dict[str, Any]):
-  """Inverse of `module_config`; checks every field first.
+def _module_from_config(config: dict[str, Any]):
+  """Inverse of `_module_config`; checks every field first.
 
   Raises errors.CheckpointError naming the field when `config` is not what
-  `module_config` writes: an unknown class or field, a value of the wrong type,
+  `_module_config` writes: an unknown class or field, a value of the wrong type,
   an integer out of bounds, a non-finite float.
   """
   if not isinstance(config, dict) or not isinstance(config.get('kwargs'), dict):
@@ -131,7 +131,7 @@ def export_generator(directory: str, module, variables: dict[str, Any]) -> None:
     directory,
     ocp.args.Composite(
       params=ocp.args.StandardSave({'params': variables['params']}),
-      model=ocp.args.JsonSave(module_config(module)),
+      model=ocp.args.JsonSave(_module_config(module)),
     ),
   )
 
@@ -160,7 +160,7 @@ def load_generator(directory: str):
       f'({describe_damage(error)})'
     ) from None
   try:
-    module = module_from_config(model_config)
+    module = _module_from_config(model_config)
     expected = jax.eval_shape(lambda: models.init(module, jax.random.key(0)))
   except errors.CheckpointError as error:
     raise errors.CheckpointError(f'{model_path}: {error}') from None

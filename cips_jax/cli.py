@@ -49,7 +49,7 @@ OUT_OF_MEMORY_HINT = (
 )
 
 
-def as_user_error(error: BaseException) -> Optional[errors.Error]:
+def _as_user_error(error: BaseException) -> Optional[errors.Error]:
   """`error` as the library error a user can act on, or None for a bug.
 
   Running out of memory arrives as numpy's MemoryError or XLA's
@@ -150,7 +150,7 @@ def run(main: Callable[[list[str]], Any], name: str) -> None:
       sys.stderr.write(f'{name}: interrupted\n')
       sys.exit(130)
     except Exception as error:  # re-raised below unless a user can act on it
-      reported = as_user_error(error)
+      reported = _as_user_error(error)
       if reported is None:
         raise
       logging.debug('%s failed', name, exc_info=True)
@@ -159,7 +159,7 @@ def run(main: Callable[[list[str]], Any], name: str) -> None:
   def parse_flags(argv):
     if any(arg in _HELP_ARGUMENTS for arg in argv[1:]):
       # absl's --help lists only flags defined in the main module, and exits 1.
-      print(own_flags_help(main.__module__))
+      print(_own_flags_help(main.__module__))
       sys.exit(0)
     try:
       return app.parse_flags_with_usage(argv)
@@ -174,7 +174,7 @@ def run(main: Callable[[list[str]], Any], name: str) -> None:
 _HELP_ARGUMENTS = ('--help', '-h', '-?', '--helpshort')
 
 
-def own_flags_help(command_module: str = '__main__') -> str:
+def _own_flags_help(command_module: str = '__main__') -> str:
   """The running command's docstring and every flag it defines, with help.
 
   `command_module`: the name of the module that defines the command's `main`.

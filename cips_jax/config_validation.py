@@ -31,7 +31,7 @@ ConfigError = errors.ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
-class Context:
+class _Context:
   """What a rule may look at besides its own field's value."""
 
   config: ml_collections.ConfigDict
@@ -40,7 +40,7 @@ class Context:
 
 
 @dataclasses.dataclass(frozen=True)
-class Rule:
+class _Rule:
   """One row of the table.
 
   Attributes:
@@ -52,9 +52,9 @@ class Rule:
   """
 
   field: str
-  ok: Callable[[Any, Context], bool]
+  ok: Callable[[Any, _Context], bool]
   message: str
-  applies: Callable[[Context], bool] = lambda context: True
+  applies: Callable[[_Context], bool] = lambda context: True
 
 
 def _power_of_two(value: Any) -> bool:
@@ -65,11 +65,11 @@ def _power_of_two(value: Any) -> bool:
 MAX_SAMPLE_GRID = 1024
 
 
-def _int_at_least(low: int) -> Callable[[Any, Context], bool]:
+def _int_at_least(low: int) -> Callable[[Any, _Context], bool]:
   return lambda v, _: isinstance(v, int) and v >= low
 
 
-def _one_of(choices) -> Callable[[Any, Context], bool]:
+def _one_of(choices) -> Callable[[Any, _Context], bool]:
   return lambda v, _: v in choices
 
 
@@ -82,20 +82,20 @@ BOOLEAN = 'must be True or False'
 
 # Rows run in order: a field's type rows come before any row that compares it
 # with another field, so a wrong type is named as such, not hit as a TypeError.
-RULES: tuple[Rule, ...] = (
+RULES: tuple[_Rule, ...] = (
   # The model.
-  Rule(
+  _Rule(
     'model.arch',
     _one_of(models.GENERATORS),
     f'must be one of {sorted(models.GENERATORS)}',
   ),
-  Rule(
+  _Rule(
     'model.size',
     lambda v, _: _power_of_two(v) and 4 <= v <= 1024,
     'must be a power of two between 4 and 1024',
   ),
   *(
-    Rule(f'model.{name}', _int_at_least(1), POSITIVE)
+    _Rule(f'model.{name}', _int_at_least(1), POSITIVE)
     for name in (
       'hidden_size',
       'style_dim',
@@ -105,103 +105,103 @@ RULES: tuple[Rule, ...] = (
       'channel_multiplier',
     )
   ),
-  Rule('model.d_n_first_layers', _int_at_least(0), 'must be >= 0'),
-  Rule(
+  _Rule('model.d_n_first_layers', _int_at_least(0), 'must be >= 0'),
+  _Rule(
     'model.activation',
     _one_of(('', 'sin', 'sinrelu')),
     "must be '' (leaky ReLU, the released models), 'sin' or 'sinrelu'",
   ),
-  Rule(
+  _Rule(
     'model.embedding_mode',
     _one_of(encodings.EMBEDDING_MODES),
     f'must be one of {encodings.EMBEDDING_MODES}',
   ),
-  Rule('model.cylindrical', _boolean, BOOLEAN),
+  _Rule('model.cylindrical', _boolean, BOOLEAN),
   # The data.
-  Rule(
+  _Rule(
     'data.name',
     lambda v, _: isinstance(v, str) and bool(v),
     'must name the prepared dataset',
   ),
-  Rule(
+  _Rule(
     'data.resolution',
     lambda v, _: _power_of_two(v) and v >= 4,
     'must be a power of two >= 4 (the side of the training coordinate grid)',
   ),
-  Rule(
+  _Rule(
     'data.crop',
     lambda v, _: _power_of_two(v) and v >= 4,
     'must be a power of two >= 4 (the side of the patches D sees)',
   ),
-  Rule(
+  _Rule(
     'data.crop',
     lambda v, c: v <= c.config.data.resolution,
     'must be <= config.data.resolution = {config.data.resolution}',
   ),
   # Training.
-  Rule('train.global_batch_size', _int_at_least(1), POSITIVE),
-  Rule(
+  _Rule('train.global_batch_size', _int_at_least(1), POSITIVE),
+  _Rule(
     'train.global_batch_size',
     lambda v, c: v % c.num_devices == 0,
     'must be divisible by the number of devices ({num_devices})',
   ),
-  Rule(
+  _Rule(
     'train.global_batch_size',
     lambda v, c: v % c.num_processes == 0,
     'must be divisible by the number of processes ({num_processes})',
   ),
-  Rule(
+  _Rule(
     'train.global_batch_size',
     # D's minibatch standard deviation works on groups of min(batch, 4).
     lambda v, _: v % min(v, 4) == 0,
     'must be divisible by the minibatch-stddev group size min(batch, 4)',
   ),
-  Rule('train.num_steps', _int_at_least(1), 'must be >= 1'),
-  Rule('train.g_lr', lambda v, _: v > 0, 'must be positive'),
-  Rule('train.d_lr', lambda v, _: v > 0, 'must be positive'),
+  _Rule('train.num_steps', _int_at_least(1), 'must be >= 1'),
+  _Rule('train.g_lr', lambda v, _: v > 0, 'must be positive'),
+  _Rule('train.d_lr', lambda v, _: v > 0, 'must be positive'),
   *(
-    Rule(
+    _Rule(
       field,
       lambda v, _: len(v) == 2 and all(0 <= b < 1 for b in v),
       'must be two numbers in [0, 1)',
     )
     for field in ('train.g_betas', 'train.d_betas')
   ),
-  Rule('train.r1_every', _int_at_least(1), 'must be >= 1'),
-  Rule('train.r1_gamma', lambda v, _: v >= 0, 'must be >= 0'),
-  Rule('train.ema_decay', lambda v, _: 0 <= v <= 1, 'must be in [0, 1]'),
-  Rule(
+  _Rule('train.r1_every', _int_at_least(1), 'must be >= 1'),
+  _Rule('train.r1_gamma', lambda v, _: v >= 0, 'must be >= 0'),
+  _Rule('train.ema_decay', lambda v, _: 0 <= v <= 1, 'must be in [0, 1]'),
+  _Rule(
     'train.compute_dtype',
     _one_of(('float32', 'bfloat16')),
     "must be 'float32' or 'bfloat16'",
   ),
-  Rule(
+  _Rule(
     'train.per_image_form',
     _one_of(generator_lib.PER_IMAGE_FORMS),
     f'must be one of {generator_lib.PER_IMAGE_FORMS}',
   ),
-  Rule('train.shard_embedding', _boolean, BOOLEAN),
-  Rule(
+  _Rule('train.shard_embedding', _boolean, BOOLEAN),
+  _Rule(
     'model.size',
     lambda v, c: v % c.num_devices == 0,
     'must be divisible by the number of devices ({num_devices}) with '
     'train.shard_embedding (the table is split by rows)',
     applies=lambda c: c.config.train.shard_embedding,
   ),
-  Rule(
+  _Rule(
     'train.embedding_mode',
     _one_of(TRAIN_EMBEDDING_MODES),
     f'must be one of {TRAIN_EMBEDDING_MODES}',
   ),
   # Contradictions between fields.
-  Rule(
+  _Rule(
     'train.init_generator_from',
     lambda v, _: not v,
     'contradicts train.continue_from (a continued run takes its generator '
     'from the training checkpoint)',
     applies=lambda c: bool(c.config.train.continue_from),
   ),
-  Rule(
+  _Rule(
     'model.size',
     lambda v, c: v == c.config.data.resolution,
     'must equal config.data.resolution = {config.data.resolution} with '
@@ -209,7 +209,7 @@ RULES: tuple[Rule, ...] = (
     "grid's points)",
     applies=lambda c: c.config.train.embedding_mode == 'table',
   ),
-  Rule(
+  _Rule(
     'train.embedding_mode',
     _one_of(('bilinear', 'aligned')),
     "must be 'bilinear' or 'aligned' for a cylindrical model (the "
@@ -219,7 +219,7 @@ RULES: tuple[Rule, ...] = (
   ),
   # Logging.
   *(
-    Rule(f'logging.{name}', _int_at_least(1), POSITIVE)
+    _Rule(f'logging.{name}', _int_at_least(1), POSITIVE)
     for name in (
       'log_every',
       'sample_every',
@@ -228,22 +228,22 @@ RULES: tuple[Rule, ...] = (
     )
   ),
   # The sample grid is rendered whole, on every sample step.
-  Rule(
+  _Rule(
     'logging.num_samples',
     lambda v, _: isinstance(v, int) and 1 <= v <= MAX_SAMPLE_GRID,
     f'must be in [1, {MAX_SAMPLE_GRID}] (the images of the sample grid)',
   ),
-  Rule('logging.swd_num_images', _int_at_least(0), 'must be >= 0'),
-  Rule(
+  _Rule('logging.swd_num_images', _int_at_least(0), 'must be >= 0'),
+  _Rule(
     'logging.eval_every_steps',
     _int_at_least(0),
     'must be >= 0 (0 = no FID/KID during training)',
   ),
   *(
-    Rule(f'logging.{name}', _int_at_least(2), 'must be an integer >= 2')
+    _Rule(f'logging.{name}', _int_at_least(2), 'must be an integer >= 2')
     for name in ('eval_num_samples', 'eval_num_real')
   ),
-  Rule(
+  _Rule(
     'logging.profile_steps',
     _int_at_least(0),
     'must be >= 0 (0 = no profiler trace)',
@@ -292,7 +292,7 @@ def validate(
       'name, larger images are always cropped, and model.cylindrical says '
       'whether the data are panoramas)'
     )
-  context = Context(config, num_devices, num_processes)
+  context = _Context(config, num_devices, num_processes)
   for rule in RULES:
     value = _value(config, rule.field)
     if rule.applies(context) and not rule.ok(value, context):

@@ -79,7 +79,7 @@ class FourierFeatures(nn.Module):
     return jnp.sin(xy @ kernel + bias)
 
 
-def grid_position(
+def _grid_position(
   coord: Array, size: int, align_corners: bool, periodic: bool = False
 ) -> Array:
   """Continuous table position of a coordinate in [-1, 1] (not clamped).
@@ -104,7 +104,7 @@ def _wrapped_or_clamped(index: Array, size: int, wrap: bool) -> Array:
   return jnp.mod(index, size) if wrap else jnp.clip(index, 0, size - 1)
 
 
-def bilinear_lookup(
+def _bilinear_lookup(
   table: Array, xy: Array, align_corners: bool = False, wrap_x: bool = False
 ) -> Array:
   """Bilinear read of `table` (H, W, C) at one point `xy` (2,) -> (C,).
@@ -115,8 +115,8 @@ def bilinear_lookup(
   """
   table = jnp.asarray(table)
   height, width = table.shape[0], table.shape[1]
-  px = grid_position(xy[0], width, align_corners, periodic=wrap_x)
-  py = grid_position(xy[1], height, align_corners)
+  px = _grid_position(xy[0], width, align_corners, periodic=wrap_x)
+  py = _grid_position(xy[1], height, align_corners)
   # Clamping the position, not the indices, is grid_sample's 'border' padding:
   # points beyond the border read the border entry (docs/reference.md 2).
   if not wrap_x:
@@ -138,7 +138,7 @@ def bilinear_lookup(
   return top * (1.0 - wy) + bottom * wy
 
 
-def nearest_lookup(table: Array, xy: Array, wrap_x: bool = False) -> Array:
+def _nearest_lookup(table: Array, xy: Array, wrap_x: bool = False) -> Array:
   """The table entry nearest to `xy` on the align_corners=True grid.
 
   Returns `table[row, col]` (C,).
@@ -147,10 +147,10 @@ def nearest_lookup(table: Array, xy: Array, wrap_x: bool = False) -> Array:
   height, width = table.shape[0], table.shape[1]
   # round, not floor: on the training grid the positions are integers up to
   # float32 error, and each pixel must get its own entry (docs/reference.md 2).
-  col = jnp.round(grid_position(xy[0], width, True, periodic=wrap_x)).astype(
+  col = jnp.round(_grid_position(xy[0], width, True, periodic=wrap_x)).astype(
     jnp.int32
   )
-  row = jnp.round(grid_position(xy[1], height, True)).astype(jnp.int32)
+  row = jnp.round(_grid_position(xy[1], height, True)).astype(jnp.int32)
   return table[
     _wrapped_or_clamped(row, height, False),
     _wrapped_or_clamped(col, width, wrap_x),
@@ -165,11 +165,11 @@ def lookup_embedding(
   The modes are described in the module docstring.
   """
   if mode == 'bilinear':
-    return bilinear_lookup(table, xy, align_corners=False, wrap_x=wrap_x)
+    return _bilinear_lookup(table, xy, align_corners=False, wrap_x=wrap_x)
   if mode == 'aligned':
-    return bilinear_lookup(table, xy, align_corners=True, wrap_x=wrap_x)
+    return _bilinear_lookup(table, xy, align_corners=True, wrap_x=wrap_x)
   if mode == 'table':
-    return nearest_lookup(table, xy, wrap_x=wrap_x)
+    return _nearest_lookup(table, xy, wrap_x=wrap_x)
   raise errors.InputError(
     f'embedding_mode must be one of {EMBEDDING_MODES}, got {mode!r}'
   )

@@ -83,7 +83,7 @@ def real_images(source, count: int, resolution: int, seed: int) -> np.ndarray:
   )
 
 
-def statistics_of(
+def _statistics_of(
   batches: Iterator[np.ndarray],
   extractor: Extractor,
   total: int,
@@ -151,7 +151,7 @@ def render_grids(
   return panorama, panorama[:, :resolution]
 
 
-def stats_cache_dir(workdir: str) -> str:
+def _stats_cache_dir(workdir: str) -> str:
   """The folder of a run's workdir that caches real-image statistics.
 
   `Evaluator.create` writes and reads them there.
@@ -204,7 +204,7 @@ class Evaluator:
     if os.path.exists(path):
       real, real_features = fid_lib.Statistics.load(path)
     else:
-      real, real_features = statistics_of(
+      real, real_features = _statistics_of(
         real_image_batches(source, num_real, resolution, batch_size, seed),
         extractor,
         num_real,
@@ -256,7 +256,7 @@ class Evaluator:
 
     They compare against the cached real statistics.
     """
-    fake, fake_features = statistics_of(
+    fake, fake_features = _statistics_of(
       self.fake_batches(gen, params, num_samples),
       self.extractor,
       num_samples,
@@ -307,7 +307,7 @@ def evaluator_for_run(
   Used by training (`config.logging.eval_*`) and by the evaluate command (its
   flags). Fakes are rendered on the grid reals are compared on (`coords`,
   default the second of `render_grids`, which a run computes once); real
-  statistics are cached in `stats_cache_dir(workdir)`.
+  statistics are cached in `_stats_cache_dir(workdir)`.
   Raises FileNotFoundError, with where to get them, without the Inception
   weights.
   """
@@ -324,7 +324,7 @@ def evaluator_for_run(
     config.data.name,
     config.data.resolution,
     coords,
-    cache_dir=stats_cache_dir(workdir),
+    cache_dir=_stats_cache_dir(workdir),
     num_real=num_real,
     mesh=mesh,
     batch_size=batch_size,

@@ -43,7 +43,7 @@ def leaky_relu_gain(x: Array) -> Array:
   return jax.nn.leaky_relu(x, 0.2) * SQRT2
 
 
-def pixel_norm(x: Array, axis: int = -1) -> Array:
+def _pixel_norm(x: Array, axis: int = -1) -> Array:
   """Normalises `x` to unit root-mean-square along `axis`.
 
   eps is 1e-8, as in the reference.
@@ -510,7 +510,7 @@ class MappingNetwork(nn.Module):
   def __call__(self, z: Array) -> Array:
     """z: (..., style_dim) -> w: (..., style_dim)."""
     # The reference's style.0; the dense layers are style.1 .. style.n_mlp.
-    x = pixel_norm(z)
+    x = _pixel_norm(z)
     for i in range(self.n_mlp):
       x = EqualDense(
         self.style_dim, lr_mul=self.lr_mul, activate=True, name=f'dense_{i}'

@@ -104,7 +104,7 @@ def restore_newest(manager_dir: str, **items) -> tuple[int, dict]:
   """
   workdir = os.path.dirname(manager_dir)
   for _ in range(_VANISHED_RETRIES):
-    steps = checkpoint_steps(workdir)
+    steps = _checkpoint_steps(workdir)
     if not steps:
       raise errors.MissingInputError(
         f'the training workdir {workdir} has no checkpoint yet'
@@ -127,7 +127,7 @@ def _damaged(manager_dir: str, step: int, error: Exception):
   """The DamagedCheckpointError of `step`, naming the newest intact step."""
   intact = None
   for older in sorted(
-    (s for s in checkpoint_steps(os.path.dirname(manager_dir)) if s < step),
+    (s for s in _checkpoint_steps(os.path.dirname(manager_dir)) if s < step),
     reverse=True,
   ):
     try:
@@ -169,7 +169,7 @@ def _generator_of(saved: dict, which: str):
   return gen, {'params': saved['state'][networks.NETWORKS[which]]}
 
 
-def checkpoint_steps(workdir: str) -> list[int]:
+def _checkpoint_steps(workdir: str) -> list[int]:
   """The steps of the complete checkpoints in WORKDIR/checkpoints, ascending."""
   manager_dir = os.path.join(
     os.path.abspath(os.path.expanduser(workdir)), 'checkpoints'
@@ -187,7 +187,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 def latest_checkpoint_step(workdir: str) -> int:
   """The step of the latest complete checkpoint in WORKDIR/checkpoints."""
-  steps = checkpoint_steps(workdir)
+  steps = _checkpoint_steps(workdir)
   if not steps:
     raise errors.MissingInputError(
       f'the training workdir {workdir} has no checkpoint yet'
@@ -206,7 +206,7 @@ def workdir_config(workdir: str):
     os.path.abspath(os.path.expanduser(workdir)), 'checkpoints'
   )
   for _ in range(_VANISHED_RETRIES):
-    steps = checkpoint_steps(workdir)
+    steps = _checkpoint_steps(workdir)
     if not steps:
       raise errors.MissingInputError(
         f'the training workdir {workdir} has no checkpoint yet'

@@ -26,7 +26,7 @@ from cips_jax import convert
 from cips_jax import train_state as train_state_lib
 
 
-def with_adam_state(opt_state, adam: convert.AdamState):
+def _with_adam_state(opt_state, adam: convert.AdamState):
   """`opt_state` of `optax.adam` with its count and moments replaced."""
   replaced = [
     part._replace(
@@ -87,8 +87,8 @@ def continue_reference_run(
     g_params=run.g,
     d_params=run.d,
     ema_params=run.g_ema,
-    g_opt_state=with_adam_state(g_tx.init(run.g), run.g_adam),
-    d_opt_state=with_adam_state(d_tx.init(run.d), run.d_adam),
+    g_opt_state=_with_adam_state(g_tx.init(run.g), run.g_adam),
+    d_opt_state=_with_adam_state(d_tx.init(run.d), run.d_adam),
   )
   state = jax.tree_util.tree_map(np.asarray, state)
   expected = jax.tree_util.tree_structure(abstract_state)

@@ -16,9 +16,9 @@ The state (`train_state.TrainState`) is replicated over a one-axis mesh
 ('data'), or its embedding tables split by rows; batches are sharded along it;
 the step is jitted with the state donated.
 
-`train_and_evaluate` runs in four phases: `set_up` (mesh, models, data,
-checkpoints, writer), `initial_state` (resume, continue a PyTorch run, or
-start afresh), `train_loop` (steps, and the periodic work of `periodic_work`:
+`train_and_evaluate` runs in four phases: `_set_up` (mesh, models, data,
+checkpoints, writer), `_initial_state` (resume, continue a PyTorch run, or
+start afresh), `_train_loop` (steps, and the periodic work of `_periodic_work`:
 metrics, samples, FID, checkpoints, a profiler trace) and the end (SWD, the
 last checkpoint written to disk).
 """
@@ -95,7 +95,7 @@ class StepInputs:
   g_noise_key: Optional[jax.Array] = None
 
 
-def draw_step_inputs(seed: int, step, batch, style_dim: int) -> StepInputs:
+def _draw_step_inputs(seed: int, step, batch, style_dim: int) -> StepInputs:
   """The inputs of step `step`: latents and noise keys from (seed, step)."""
   keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), step), 4)
   batch_size = batch['image'].shape[0]
@@ -274,7 +274,7 @@ def train_step(
   `static_argnames=STEP_STATIC_ARGNAMES` (`jit_train_step` also places it on
   `models.mesh`).
   """
-  inputs = draw_step_inputs(
+  inputs = _draw_step_inputs(
     models.seed, state.step, batch, models.gen.style_dim
   )
   if models.mesh is None:
@@ -343,7 +343,7 @@ def abstract_step(
 
 @dataclasses.dataclass
 class Run:
-  """What the phases of one training run share (built by `set_up`)."""
+  """What the phases of one training run share (built by `_set_up`)."""
 
   config: ml_collections.ConfigDict
   workdir: str
@@ -365,7 +365,7 @@ class Run:
   eval_grid: Any
 
 
-def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
+def _set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Phase 1: the mesh, models, data and outputs of a checked config."""
   is_chief = jax.process_index() == 0
   mesh = parallel.make_mesh()
@@ -412,7 +412,7 @@ def set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
   )
 
 
-def initial_state(run: Run) -> TrainState:
+def _initial_state(run: Run) -> TrainState:
   """Phase 2: the state to start from, placed on the mesh.
 
   The workdir's latest checkpoint if it has one; else the reference run of
@@ -508,7 +508,7 @@ def _non_finite_parts(state: TrainState) -> dict[str, jax.Array]:
   }
 
 
-def check_state_finite(step: int, state: TrainState, newest_saved) -> None:
+def _check_state_finite(step: int, state: TrainState, newest_saved) -> None:
   """Raises errors.DivergedError if any value of `state` is not finite.
 
   The loop calls it before every checkpoint, so no checkpoint ever holds a
@@ -530,7 +530,7 @@ def check_state_finite(step: int, state: TrainState, newest_saved) -> None:
   )
 
 
-def periodic_work(
+def _periodic_work(
   run: Run, metrics: summary.TrainingReport, start_step: int
 ) -> list[Any]:
   """The loop's periodic actions, in the order they run after a step.
@@ -581,7 +581,7 @@ def periodic_work(
     report.force(step, state)
     # The losses are computed before the step's update: the updated state
     # itself (Adam's step, the EMA) is checked before it is written.
-    check_state_finite(step, state, run.manager.latest_step())
+    _check_state_finite(step, state, run.manager.latest_step())
     run.manager.save(step, state)
 
   checkpoint = periodic.Every(
@@ -604,7 +604,7 @@ def periodic_work(
   return [*actions, profile]
 
 
-def train_loop(run: Run, state: TrainState) -> TrainState:
+def _train_loop(run: Run, state: TrainState) -> TrainState:
   """Phase 3: steps up to `train.num_steps`, with the periodic work.
 
   A SIGTERM ends the loop after the current step, with a checkpoint.
@@ -618,7 +618,7 @@ def train_loop(run: Run, state: TrainState) -> TrainState:
   metrics = summary.TrainingReport(
     run.writer, t.num_steps, start_step, t.global_batch_size
   )
-  actions = periodic_work(run, metrics, start_step)
+  actions = _periodic_work(run, metrics, start_step)
   done = start_step
   # Read ahead on grain's threads; the stream equals batch_at(step), step by
   # step.
@@ -708,8 +708,8 @@ def train_and_evaluate(
 
 def _train_and_evaluate(config, workdir: str) -> TrainState:
   """`train_and_evaluate` once the config is checked and the lock held."""
-  run = set_up(config, workdir)
-  state = initial_state(run)
+  run = _set_up(config, workdir)
+  state = _initial_state(run)
   t, log = config.train, config.logging
   start_step = int(state.step)
   if start_step >= t.num_steps:
@@ -732,7 +732,7 @@ def _train_and_evaluate(config, workdir: str) -> TrainState:
     if start_step == 0:
       _log_swd(run, state, reals, 'start')
 
-  state = train_loop(run, state)
+  state = _train_loop(run, state)
 
   # Phase 4: the end.
   if reals is not None and int(state.step) == t.num_steps:

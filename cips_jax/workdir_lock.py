@@ -49,7 +49,7 @@ LOCK_FILE = 'lock'
 
 
 @dataclasses.dataclass(frozen=True)
-class Holder:
+class _Holder:
   """Who holds (or held) a workdir's lock."""
 
   host: str
@@ -58,7 +58,7 @@ class Holder:
   command: str
 
   @classmethod
-  def this_process(cls) -> Holder:
+  def this_process(cls) -> _Holder:
     """The holder this process writes."""
     return cls(
       host=socket.gethostname(),
@@ -78,7 +78,7 @@ class Holder:
 _MAX_RECORD_BYTES = 4096
 
 
-def _read_holder(dir_fd: int) -> Optional[Holder]:
+def _read_holder(dir_fd: int) -> Optional[_Holder]:
   """The holder `lock` records; None if absent, a link, or unreadable."""
   try:
     fd = os.open(
@@ -96,7 +96,7 @@ def _read_holder(dir_fd: int) -> Optional[Holder]:
     os.close(fd)
   try:
     record = json.loads(text)
-    return Holder(
+    return _Holder(
       host=str(record['host']),
       pid=int(record['pid']),
       started=str(record['started']),
@@ -106,7 +106,7 @@ def _read_holder(dir_fd: int) -> Optional[Holder]:
     return None
 
 
-def _write_holder(dir_fd: int, holder: Holder) -> int:
+def _write_holder(dir_fd: int, holder: _Holder) -> int:
   """Writes the record to a new file renamed over `lock`.
 
   Returns a descriptor of the record, held open until the run ends: while it
@@ -133,14 +133,14 @@ def _write_holder(dir_fd: int, holder: Holder) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class Held:
+class _Held:
   """A held workdir lock: the directory's descriptor and our record's."""
 
   dir_fd: int
   record_fd: int
 
 
-def acquire(workdir: str) -> Held:
+def acquire(workdir: str) -> _Held:
   """Takes WORKDIR's lock for this process.
 
   Raises:
@@ -169,14 +169,14 @@ def acquire(workdir: str) -> Held:
       workdir,
     )
   try:
-    record_fd = _write_holder(dir_fd, Holder.this_process())
+    record_fd = _write_holder(dir_fd, _Holder.this_process())
   except OSError:
     os.close(dir_fd)
     raise
-  return Held(dir_fd=dir_fd, record_fd=record_fd)
+  return _Held(dir_fd=dir_fd, record_fd=record_fd)
 
 
-def release(held: Held) -> None:
+def release(held: _Held) -> None:
   """Removes our record (if it is still ours) and lets go of the lock."""
   try:
     current = os.stat(LOCK_FILE, dir_fd=held.dir_fd, follow_symlinks=False)

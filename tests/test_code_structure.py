@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -225,3 +226,69 @@ def test_test_modules_share_helpers_without_importing_each_other(path):
     )
   ]
   assert not scripts, scripts
+
+
+# Where a public name may find its user: the package, the tests, the
+# benchmarks, the experiment configs, the notebook and the documentation.
+_READERS = (
+  'cips_jax/**/*.py',
+  'tests/**/*.py',
+  'benchmarks/*.py',
+  'experiments/*.py',
+  'notebooks/*.ipynb',
+  'README.md',
+  'docs/*.md',
+)
+# Public definitions without a user outside their module, at most. They are
+# the classes whose names are part of a parameter tree or of a return type
+# (the discriminator's and Inception's blocks, memory_plan.Plan).
+MOST_PUBLIC_NAMES_WITHOUT_A_USER = 10
+
+
+def _reader_texts() -> dict[pathlib.Path, str]:
+  return {
+    path: path.read_text()
+    for pattern in _READERS
+    for path in support.REPO.glob(pattern)
+  }
+
+
+def test_public_definitions_have_users():
+  texts = _reader_texts()
+  unused = []
+  for path in sorted(PACKAGE.rglob('*.py')):
+    # Its own package's __init__ re-exporting a name is not a user.
+    others = [
+      text
+      for other, text in texts.items()
+      if other != path
+      and not (other.name == '__init__.py' and other.parent == path.parent)
+    ]
+    for node in ast.parse(path.read_text()).body:
+      if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not (
+        node.name.startswith('_')
+      ):
+        pattern = re.compile(rf'\b{re.escape(node.name)}\b')
+        if not any(pattern.search(text) for text in others):
+          unused.append(f'{module_name(path)}.{node.name}')
+  assert len(unused) <= MOST_PUBLIC_NAMES_WITHOUT_A_USER, unused
+
+
+def test_every_exported_name_has_a_user_outside_its_package():
+  texts = _reader_texts()
+  missing = []
+  for init in sorted(PACKAGE.rglob('__init__.py')):
+    package = init.parent
+    for node in ast.parse(init.read_text()).body:
+      if isinstance(node, ast.Assign) and any(
+        getattr(target, 'id', None) == '__all__' for target in node.targets
+      ):
+        for name in ast.literal_eval(node.value):
+          pattern = re.compile(rf'\b{re.escape(name)}\b')
+          if not any(
+            pattern.search(text)
+            for path, text in texts.items()
+            if package not in path.parents
+          ):
+            missing.append(f'{module_name(init)}.{name}')
+  assert not missing, missing

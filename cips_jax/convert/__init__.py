@@ -36,9 +36,6 @@ from cips_jax.convert.from_torch import select_state_dict
 from cips_jax.convert.inference import infer_discriminator
 from cips_jax.convert.inference import infer_generator
 from cips_jax.convert.layouts import CheckpointMismatchError
-from cips_jax.convert.layouts import Entry
-from cips_jax.convert.layouts import StateDict
-from cips_jax.convert.layouts import check_state_dict
 from cips_jax.convert.layouts import describe
 from cips_jax.convert.layouts import discriminator_layout
 from cips_jax.convert.layouts import discriminator_params
@@ -46,27 +43,19 @@ from cips_jax.convert.layouts import generator_layout
 from cips_jax.convert.layouts import generator_params
 from cips_jax.convert.layouts import params_from_layout
 from cips_jax.convert.layouts import reference_flatten_order
-from cips_jax.convert.runs import TRAINING_KEYS
 from cips_jax.convert.runs import AdamState
 from cips_jax.convert.runs import TrainingRun
 from cips_jax.convert.to_torch import blur_kernel
 from cips_jax.convert.to_torch import discriminator_state_dict
 from cips_jax.convert.to_torch import generator_state_dict
-from cips_jax.convert.to_torch import state_dict_from_layout
-from cips_jax.convert.to_torch import to_reference
-from cips_jax.convert.to_torch import torch_adam_state_dict
 from cips_jax.convert.to_torch import training_checkpoint
 
 __all__ = [
   'AdamState',
   'CheckpointMismatchError',
-  'Entry',
-  'StateDict',
-  'TRAINING_KEYS',
   'TrainingRun',
   'adam_state',
   'blur_kernel',
-  'check_state_dict',
   'describe',
   'discriminator_layout',
   'discriminator_params',
@@ -83,8 +72,5 @@ __all__ = [
   'reference_flatten_order',
   'reference_parameter_names',
   'select_state_dict',
-  'state_dict_from_layout',
-  'to_reference',
-  'torch_adam_state_dict',
   'training_checkpoint',
 ]

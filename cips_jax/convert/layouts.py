@@ -253,7 +253,7 @@ def generator_layout(module: generator_lib.CIPS) -> dict[str, Entry]:
   return entries
 
 
-def check_state_dict(
+def _check_state_dict(
   state_dict: StateDict, expected: Mapping[str, tuple[int, ...]], what: str
 ) -> None:
   """Raises CheckpointMismatchError naming every bad key.
@@ -297,9 +297,9 @@ def params_from_layout(
   ignored (fixed buffers).
   """
   if not isinstance(state_dict, Mapping):
-    check_state_dict(state_dict, {}, what)  # raises, naming what it holds
+    _check_state_dict(state_dict, {}, what)  # raises, naming what it holds
   given = {k: v for k, v in state_dict.items() if k not in optional}
-  check_state_dict(given, {k: entry[1] for k, entry in layout.items()}, what)
+  _check_state_dict(given, {k: entry[1] for k, entry in layout.items()}, what)
   flat = {
     path: np.asarray(to_ours(np.asarray(given[key], np.float32)), np.float32)
     for key, (path, _, to_ours) in layout.items()

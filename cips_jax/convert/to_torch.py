@@ -32,7 +32,7 @@ _ADAM_GROUP_DEFAULTS = {
 }
 
 
-def to_reference(value: np.ndarray, entry: layouts.Entry) -> np.ndarray:
+def _to_reference(value: np.ndarray, entry: layouts.Entry) -> np.ndarray:
   """Our array -> the reference tensor of `entry`, bit for bit.
 
   Every conversion in a layout only moves elements (transposes, reshapes, the
@@ -54,7 +54,7 @@ def to_reference(value: np.ndarray, entry: layouts.Entry) -> np.ndarray:
   return flat.reshape(shape)
 
 
-def state_dict_from_layout(
+def _state_dict_from_layout(
   params: Any, layout: Mapping[str, layouts.Entry]
 ) -> collections.OrderedDict:
   """`params` (our tree) -> the reference state dict, in its key order."""
@@ -65,7 +65,7 @@ def state_dict_from_layout(
       'the parameters lack what the reference keys need: ' + ', '.join(missing)
     )
   return collections.OrderedDict(
-    (key, to_reference(flat[entry[0]], entry)) for key, entry in layout.items()
+    (key, _to_reference(flat[entry[0]], entry)) for key, entry in layout.items()
   )
 
 
@@ -73,7 +73,7 @@ def generator_state_dict(
   params: Any, module: generator_lib.CIPS
 ) -> collections.OrderedDict:
   """Our generator parameters -> the reference's state dict for `module`."""
-  return state_dict_from_layout(params, layouts.generator_layout(module))
+  return _state_dict_from_layout(params, layouts.generator_layout(module))
 
 
 def blur_kernel(taps=(1, 3, 3, 1)) -> np.ndarray:
@@ -95,7 +95,7 @@ def discriminator_state_dict(
   it: `P.0.kernel` just before the weight `P.1.weight` of the same layer.
   """
   layout, buffers = layouts.discriminator_layout(module)
-  parameters = state_dict_from_layout(params, layout)
+  parameters = _state_dict_from_layout(params, layout)
   state_dict = collections.OrderedDict()
   for key, value in parameters.items():
     buffer = key.removesuffix('.1.weight') + '.0.kernel'
@@ -105,7 +105,7 @@ def discriminator_state_dict(
   return state_dict
 
 
-def torch_adam_state_dict(
+def _torch_adam_state_dict(
   adam: runs.AdamState, layout: Mapping[str, layouts.Entry]
 ) -> dict[str, Any]:
   """AdamState -> a `torch.optim.Adam.state_dict()` for the reference module.
@@ -114,8 +114,8 @@ def torch_adam_state_dict(
   parameter's step is the shared count, as a 0-d float32 tensor (torch >= 1.12
   keeps it so).
   """
-  mu = state_dict_from_layout(adam.mu, layout)
-  nu = state_dict_from_layout(adam.nu, layout)
+  mu = _state_dict_from_layout(adam.mu, layout)
+  nu = _state_dict_from_layout(adam.nu, layout)
   state = {
     index: {
       'step': np.asarray(adam.count, np.float32),
@@ -150,7 +150,7 @@ def training_checkpoint(
     'g': generator_state_dict(run.g, generator),
     'd': discriminator_state_dict(run.d, discriminator),
     'g_ema': generator_state_dict(run.g_ema, generator),
-    'g_optim': torch_adam_state_dict(run.g_adam, g_layout),
-    'd_optim': torch_adam_state_dict(run.d_adam, d_layout),
+    'g_optim': _torch_adam_state_dict(run.g_adam, g_layout),
+    'd_optim': _torch_adam_state_dict(run.d_adam, d_layout),
     'step': int(run.step),
   }

@@ -17,7 +17,6 @@ data sets (`python -m cips_jax.data` from the shell), `sources` opens them.
 
 from cips_jax.data.builders import ImageFolder
 from cips_jax.data.builders import ImageFolderConfig
-from cips_jax.data.builders import ProceduralConfig
 from cips_jax.data.builders import ProceduralLandscapes
 from cips_jax.data.pipeline import TrainBatches
 from cips_jax.data.pipeline import coordinate_grid
@@ -29,12 +28,10 @@ from cips_jax.data.procedural import landscape
 from cips_jax.data.procedural import panorama
 from cips_jax.data.sources import load_source
 from cips_jax.data.sources import open_source
-from cips_jax.data.sources import prepare_command
 
 __all__ = [
   'ImageFolder',
   'ImageFolderConfig',
-  'ProceduralConfig',
   'ProceduralLandscapes',
   'TrainBatches',
   'coordinate_grid',
@@ -42,7 +39,6 @@ __all__ = [
   'load_source',
   'open_source',
   'panorama',
-  'prepare_command',
   'prepare_image_folder',
   'prepare_lmdb',
   'prepare_lsun_churches',

@@ -70,7 +70,7 @@ def name_some(keys: list[str], limit: int = NAMED_SKIPS) -> str:
 
 
 @dataclasses.dataclass(eq=False)
-class ProceduralConfig(tfds.core.BuilderConfig):
+class _ProceduralConfig(tfds.core.BuilderConfig):
   """One size of the procedural data set.
 
   It holds `num_images` images of `height` x `width`.
@@ -84,7 +84,7 @@ class ProceduralConfig(tfds.core.BuilderConfig):
 
 def _procedural_config(name, height, width, num_images, kind='landscape'):
   what = '360 degree panoramas' if kind == 'panorama' else 'landscapes'
-  return ProceduralConfig(
+  return _ProceduralConfig(
     name=name,
     height=height,
     width=width,

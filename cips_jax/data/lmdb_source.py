@@ -1,6 +1,6 @@
 """The encoded images of an LMDB database, in order, for one resolution.
 
-Two layouts are recognised (`detect_layout`):
+Two layouts are recognised (`_detect_layout`):
 - LSUN's own databases (e.g. `church_outdoor_train_lmdb` from the LSUN
   download): every key is an image id (ascii), every value an encoded image
   (WebP in LSUN; anything pillow decodes). Images come in key order.
@@ -61,7 +61,7 @@ class Layout:
   sizes: tuple[int, ...] = ()
 
 
-def open_lmdb(path: str | os.PathLike) -> lmdb.Environment:
+def _open_lmdb(path: str | os.PathLike) -> lmdb.Environment:
   """Opens an LMDB read-only, without locking.
 
   Args:
@@ -122,7 +122,7 @@ def _check_not_truncated(
     )
 
 
-def detect_layout(env: lmdb.Environment, path: str | os.PathLike) -> Layout:
+def _detect_layout(env: lmdb.Environment, path: str | os.PathLike) -> Layout:
   """The layout of the LMDB `env` (`path` names it in errors).
 
   Raises:
@@ -165,7 +165,7 @@ def _prepare_data_layout(txn, length: bytes, path) -> Layout:
   return Layout(PREPARE_DATA, int(length), tuple(sorted(sizes)))
 
 
-def count_sized_entries(txn, size: int) -> int:
+def _count_sized_entries(txn, size: int) -> int:
   """The number of '<size>-<index>' keys of one `size` in transaction `txn`.
 
   Reads keys only (their values may be large): the keys of one size are
@@ -203,16 +203,16 @@ class LmdbImages:
 
   Attributes:
     path: the LMDB.
-    layout: what `detect_layout` found.
+    layout: what `_detect_layout` found.
     size: PREPARE_DATA: the stored size read (`select_size`); LSUN: None.
   """
 
   def __init__(self, path: str | os.PathLike, resolution: int):
     self.path = pathlib.Path(path)
     self.resolution = resolution
-    self._env = open_lmdb(self.path)
+    self._env = _open_lmdb(self.path)
     try:
-      self.layout = detect_layout(self._env, self.path)
+      self.layout = _detect_layout(self._env, self.path)
       self.size = None
       if self.layout.kind == PREPARE_DATA:
         self.size = select_size(self.layout.sizes, resolution, self.path)
@@ -228,7 +228,7 @@ class LmdbImages:
     read (and skip) missing keys for hours.
     """
     with self._env.begin() as txn:
-      stored = count_sized_entries(txn, self.size)
+      stored = _count_sized_entries(txn, self.size)
     if self.layout.count > stored:
       raise errors.DataError(
         f'LMDB {self.path} has b"length" {self.layout.count} but only '

@@ -6,7 +6,7 @@
     source = sources.open_source('/data', 'procedural_landscapes/s32')
 
 A data set missing from the data root is an error that names the command that
-prepares it (`prepare_command`); `preparation` prepares them.
+prepares it (`_prepare_command`); `preparation` prepares them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from cips_jax import errors
 from cips_jax.data import preparation
 
 
-def prepare_command(data_dir: str | os.PathLike, name: str) -> str:
+def _prepare_command(data_dir: str | os.PathLike, name: str) -> str:
   """The shell command that prepares data set `name`.
 
   `name` is e.g. 'procedural_landscapes/s32'.
@@ -104,7 +104,7 @@ def load_source(data_dir: str | os.PathLike, name: str, split: str = 'train'):
       f'no prepared data set {name!r} in {path} (looked for '
       f'{path}/{version or "<version>"}/dataset_info.json{ignored}). '
       'Prepare it with:\n  '
-      f'{prepare_command(data_dir, name)}'
+      f'{_prepare_command(data_dir, name)}'
     )
   # Reading from the directory needs neither the builder's code nor TensorFlow
   # (LSUN's needs).

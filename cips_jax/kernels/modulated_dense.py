@@ -61,7 +61,7 @@ KERNEL_BACKEND_BY_PLATFORM = {
 }
 
 
-def default_kernel_backend() -> str:
+def _default_kernel_backend() -> str:
   """The kernel of jax's default backend: 'gpu', 'tpu' or 'interpret'."""
   backend = jax.default_backend()
   return backend if backend in ('gpu', 'tpu') else 'interpret'
@@ -209,7 +209,7 @@ def fused_styled_dense(
   if backend is None:
     if interpret is None:
       interpret = jax.default_backend() == 'cpu'
-    backend = 'interpret' if interpret else default_kernel_backend()
+    backend = 'interpret' if interpret else _default_kernel_backend()
   if backend not in BACKENDS:
     raise errors.InputError(
       f'backend must be one of {BACKENDS}, got {backend!r}'

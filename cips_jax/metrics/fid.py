@@ -130,7 +130,7 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
   return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
 
 
-def trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray) -> float:
+def _trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray) -> float:
   """tr((cov1 cov2)^(1/2)) for covariance matrices.
 
   Computed via sqrt(cov1) cov2 sqrt(cov1): cov1 cov2 is similar to the symmetric
@@ -153,7 +153,7 @@ def frechet_distance(stats1: Statistics, stats2: Statistics) -> float:
     diff @ diff
     + np.trace(stats1.cov)
     + np.trace(stats2.cov)
-    - 2.0 * trace_sqrt_product(stats1.cov, stats2.cov)
+    - 2.0 * _trace_sqrt_product(stats1.cov, stats2.cov)
   )
   return float(max(value, 0.0))  # rounding can leave -1e-12 for identical sets
 

@@ -346,7 +346,7 @@ def preprocess(images) -> jax.Array:
 # ------------------------------------------------------------------------------
 
 
-def param_shapes() -> Params:
+def _param_shapes() -> Params:
   """The parameter tree of `InceptionV3`, shapes only.
 
   Leaves are `jax.ShapeDtypeStruct`; nothing is computed.
@@ -363,11 +363,11 @@ def load_params(path: Optional[str] = None, verify_sha1: bool = True) -> Params:
 
   `path` and the search order are as in `find_weights`; the file is
   read, SHA-1 checked (`verify_sha1`) and checked against
-  `param_shapes` by `inception_weights.load_params`.  Returns a
+  `_param_shapes` by `inception_weights.load_params`.  Returns a
   nested dict of float32 numpy arrays; use as
   `InceptionV3().apply({'params': params}, x)`.
   """
-  return inception_weights.load_params(param_shapes(), path, verify_sha1)
+  return inception_weights.load_params(_param_shapes(), path, verify_sha1)
 
 
 # ------------------------------------------------------------------------------

@@ -17,15 +17,11 @@ Two halves, which share the archive's layout (`.formats`):
 
 from cips_jax.errors import UnsafeCheckpointError
 from cips_jax.torch_pickle.reader import load
-from cips_jax.torch_pickle.stand_ins import ALLOWED_GLOBALS
-from cips_jax.torch_pickle.stand_ins import SCRIPT_NAMESPACE
 from cips_jax.torch_pickle.stand_ins import ScriptObject
 from cips_jax.torch_pickle.stand_ins import TorchDtype
 from cips_jax.torch_pickle.writer import save
 
 __all__ = [
-  'ALLOWED_GLOBALS',
-  'SCRIPT_NAMESPACE',
   'ScriptObject',
   'TorchDtype',
   'UnsafeCheckpointError',

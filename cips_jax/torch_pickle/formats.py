@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 
-class StorageFormat(NamedTuple):
+class _StorageFormat(NamedTuple):
   """One torch storage class and how `data/<key>` holds its elements.
 
   `name` is the class name in `torch` (`"FloatStorage"`); `stored` is
@@ -36,14 +36,14 @@ class StorageFormat(NamedTuple):
 
 #: The typed storage classes torch pickles tensors with.
 STORAGE_FORMATS = (
-  StorageFormat('FloatStorage', '<f4'),
-  StorageFormat('DoubleStorage', '<f8'),
-  StorageFormat('HalfStorage', '<f2'),
-  StorageFormat('BFloat16Storage', '<u2', 'bfloat16'),
-  StorageFormat('LongStorage', '<i8'),
-  StorageFormat('IntStorage', '<i4'),
-  StorageFormat('ShortStorage', '<i2'),
-  StorageFormat('CharStorage', 'i1'),
-  StorageFormat('ByteStorage', 'u1'),
-  StorageFormat('BoolStorage', 'u1', 'bool'),
+  _StorageFormat('FloatStorage', '<f4'),
+  _StorageFormat('DoubleStorage', '<f8'),
+  _StorageFormat('HalfStorage', '<f2'),
+  _StorageFormat('BFloat16Storage', '<u2', 'bfloat16'),
+  _StorageFormat('LongStorage', '<i8'),
+  _StorageFormat('IntStorage', '<i4'),
+  _StorageFormat('ShortStorage', '<i2'),
+  _StorageFormat('CharStorage', 'i1'),
+  _StorageFormat('ByteStorage', 'u1'),
+  _StorageFormat('BoolStorage', 'u1', 'bool'),
 )
