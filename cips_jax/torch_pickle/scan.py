@@ -200,216 +200,311 @@ def scan_pickle(data: bytes, path: str, budget: budget_lib.Budget) -> None:
   marks over sizes instead of objects; see the module docstring for the
   bounds.  Raises UnsafeCheckpointError.
   """
-  # Opcodes left in the budget (strings and classes count as several), and
-  # the largest memo index (the C unpickler's memo array is twice that).
-  allowance = min(
-    (budget.limit - budget.used) // budget_lib.OPCODE_BYTES, MAX_OPCODES
-  )
-  left, top_index = allowance, 0
-  frames: list[list[_Node]] = [[]]  # the stack, one frame per open MARK
-  memo: dict[int, _Node] = {}
-  classes: set[bytes] = set()
-  size = len(data)
-  pos = at = 0
-  op = _STOP
+  _Scan(data, path, budget).run()
 
-  def refuse(reason: str) -> errors.UnsafeCheckpointError:
+
+class _Scan:
+  """One scan: the simulated stack (a frame per open MARK), memo and budget,
+  and a handler per opcode (`_HANDLERS`).
+
+  The arguments are read here rather than by `pickletools.genops`, which
+  decodes each one in full first (a string argument of any declared length, a
+  GLOBAL line of any length) and stops at an unknown opcode with its own
+  error: reading only the length, checking it against the data and the
+  budget, and then skipping the bytes keeps the scan's own cost bounded, and
+  every refusal names the byte offset and the opcode.
+  """
+
+  def __init__(self, data: bytes, path: str, budget: budget_lib.Budget):
+    self.data, self.path, self.budget = data, path, budget
+    # Opcodes left in the budget (strings and classes count as several), and
+    # the largest memo index (the C unpickler's memo array is twice that).
+    self.allowance = min(
+      (budget.limit - budget.used) // budget_lib.OPCODE_BYTES, MAX_OPCODES
+    )
+    self.left, self.top_index = self.allowance, 0
+    self.frames: list[list[_Node]] = [[]]
+    self.memo: dict[int, _Node] = {}
+    self.classes: set[bytes] = set()
+    self.pos = self.at = 0
+    self.op = _STOP
+    self.arg: Any = None
+    self.module = self.attr = ''
+    self.done = False
+
+  # --- the loop and the arguments.
+
+  def run(self) -> None:
+    while not self.done:
+      if self.pos >= len(self.data):
+        raise self.refuse('the pickle ends without STOP')
+      self.at = self.pos
+      self.op = self.data[self.pos]
+      self.pos += 1
+      self.left -= 1
+      if self.left < 0:
+        if self.allowance == MAX_OPCODES:
+          raise self.refuse(f'more than {MAX_OPCODES} opcodes')
+        self.budget.charge(
+          (self.allowance + 1) * budget_lib.OPCODE_BYTES, 'the pickle'
+        )
+      self.read_argument()
+      _HANDLERS.get(self.op, _Scan.atom)(self)
+
+  def read_argument(self) -> None:
+    """Reads the opcode's argument as the C unpickler reads it."""
+    kind, form, width = _ARGUMENTS[self.op]
+    data, pos = self.data, self.pos
+    if kind == _NO_ARG:
+      return
+    if kind == _FIXED_ARG:
+      if pos + width > len(data):
+        raise self.refuse('truncated')
+      self.arg = struct.unpack_from(form, data, pos)[0]
+      self.pos = pos + width
+    elif kind == _SIZED_ARG:
+      if pos + width > len(data):
+        raise self.refuse('truncated')
+      self.arg = struct.unpack_from(form, data, pos)[0]
+      if self.arg < 0:
+        raise self.refuse(f'negative length {self.arg}')
+      self.pos = pos + width + self.arg
+      if self.pos > len(data):
+        raise self.refuse('truncated')
+      self.left -= budget_lib.STRING_BYTE * self.arg // budget_lib.OPCODE_BYTES
+    elif kind == _LINES_ARG:
+      first = data.find(b'\n', pos)
+      second = data.find(b'\n', first + 1) if first >= 0 else -1
+      if second < 0:
+        raise self.refuse('truncated')
+      self.module = data[pos:first].decode('utf-8', 'replace')
+      self.attr = data[first + 1 : second].decode('utf-8', 'replace')
+      self.pos = second + 1
+    else:
+      name = _OPCODE_NAMES.get(self.op)
+      raise self.refuse(
+        'an unknown opcode'
+        if name is None
+        else 'an opcode torch does not write'
+      )
+
+  # --- the simulation's rules.
+
+  @property
+  def stack(self) -> list[_Node]:
+    return self.frames[-1]
+
+  def refuse(self, reason: str) -> errors.UnsafeCheckpointError:
     return errors.UnsafeCheckpointError(
-      f'{path}: unsafe pickle at byte {at} ({_OPCODE_NAMES.get(op, op)}): '
-      f'{reason}'
+      f'{self.path}: unsafe pickle at byte {self.at} '
+      f'({_OPCODE_NAMES.get(self.op, self.op)}): {reason}'
     )
 
-  def pop_mark() -> list[_Node]:
-    if len(frames) == 1:
-      raise refuse('no MARK to pop')
-    return frames.pop()
+  def pop_mark(self) -> list[_Node]:
+    if len(self.frames) == 1:
+      raise self.refuse('no MARK to pop')
+    return self.frames.pop()
 
-  def check(node: _Node) -> None:
-    if node.nodes > MAX_NODES:
-      raise refuse(
-        f'an object of more than {MAX_NODES} parts (counting each appearance '
-        'of a shared one)'
-      )
-    if node.depth > MAX_DEPTH:
-      raise refuse(f'containers nested more than {MAX_DEPTH} deep')
-
-  def adopt(target: _Node, children: list[_Node]) -> None:
+  def adopt(self, target: _Node, children: list[_Node]) -> None:
     # Each child is now inside `target`: sealed, and counted in its size.
     for child in children:
       child.sealed = True
       target.nodes += child.nodes
       target.depth = max(target.depth, child.depth + 1)
-    check(target)
+    if target.nodes > MAX_NODES:
+      raise self.refuse(
+        f'an object of more than {MAX_NODES} parts (counting each appearance '
+        'of a shared one)'
+      )
+    if target.depth > MAX_DEPTH:
+      raise self.refuse(f'containers nested more than {MAX_DEPTH} deep')
 
-  def new(kind: int, children: list[_Node]) -> _Node:
+  def new(self, kind: int, children: list[_Node]) -> _Node:
     node = _Node(kind)
-    adopt(node, children)
+    self.adopt(node, children)
     return node
 
-  def grow(target: _Node, kinds: tuple[int, ...], children: list[_Node]):
+  def grow(self, target: _Node, kinds: tuple[int, ...], children: list[_Node]):
     if target.kind not in kinds:
-      raise refuse(f'it changes {_KIND_NAMES[target.kind]}')
+      raise self.refuse(f'it changes {_KIND_NAMES[target.kind]}')
     if target.sealed:
-      raise refuse('it changes a container already inside another')
+      raise self.refuse('it changes a container already inside another')
     for child in children:
       if child is target:
-        raise refuse('it puts a container inside itself')
-    adopt(target, children)
+        raise self.refuse('it puts a container inside itself')
+    self.adopt(target, children)
 
-  while True:
-    if pos >= size:
-      raise refuse('the pickle ends without STOP')
-    at = pos
-    op = data[pos]
-    pos += 1
-    left -= 1
-    if left < 0:
-      if allowance == MAX_OPCODES:
-        raise refuse(f'more than {MAX_OPCODES} opcodes')
-      budget.charge((allowance + 1) * budget_lib.OPCODE_BYTES, 'the pickle')
-    # The argument, read as the C unpickler reads it.
-    kind, form, width = _ARGUMENTS[op]
-    if kind == _NO_ARG:
-      pass
-    elif kind == _FIXED_ARG:
-      if pos + width > size:
-        raise refuse('truncated')
-      arg = struct.unpack_from(form, data, pos)[0]
-      pos += width
-    elif kind == _SIZED_ARG:
-      if pos + width > size:
-        raise refuse('truncated')
-      arg = struct.unpack_from(form, data, pos)[0]
-      if arg < 0:
-        raise refuse(f'negative length {arg}')
-      pos += width + arg
-      if pos > size:
-        raise refuse('truncated')
-      left -= budget_lib.STRING_BYTE * arg // budget_lib.OPCODE_BYTES
-    elif kind == _LINES_ARG:
-      first = data.find(b'\n', pos)
-      second = data.find(b'\n', first + 1) if first >= 0 else -1
-      if second < 0:
-        raise refuse('truncated')
-      module = data[pos:first].decode('utf-8', 'replace')
-      attr = data[first + 1 : second].decode('utf-8', 'replace')
-      pos = second + 1
+  # --- one handler per opcode (`_HANDLERS`).
+
+  def atom(self) -> None:  # ints, floats, bools, None
+    self.stack.append(_KEY_ATOM)
+
+  def string(self) -> None:
+    self.stack.append(_KEY_ATOM)
+
+  def get(self) -> None:
+    node = self.memo.get(self.arg)
+    if node is None:
+      raise self.refuse(f'memo entry {self.arg} was never put')
+    self.stack.append(node)
+
+  def put(self) -> None:
+    # The C unpickler grows its memo array to twice the largest index:
+    # Python's pickler numbers its entries from 0, one per opcode at most.
+    if self.arg > self.at:
+      raise self.refuse(f'memo index {self.arg} past the opcodes so far')
+    self.top_index = max(self.top_index, self.arg)
+    if not self.stack:
+      raise self.refuse('an empty stack')
+    self.memo[self.arg] = self.stack[-1]
+
+  def mark(self) -> None:
+    self.frames.append([])
+
+  def tuple_of_mark(self) -> None:
+    items = self.pop_mark()
+    self.stack.append(self.new(_TUPLE, items))
+
+  def small_tuple(self) -> None:
+    n = self.op - _TUPLE1 + 1
+    if len(self.stack) < n:
+      raise self.refuse(f'a stack of {len(self.stack)}')
+    items = self.stack[-n:]
+    del self.stack[-n:]
+    self.stack.append(self.new(_TUPLE, items))
+
+  def empty_tuple(self) -> None:
+    self.stack.append(_Node(_TUPLE))
+
+  def empty_list(self) -> None:
+    self.stack.append(_Node(_LIST))
+
+  def empty_dict(self) -> None:
+    self.stack.append(_Node(_DICT))
+
+  def call(self) -> None:  # REDUCE, NEWOBJ
+    stack = self.stack
+    if len(stack) < 2 or stack[-2].kind != _GLOBAL:
+      raise self.refuse('it calls something other than a global')
+    args = stack.pop()
+    if args.kind != _TUPLE:
+      raise self.refuse(f'its arguments are {_KIND_NAMES[args.kind]}')
+    stack[-1] = self.new(_OBJECT, [args])
+
+  def persistent_id(self) -> None:
+    if not self.stack:
+      raise self.refuse('an empty stack')
+    self.stack.append(self.new(_OBJECT, [self.stack.pop()]))
+
+  def setitem(self) -> None:
+    if len(self.stack) < 3:
+      raise self.refuse(f'a stack of {len(self.stack)}')
+    items = self.stack[-2:]
+    del self.stack[-2:]
+    self.set_items(items)
+
+  def setitems(self) -> None:
+    items = self.pop_mark()
+    if len(items) % 2:
+      raise self.refuse('a key without a value')
+    if not self.stack:
+      raise self.refuse('an empty stack')
+    self.set_items(items)
+
+  def set_items(self, items: list[_Node]) -> None:
+    for key in items[::2]:
+      if key.kind > _GLOBAL:
+        raise self.refuse(f'a dict key that is {_KIND_NAMES[key.kind]}')
+    self.grow(self.stack[-1], (_DICT, _OBJECT), items)
+
+  def append(self) -> None:
+    if len(self.stack) < 2:
+      raise self.refuse(f'a stack of {len(self.stack)}')
+    item = self.stack.pop()
+    self.grow(self.stack[-1], (_LIST, _OBJECT), [item])
+
+  def appends(self) -> None:
+    items = self.pop_mark()
+    if not self.stack:
+      raise self.refuse('an empty stack')
+    self.grow(self.stack[-1], (_LIST, _OBJECT), items)
+
+  def build(self) -> None:
+    if len(self.stack) < 2:
+      raise self.refuse(f'a stack of {len(self.stack)}')
+    state = self.stack.pop()
+    self.grow(self.stack[-1], (_OBJECT,), [state])
+
+  def global_(self) -> None:
+    module, attr = self.module, self.attr
+    if stand_ins.is_script_name(module):
+      stand_ins.check_script_name(module, attr)
+      line = self.data[self.at : self.pos]
+      if line not in self.classes:
+        self.classes.add(line)
+        self.left -= budget_lib.SCRIPT_CLASS_BYTES // budget_lib.OPCODE_BYTES
+    elif (module, attr) not in stand_ins.ALLOWED_NAMES:
+      raise stand_ins.refuse_global(module, attr, self.path)
+    self.stack.append(_GLOBAL_ATOM)
+
+  def long(self) -> None:
+    if self.arg > _MAX_LONG_BYTES:
+      raise self.refuse(f'an int of more than {_MAX_LONG_BYTES} bytes')
+    self.stack.append(
+      _KEY_ATOM if self.arg <= _MAX_KEY_LONG_BYTES else _LONG_ATOM
+    )
+
+  def pop(self) -> None:
+    if self.stack:
+      self.stack.pop()
     else:
-      name = _OPCODE_NAMES.get(op)
-      raise refuse(
-        'an unknown opcode'
-        if name is None
-        else 'an opcode torch does not write'
-      )
-    stack = frames[-1]
+      self.pop_mark()
 
-    if op == _BINGET or op == _LONG_BINGET:
-      node = memo.get(arg)
-      if node is None:
-        raise refuse(f'memo entry {arg} was never put')
-      stack.append(node)
-    elif op == _BINPUT or op == _LONG_BINPUT:
-      # The C unpickler grows its memo array to twice the largest index:
-      # Python's pickler numbers its entries from 0, one per opcode at most.
-      if arg > at:
-        raise refuse(f'memo index {arg} past the opcodes so far')
-      if arg > top_index:
-        top_index = arg
-      if not stack:
-        raise refuse('an empty stack')
-      memo[arg] = stack[-1]
-    elif op == _MARK:
-      frames.append([])
-    elif op in _STRINGS:
-      stack.append(_KEY_ATOM)
-    elif op == _TUPLE_OP:
-      items = pop_mark()
-      frames[-1].append(new(_TUPLE, items))
-    elif op == _TUPLE1 or op == _TUPLE2 or op == _TUPLE3:
-      n = op - _TUPLE1 + 1
-      if len(stack) < n:
-        raise refuse(f'a stack of {len(stack)}')
-      items = stack[-n:]
-      del stack[-n:]
-      stack.append(new(_TUPLE, items))
-    elif op == _EMPTY_TUPLE:
-      stack.append(_Node(_TUPLE))
-    elif op == _REDUCE or op == _NEWOBJ:
-      if len(stack) < 2 or stack[-2].kind != _GLOBAL:
-        raise refuse('it calls something other than a global')
-      args = stack.pop()
-      if args.kind != _TUPLE:
-        raise refuse(f'its arguments are {_KIND_NAMES[args.kind]}')
-      stack[-1] = new(_OBJECT, [args])
-    elif op == _BINPERSID:
-      if not stack:
-        raise refuse('an empty stack')
-      stack.append(new(_OBJECT, [stack.pop()]))
-    elif op == _SETITEM or op == _SETITEMS:
-      if op == _SETITEM:
-        if len(stack) < 3:
-          raise refuse(f'a stack of {len(stack)}')
-        items = stack[-2:]
-        del stack[-2:]
-      else:
-        items = pop_mark()
-        stack = frames[-1]
-        if len(items) % 2:
-          raise refuse('a key without a value')
-        if not stack:
-          raise refuse('an empty stack')
-      for key in items[::2]:
-        if key.kind > _GLOBAL:
-          raise refuse(f'a dict key that is {_KIND_NAMES[key.kind]}')
-      grow(stack[-1], (_DICT, _OBJECT), items)
-    elif op == _APPEND:
-      if len(stack) < 2:
-        raise refuse(f'a stack of {len(stack)}')
-      item = stack.pop()
-      grow(stack[-1], (_LIST, _OBJECT), [item])
-    elif op == _APPENDS:
-      items = pop_mark()
-      if not frames[-1]:
-        raise refuse('an empty stack')
-      grow(frames[-1][-1], (_LIST, _OBJECT), items)
-    elif op == _EMPTY_DICT:
-      stack.append(_Node(_DICT))
-    elif op == _EMPTY_LIST:
-      stack.append(_Node(_LIST))
-    elif op == _BUILD:
-      if len(stack) < 2:
-        raise refuse(f'a stack of {len(stack)}')
-      state = stack.pop()
-      grow(stack[-1], (_OBJECT,), [state])
-    elif op == _GLOBAL_OP:
-      if stand_ins.is_script_name(module):
-        stand_ins.check_script_name(module, attr)
-        if data[at:pos] not in classes:
-          classes.add(data[at:pos])
-          left -= budget_lib.SCRIPT_CLASS_BYTES // budget_lib.OPCODE_BYTES
-      elif (module, attr) not in stand_ins.ALLOWED_NAMES:
-        raise stand_ins.refuse_global(module, attr, path)
-      stack.append(_GLOBAL_ATOM)
-    elif op == _LONG1 or op == _LONG4:
-      if arg > _MAX_LONG_BYTES:
-        raise refuse(f'an int of more than {_MAX_LONG_BYTES} bytes')
-      stack.append(_KEY_ATOM if arg <= _MAX_KEY_LONG_BYTES else _LONG_ATOM)
-    elif op == _POP:
-      if stack:
-        stack.pop()
-      else:
-        pop_mark()
-    elif op == _POP_MARK:
-      pop_mark()
-    elif op == _PROTO:
-      if arg > 2:
-        raise refuse(f'pickle protocol {arg}; torch writes protocol 2')
-    elif op == _STOP:
-      if not stack:
-        raise refuse('an empty stack')
-      spent = (allowance - left) * budget_lib.OPCODE_BYTES
-      spent += budget_lib.MEMO_INDEX_BYTES * top_index
-      budget.charge(spent, 'the pickle')
-      return
-    else:  # the atoms: ints, floats, bools, None
-      stack.append(_KEY_ATOM)
+  def pop_mark_op(self) -> None:
+    self.pop_mark()
+
+  def proto(self) -> None:
+    if self.arg > 2:
+      raise self.refuse(f'pickle protocol {self.arg}; torch writes protocol 2')
+
+  def stop(self) -> None:
+    if not self.stack:
+      raise self.refuse('an empty stack')
+    spent = (self.allowance - self.left) * budget_lib.OPCODE_BYTES
+    spent += budget_lib.MEMO_INDEX_BYTES * self.top_index
+    self.budget.charge(spent, 'the pickle')
+    self.done = True
+
+
+# The handler of each opcode byte; the others (ints, floats, bools, None) are
+# atoms (`_Scan.atom`).
+_HANDLERS = {
+  **{code: _Scan.string for code in _STRINGS},
+  _BINGET: _Scan.get,
+  _LONG_BINGET: _Scan.get,
+  _BINPUT: _Scan.put,
+  _LONG_BINPUT: _Scan.put,
+  _MARK: _Scan.mark,
+  _TUPLE_OP: _Scan.tuple_of_mark,
+  _TUPLE1: _Scan.small_tuple,
+  _TUPLE2: _Scan.small_tuple,
+  _TUPLE3: _Scan.small_tuple,
+  _EMPTY_TUPLE: _Scan.empty_tuple,
+  _EMPTY_LIST: _Scan.empty_list,
+  _EMPTY_DICT: _Scan.empty_dict,
+  _REDUCE: _Scan.call,
+  _NEWOBJ: _Scan.call,
+  _BINPERSID: _Scan.persistent_id,
+  _SETITEM: _Scan.setitem,
+  _SETITEMS: _Scan.setitems,
+  _APPEND: _Scan.append,
+  _APPENDS: _Scan.appends,
+  _BUILD: _Scan.build,
+  _GLOBAL_OP: _Scan.global_,
+  _LONG1: _Scan.long,
+  _LONG4: _Scan.long,
+  _POP: _Scan.pop,
+  _POP_MARK: _Scan.pop_mark_op,
+  _PROTO: _Scan.proto,
+  _STOP: _Scan.stop,
+}
