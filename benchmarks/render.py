@@ -25,8 +25,8 @@ import jax
 from cips_jax import grids
 from cips_jax import host_malloc
 from cips_jax import models
+from cips_jax import progress as progress_lib
 from cips_jax import sampling
-from cips_jax import summary
 
 _SIZE = flags.DEFINE_integer('size', 4096, 'the grid side')
 _CHUNK_SIZE = flags.DEFINE_integer(
@@ -55,7 +55,7 @@ def main(argv) -> None:
     w,
     grids.uniform(size, size),
     chunk_size=chunk_size,
-    progress=summary.ProgressBar(stream=sys.stderr),
+    progress=progress_lib.ProgressBar(stream=sys.stderr),
   )
   seconds = time.perf_counter() - start
   common.print_json(

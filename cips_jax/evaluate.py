@@ -29,7 +29,7 @@ from cips_jax import evaluation
 from cips_jax import loading
 from cips_jax import memory_plan
 from cips_jax import parallel
-from cips_jax import summary
+from cips_jax import progress as progress_lib
 from cips_jax.metrics import inception
 
 _WORKDIR = flags.DEFINE_string(
@@ -117,13 +117,13 @@ def main(argv):
     seed=_SEED.value,
     inception_weights=_INCEPTION.value,
     mesh=mesh,
-    progress=summary.ProgressBar('real images', unit='images'),
+    progress=progress_lib.ProgressBar('real images', unit='images'),
   )
   scores = evaluator.evaluate(
     gen,
     variables['params'],
     _NUM_SAMPLES.value,
-    progress=summary.ProgressBar('generated images', unit='images'),
+    progress=progress_lib.ProgressBar('generated images', unit='images'),
   )
   scores.update(
     {

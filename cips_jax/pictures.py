@@ -27,9 +27,9 @@ from cips_jax import grids
 from cips_jax import images as images_lib
 from cips_jax import inversion
 from cips_jax import memory_plan
+from cips_jax import progress as progress_lib
 from cips_jax import sampling
 from cips_jax import style_fields
-from cips_jax import summary
 from cips_jax.metrics import seam as seam_lib
 from cips_jax.metrics import spectrum as spectrum_lib
 
@@ -275,7 +275,9 @@ class _Context:
   def render(self, w, coords, mix=None, label='rendering') -> np.ndarray:
     # Every mode streams through `sampling.render`: memory stays bounded by
     # --chunk_size whatever the output size.
-    progress = summary.ProgressBar(label) if self.options.progress else None
+    progress = (
+      progress_lib.ProgressBar(label) if self.options.progress else None
+    )
     return sampling.render(
       self.gen,
       self.variables,

@@ -48,6 +48,7 @@ from cips_jax import images as images_lib
 from cips_jax import losses
 from cips_jax import parallel
 from cips_jax import periodic
+from cips_jax import progress as progress_lib
 from cips_jax import reference_run
 from cips_jax import summary
 from cips_jax import train_state as train_state_lib
@@ -478,7 +479,7 @@ def _training_evaluator(run: Run) -> Optional[evaluation.Evaluator]:
       inception_weights=log.inception_weights,
       mesh=run.mesh,
       coords=run.eval_grid,
-      progress=summary.ProgressBar(
+      progress=progress_lib.ProgressBar(
         'Inception features of real images', unit='images'
       )
       if run.is_chief

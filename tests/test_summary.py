@@ -12,11 +12,12 @@ from PIL import Image
 import pytest
 
 from cips_jax import images
+from cips_jax import progress as progress_lib
 from cips_jax import summary
 from cips_jax.images import image_grid
 from cips_jax.images import save_png
+from cips_jax.progress import ProgressLogger
 from cips_jax.summary import MetricWriter
-from cips_jax.summary import ProgressLogger
 from support import read_events
 from support import summary_values
 
@@ -254,8 +255,8 @@ def test_progress_logger_smoothing_and_eta():
   assert progress.rate == pytest.approx(20.0)
   assert progress.eta_seconds(400) == pytest.approx((100_000 - 400) / 20.0)
   assert 'ETA 1:23:00' in lines[-1]  # 4980 s
-  assert summary.format_duration(2577) == '0:42:57'
-  assert summary.format_duration(90_061) == '1 day, 1:01:01'
+  assert progress_lib.format_duration(2577) == '0:42:57'
+  assert progress_lib.format_duration(90_061) == '1 day, 1:01:01'
 
 
 def test_progress_logger_single_final_update():
@@ -295,7 +296,7 @@ def test_progress_bar_draws_rate_and_eta():
   import io
 
   stream, now = io.StringIO(), [0.0]
-  bar = summary.ProgressBar(
+  bar = progress_lib.ProgressBar(
     'rendering', stream=stream, width=10, clock=lambda: now[0]
   )
   now[0] = 2.0
