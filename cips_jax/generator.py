@@ -227,16 +227,14 @@ class CIPS(nn.Module):
     self,
     features: Array,
     *,
-    style: Optional[Array] = None,
-    mix: Optional[Array] = None,
+    styled: layers.PixelStyle = layers.PixelStyle(),
     noise: Optional[Array] = None,
-    pixel_axes: tuple[str, ...] = (),
     modulations: Optional[list] = None,
   ) -> Array:
     """(2 * hidden_size,) input features of one pixel -> (3,) RGB.
 
     noise: (num_styled_layers,) draws or None; modulations: the
-    `modulations_for` of this pixel's style, or None (then `style`, `mix`).
+    `modulations_for` of this pixel's style, or None (then `styled`).
     """
     noises = (
       [None] * self.num_styled_layers
@@ -244,18 +242,16 @@ class CIPS(nn.Module):
       else [noise[i] for i in range(self.num_styled_layers)]
     )
     mods = modulations or [None] * len(self.modulated_layers())
-    styled = dict(style=style, mix=mix, pixel_axes=pixel_axes)
-    h = self.conv1(features, noise=noises[0], modulation=mods[0], **styled)
+    h = self.conv1(features, noise=noises[0], modulation=mods[0], styled=styled)
     return self.layers_after_conv1(h, noises[1:], mods[1:], styled)
 
   def layers_after_conv1(
-    self, h: Array, noises: list, modulations: list, styled: dict
+    self, h: Array, noises: list, modulations: list, styled: layers.PixelStyle
   ) -> Array:
     """conv1's output (width,) -> (3,) RGB, through the rest of the MLP.
 
     noises: one draw (or None) per styled layer after conv1; modulations:
-    those of `modulated_layers()` after conv1; styled: the style, mix and
-    pixel_axes keywords every styled layer takes.
+    those of `modulated_layers()` after conv1; styled: the pixel's style.
     """
     raise NotImplementedError
 
@@ -277,20 +273,16 @@ class CIPS(nn.Module):
     self,
     xy: Array,
     *,
-    style: Optional[Array] = None,
-    mix: Optional[Array] = None,
+    styled: layers.PixelStyle = layers.PixelStyle(),
     noise: Optional[Array] = None,
     embedding_mode: str = 'bilinear',
-    pixel_axes: tuple[str, ...] = (),
     modulations: Optional[list] = None,
   ) -> Array:
     """The RGB (3,) of one pixel from its xy (2,), style and noise.
 
-    style is (D,), or (K, D) with mix (K,); noise is (L,) or None. Instead of a
-    style, `modulations` may give this pixel's precomputed style terms (the
-    `modulations_for` of its image's w). `pixel_axes` (static): the vmapped axis
-    names, given when the style or mix varies per pixel, so the layers can order
-    their per-pixel style work (scheduling only).
+    `styled`: the pixel's `layers.PixelStyle`; noise is (L,) or None. Instead
+    of a style, `modulations` may give this pixel's precomputed style terms
+    (the `modulations_for` of its image's w).
     """
     embedding = encodings.lookup_embedding(
       self.embedding, xy, embedding_mode, wrap_x=self.cylindrical
@@ -299,12 +291,7 @@ class CIPS(nn.Module):
     # the rows of converted conv1 weights follow.
     features = jnp.concatenate([self.fourier(xy), embedding])
     return self.pixel_mlp(
-      features,
-      style=style,
-      mix=mix,
-      noise=noise,
-      pixel_axes=pixel_axes,
-      modulations=modulations,
+      features, styled=styled, noise=noise, modulations=modulations
     )
 
   def __call__(
@@ -388,11 +375,9 @@ class CIPS(nn.Module):
     def one_pixel(module, xy, style, mix, noise):
       return module.synthesize_pixel(
         xy,
-        style=style,
-        mix=mix,
+        styled=layers.PixelStyle(style, mix, pixel_axes),
         noise=noise,
         embedding_mode=mode,
-        pixel_axes=pixel_axes,
       )
 
     # A mixture's K styles are per image: unmapped over the pixels, so their
@@ -529,8 +514,8 @@ class CIPSskip(CIPS):
       for layer, layer_noise, mod in zip(
         layers_of_stage, stage_noises, stage_mods
       ):
-        h = layer(h, noise=layer_noise, modulation=mod, **styled)
-      rgb = to_rgb(h, skip=rgb, modulation=rgb_mod, **styled)
+        h = layer(h, noise=layer_noise, modulation=mod, styled=styled)
+      rgb = to_rgb(h, skip=rgb, modulation=rgb_mod, styled=styled)
     return rgb
 
 
@@ -568,8 +553,8 @@ class CIPSres(CIPS):
     for block, block_noises, mods in zip(
       self.blocks, _pairs(noises), block_mods
     ):
-      h = block(h, noise=block_noises, modulations=mods, **styled)
-    return self.to_rgb(h, modulation=rgb_mod, **styled)
+      h = block(h, noise=block_noises, modulations=mods, styled=styled)
+    return self.to_rgb(h, modulation=rgb_mod, styled=styled)
 
 
 def _pairs(items: Sequence) -> list[tuple]:

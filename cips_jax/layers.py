@@ -128,6 +128,20 @@ class Modulation(NamedTuple):
   weight: Optional[Array] = None
 
 
+class PixelStyle(NamedTuple):
+  """The style one pixel's layers take (unless given their `Modulation`).
+
+  style: (D,) or, with mix (K,) (this pixel's weights), K styles (K, D).
+  pixel_axes: names of the caller's vmapped axes, given when the style (or
+  `mix`) varies per pixel: each layer then orders its style work after its
+  input (see `ordering_anchor`), which never changes the result.
+  """
+
+  style: Optional[Array] = None
+  mix: Optional[Array] = None
+  pixel_axes: tuple[str, ...] = ()
+
+
 class ModulatedDense(nn.Module):
   """A 1x1 modulated convolution (StyleGAN2) for one pixel.
 
@@ -233,20 +247,16 @@ class ModulatedDense(nn.Module):
     self,
     x: Array,
     *,
-    style: Optional[Array] = None,
-    mix: Optional[Array] = None,
-    pixel_axes: tuple[str, ...] = (),
+    styled: PixelStyle = PixelStyle(),
     modulation: Optional[Modulation] = None,
   ) -> Array:
     """x: (in,) -> (features,) float32.
 
-    style: (D,) or, with mix (K,), (K, D). `modulation`: this pixel's
-    precomputed `Modulation` (then `style` and `mix` are unused). `pixel_axes`:
-    names of the caller's vmapped axes, given when the style (or `mix`) varies
-    per pixel; it orders this layer's style work after x (see `ordering_anchor`)
-    and never changes the result.
+    `styled`: this pixel's `PixelStyle`; or `modulation`, its precomputed
+    `Modulation` (then `styled` is unused).
     """
     if modulation is None:
+      style, mix, pixel_axes = styled
       anchor = ordering_anchor(x, pixel_axes) if pixel_axes else None
       # A mixture's K affines are per image and need no ordering (the mix
       # branch of modulation_for ignores `anchor`): order the per-pixel mix.
@@ -322,7 +332,29 @@ class _StyledThroughModulatedDense:
     return self.modulated.modulation_for(style, fold_weights=fold_weights)
 
 
-class StyledDense(_StyledThroughModulatedDense, nn.Module):
+class _StyledLayer(nn.Module):
+  """The fields of a styled layer and of a block of them (see StyledDense)."""
+
+  in_features: int
+  features: int
+  activation: Optional[str] = None
+  dtype: DType = jnp.float32
+  remat: bool = False
+  fused: bool = False
+
+  def styled_dense(self, in_features: int, features: int) -> 'StyledDense':
+    """A StyledDense computing as this layer does."""
+    return StyledDense(
+      in_features,
+      features,
+      activation=self.activation,
+      dtype=self.dtype,
+      remat=self.remat,
+      fused=self.fused,
+    )
+
+
+class StyledDense(_StyledThroughModulatedDense, _StyledLayer):
   """ModulatedDense, then noise injection, then bias and activation.
 
   The reference's StyledConv.
@@ -343,13 +375,6 @@ class StyledDense(_StyledThroughModulatedDense, nn.Module):
       activations and per-pixel styles keep the formula below.
   """
 
-  in_features: int
-  features: int
-  activation: Optional[str] = None
-  dtype: DType = jnp.float32
-  remat: bool = False
-  fused: bool = False
-
   def setup(self):
     self.modulated = ModulatedDense(
       self.in_features, self.features, dtype=self.dtype
@@ -367,16 +392,14 @@ class StyledDense(_StyledThroughModulatedDense, nn.Module):
     self,
     x: Array,
     *,
-    style: Optional[Array] = None,
-    mix: Optional[Array] = None,
+    styled: PixelStyle = PixelStyle(),
     noise: Optional[Array] = None,
-    pixel_axes: tuple[str, ...] = (),
     modulation: Optional[Modulation] = None,
   ) -> Array:
     """x: (in,) -> (features,).
 
-    noise: () standard normal for this pixel, or None. Either `style` (and
-    `mix`) or this pixel's precomputed `modulation`. The output is stored in
+    noise: () standard normal for this pixel, or None. Either `styled` or this
+    pixel's precomputed `modulation`. The output is stored in
     `dtype` (bfloat16 activations between layers when computing in bfloat16);
     the noise, bias and activation are computed in float32 first.
     """
@@ -395,7 +418,7 @@ class StyledDense(_StyledThroughModulatedDense, nn.Module):
           out_dtype=module.dtype,
         )
       y = module.modulated(
-        x, style=style, mix=mix, pixel_axes=pixel_axes, modulation=modulation
+        x, styled=PixelStyle(style, mix, pixel_axes), modulation=modulation
       )
       # Noise before the bias and activation, as the reference's StyledConv.
       if noise is not None:
@@ -404,6 +427,7 @@ class StyledDense(_StyledThroughModulatedDense, nn.Module):
       return y.astype(module.dtype)
 
     # The lifted remat sees arrays only: pixel_axes stays in the closure.
+    style, mix, pixel_axes = styled
     if self.remat:
       forward = nn.remat(forward)
     return forward(self, x, style, mix, noise, modulation)
@@ -463,10 +487,8 @@ class ToRGB(_StyledThroughModulatedDense, nn.Module):
     self,
     x: Array,
     *,
-    style: Optional[Array] = None,
-    mix: Optional[Array] = None,
+    styled: PixelStyle = PixelStyle(),
     skip: Optional[Array] = None,
-    pixel_axes: tuple[str, ...] = (),
     modulation: Optional[Modulation] = None,
   ) -> Array:
     """x: (in,) -> (3,); adds `skip` (3,) when given."""
@@ -481,12 +503,7 @@ class ToRGB(_StyledThroughModulatedDense, nn.Module):
         out_dtype=jnp.float32,
       )
     else:
-      rgb = (
-        self.modulated(
-          x, style=style, mix=mix, pixel_axes=pixel_axes, modulation=modulation
-        )
-        + self.bias
-      )
+      rgb = self.modulated(x, styled=styled, modulation=modulation) + self.bias
     # CIPSskip's running sum: no upsampling, unlike StyleGAN2's ToRGB skip.
     return rgb if skip is None else rgb + skip
 
@@ -518,32 +535,15 @@ class MappingNetwork(nn.Module):
     return x
 
 
-class StyledResBlock(nn.Module):
+class StyledResBlock(_StyledLayer):
   """(conv2(conv1(x)) + skip(x)) / sqrt(2).
 
   skip is a 1x1 equalized projection if the widths differ, else the identity.
   """
 
-  in_features: int
-  features: int
-  activation: Optional[str] = None
-  dtype: DType = jnp.float32
-  remat: bool = False
-  fused: bool = False
-
   def setup(self):
-    def styled(in_features, features):
-      return StyledDense(
-        in_features,
-        features,
-        activation=self.activation,
-        dtype=self.dtype,
-        remat=self.remat,
-        fused=self.fused,
-      )
-
-    self.conv1 = styled(self.in_features, self.features)
-    self.conv2 = styled(self.features, self.features)
+    self.conv1 = self.styled_dense(self.in_features, self.features)
+    self.conv2 = self.styled_dense(self.features, self.features)
     # The reference's bias-free equalized 1x1 projection (`skip.0`), only
     # where the widths change.
     if self.in_features != self.features:
@@ -560,17 +560,14 @@ class StyledResBlock(nn.Module):
     self,
     x,
     *,
-    style=None,
-    mix=None,
+    styled: PixelStyle = PixelStyle(),
     noise=(None, None),
-    pixel_axes=(),
     modulations=None,
   ):
     """x: (in,) -> (features,); noise: two per-pixel draws (or Nones)."""
     mods = (None, None) if modulations is None else modulations
-    styled = dict(style=style, mix=mix, pixel_axes=pixel_axes)
-    h = self.conv1(x, noise=noise[0], modulation=mods[0], **styled)
-    h = self.conv2(h, noise=noise[1], modulation=mods[1], **styled)
+    h = self.conv1(x, noise=noise[0], modulation=mods[0], styled=styled)
+    h = self.conv2(h, noise=noise[1], modulation=mods[1], styled=styled)
     skip = x if self.in_features == self.features else self.skip(x)
     # / sqrt(2) keeps the sum of two unit-scale branches at unit scale; the
     # result is stored in `dtype`, as StyledDense's outputs are.

@@ -630,16 +630,24 @@ def test_bfloat16_activations_between_layers():
   layer = layers.StyledDense(16, 8, dtype=jnp.bfloat16)
   x = jnp.ones((16,), jnp.bfloat16)
   style = jnp.ones((4,))
-  params = layer.init(jax.random.PRNGKey(0), x, style=style)
-  assert layer.apply(params, x, style=style).dtype == jnp.bfloat16
+  params = layer.init(jax.random.PRNGKey(0), x, styled=layers.PixelStyle(style))
+  assert (
+    layer.apply(params, x, styled=layers.PixelStyle(style)).dtype
+    == jnp.bfloat16
+  )
   modulation = layer.apply(params, style, method=layer.modulation_for)
   assert modulation.scale.dtype == modulation.inv_norm.dtype == jnp.float32
   block = layers.StyledResBlock(16, 8, dtype=jnp.bfloat16)
-  params = block.init(jax.random.PRNGKey(0), x, style=style)
-  assert block.apply(params, x, style=style).dtype == jnp.bfloat16
+  params = block.init(jax.random.PRNGKey(0), x, styled=layers.PixelStyle(style))
+  assert (
+    block.apply(params, x, styled=layers.PixelStyle(style)).dtype
+    == jnp.bfloat16
+  )
   rgb = layers.ToRGB(16, dtype=jnp.bfloat16)
-  params = rgb.init(jax.random.PRNGKey(0), x, style=style)
-  assert rgb.apply(params, x, style=style).dtype == jnp.float32
+  params = rgb.init(jax.random.PRNGKey(0), x, styled=layers.PixelStyle(style))
+  assert (
+    rgb.apply(params, x, styled=layers.PixelStyle(style)).dtype == jnp.float32
+  )
 
 
 @pytest.mark.parametrize('form', EXACT_FORMS)
