@@ -863,7 +863,9 @@ def markdown_table(results: dict) -> str:
     f'{machine["cpu_count"]} cores, no TPU: `python benchmarks/tpu_compile.py` '
     '(resumable; the JSON is benchmarks/results/tpu_compile.json), then '
     '`python benchmarks/tpu_compile.py --table=docs/tpu_compile.md`. '
-    "Compile seconds are that CPU's. Memory is XLA:TPU's "
+    "Compile seconds are that CPU's; in parentheses, a compile that ran "
+    'beside other work and was paused, whose wall time is not the '
+    "compiler's. Memory is XLA:TPU's "
     '`memory_analysis()` per device: arguments + outputs not aliased to '
     'them + temporaries + code, against the device\'s HBM; "plan" is '
     "`memory_plan.plan`'s estimate from shapes. TFLOP is XLA:TPU's "
@@ -927,6 +929,13 @@ def markdown_table(results: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _compile_seconds(r: dict) -> str:
+  # A compile whose wall time is not the compiler's (paused, or sharing the
+  # machine) is shown in parentheses; the page's notes say why.
+  seconds = f'{r["compile_seconds"]:.0f}'
+  return f'({seconds})' if r.get('compile_seconds_unreliable') else seconds
+
+
 def _program_row(name: str, r: dict) -> str:
   m = r['memory_bytes']
   share = r['memory_total_bytes'] / r['hbm_bytes']
@@ -937,7 +946,7 @@ def _program_row(name: str, r: dict) -> str:
   )
   batch = r.get('global_batch', r.get('pixels', ''))
   return (
-    f'| {name} | {batch} | {r["compile_seconds"]:.0f} '
+    f'| {name} | {batch} | {_compile_seconds(r)} '
     f'| {_gib(r["memory_total_bytes"])} ({_gib(m["arguments"])} + '
     f'{_gib(m["outputs"] - m["aliased"])} + {_gib(m["temporaries"])}) '
     f'| {share:.0%}{"" if r["fits"] else " **over**"} | {plan} '
