@@ -1,8 +1,11 @@
 """The shape of the code: imports run one way, and no module reaches into
 another's privates.
 
-- Command lines (`main`, `sample`, `evaluate`, `convert/__main__`,
-  `data/__main__`) import the library; nothing imports a command.
+- Command lines (`main`, `sample`, `evaluate`, `convert_command`,
+  `data_command`) import the library; nothing imports a command but its
+  package's `__main__` entry point; the package's parts import one way.
+- Public definitions have users outside their module (at most a few
+  exceptions), and every exported name one outside its package.
 - No module uses a private name (`module._name`) of another cips_jax module.
 - Imports sit at the top of modules; one inside a function needs a comment
   saying why.
