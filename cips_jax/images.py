@@ -5,6 +5,7 @@ Conversion, grids, PNG and GIF files, plots, image folders.
     uint8 = images.to_uint8(samples)  # float [-1, 1] -> uint8
     images.save_png('grid.png', images.image_grid(samples))
     images.save_gif('walk.gif', frames, fps=12)
+    big = images.zoom(images.image_grid(samples), 4)  # nearest neighbour
     files = images.find_images('photos/')  # sorted JPEG/PNG/WebP paths
     target = images.read_image('photo.jpg', 256, 256)
 
@@ -102,6 +103,37 @@ def image_grid(
   return grid
 
 
+def zoom(images: Any, factor: int) -> np.ndarray:
+  """Enlarges pictures by repeating every pixel factor x factor times.
+
+  Nearest neighbour, for showing small renders at a visible size.
+
+  Args:
+    images: (..., H, W, C): one picture (H, W, C) or a stack of them such as
+      GIF frames (T, H, W, C), any dtype.
+    factor: integer >= 1; 1 returns `images` as they are.
+
+  Returns:
+    (..., H * factor, W * factor, C), the same dtype.
+  """
+  x = np.asarray(images)
+  factor = int(factor)
+  if factor < 1:
+    raise errors.InputError(f'zoom factor must be >= 1, got {factor}')
+  if x.ndim < 3:
+    raise errors.InputError(
+      f'expected pictures (..., H, W, C), got shape {x.shape}'
+    )
+  if factor == 1:
+    return x
+  *lead, h, w, c = x.shape
+  # A broadcast view reshaped once: one copy of the enlarged size, where two
+  # np.repeat calls would also allocate a picture `factor` times the input.
+  view = x[..., :, None, :, None, :]
+  view = np.broadcast_to(view, (*lead, h, factor, w, factor, c))
+  return view.reshape(*lead, h * factor, w * factor, c)
+
+
 def save_png(path: str | os.PathLike, image: Any) -> str:
   """Writes an image as PNG, creating parent directories.
 
@@ -181,6 +213,68 @@ def save_gif(
   return path
 
 
+def format_tick(value: float) -> str:
+  """A tick label a reader can read: 0.2, 15, 1000, 1e-5, 2.5e6.
+
+  Plain digits from 0.001 to 9999, a mantissa and an integer power of ten
+  beyond; at most 3 significant digits, no trailing zeros or '+' signs.
+  """
+  value = float(f'{float(value):.3g}')  # 3 significant digits
+  if value == 0:
+    return '0'
+  if 1e-3 <= abs(value) < 1e4:
+    # '.4g' keeps 1000 in plain digits ('.3g' would write 1e+03).
+    return f'{value:.4g}'
+  mantissa, exponent = f'{value:.2e}'.split('e')
+  mantissa = mantissa.rstrip('0').rstrip('.')
+  return f'{mantissa}e{int(exponent)}'
+
+
+def log_ticks(log_lo: float, log_hi: float, max_ticks: int = 6) -> np.ndarray:
+  """Tick values for a log axis from 10**log_lo to 10**log_hi.
+
+  The first of these with 3 to `max_ticks` ticks in the range: whole powers of
+  ten (1, 10, 100), the 1-2-5 steps (1, 2, 5, 10), every digit (1, 2, ..., 9,
+  10), every tenth (1, 1.1, ..., 9.9, 10). Where a finer kind would give too
+  many, the coarser one if it has two, else every k-th of them; an axis
+  narrower still gets its ends and middle rounded to 3 significant digits
+  (those in the range).
+
+  Args:
+    log_lo, log_hi: the axis range as base-10 logarithms, log_lo < log_hi.
+    max_ticks: the most ticks wanted (>= 3).
+
+  Returns:
+    (K,) increasing tick values (not logarithms), each in the range.
+  """
+  # Values a rounding error outside the range still count as in it.
+  slack = 1e-9 * max(1.0, abs(log_lo), abs(log_hi))
+
+  def inside(values):
+    logs = np.log10(values)
+    return values[(logs >= log_lo - slack) & (logs <= log_hi + slack)]
+
+  first, last = math.floor(log_lo - slack), math.ceil(log_hi + slack)
+  coarser = np.array([])
+  tenths = np.arange(10, 100) / 10
+  for mantissas in ((1,), (1, 2, 5), range(1, 10), tenths):
+    ticks = inside(
+      np.array([m * 10.0**e for e in range(first, last + 1) for m in mantissas])
+    )
+    if len(ticks) > max_ticks:
+      if len(coarser) >= 2:
+        return coarser
+      # Thinned evenly: powers of ten stay powers of ten.
+      return ticks[:: math.ceil(len(ticks) / max_ticks)]
+    if len(ticks) >= 3:
+      return ticks
+    coarser = ticks
+  if len(coarser) >= 2:
+    return coarser
+  ends = 10.0 ** np.array([log_lo, (log_lo + log_hi) / 2, log_hi])
+  return inside(np.array([float(f'{v:.3g}') for v in ends]))
+
+
 PLOT_COLOURS = [
   (31, 119, 180),
   (214, 39, 40),
@@ -235,20 +329,27 @@ def save_line_plot(
     return float(px), float(py)
 
   draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
-  for i in range(5):  # axis ticks with their values
-    fraction = i / 4
-    xv, yv = x_lo + fraction * (x_hi - x_lo), y_lo + fraction * (y_hi - y_lo)
+  for i in range(5):  # x ticks at fifths of the range
+    xv = x_lo + i / 4 * (x_hi - x_lo)
     px, _ = to_pixel(xv, y_lo)
-    _, py = to_pixel(x_lo, yv)
     draw.line([px, height - bottom, px, height - bottom + 4], fill=(0, 0, 0))
-    draw.text((px - 12, height - bottom + 6), f'{xv:.3g}', fill=(0, 0, 0))
+    draw.text((px - 12, height - bottom + 6), format_tick(xv), fill=(0, 0, 0))
+  # A log axis is labelled with values (0.01, 0.1, 1 or 1e-5, 2e-5, 5e-5), at
+  # their logarithms; a linear one at fifths of its range.
+  if log_y:
+    y_ticks = [(math.log10(v), v) for v in log_ticks(y_lo, y_hi)]
+  else:
+    y_ticks = [(y_lo + i / 4 * (y_hi - y_lo),) * 2 for i in range(5)]
+  for yv, value in y_ticks:
+    _, py = to_pixel(x_lo, yv)
     draw.line([left - 4, py, left, py], fill=(0, 0, 0))
-    draw.text(
-      (4, py - 6), f'1e{yv:.1f}' if log_y else f'{yv:.3g}', fill=(0, 0, 0)
-    )
-  draw.text((left + 4, 8), title, fill=(0, 0, 0))
+    draw.text((4, py - 6), format_tick(value), fill=(0, 0, 0))
+  y_label += ' (log scale)' if log_y else ''
+  draw.text((4, 12), y_label, fill=(0, 0, 0))
+  # The title starts past the y label, which shares its line.
+  title_x = max(left + 4, 16 + draw.textlength(y_label))
+  draw.text((title_x, 8), title, fill=(0, 0, 0))
   draw.text((width // 2 - 60, height - 18), x_label, fill=(0, 0, 0))
-  draw.text((4, 12), y_label + (' (log10)' if log_y else ''), fill=(0, 0, 0))
   # The legend is right-aligned to the longest name.
   legend_x = (
     width - right - 30 - max(draw.textlength(name) for name in prepared)

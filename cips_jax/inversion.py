@@ -6,6 +6,8 @@
     )
     # latent, reconstruction, PSNR (dB) per step:
     result.w, result.image, result.psnr
+    # with a progress bar over the steps on stderr:
+    inversion.invert(gen, variables, target, progress=ProgressBar(unit='steps'))
 
 space 'w' optimises one style w (1, D) for the whole image; space 'pixel_w'
 optimises a style per pixel (1, H, W, D), which the per-pixel modulation of CIPS
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Callable, Optional
 
 import jax
@@ -39,6 +42,13 @@ from cips_jax import sampling
 from cips_jax.metrics import inception
 
 SPACES = ('w', 'pixel_w')
+
+# The steps run in compiled chunks, a loop of up to MAX_CHUNK_STEPS steps in
+# one jit call, sized from the measured step time to take about CHUNK_SECONDS:
+# one dispatch and one wait per chunk, not per step, and a progress update
+# (and the losses) every CHUNK_SECONDS or so.
+MAX_CHUNK_STEPS = 64
+CHUNK_SECONDS = 0.5
 
 
 @dataclasses.dataclass
@@ -124,6 +134,7 @@ def invert(
   perceptual: Optional[Callable] = None,
   perceptual_weight: float = 0.0,
   seed: int = 0,
+  progress: Optional[Callable[[int, int], None]] = None,
 ) -> Inversion:
   """Finds a style (or a style per pixel) whose render matches `target`.
 
@@ -140,6 +151,9 @@ def invert(
       `(images (1, H, W, 3), targets (1, H, W, 3)) -> scalar`.
     perceptual_weight: its weight.
     seed: seeds the w_avg estimate.
+    progress: called as progress(steps_done, steps) after each chunk, e.g. a
+      `progress.ProgressBar(unit='steps')`; the last call has steps_done ==
+      steps.
   Returns:
     an `Inversion`.
   """
@@ -173,32 +187,52 @@ def invert(
 
   optimizer = optax.adam(learning_rate)
 
-  # Compiled per call: it closes over gen, the optimizer and `perceptual`.
+  # Compiled per call (it closes over gen, the optimizer and `perceptual`), and
+  # once: `count` is traced, so chunks of every length share one program.
   @jax.jit
-  def step(w, opt_state, variables, target, coords):
-    (loss, (mse, _)), grad = jax.value_and_grad(objective, has_aux=True)(
-      w, variables, target, coords
-    )
-    updates, opt_state = optimizer.update(grad, opt_state, w)
-    return optax.apply_updates(w, updates), opt_state, loss, mse
+  def run_chunk(w, opt_state, count, variables, target, coords):
+    def step(i, carry):
+      w, opt_state, losses, mses = carry
+      (loss, (mse, _)), grad = jax.value_and_grad(objective, has_aux=True)(
+        w, variables, target, coords
+      )
+      updates, opt_state = optimizer.update(grad, opt_state, w)
+      # Loss and mse before the update, in slot i of the chunk's record.
+      losses = losses.at[i].set(loss.astype(jnp.float32))
+      mses = mses.at[i].set(mse.astype(jnp.float32))
+      return optax.apply_updates(w, updates), opt_state, losses, mses
 
-  # float() waits for each step's result: at most one step is in flight.
-  def record(loss, mse):
-    losses.append(float(loss))
-    psnrs.append(
-      float('inf') if float(mse) == 0 else 10.0 * np.log10(4.0 / float(mse))
-    )
+    empty = jnp.zeros((MAX_CHUNK_STEPS,), jnp.float32)
+    return jax.lax.fori_loop(0, count, step, (w, opt_state, empty, empty))
 
-  losses, psnrs = [], []
+  losses, mses = [], []
   opt_state = optimizer.init(w)
-  for _ in range(steps):
-    # Loss, mse before the update.
-    w, opt_state, loss, mse = step(w, opt_state, variables, target, coords)
-    record(loss, mse)
+  # One step first: that chunk's time is mostly compilation.
+  done, count = 0, 1
+  while done < steps:
+    count = min(count, steps - done)
+    start = time.perf_counter()
+    w, opt_state, chunk_losses, chunk_mses = run_chunk(
+      w, opt_state, np.int32(count), variables, target, coords
+    )
+    # np.asarray waits for the chunk: at most one is in flight.
+    losses.extend(np.asarray(chunk_losses)[:count].tolist())
+    mses.extend(np.asarray(chunk_mses)[:count].tolist())
+    seconds = time.perf_counter() - start
+    if done:  # past the compiling first chunk: size the next from this one
+      next_count = CHUNK_SECONDS * count / max(seconds, 1e-6)
+    else:
+      next_count = count
+    done += count
+    count = int(np.clip(next_count, 1, MAX_CHUNK_STEPS))
+    if progress is not None:
+      progress(done, steps)
   # One more evaluation at the final w, so psnr[-1] and `image` describe the
   # latent returned.
   loss, (mse, image) = jax.jit(objective)(w, variables, target, coords)
-  record(loss, mse)
+  losses.append(float(loss))
+  mses.append(float(mse))
+  psnrs = [float('inf') if m == 0 else 10.0 * np.log10(4.0 / m) for m in mses]
   return Inversion(
     w=np.asarray(w), image=np.asarray(image[0]), psnr=psnrs, loss=losses
   )

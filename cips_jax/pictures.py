@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+from PIL import Image
 
 from cips_jax import errors
 from cips_jax import grids
@@ -44,6 +45,9 @@ MODES = (
   'invert',
   'spectrum',
 )
+# --zoom's bound: a 4-pixel model at 32x is 128 pixels, already a clear view.
+MAX_ZOOM = 32
+
 # The files each mode writes; every other mode writes a .png. An interpolation
 # is an animation (.gif) or its frames side by side (.png, a strip).
 EXTENSIONS = {'interpolate': ('.gif', '.png')}
@@ -116,7 +120,13 @@ class Options:
     None, 'spectrum: a folder of real images.'
   )
   progress: bool = _option(
-    True, 'Draw a progress bar on stderr while rendering.'
+    True, 'Draw a progress bar on stderr while rendering and inverting.'
+  )
+  zoom: int = _option(
+    1,
+    'Enlarge every written picture by repeating each pixel zoom x zoom times '
+    '(nearest neighbour, after rendering; not the spectrum plot), in '
+    f'[1, {MAX_ZOOM}].',
   )
 
   def fixation_point(self) -> tuple[float, float]:
@@ -147,6 +157,11 @@ def check(mode: str, out: str, options: Options) -> None:
     raise OptionError(f'--seed={o.seed}: must be in [0, 2**32)')
   if not 0 < o.fps <= 1000:
     raise OptionError(f'--fps={o.fps}: must be in (0, 1000]')
+  # A library caller may pass a float: pixels repeat a whole number of times.
+  if o.zoom != int(o.zoom) or not 1 <= o.zoom <= MAX_ZOOM:
+    raise OptionError(
+      f'--zoom={o.zoom}: must be a whole number in [1, {MAX_ZOOM}]'
+    )
   for name in (
     'num_images',
     'chunk_size',
@@ -195,10 +210,18 @@ def check(mode: str, out: str, options: Options) -> None:
 # Host bytes per output pixel: the float32 render (12), its uint8 copy and the
 # image encoder's (3 each), and as much again for the grids and copies between.
 _BYTES_PER_OUTPUT_PIXEL = 36
+# Host bytes per pixel of a --zoom'ed picture: the enlarged uint8 picture and
+# the encoder's copy (3 each), and as much again for its buffers (a GIF's
+# palette frames).
+_BYTES_PER_ZOOMED_PIXEL = 9
 
 
 def planned_output_bytes(mode: str, gen, options: Options) -> int:
-  """The host memory `mode` needs for its outputs with `gen` (from sizes)."""
+  """The host memory `mode` needs for its outputs with `gen` (from sizes).
+
+  With --zoom > 1 the enlarged written picture is counted on top: its pixels
+  are zoom**2 times those rendered, the render itself unchanged.
+  """
   o = options
   height = o.height or gen.size
   around = gen.cylindrical and mode == 'blend' or mode == 'panorama'
@@ -214,7 +237,18 @@ def planned_output_bytes(mode: str, gen, options: Options) -> int:
   }.get(mode, 1)
   if mode == 'superres':
     height, width = (int(round(o.scale * side)) for side in (height, width))
-  return images * height * width * _BYTES_PER_OUTPUT_PIXEL
+  needed = images * height * width * _BYTES_PER_OUTPUT_PIXEL
+  if o.zoom > 1 and mode != 'spectrum':  # the plot is drawn at its own size
+    written = {
+      'grid': o.num_images,
+      'interpolate': o.frames,
+      'mix': o.num_styles + 1,
+      'blend': 3,
+      'invert': 3,
+      'foveated': 2,
+    }.get(mode, 1)
+    needed += written * height * width * o.zoom**2 * _BYTES_PER_ZOOMED_PIXEL
+  return needed
 
 
 def check_output_memory(mode: str, gen, options: Options) -> None:
@@ -231,6 +265,8 @@ def check_output_memory(mode: str, gen, options: Options) -> None:
     'superres': f'--scale={o.scale}',
     'mix': f'--num_styles={o.num_styles}',
   }.get(mode, f'--height={o.height} --width={o.width}')
+  if o.zoom > 1:
+    flags += f' --zoom={o.zoom}'
   raise OptionError(
     f'{flags}: --mode={mode} would need about '
     f'{memory_plan.describe(needed)} of memory for its output, more than half '
@@ -245,6 +281,8 @@ class _Context:
   def __init__(self, gen, variables, options: Options):
     self.gen, self.variables, self.options = gen, variables, options
     self._w_avg = None
+    # The shape of the picture written (after --zoom), for the report.
+    self.written_shape: Optional[list[int]] = None
 
   def size(self, default_width: Optional[int] = None) -> tuple[int, int]:
     height = self.options.height or self.gen.size
@@ -275,9 +313,6 @@ class _Context:
   def render(self, w, coords, mix=None, label='rendering') -> np.ndarray:
     # Every mode streams through `sampling.render`: memory stays bounded by
     # --chunk_size whatever the output size.
-    progress = (
-      progress_lib.ProgressBar(label) if self.options.progress else None
-    )
     return sampling.render(
       self.gen,
       self.variables,
@@ -285,8 +320,27 @@ class _Context:
       coords,
       mix=mix,
       chunk_size=self.options.chunk_size,
-      progress=progress,
+      progress=self.bar(label, 'pixels'),
     )
+
+  def bar(self, label: str, unit: str) -> Optional[progress_lib.ProgressBar]:
+    """A progress(done, total) bar on stderr, or None with --noprogress."""
+    return (
+      progress_lib.ProgressBar(label, unit) if self.options.progress else None
+    )
+
+  def save_png(self, out: str, picture) -> None:
+    """Writes picture (H, W, 3), float in [-1, 1] or uint8, zoomed."""
+    # Quantised before it is enlarged: zoom**2 uint8 pixels, not float32.
+    picture = images_lib.zoom(images_lib.to_uint8(picture), self.options.zoom)
+    images_lib.save_png(out, picture)
+    self.written_shape = list(picture.shape)
+
+  def save_gif(self, out: str, frames) -> None:
+    """Writes frames (T, H, W, 3) as a GIF, each enlarged --zoom times."""
+    frames = images_lib.zoom(images_lib.to_uint8(frames), self.options.zoom)
+    images_lib.save_gif(out, frames, fps=self.options.fps)
+    self.written_shape = list(frames.shape)
 
 
 def _grid(ctx: _Context, out: str) -> dict[str, Any]:
@@ -294,7 +348,7 @@ def _grid(ctx: _Context, out: str) -> dict[str, Any]:
   images = ctx.render(
     ctx.styles(ctx.options.num_images), grids.uniform(height, width)
   )
-  images_lib.save_png(out, images_lib.image_grid(images))
+  ctx.save_png(out, images_lib.image_grid(images))
   return {'shape': list(images.shape)}
 
 
@@ -306,7 +360,7 @@ def _superres(ctx: _Context, out: str) -> dict[str, Any]:
   # The same [-1, 1] square, sampled `scale` times more densely: the per-pixel
   # MLP renders any coordinates (docs/reference.md 2).
   image = ctx.render(ctx.styles(1), grids.scaled(height, width))[0]
-  images_lib.save_png(out, image)
+  ctx.save_png(out, image)
   return {'shape': list(image.shape)}
 
 
@@ -326,7 +380,7 @@ def _panorama(ctx: _Context, out: str) -> dict[str, Any]:
     default_width=4 * (ctx.options.height or ctx.gen.size)
   )
   image = ctx.render(ctx.styles(1), grids.cylindrical(height, width))[0]
-  images_lib.save_png(out, image)
+  ctx.save_png(out, image)
   # Measured on the 8-bit pixels the PNG holds, not on the float render.
   stats = seam_lib.panorama_seam(images_lib.to_uint8(image).astype(np.float64))
   return {'shape': list(image.shape), 'seam': stats}
@@ -355,7 +409,7 @@ def _blend(ctx: _Context, out: str) -> dict[str, Any]:
   blended = ctx.render(
     ws[None], coords, mix=field[None], label='rendering the blend'
   )[0]
-  images_lib.save_png(
+  ctx.save_png(
     out, images_lib.image_grid(np.stack([pure[0], blended, pure[1]]), ncols=1)
   )
   report = {'shape': list(blended.shape)}
@@ -384,7 +438,7 @@ def _foveated(ctx: _Context, out: str) -> dict[str, Any]:
   full = ctx.render(
     w, grids.uniform(height, width), label='rendering the full grid'
   )[0]
-  images_lib.save_png(out, images_lib.image_grid(np.stack([mosaic, full])))
+  ctx.save_png(out, images_lib.image_grid(np.stack([mosaic, full])))
   return {
     'shape': [height, width, 3],
     'num_points': int(points.shape[0]),
@@ -410,11 +464,11 @@ def _interpolate(ctx: _Context, out: str) -> dict[str, Any]:
     ws, grids.uniform(height, width), label='rendering frames'
   )
   if out.lower().endswith('.png'):  # a strip: the frames in one row
-    images_lib.save_png(
+    ctx.save_png(
       out, images_lib.image_grid(frames, ncols=len(frames), padding=0)
     )
   else:
-    images_lib.save_gif(out, frames, fps=ctx.options.fps)
+    ctx.save_gif(out, frames)
   return {'shape': list(frames.shape)}
 
 
@@ -436,14 +490,22 @@ def _mix(ctx: _Context, out: str) -> dict[str, Any]:
   mixed = ctx.render(
     ws[None], coords, mix=field[None], label='rendering the mix'
   )[0]
-  images_lib.save_png(
+  ctx.save_png(
     out, images_lib.image_grid(np.concatenate([pure, mixed[None]]), ncols=k + 1)
   )
   return {'shape': list(mixed.shape), 'num_styles': k}
 
 
+# The progress bars' labels.
+_INVERTING = {'w': 'inverting into W', 'pixel_w': 'inverting into W per pixel'}
+
+
 def _invert(ctx: _Context, out: str) -> dict[str, Any]:
-  """Panels: target, reconstruction from one w, from a w per pixel."""
+  """One row of panels: target, reconstruction from one w, from a w per pixel.
+
+  In one row: the default square grid of three panels left a fourth, empty
+  (black) cell.
+  """
   height, width = ctx.size()
   target = images_lib.read_image(ctx.options.target, height, width)
   perceptual = None
@@ -465,16 +527,18 @@ def _invert(ctx: _Context, out: str) -> dict[str, Any]:
       seed=ctx.options.seed,
       perceptual=perceptual,
       perceptual_weight=ctx.options.perceptual_weight,
+      progress=ctx.bar(_INVERTING[space], 'steps'),
     )
     for space in inversion.SPACES
   }
   panels = [inversion.as_signed_image(target)] + [
     results[s].image for s in inversion.SPACES
   ]
-  images_lib.save_png(out, images_lib.image_grid(np.stack(panels)))
+  ctx.save_png(out, images_lib.image_grid(np.stack(panels), ncols=len(panels)))
   # Both spaces start from the same w_avg (same seed), so either's psnr[0] is
   # the starting point.
   return {
+    'shape': [height, width, 3],
     'psnr_start': round(results['w'].psnr[0], 3),
     **{
       f'psnr_{space}': round(results[space].psnr[-1], 3)
@@ -494,7 +558,10 @@ def _spectrum(ctx: _Context, out: str) -> dict[str, Any]:
   fakes = ctx.render(ctx.styles(len(reals)), grids.uniform(height, width))
   # Quantised like the reals, so both spectra carry the same 8-bit rounding.
   fakes = images_lib.to_uint8(fakes)
+  # A plot at its own size: --zoom does not apply.
   spectrum_lib.plot_spectra(out, {'real': reals, 'generated': fakes})
+  with Image.open(out) as plot:
+    ctx.written_shape = [plot.height, plot.width, 3]
   return {
     'num_images': len(reals),
     'high_frequency_log10_ratio': round(
@@ -522,8 +589,10 @@ def run(
   """Renders `mode` with `gen` and writes `out`.
 
   Returns:
-    A JSON-friendly report: 'mode', 'out' (absolute path) and the mode's own
-    figures.
+    A JSON-friendly report: 'mode', 'out' (absolute path), 'written_shape'
+    (the file's picture after --zoom: (H, W, 3), a GIF's (T, H, W, 3)), and
+    the mode's own figures, such as 'shape' (what was rendered: (N, H, W, 3)
+    samples or frames, or one (H, W, 3) picture or panel).
   Raises:
     OptionError: a bad option (see `check`); ModeError: the mode does not fit
       the generator.
@@ -531,5 +600,11 @@ def run(
   # Checked again here: library callers may skip the command's early check.
   check(mode, out, options)
   check_output_memory(mode, gen, options)
-  report = _MODES[mode](_Context(gen, variables, options), out)
-  return {'mode': mode, 'out': os.path.abspath(out), **report}
+  ctx = _Context(gen, variables, options)
+  report = _MODES[mode](ctx, out)
+  return {
+    'mode': mode,
+    'out': os.path.abspath(out),
+    'written_shape': ctx.written_shape,
+    **report,
+  }

@@ -171,7 +171,8 @@ class ProgressBar:
 
     rendering [##########..........]  50%  2.1M/4.2M pixels  1.2M/s  ETA 0:00:02
 
-  Usable as the `progress(done, total)` callback of `sampling.render`.
+  Usable as the `progress(done, total)` callback of `sampling.render` (unit
+  'pixels') and of `inversion.invert` (unit 'steps').
   """
 
   def __init__(
@@ -199,11 +200,13 @@ class ProgressBar:
     filled = int(round(fraction * self.width))
     rate = done / elapsed if elapsed > 0 else 0.0
     eta = (total - done) / rate if rate > 0 else None
+    # Slow work (a few inversion steps a second) keeps its decimals.
+    speed = self._count(rate) if rate >= 10 else f'{rate:.2g}'
     return (
       f'{self.label} [{"#" * filled}{"." * (self.width - filled)}] '
       f'{fraction:4.0%}  '
       f'{self._count(done)}/{self._count(total)} {self.unit}  '
-      f'{self._count(rate)}/s  '
+      f'{speed}/s  '
       f'ETA {format_duration(eta) if eta is not None else "?"}'
     )
 

@@ -19,13 +19,18 @@ generator, or an official PyTorch .pt file. Modes (all deterministic given
                     (--space); with a .png --out, the frames side by side
   mix          PNG  spatial styles: --num_styles latents in vertical bands
                     (--softness)
-  invert       PNG  project --target (an image file) into W and per-pixel W
+  invert       PNG  project --target (an image file) into W and per-pixel W;
+                    one row: the target and the two reconstructions
   spectrum     PNG  power spectra of samples vs the images in --real_images
 
 The options are the fields of `cips_jax.pictures.Options` (--help lists them
-with their help). Long renders stream over pixel chunks (--chunk_size) with a
-progress bar; a JSON line with what was written (and e.g. the panorama's seam
-statistics) ends the output.
+with their help). --zoom=N enlarges every written picture N times by repeating
+pixels (nearest neighbour, after rendering: the render costs the same; not the
+spectrum plot). Long renders stream over pixel chunks (--chunk_size) and
+inversions run their steps, each with a progress bar on stderr (--noprogress
+turns them off); a JSON line with what was written ('shape' rendered,
+'written_shape' in the file, e.g. the panorama's seam statistics) ends the
+output.
 """
 
 from __future__ import annotations

@@ -7,13 +7,17 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from PIL import Image
 import pytest
 
 from cips_jax import grids
 from cips_jax import images
+from cips_jax import inversion
 from cips_jax import loading
+from cips_jax import memory_plan
 from cips_jax import pictures
 from cips_jax import sampling
 from cips_jax.data import procedural
@@ -164,7 +168,7 @@ def test_panorama_and_cylinder_blend(exported, tmp_path):
   assert 'seam' in report
 
 
-def test_invert_and_spectrum_modes(exported, images_folder, tmp_path):
+def test_invert_and_spectrum_modes(exported, images_folder, tmp_path, capsys):
   out = tmp_path / 'invert.png'
   report = render_mode(
     'invert',
@@ -173,11 +177,30 @@ def test_invert_and_spectrum_modes(exported, images_folder, tmp_path):
     target=str(images_folder / '0.png'),
     steps=20,
   )
-  assert _image(out).shape == (19, 19, 3)
+  picture = _image(out)
+  # One row of three 8 x 8 panels with 1-pixel borders: no empty grid cell.
+  assert picture.shape == (10, 28, 3) and report['written_shape'] == [10, 28, 3]
+  panels = [picture[1:9, 1 + 9 * i : 9 + 9 * i] for i in range(3)]
+  # The target panel is the target as read; the reconstructions resemble it.
+  target = images.read_image(images_folder / '0.png', 8, 8)
+  np.testing.assert_array_equal(panels[0], target)
+  for panel in panels:
+    assert panel.std() > 5 and panel.mean() > 20  # neither uniform nor black
+  # In order: the per-pixel reconstruction is the closer, as the report says.
+  w_panel, pixel_w_panel = (
+    inversion.psnr(panel / 127.5 - 1, target / 127.5 - 1)
+    for panel in panels[1:]
+  )
+  assert pixel_w_panel > w_panel
   assert (
     report['psnr_w'] > report['psnr_start']
     and report['psnr_pixel_w'] > report['psnr_w']
   )
+  # A progress bar over the steps of each inversion, finished at 20/20.
+  err = capsys.readouterr().err
+  for label in ('inverting into W [', 'inverting into W per pixel ['):
+    assert label in err
+  assert err.count('100%  20/20 steps') == 2
   out = tmp_path / 'spectrum.png'
   report = render_mode(
     'spectrum', exported[False], out, real_images=str(images_folder)
@@ -223,6 +246,10 @@ def test_an_interpolation_as_a_png_is_a_strip_of_its_frames(exported, tmp_path):
     ('invert', 'x.png', dict(target='/no/such.png'), 'no such file'),
     ('mix', 'x.png', dict(num_styles=1), '--num_styles=1'),
     ('invert', 'x.png', dict(perceptual_weight=-1), '--perceptual_weight=-1'),
+    ('grid', 'x.png', dict(zoom=0), '--zoom=0: must be a whole number in'),
+    ('grid', 'x.png', dict(zoom=-2), '--zoom=-2: must be a whole'),
+    ('interpolate', 'x.gif', dict(zoom=33), '--zoom=33: must be a whole'),
+    ('grid', 'x.png', dict(zoom=2.5), '--zoom=2.5: must be a whole'),
   ],
 )
 def test_bad_arguments_are_named(mode, out, options, message):
@@ -268,6 +295,7 @@ def test_the_command_line_entry_point(exported, tmp_path):
       ['--mode=grid', '--out=x.png', f'--checkpoint={tmp_path / "no"}'],
       'no checkpoint at',
     ),
+    (['--mode=grid', '--out=x.png', '--zoom=0'], '--zoom=0: must be a whole'),
   ):
     result = support.run_python(
       '-m',
@@ -285,3 +313,122 @@ def test_the_command_line_entry_point(exported, tmp_path):
       .startswith('cips_jax.sample: error: ')
     )
     assert 'Traceback' not in result.stderr
+
+
+ZOOMED = {
+  'grid': ('out.png', MODES['grid']),
+  'interpolate': ('out.gif', MODES['interpolate']),
+  'strip': ('out.png', MODES['interpolate']),
+  'mix': ('out.png', MODES['mix']),
+  'foveated': ('out.png', dict(height=12, num_points=40)),
+}
+
+
+def _frames(path):
+  """Every frame of a picture file as RGB: (T, H, W, 3)."""
+  with Image.open(path) as picture:
+    frames = []
+    for i in range(getattr(picture, 'n_frames', 1)):
+      picture.seek(i)
+      frames.append(np.asarray(picture.convert('RGB')))
+  return np.stack(frames)
+
+
+@pytest.mark.parametrize('case', sorted(ZOOMED))
+def test_zoom_repeats_every_pixel_of_the_written_picture(
+  case, exported, tmp_path
+):
+  name, options = ZOOMED[case]
+  mode = 'interpolate' if case == 'strip' else case
+  reports = {
+    zoom: render_mode(
+      mode, exported[False], tmp_path / f'{zoom}{name}', zoom=zoom, **options
+    )
+    for zoom in (1, 3)
+  }
+  small, big = (_frames(tmp_path / f'{zoom}{name}') for zoom in (1, 3))
+  # Nearest neighbour: every pixel of the zoom=1 file as a 3 x 3 block,
+  # borders included (a GIF's palette too: its colour counts all scale by 9).
+  np.testing.assert_array_equal(big, small.repeat(3, axis=1).repeat(3, axis=2))
+  # The same render; the report gives the file's size.
+  assert reports[3]['shape'] == reports[1]['shape']
+  for zoom, frames in ((1, small), (3, big)):
+    written = list(frames.shape if name.endswith('.gif') else frames.shape[1:])
+    assert reports[zoom]['written_shape'] == written
+
+
+def test_zoom_is_planned_against_host_memory(exported, monkeypatch):
+  gen, _ = loading.open_generator(exported[False])
+  options = pictures.Options(num_images=4)
+  rendered = pictures.planned_output_bytes('grid', gen, options)
+  # Room for the render but not for its picture 32 x 32 times larger (4 8 x 8
+  # samples, 3 uint8 bytes a pixel at the very least).
+  memory = 2 * (rendered + 4 * 8 * 8 * 32**2 * 3) - 2
+  monkeypatch.setattr(memory_plan, 'host_memory_bytes', lambda: memory)
+  pictures.check_output_memory('grid', gen, options)
+  zoomed = pictures.Options(num_images=4, zoom=pictures.MAX_ZOOM)
+  with pytest.raises(pictures.OptionError, match='^--num_images=4 --zoom=32'):
+    pictures.check_output_memory('grid', gen, zoomed)
+  # The spectrum plot is drawn at its own size: zoom changes nothing.
+  assert pictures.planned_output_bytes(
+    'spectrum', gen, zoomed
+  ) == pictures.planned_output_bytes('spectrum', gen, pictures.Options())
+
+
+def _plain_adam(gen, variables, target, space, steps):
+  """The inversion as one jitted Adam step at a time: (w, losses)."""
+  signed = inversion.as_signed_image(target)[None]
+  height, width = target.shape[:2]
+  coords = grids.uniform(height, width)
+  w = sampling.w_avg(gen, variables, jax.random.PRNGKey(0), num_samples=4096)
+  w = jnp.reshape(w, (1, gen.style_dim))
+  if space == 'pixel_w':
+    w = jnp.broadcast_to(w[:, None, None], (1, height, width, gen.style_dim))
+  optimizer = optax.adam(0.03)
+
+  @jax.jit
+  def step(w, state):
+    def loss(w):
+      image = sampling.synthesize(gen, variables, w, coords)
+      return jnp.mean((image - signed) ** 2)
+
+    value, grad = jax.value_and_grad(loss)(w)
+    updates, state = optimizer.update(grad, state, w)
+    return optax.apply_updates(w, updates), state, value
+
+  state, losses = optimizer.init(w), []
+  for _ in range(steps):
+    w, state, value = step(w, state)
+    losses.append(float(value))
+  return np.asarray(w), losses
+
+
+@pytest.mark.parametrize('space', inversion.SPACES)
+def test_inversion_reports_progress_and_steps_like_plain_adam(
+  space, exported, monkeypatch
+):
+  gen, variables = loading.open_generator(exported[False])
+  target = procedural.landscape(seed=5, height=8, width=8)
+  # Chunks of at most 3 steps, as many as fit: 7 steps need several.
+  monkeypatch.setattr(inversion, 'MAX_CHUNK_STEPS', 3)
+  monkeypatch.setattr(inversion, 'CHUNK_SECONDS', 1e9)
+  calls = []
+  result = inversion.invert(
+    gen,
+    variables,
+    target,
+    space=space,
+    steps=7,
+    progress=lambda done, total: calls.append((done, total)),
+  )
+  done = [d for d, _ in calls]
+  steps = np.diff([0] + done)
+  assert all(total == 7 for _, total in calls) and done[-1] == 7
+  assert steps.sum() == 7 and 1 <= steps.min() and steps.max() <= 3
+  assert len(calls) >= 3
+  w, losses = _plain_adam(gen, variables, target, space, 7)
+  np.testing.assert_allclose(result.w, w, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(result.loss[:-1], losses, rtol=1e-4)
+  # Without a progress callback: the same steps.
+  again = inversion.invert(gen, variables, target, space=space, steps=7)
+  np.testing.assert_allclose(again.w, result.w, rtol=1e-5, atol=1e-6)
