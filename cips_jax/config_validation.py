@@ -17,6 +17,7 @@ import jax
 import ml_collections
 
 from cips_jax import configs
+from cips_jax import data
 from cips_jax import encodings
 from cips_jax import errors
 from cips_jax import generator as generator_lib
@@ -277,11 +278,16 @@ def validate(
   num_devices: int,
   num_processes: int = 1,
   memory_bytes: Optional[int] = None,
+  *,
+  check_data: bool = False,
 ) -> None:
   """Raises ConfigError naming the first field that cannot work.
 
-  Then checks that the run fits its devices (`check_fits`): `memory_bytes` per
-  device, by default what this process's devices have.
+  With `check_data`, then raises FileNotFoundError (`data.check_prepared`)
+  when the data set is not prepared: no run trains without its data, whatever
+  memory it would need. Last, checks that the run fits its devices
+  (`check_fits`): `memory_bytes` per device, by default what this process's
+  devices have.
   """
   unknown = _unknown_fields(config, configs.reference_config())
   if unknown:
@@ -300,6 +306,10 @@ def validate(
         config=config, num_devices=num_devices, num_processes=num_processes
       )
       raise ConfigError(f'config.{rule.field} = {value!r}: {message}')
+  if check_data:
+    data.check_prepared(
+      config.data.data_dir, config.data.name, config.data.resolution
+    )
   check_fits(config, num_devices, memory_bytes)
 
 
@@ -362,11 +372,7 @@ def check_fits(
       f'at {needs.batch_per_device} images of {config.data.crop}x'
       f'{config.data.crop} per device'
     )
-  remedies = ['Lower the batch, data.crop or the widths', 'use more devices']
-  if not t.remat and backend not in REMATERIALIZING_BACKENDS:
-    remedies.append('set train.remat=True')
-  if t.compute_dtype != 'bfloat16':
-    remedies.append("set train.compute_dtype='bfloat16'")
+  remedies = _memory_remedies(config, needs, memory_bytes, backend)
   raise ConfigError(
     f'{field}: the run needs about {describe(needs.total_bytes)} per device '
     f'(parameters, optimizer state and EMA {describe(needs.state_bytes)}; '
@@ -374,3 +380,41 @@ def check_fits(
     f'{describe(memory_bytes)} a device has here ({cause}). '
     + '; '.join(remedies)
   )
+
+
+_WIDTHS = 'model.hidden_size, style_dim, max_channels or d_max_channels'
+
+
+def _memory_remedies(
+  config: ml_collections.ConfigDict,
+  needs: memory_plan.Plan,
+  memory_bytes: int,
+  backend: str,
+) -> list[str]:
+  """What would bring an oversized run within the device: only the changes
+  that shrink what overflows and that the config does not already make."""
+  t = config.train
+  if needs.state_bytes > memory_bytes:
+    # Parameters, Adam's moments and the EMA are float32 and do not depend on
+    # the batch, the crop or remat: only narrower networks shrink them.
+    return [f'Lower the widths ({_WIDTHS})']
+  remedies = []
+  if needs.batch_per_device > 1:
+    fits = needs.max_batch(memory_bytes)
+    remedies.append(
+      f'Lower the batch (at most {fits} images per device fit)'
+      if fits
+      else 'Lower the batch'
+    )
+  if config.data.crop > 4:
+    remedies.append('lower data.crop')
+  remedies.append(f'lower the widths ({_WIDTHS})')
+  if needs.batch_per_device > 1 and backend != 'cpu':
+    # CPU devices share the host's memory: more of them do not add any.
+    remedies.append('use more devices (the batch is split over them)')
+  if not t.remat and backend not in REMATERIALIZING_BACKENDS:
+    remedies.append('set train.remat=True')
+  if t.compute_dtype != 'bfloat16':
+    remedies.append("set train.compute_dtype='bfloat16'")
+  remedies[0] = remedies[0][0].upper() + remedies[0][1:]
+  return remedies

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import shutil
 from typing import Any, Callable, Optional
 
 from absl import logging
@@ -372,7 +373,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: str) -> Run:
   mesh = parallel.make_mesh()
   gen, disc, g_tx, d_tx, abstract = train_state_lib.abstract_state(config)
   t = config.train
-  source = data_lib.open_source(config.data.data_dir, config.data.name)
+  source = data_lib.open_source(
+    config.data.data_dir, config.data.name, resolution=config.data.resolution
+  )
   batches = data_lib.TrainBatches(
     source,
     global_batch_size=t.global_batch_size,
@@ -694,23 +697,61 @@ def train_and_evaluate(
 
   Writes `workdir/checkpoints` (orbax, the last `keep_checkpoints`),
   `workdir/tensorboard` (losses, R1, scores, steps/s, images/s, sample grids,
-  SWD, FID/KID, a profiler trace), `workdir/samples/*.png`. The config is
-  checked before anything is created, and the run holds the workdir's lock
-  (`workdir_lock`) from start to end: a second run on it is refused.
+  SWD, FID/KID, a profiler trace), `workdir/samples/*.png`. The config, the
+  data set's presence and the memory plan are checked before anything is
+  created, and the run holds the workdir's lock (`workdir_lock`) from start to
+  end: a second run on it is refused. A run refused before it trains leaves
+  the workdir as it found it: what it made there is removed, and a workdir it
+  created is removed with it.
   """
   config_validation.validate(
-    config, num_devices=jax.device_count(), num_processes=jax.process_count()
+    config,
+    num_devices=jax.device_count(),
+    num_processes=jax.process_count(),
+    check_data=True,
   )
   workdir = os.path.abspath(workdir)
+  created = not os.path.lexists(workdir)
   os.makedirs(workdir, exist_ok=True)
-  with workdir_lock.hold(workdir):
+  with workdir_lock.hold(workdir, remove_if_empty=created):
     return _train_and_evaluate(config, workdir)
+
+
+# The folders a run writes into, made when it starts (`_set_up`).
+_OUTPUT_FOLDERS = ('checkpoints', 'tensorboard', 'samples')
+
+
+def _set_up_and_start(config, workdir: str) -> tuple[Run, TrainState]:
+  """Phases 1 and 2; the output folders they made are removed if they fail.
+
+  Before the first step, a new `checkpoints` folder is empty and a new
+  `tensorboard` one holds an empty log (the lock is held: no other run writes
+  there). Folders that were there before are never touched, nor is any other
+  folder (`damaged_checkpoints`). On several processes the others may still
+  be writing: nothing is removed.
+  """
+  made = [
+    os.path.join(workdir, name)
+    for name in _OUTPUT_FOLDERS
+    if not os.path.lexists(os.path.join(workdir, name))
+  ]
+  run = None
+  try:
+    run = _set_up(config, workdir)
+    return run, _initial_state(run)
+  except BaseException:
+    if run is not None:
+      run.writer.close()
+    if jax.process_count() == 1:
+      for path in made:
+        if os.path.isdir(path) and not os.path.islink(path):
+          shutil.rmtree(path, ignore_errors=True)
+    raise
 
 
 def _train_and_evaluate(config, workdir: str) -> TrainState:
   """`train_and_evaluate` once the config is checked and the lock held."""
-  run = _set_up(config, workdir)
-  state = _initial_state(run)
+  run, state = _set_up_and_start(config, workdir)
   t, log = config.train, config.logging
   start_step = int(state.step)
   if start_step >= t.num_steps:

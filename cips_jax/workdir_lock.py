@@ -128,6 +128,8 @@ def _write_holder(dir_fd: int, holder: _Holder) -> int:
     os.replace(temporary, LOCK_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
   except OSError:
     os.close(fd)
+    with contextlib.suppress(OSError):  # a full disk: leave no empty file
+      os.unlink(temporary, dir_fd=dir_fd)
     raise
   return fd
 
@@ -138,6 +140,7 @@ class _Held:
 
   dir_fd: int
   record_fd: int
+  workdir: str
 
 
 def acquire(workdir: str) -> _Held:
@@ -173,11 +176,15 @@ def acquire(workdir: str) -> _Held:
   except OSError:
     os.close(dir_fd)
     raise
-  return _Held(dir_fd=dir_fd, record_fd=record_fd)
+  return _Held(dir_fd=dir_fd, record_fd=record_fd, workdir=workdir)
 
 
-def release(held: _Held) -> None:
-  """Removes our record (if it is still ours) and lets go of the lock."""
+def release(held: _Held, remove_if_empty: bool = False) -> None:
+  """Removes our record (if it is still ours) and lets go of the lock.
+
+  `remove_if_empty`: then removes the workdir too if nothing else is in it
+  (a run that created it and was refused), while the lock is still held.
+  """
   try:
     current = os.stat(LOCK_FILE, dir_fd=held.dir_fd, follow_symlinks=False)
     ours = os.fstat(held.record_fd)
@@ -185,16 +192,21 @@ def release(held: _Held) -> None:
       os.unlink(LOCK_FILE, dir_fd=held.dir_fd)
   except OSError:  # removed or replaced meanwhile: not ours to touch
     pass
+  if remove_if_empty:
+    with contextlib.suppress(OSError):  # not empty, or gone: left as it is
+      os.rmdir(held.workdir)
   os.close(held.record_fd)
   fcntl.flock(held.dir_fd, fcntl.LOCK_UN)
   os.close(held.dir_fd)
 
 
 @contextlib.contextmanager
-def hold(workdir: str) -> Iterator[None]:
+def hold(workdir: str, remove_if_empty: bool = False) -> Iterator[None]:
   """Holds WORKDIR's lock for the body (in process 0 of a multi-host run).
 
   Raises errors.WorkdirLockedError in every process when the lock is taken.
+  `remove_if_empty`: remove the workdir at the end if nothing is left in it
+  (for a run that created it: refused, it leaves nothing behind).
   """
   held, refusal = None, None
   if jax.process_index() == 0:
@@ -219,4 +231,4 @@ def hold(workdir: str) -> Iterator[None]:
     yield
   finally:
     if held is not None:
-      release(held)
+      release(held, remove_if_empty)

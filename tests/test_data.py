@@ -255,6 +255,18 @@ def test_load_source_names_the_missing_directory_and_command(tmp_path):
   )
   with pytest.raises(FileNotFoundError, match='python -m cips_jax.data folder'):
     sources.load_source(tmp_path, 'image_folder/mine')
+  # Given the training resolution, the command is the one to run (but for the
+  # images' folder); `check_prepared` says the same without reading anything.
+  for check in (sources.load_source, sources.check_prepared):
+    with pytest.raises(FileNotFoundError) as err:
+      check(tmp_path, 'image_folder/mine', resolution=64)
+    assert (
+      f'python -m cips_jax.data folder SOURCE_DIR --data_dir {tmp_path} '
+      '--resolution 64 --name mine\n' in str(err.value)
+    )
+    assert 'RESOLUTION' not in str(err.value)
+  sources.check_prepared(tmp_path, 'procedural_landscapes/s64')  # made on use
+  assert list(tmp_path.iterdir()) == []
 
 
 def _folder_command(source, data_dir, *flags):

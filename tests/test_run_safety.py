@@ -22,10 +22,12 @@ import numpy as np
 import pytest
 
 from cips_jax import config_validation
+from cips_jax import configs
 from cips_jax import errors
 from cips_jax import loading
 from cips_jax import train
 from cips_jax import train_state
+from cips_jax import workdir_lock
 import support
 from support import final_state
 from support import tiny_config
@@ -256,17 +258,104 @@ def test_the_memory_plan_counts_the_state_exactly(data_dir):
     config_validation.check_fits(config, num_devices=1, memory_bytes=1000)
 
 
+def test_a_missing_data_set_is_named_before_the_memory_plan(tmp_path):
+  # The churches recipe (the reference config) on a machine without its data
+  # and without the memory: before, the memory plan was reported first.
+  config = configs.reference_config()
+  config.data.data_dir = str(tmp_path / 'my data')
+  with pytest.raises(errors.ConfigError, match='the run needs'):
+    config_validation.validate(config, num_devices=1, memory_bytes=10**9)
+  with pytest.raises(errors.MissingInputError) as missing:
+    config_validation.validate(
+      config, num_devices=1, memory_bytes=10**9, check_data=True
+    )
+  message = str(missing.value)
+  folder = tmp_path / 'my data' / 'image_folder' / 'church_outdoor'
+  assert f"no prepared data set 'image_folder/church_outdoor' in {folder}" in (
+    message
+  )
+  # The config's values, quoted for the shell: the command pastes as it is
+  # but for the folder of images only the user knows.
+  flags = (
+    f"--data_dir '{tmp_path}/my data' --resolution 256 --name church_outdoor"
+  )
+  assert f'\n  python -m cips_jax.data folder SOURCE_DIR {flags}\n' in message
+  assert f'\n  python -m cips_jax.data lmdb LMDB_PATH {flags}' in message
+  assert 'RESOLUTION' not in message and 'NAME' not in message
+  # Procedural data sets are made on first use: no refusal for them.
+  config.data.name = 'procedural_landscapes/s32'
+  with pytest.raises(errors.ConfigError, match='the run needs'):
+    config_validation.validate(
+      config, num_devices=1, memory_bytes=10**9, check_data=True
+    )
+
+
+def test_a_refused_run_leaves_the_workdir_as_it_found_it(data_dir, tmp_path):
+  def refused(workdir, *extra):
+    result = support.run_python(
+      *main_args(workdir, data_dir, 2, *extra), timeout=300
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr
+    # The error, which may go on over a few lines.
+    return result.stderr.rpartition('cips_jax.main: error: ')[2].strip()
+
+  # Refused before anything is made: a bad value, data not prepared.
+  fresh = tmp_path / 'fresh'
+  assert 'config.train.r1_every = 0' in refused(
+    fresh, '--config.train.r1_every=0'
+  )
+  assert not fresh.exists()
+  last = refused(
+    fresh,
+    f'--config.data.data_dir={tmp_path}',
+    '--config.data.name=image_folder/x',
+  )
+  assert last.startswith("no prepared data set 'image_folder/x'")
+  assert last.endswith(
+    f'python -m cips_jax.data lmdb LMDB_PATH --data_dir {tmp_path} '
+    '--resolution 8 --name x'
+  )
+  assert not fresh.exists()
+  # Refused once set up (no generator to start from): the output folders it
+  # made, the lock and a workdir it made are removed; what was there stays.
+  missing = f'--config.train.init_generator_from={tmp_path / "none"}'
+  assert refused(fresh, missing) == f'no checkpoint at {tmp_path / "none"}'
+  assert not fresh.exists()
+  kept = tmp_path / 'kept'
+  (kept / 'samples').mkdir(parents=True)
+  (kept / 'notes.txt').write_text('mine')
+  refused(kept, missing)
+  assert sorted(p.name for p in kept.iterdir()) == ['notes.txt', 'samples']
+  assert (kept / 'notes.txt').read_text() == 'mine'
+  # Refused because another run holds the lock: its record stays as it was.
+  held = workdir_lock.acquire(str(kept))
+  try:
+    record = (kept / 'lock').read_text()
+    assert 'is in use by another training run' in refused(kept)
+    assert (kept / 'lock').read_text() == record
+    assert sorted(p.name for p in kept.iterdir()) == [
+      'lock',
+      'notes.txt',
+      'samples',
+    ]
+  finally:
+    workdir_lock.release(held)
+  assert sorted(p.name for p in kept.iterdir()) == ['notes.txt', 'samples']
+
+
 CLI_SCRIPT = """
 import sys
 import jax.numpy as jnp
 from cips_jax import cli
 
 def main(argv):
-  if sys.argv[-1] == 'oom':
+  if 'oom' in argv:
     jnp.zeros((2**42,), jnp.uint8).block_until_ready()
   raise KeyError('a bug')
 
-cli.run(main, 'cips_jax.test')
+# As the training command, whose hint names its memory settings.
+cli.run(main, 'cips_jax.main')
 """
 
 
@@ -276,13 +365,19 @@ def test_out_of_memory_is_one_line_and_a_bug_keeps_its_traceback(
 ):
   script = tmp_path / 'command.py'
   script.write_text(CLI_SCRIPT)
-  result = support.run_python(script, case, timeout=120)
+  # absl takes '--' as the end of the flags: the rest stays in argv.
+  result = support.run_python(
+    script, '--', case, '--config.train.remat=True', timeout=120
+  )
   assert result.returncode == 1
   if case == 'oom':
     assert 'Traceback' not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith('cips_jax.test: error: out of memory')
-    assert 'global_batch_size' in last
+    assert last.startswith('cips_jax.main: error: out of memory')
+    # What would help, less what the command line already set.
+    assert 'lower --config.train.global_batch_size' in last, last
+    assert 'set --config.train.compute_dtype=bfloat16' in last, last
+    assert 'remat' not in last, last
   else:
     assert 'Traceback' in result.stderr and "KeyError: 'a bug'" in (
       result.stderr
@@ -290,21 +385,40 @@ def test_out_of_memory_is_one_line_and_a_bug_keeps_its_traceback(
 
 
 @pytest.mark.parametrize(
-  'override, named',
+  'override, message',
   [
-    ('--config.train.foo=3', "'foo' is not a field"),
-    ('--config.trian.num_steps=3', 'Did you mean "train"'),
+    (
+      '--config.train.num_step=3',
+      '--config.train.num_step: the config has no field train.num_step (did '
+      'you mean train.num_steps?)',
+    ),
+    (
+      '--config.trian.num_steps=3',
+      '--config.trian.num_steps: the config has no field trian (did you mean '
+      'train?)',
+    ),
+    (
+      '--config.train.foo=3',
+      '--config.train.foo: the config has no field train.foo',
+    ),
+    (
+      '--config.train.num_steps.x=3',
+      '--config.train.num_steps.x: the config has no field train.num_steps.x '
+      '(train.num_steps is a value of type int, not a section)',
+    ),
   ],
 )
-def test_a_misspelt_config_field_is_one_line(
-  data_dir, tmp_path, override, named
+def test_a_misspelt_config_field_is_one_clean_line(
+  data_dir, tmp_path, override, message
 ):
+  # Before, ml_collections' KeyError text was shown through two reprs:
+  # '\\\'num_step\\\'\\nDid you mean "num_steps" ...' is not a field.
+  workdir = tmp_path / 'run'
   result = support.run_python(
-    *main_args(tmp_path, data_dir, 2, override), timeout=120
+    *main_args(workdir, data_dir, 2, override), timeout=120
   )
   assert result.returncode == 1
   assert 'Traceback' not in result.stderr
   last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith(f'cips_jax.main: error: {override}:')
-  assert named in last
-  assert not (tmp_path / 'checkpoints').exists()
+  assert last == f'cips_jax.main: error: {message}'
+  assert not workdir.exists()

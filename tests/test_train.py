@@ -328,6 +328,60 @@ def test_the_memory_check_plans_the_run_as_configured():
   assert 'bfloat16' not in str(refused.value)
 
 
+def _advice(refusal) -> str:
+  """The remedies that end a memory refusal ('... per device). Lower ...')."""
+  return str(refusal.value).rpartition('). ')[2]
+
+
+def test_the_memory_refusal_advises_only_what_would_help():
+  config = tiny_config()
+  config.train.global_batch_size = 64
+  needs = memory_plan.plan(config, num_devices=1)
+  between = needs.state_bytes + needs.activations // 2
+  # The batch overflows on a GPU: every remedy, and how much batch fits.
+  with pytest.raises(config_validation.ConfigError) as refused:
+    config_validation.check_fits(config, 1, between, backend='gpu')
+  assert _advice(refused) == (
+    f'Lower the batch (at most {needs.max_batch(between)} images per device '
+    'fit); lower data.crop; lower the widths (model.hidden_size, style_dim, '
+    'max_channels or d_max_channels); use more devices (the batch is split '
+    "over them); set train.remat=True; set train.compute_dtype='bfloat16'"
+  )
+  assert 0 < needs.max_batch(between) < 64
+  # CPU devices share the host's memory; what is set is not advised again.
+  config.train.remat, config.train.compute_dtype = True, 'bfloat16'
+  needs = memory_plan.plan(config, num_devices=1)
+  between = needs.state_bytes + needs.activations // 2
+  with pytest.raises(config_validation.ConfigError) as refused:
+    config_validation.check_fits(config, 1, between, backend='cpu')
+  assert _advice(refused) == (
+    f'Lower the batch (at most {needs.max_batch(between)} images per device '
+    'fit); lower data.crop; lower the widths (model.hidden_size, style_dim, '
+    'max_channels or d_max_channels)'
+  )
+  # One image per device, at the smallest crop: neither can go lower.
+  config.train.global_batch_size, config.data.crop = 1, 4
+  needs = memory_plan.plan(config, num_devices=1)
+  with pytest.raises(config_validation.ConfigError) as refused:
+    config_validation.check_fits(
+      config, 1, needs.total_bytes - 1, backend='gpu'
+    )
+  assert _advice(refused) == (
+    'Lower the widths (model.hidden_size, style_dim, max_channels or '
+    'd_max_channels)'
+  )
+  # The state alone overflows: the batch, crop, remat and dtype leave it as it
+  # is (float32 parameters, moments and EMA); only the widths shrink it.
+  config = tiny_config()
+  with pytest.raises(config_validation.ConfigError) as refused:
+    config_validation.check_fits(config, 1, 1000, backend='gpu')
+  assert str(refused.value).startswith('config.model: the run needs')
+  assert _advice(refused) == (
+    'Lower the widths (model.hidden_size, style_dim, max_channels or '
+    'd_max_channels)'
+  )
+
+
 def test_the_sample_grid_is_bounded():
   config = tiny_config()
   config.logging.num_samples = 1_000_000

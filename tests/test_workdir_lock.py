@@ -67,3 +67,39 @@ def test_a_link_planted_while_held_is_neither_followed_nor_removed(tmp_path):
   # The link is not our record: left as it is, and its target untouched.
   assert (workdir / 'lock').is_symlink()
   assert victim.read_text() == 'precious'
+
+
+def test_a_refused_holder_leaves_no_lock_and_no_empty_workdir(tmp_path):
+  # A run that created its workdir and was refused removes it, lock and all;
+  # a workdir with anything else in it stays, less our record.
+  fresh = tmp_path / 'fresh'
+  fresh.mkdir()
+  with pytest.raises(errors.ConfigError):
+    with workdir_lock.hold(str(fresh), remove_if_empty=True):
+      assert (fresh / 'lock').is_file()
+      raise errors.ConfigError('refused')
+  assert not fresh.exists()
+  kept = tmp_path / 'kept'
+  kept.mkdir()
+  (kept / 'notes.txt').write_text('mine')
+  with workdir_lock.hold(str(kept), remove_if_empty=True):
+    pass
+  assert sorted(os.listdir(kept)) == ['notes.txt']
+  # Without remove_if_empty, an empty workdir stays (it was the user's).
+  fresh.mkdir()
+  with workdir_lock.hold(str(fresh)):
+    pass
+  assert os.listdir(fresh) == []
+
+
+def test_a_record_that_cannot_be_written_leaves_no_file(tmp_path, monkeypatch):
+  def full_disk(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(os, 'replace', full_disk)
+  with pytest.raises(OSError, match='No space left'):
+    workdir_lock.acquire(str(tmp_path))
+  assert os.listdir(tmp_path) == []
+  monkeypatch.undo()
+  workdir_lock.release(workdir_lock.acquire(str(tmp_path)))  # not held
+  assert os.listdir(tmp_path) == []

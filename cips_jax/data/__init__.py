@@ -26,6 +26,7 @@ from cips_jax.data.preparation import prepare_lsun_churches
 from cips_jax.data.preparation import prepare_procedural
 from cips_jax.data.procedural import landscape
 from cips_jax.data.procedural import panorama
+from cips_jax.data.sources import check_prepared
 from cips_jax.data.sources import load_source
 from cips_jax.data.sources import open_source
 
@@ -34,6 +35,7 @@ __all__ = [
   'ImageFolderConfig',
   'ProceduralLandscapes',
   'TrainBatches',
+  'check_prepared',
   'coordinate_grid',
   'landscape',
   'load_source',
