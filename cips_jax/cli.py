@@ -27,6 +27,7 @@ import logging as logging_lib
 import os
 import re
 import sys
+import tempfile
 import types
 import typing
 from typing import Any, Callable, Optional
@@ -42,14 +43,34 @@ from cips_jax import networks
 
 # Errors with a message meant for the user (see the module docstring).
 USER_ERRORS = (errors.Error, OSError)
-OUT_OF_MEMORY_HINT = (
-  'lower the batch size (--config.train.global_batch_size, --batch_size, '
-  '--num_images) or the render chunk (--chunk_size), or train with '
-  '--config.train.remat=True or --config.train.compute_dtype=bfloat16'
-)
+# What lowers each command's memory, by its flags.
+_MEMORY_REMEDIES = {
+  'cips_jax.main': (
+    '--config.train.global_batch_size',
+    '--config.train.remat=True',
+    '--config.train.compute_dtype=bfloat16',
+  ),
+  'cips_jax.sample': ('--num_images', '--chunk_size'),
+  'cips_jax.evaluate': ('--batch_size',),
+}
 
 
-def _as_user_error(error: BaseException) -> Optional[errors.Error]:
+def _out_of_memory_hint(name: str, argv: list[str]) -> str:
+  """What to change when the command `name`, run with `argv`, ran out of
+  memory: its own flags that lower memory, less the settings already given.
+  """
+  remedies = _MEMORY_REMEDIES.get(name, ())
+  lower = [r for r in remedies if '=' not in r]
+  settings = [r for r in remedies if '=' in r and r not in argv]
+  parts = [f'lower {" or ".join(lower)}'] if lower else []
+  if settings:
+    parts.append(f'set {" or ".join(settings)}')
+  return ', or '.join(parts) or 'run it where there is more memory'
+
+
+def _as_user_error(
+  error: BaseException, hint: str = ''
+) -> Optional[errors.Error]:
   """`error` as the library error a user can act on, or None for a bug.
 
   Running out of memory arrives as numpy's MemoryError or XLA's
@@ -63,8 +84,8 @@ def _as_user_error(error: BaseException) -> Optional[errors.Error]:
   if is_xla_oom or isinstance(error, MemoryError):
     first_line = str(error).strip().splitlines()[0] if str(error) else ''
     return errors.OutOfMemoryError(
-      f'out of memory ({first_line or type(error).__name__}): '
-      f'{OUT_OF_MEMORY_HINT}'
+      f'out of memory ({first_line or type(error).__name__})'
+      + (f': {hint}' if hint else '')
     )
   return None
 
@@ -125,32 +146,46 @@ class _OwnInfoOnly(logging_lib.Filter):
 
   # This package's own folder: its records are kept whatever their level.
   package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+  # Warnings that ask nothing of a user of these commands: tfds recommends
+  # OpenCV for decoding (not the bottleneck here), and notes a data set's
+  # missing info file while checking whether it is prepared yet (a partial
+  # one is refused by name: `data.preparation`).
+  not_for_users = ('OpenCV is not installed', 'Variant folder ')
 
   def filter(self, record):
-    return record.levelno >= logging_lib.WARNING or record.pathname.startswith(
-      self.package
-    )
+    if record.pathname.startswith(self.package):
+      return True
+    if record.levelno < logging_lib.WARNING:
+      return False
+    return not str(record.msg).startswith(self.not_for_users)
 
 
-def run(main: Callable[[list[str]], Any], name: str) -> None:
+def run(
+  main: Callable[[list[str]], Any], name: str, *, devices_first: bool = True
+) -> None:
   """Runs `main(argv)` as the command `name` (see the module docstring).
 
   CIPS_JAX_VERBOSE=1 in the environment brings the libraries' INFO lines back.
+  With `devices_first`, jax's backends start (quietly: `start_devices`)
+  before `main`; a command that must do something first (join other
+  processes) or needs no device passes False and calls it itself, if at all.
   """
   host_malloc.reuse_freed_memory()
   _drop_closed_loop_callbacks()
-  if os.environ.get('CIPS_JAX_VERBOSE', '') in ('', '0'):
+  if not _verbose():
     logging.get_absl_handler().addFilter(_OwnInfoOnly())
 
   def main_reporting_errors(argv):
     try:
+      if devices_first:
+        start_devices()
       return main(argv)
     except KeyboardInterrupt:
       # Ctrl-C: one line and the shell's status for SIGINT, no traceback.
       sys.stderr.write(f'{name}: interrupted\n')
       sys.exit(130)
     except Exception as error:  # re-raised below unless a user can act on it
-      reported = _as_user_error(error)
+      reported = _as_user_error(error, _out_of_memory_hint(name, sys.argv))
       if reported is None:
         raise
       logging.debug('%s failed', name, exc_info=True)
@@ -163,12 +198,45 @@ def run(main: Callable[[list[str]], Any], name: str) -> None:
       sys.exit(0)
     try:
       return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as error:
+    except (AttributeError, KeyError, TypeError) as error:
       # ml_collections raises these for a --config.X override that names no
       # field of the config; absl would show them with a traceback.
       sys.exit(f'{name}: error: {_unknown_config_field(argv, error)}')
 
   app.run(main_reporting_errors, flags_parser=parse_flags)
+
+
+def start_devices() -> None:
+  """Starts jax's backends with the runtimes' start-up lines off the console.
+
+  Where no TPU is attached, libtpu (installed with the `tpu` extra, for
+  XLA:TPU's compiler) still probes for one when jax starts and writes a dozen
+  lines straight to the process's stderr. They are kept, and written out if
+  no backend starts; CIPS_JAX_VERBOSE=1 lets them through as they come. Call
+  it after `jax.distributed.initialize`, which must precede the backends.
+  """
+  if _verbose():
+    jax.devices()
+    return
+  sys.stderr.flush()
+  saved_stderr = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      jax.devices()
+    except BaseException:
+      os.dup2(saved_stderr, 2)
+      captured.seek(0)
+      sys.stderr.write(captured.read().decode(errors='replace'))
+      raise
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved_stderr, 2)
+      os.close(saved_stderr)
+
+
+def _verbose() -> bool:
+  return os.environ.get('CIPS_JAX_VERBOSE', '') not in ('', '0')
 
 
 _HELP_ARGUMENTS = ('--help', '-h', '-?', '--helpshort')
@@ -197,20 +265,52 @@ def _own_flags_help(command_module: str = '__main__') -> str:
 
 
 def _unknown_config_field(argv: list[str], error: BaseException) -> str:
-  """The message for a --config.X=V that names no field of the config."""
-  # KeyError("'trian'\nDid you mean ...") or AttributeError('"\'foo\'"').
-  text = str(error.args[0] if error.args else error).strip('"\'')
-  key, _, hint = text.partition('\n')
-  key = key.strip('"\'')
-  overrides = [a for a in argv[1:] if a.startswith('--config.')]
-  named = [
-    a for a in overrides if key in a.split('=', 1)[0][2:].split('.')
-  ] or overrides
-  hint = f' ({hint.strip()})' if hint.strip() else ''
-  return (
-    f'{", ".join(named) or "--config"}: {key!r} is not a field of the '
-    f'config{hint}'
+  """The message for a --config.X=V that names no field of the config.
+
+  ml_collections raises a KeyError whose text is the missing key, quoted,
+  then maybe a guess ('\'num_step\'\nDid you mean "num_steps" instead of
+  "num_step"?'), sometimes inside an AttributeError. The message names the
+  override's flag, the field in full and the guess, on one line:
+
+    --config.train.num_step: the config has no field train.num_step (did you
+    mean train.num_steps?)
+  """
+  while error.args and isinstance(error.args[0], BaseException):
+    error = error.args[0]
+  text = str(error.args[0]) if error.args else str(error)
+  first_line, _, rest = text.partition('\n')
+  key = first_line.strip().strip('\'"')
+  guess = re.search(r'Did you mean "([^"]+)"', rest)
+  # The overrides' dotted paths, as given: --config.train.num_step=5 (or
+  # with its value as the next argument).
+  paths = [
+    arg.lstrip('-').split('=', 1)[0].removeprefix('config.')
+    for arg in argv[1:]
+    if arg.lstrip('-').startswith('config.')
+  ]
+  for path in paths:
+    parts = path.split('.')
+    if key in parts:
+      field = '.'.join(parts[: parts.index(key) + 1])
+      hint = ''
+      if guess:
+        section = field.rpartition('.')[0]
+        hint = f' (did you mean {section + "." if section else ""}{guess[1]}?)'
+      return f'--config.{path}: the config has no field {field}{hint}'
+  # A path that goes on below a value: 'Attribute <class 'int'>.x does not
+  # exist ... Attempting to lookup: train.num_steps.x'.
+  below_value = re.search(
+    r"<class '(\w+)'>\.\S+ does not exist.*lookup: (\S+)", text, re.DOTALL
   )
+  if below_value:
+    kind, path = below_value.groups()
+    parent = path.rpartition('.')[0]
+    return (
+      f'--config.{path}: the config has no field {path} ({parent} is '
+      f'a value of type {kind}, not a section)'
+    )
+  named = ', '.join(f'--config.{path}' for path in paths) or '--config'
+  return f'{named}: names no field of the config'
 
 
 def no_positional_arguments(argv: list[str]) -> None:

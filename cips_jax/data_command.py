@@ -160,4 +160,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main, 'cips_jax.data')
+  cli.run(main, 'cips_jax.data', devices_first=False)

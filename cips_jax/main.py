@@ -77,9 +77,11 @@ def main(argv):
       num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value,
     )
+  cli.start_devices()
   config = _CONFIG.value
   logging.info('python %s, jax %s', sys.version.split()[0], jax.__version__)
-  logging.info(
+  logging.vlog(
+    1,
     'host malloc keeps and reuses freed memory (cips_jax.host_malloc): %s',
     host_malloc.configured,
   )
@@ -91,10 +93,22 @@ def main(argv):
     jax.device_count(),
     jax.devices(),
   )
-  logging.info('config:\n%s', config)
+  m, t = config.model, config.train
+  logging.info(
+    'training a %s-%d, %d wide, on %s for %d steps at batch %d in %s '
+    '(--verbosity=1 logs the whole config)',
+    m.arch,
+    m.size,
+    m.hidden_size,
+    config.data.name,
+    t.num_steps,
+    t.global_batch_size,
+    _WORKDIR.value,
+  )
+  logging.vlog(1, 'config:\n%s', config)
   # Checks the config (config_validation) before anything compiles.
   train.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == '__main__':
-  cli.run(main, 'cips_jax.main')
+  cli.run(main, 'cips_jax.main', devices_first=False)

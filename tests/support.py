@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -145,3 +146,36 @@ def final_state(config, workdir):
   return manager.latest_step(), manager.restore_latest(
     abstract, parallel.replicated(parallel.make_mesh())
   )
+
+
+# An absl log line: 'I1207 12:23:14.747187 140243546286976 main.py:82] ...'.
+_ABSL_LINE = re.compile(r'^[IWEF]\d{4} [\d:.]+\s+\d+ ([\w.]+):\d+\] ')
+_PACKAGE_FILES = {path.name for path in (REPO / 'cips_jax').rglob('*.py')}
+# What the libraries print on their own: tfds's preparation lines, jax's and
+# libtpu's backend probing.
+_FOREIGN_MARKERS = (
+  'Downloading and preparing',
+  'downloaded and prepared',
+  'Unable to initialize backend',
+  'libtpu',
+  'TPU_',
+  'InitGoogle',
+  'orbax',
+)
+
+
+def foreign_console_lines(text: str) -> list[str]:
+  """The lines of a command's console output that cips_jax did not write.
+
+  Absl log lines from files outside the package, and lines with a known
+  marker of the libraries' chatter; progress bars (drawn with carriage
+  returns) count as lines of their own.
+  """
+  foreign = []
+  for line in re.split(r'[\r\n]+', text):
+    match = _ABSL_LINE.match(line)
+    if (match and match.group(1) not in _PACKAGE_FILES) or any(
+      marker in line for marker in _FOREIGN_MARKERS
+    ):
+      foreign.append(line)
+  return foreign

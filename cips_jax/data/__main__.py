@@ -11,4 +11,4 @@ from cips_jax import data_command
 __doc__ = data_command.__doc__  # noqa: A001
 
 if __name__ == '__main__':
-  cli.run(data_command.main, 'cips_jax.data')
+  cli.run(data_command.main, 'cips_jax.data', devices_first=False)

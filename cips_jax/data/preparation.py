@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 import contextlib
 import importlib.util
+import io
 import os
 import pathlib
 import re
@@ -130,6 +131,30 @@ def _cleanup_on_sigterm() -> Iterator[None]:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+@contextlib.contextmanager
+def _tfds_output_in_the_log(progress_bars: bool) -> Iterator[None]:
+  """Keeps what tfds prints during a preparation off the console.
+
+  tfds prints 'Downloading and preparing dataset ...' and '... downloaded and
+  prepared to ...' on stdout, where a command writes only its result, and
+  draws a progress bar per stage. The lines are dropped (the command logs its
+  own) and the bars shown only where `progress_bars` asks for them (a
+  preparation long enough to need them); CIPS_JAX_VERBOSE=1 lets all of it
+  through.
+  """
+  if os.environ.get('CIPS_JAX_VERBOSE', '') not in ('', '0'):
+    yield
+    return
+  if not progress_bars:
+    tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    if not progress_bars:
+      tfds.display_progress_bar(True)
+
+
 def _check_leftovers(builder: tfds.core.DatasetBuilder) -> None:
   """Names what unfinished preparations left beside `builder`'s data.
 
@@ -170,9 +195,15 @@ def prepare_procedural(
   builder = builders.ProceduralLandscapes(
     config=config_name, data_dir=os.fspath(data_dir)
   )
-  if not builder.is_prepared():
-    _check_leftovers(builder)
-  with _cleanup_on_sigterm():
+  if builder.is_prepared():
+    return builder
+  _check_leftovers(builder)
+  logging.info(
+    'generating procedural_landscapes/%s in %s (first use; no download)',
+    config_name,
+    data_dir,
+  )
+  with _cleanup_on_sigterm(), _tfds_output_in_the_log(progress_bars=False):
     builder.download_and_prepare(file_format='array_record')
   return builder
 
@@ -341,7 +372,7 @@ def _prepare_images(
       )
   else:
     _check_leftovers(builder)
-  with _cleanup_on_sigterm():
+  with _cleanup_on_sigterm(), _tfds_output_in_the_log(progress_bars=True):
     try:
       builder.download_and_prepare(file_format='array_record')
     except BaseException:
@@ -395,7 +426,7 @@ def prepare_lsun_churches(
       'prepare_lsun_churches).'
     )
   builder = tfds.builder('lsun/church_outdoor', data_dir=os.fspath(data_dir))
-  with _cleanup_on_sigterm():
+  with _cleanup_on_sigterm(), _tfds_output_in_the_log(progress_bars=True):
     builder.download_and_prepare(
       download_dir=None if download_dir is None else os.fspath(download_dir),
       file_format='array_record',
