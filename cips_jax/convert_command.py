@@ -2,6 +2,8 @@
 
     # reference .pt -> an exported cips_jax generator
     python -m cips_jax.convert --checkpoint=FILE.pt --output=DIR [--which=g_ema]
+    # a training workdir -> its generator, exported (what pretrained/ holds)
+    python -m cips_jax.convert --checkpoint=WORKDIR --output=DIR [--which=g_ema]
     # cips_jax -> a torch.save file in the reference's layout
     python -m cips_jax.convert --to_torch --checkpoint=WORKDIR --output=RUN.pt
     python -m cips_jax.convert --to_torch --checkpoint=EXPORT --output=G.pt
@@ -39,8 +41,9 @@ from cips_jax import torch_pickle
 from cips_jax import train_state
 
 _CHECKPOINT, _WHICH = cli.define_checkpoint_flags(
-  'Input: a reference .pt file (training checkpoint or state dict); with '
-  '--to_torch, a training workdir or an exported generator.'
+  'Input: a reference .pt file (training checkpoint or state dict) or a '
+  'training workdir; with --to_torch, a training workdir or an exported '
+  'generator.'
 )
 _OUTPUT = flags.DEFINE_string(
   'output',
@@ -62,11 +65,19 @@ _GENERATOR_ONLY = flags.DEFINE_bool(
 flags.mark_flags_as_required(['checkpoint', 'output'])
 
 
-def from_torch() -> None:
-  """Reference .pt -> an exported cips_jax generator."""
-  module, variables = convert.load_torch_checkpoint(
-    _CHECKPOINT.value, which=_WHICH.value, activation=_ACTIVATION.value or None
-  )
+def export() -> None:
+  """A reference .pt or a training workdir -> an exported generator."""
+  if os.path.isdir(_CHECKPOINT.value):
+    # The workdir's latest checkpoint (or a step directory of one).
+    module, variables = loading.open_generator(
+      _CHECKPOINT.value, which=_WHICH.value
+    )
+  else:
+    module, variables = convert.load_torch_checkpoint(
+      _CHECKPOINT.value,
+      which=_WHICH.value,
+      activation=_ACTIVATION.value or None,
+    )
   count = models.param_count(variables)
   logging.info(
     'converted %s: %s with %d parameters',
@@ -128,7 +139,7 @@ def main(argv):
       raise errors.CheckpointError(
         '--generator_only only applies with --to_torch'
       )
-    from_torch()
+    export()
 
 
 if __name__ == '__main__':

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from cips_jax import checkpoints
 from cips_jax import convert
 from cips_jax import models
 from cips_jax import reference_run
@@ -186,3 +187,22 @@ def test_the_command_exports_a_training_run_and_a_generator(
     )
     assert result.returncode == 1 and message in result.stderr, result.stderr
   assert run_pt.read_bytes() == before
+
+
+def test_the_command_exports_a_workdirs_generator(tiny_run, tmp_path):
+  workdir, _ = tiny_run
+  _, gen, _, state = train_state.restore_run(workdir)
+  for which, params in (('g_ema', state.ema_params), ('g', state.g_params)):
+    output = tmp_path / which
+    result = support.run_python(
+      '-m',
+      'cips_jax.convert',
+      f'--checkpoint={workdir}',
+      f'--which={which}',
+      f'--output={output}',
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported_gen, variables = checkpoints.load_generator(str(output))
+    assert exported_gen.size == gen.size
+    assert exported_gen.hidden_size == gen.hidden_size
+    assert_trees_bit_equal(variables['params'], params)
