@@ -1,4 +1,4 @@
-"""FID and KID of a generator against its training data.
+"""FID and KID of a generator against its training data (or any data set).
 
     extractor = inception.InceptionFeatures(mesh=mesh)  # loads the weights
     evaluator = evaluation.Evaluator.create(
@@ -9,17 +9,22 @@
     scores = evaluator.evaluate(gen, params, num_samples=50_000)
 
 Real statistics (mean, covariance and up to `KID_FEATURES` feature vectors for
-KID) are computed once per dataset, resolution and image count, and cached under
-`WORKDIR/fid_stats/`. Generated images are rendered in batches sharded over the
-devices of the mesh, like training batches, and their Inception features
-streamed into float64 statistics, so memory does not grow with the number of
-samples.
+KID) are computed once per dataset, resolution, image count and seed, and
+cached: a training run's under `WORKDIR/fid_stats/`; in any other folder
+(`evaluator_for_data`, e.g. the evaluate command's DATA_DIR/fid_stats/) the
+file name also holds the prepared data set's fingerprint (`data_fingerprint`),
+so a data set prepared anew under the same name never reuses them.
+
+Generated images are rendered in batches sharded over the devices of the mesh,
+like training batches, and their Inception features streamed into float64
+statistics, so memory does not grow with the number of samples.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 from typing import Any, Callable, Iterator, Optional
@@ -64,6 +69,12 @@ def real_image_batches(
     images = []
     for i in indices[start : start + batch_size]:
       image = np.asarray(source[int(i)]['image'])
+      if min(image.shape[:2]) < resolution:
+        raise errors.DataError(
+          f'real image {int(i)} is {image.shape[0]}x{image.shape[1]}, smaller '
+          f'than the {resolution}x{resolution} frames compared: prepare the '
+          f'data set at resolution >= {resolution}'
+        )
       # Centre crops, not training's random crops: real statistics must be
       # deterministic to be cached.
       top = (image.shape[0] - resolution) // 2
@@ -151,10 +162,22 @@ def render_grids(
   return panorama, panorama[:, :resolution]
 
 
-def _stats_cache_dir(workdir: str) -> str:
+def data_fingerprint(source) -> str:
+  """8 hex digits that change when a prepared data set is prepared anew.
+
+  The SHA-256 of its tfds `dataset_info` (version, configuration, split sizes
+  and bytes); '' for a source without one (e.g. a list of records).
+  """
+  info = getattr(source, 'dataset_info', None)
+  if info is None:
+    return ''
+  return hashlib.sha256(info.as_json.encode()).hexdigest()[:8]
+
+
+def stats_cache_dir(workdir: str) -> str:
   """The folder of a run's workdir that caches real-image statistics.
 
-  `Evaluator.create` writes and reads them there.
+  `Evaluator.create` writes and reads them there (WORKDIR/fid_stats).
   """
   return os.path.join(workdir, 'fid_stats')
 
@@ -185,10 +208,14 @@ class Evaluator:
     batch_size: int = 64,
     seed: int = 0,
     progress: Optional[Callable[[int, int], None]] = None,
+    fingerprint: str = '',
   ) -> 'Evaluator':
     """Loads (or computes and caches) the real statistics.
 
-    The statistics are of `num_real` images.
+    The statistics are of `num_real` images (all, if the source has fewer),
+    centre crops of resolution^2, cached in `cache_dir` under a name holding
+    the dataset name, resolution, count, seed and `fingerprint` (if any; see
+    `data_fingerprint`). `coords` (H, W, 2) is the grid fakes are rendered on.
     """
     mesh = parallel.make_mesh() if mesh is None else mesh
     # Every device renders an equal share of each batch.
@@ -197,8 +224,8 @@ class Evaluator:
     # Everything the statistics depend on is in the name, so a cached file is
     # never reused for another choice of images.
     name = (
-      f'{dataset_name.replace("/", "_")}_{resolution}px_{num_real}'
-      f'_seed{seed}.npz'
+      f'{dataset_name.replace("/", "_")}_{resolution}px'
+      f'_{num_real}_seed{seed}{"_" + fingerprint if fingerprint else ""}.npz'
     )
     path = os.path.join(cache_dir, name)
     if os.path.exists(path):
@@ -289,6 +316,52 @@ def _sharded_renderer(gen, batch_size: int, mesh):
   )
 
 
+def evaluator_for_data(
+  source,
+  dataset_name: str,
+  resolution: int,
+  *,
+  cylindrical: bool,
+  cache_dir: str,
+  num_real: int,
+  batch_size: int,
+  seed: int,
+  inception_weights: Optional[str] = None,
+  mesh=None,
+  coords: Optional[np.ndarray] = None,
+  progress: Optional[Callable[[int, int], None]] = None,
+  fingerprint: str = '',
+) -> Evaluator:
+  """An `Evaluator` against any data set: the Inception network and statistics.
+
+  Reals are centre crops of resolution^2 of `source`'s images; fakes are
+  rendered on `coords` (H, W, 2), by default the second grid of `render_grids`
+  (resolution^2; an R x R window of the panorama for cylindrical models). Real
+  statistics are cached in `cache_dir` (see `Evaluator.create` for the key and
+  `fingerprint`). Raises FileNotFoundError, with where to get them, without the
+  Inception weights.
+  """
+  extractor = inception.InceptionFeatures(
+    path=inception_weights or None, mesh=mesh, batch_size=batch_size
+  )
+  if coords is None:
+    _, coords = render_grids(resolution, cylindrical, source)
+  return Evaluator.create(
+    extractor,
+    source,
+    dataset_name,
+    resolution,
+    coords,
+    cache_dir=cache_dir,
+    num_real=num_real,
+    mesh=mesh,
+    batch_size=batch_size,
+    seed=seed,
+    progress=progress,
+    fingerprint=fingerprint,
+  )
+
+
 def evaluator_for_run(
   config,
   workdir: str,
@@ -304,31 +377,26 @@ def evaluator_for_run(
 ) -> Evaluator:
   """The `Evaluator` of a training run: its data, grid and cached statistics.
 
-  Used by training (`config.logging.eval_*`) and by the evaluate command (its
-  flags). Fakes are rendered on the grid reals are compared on (`coords`,
-  default the second of `render_grids`, which a run computes once); real
-  statistics are cached in `_stats_cache_dir(workdir)`.
+  Used by training (`config.logging.eval_*`; the evaluate command resolves the
+  same values from a workdir's config and its flags). `evaluator_for_data` with
+  the config's data set, resolution and cylindrical setting; fakes are
+  rendered on `coords` (default the second of `render_grids`, which a run
+  computes once); real statistics are cached in `stats_cache_dir(workdir)`.
   Raises FileNotFoundError, with where to get them, without the Inception
   weights.
   """
-  extractor = inception.InceptionFeatures(
-    path=inception_weights or None, mesh=mesh, batch_size=batch_size
-  )
-  if coords is None:
-    _, coords = render_grids(
-      config.data.resolution, config.model.cylindrical, source
-    )
-  return Evaluator.create(
-    extractor,
+  return evaluator_for_data(
     source,
     config.data.name,
     config.data.resolution,
-    coords,
-    cache_dir=_stats_cache_dir(workdir),
+    cylindrical=config.model.cylindrical,
+    cache_dir=stats_cache_dir(workdir),
     num_real=num_real,
-    mesh=mesh,
     batch_size=batch_size,
     seed=seed,
+    inception_weights=inception_weights,
+    mesh=mesh,
+    coords=coords,
     progress=progress,
   )
 

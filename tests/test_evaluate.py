@@ -4,11 +4,16 @@ scores.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 
 import numpy as np
+from PIL import Image
 import pytest
 
+from cips_jax import checkpoints
+from cips_jax import data
 from cips_jax import evaluation
 from cips_jax import inversion
 from cips_jax import train
@@ -193,3 +198,197 @@ def test_inversion_with_an_inception_perceptual_term(extractor):
   )
   with pytest.raises(ValueError, match='perceptual function'):
     inversion.invert(gen, variables, target, steps=1, perceptual_weight=1.0)
+
+
+# Scoring any generator against any prepared data set, without a workdir: the
+# model card's export against a few of its emoji.
+PRETRAINED = support.REPO / 'pretrained' / 'noto_emoji'
+SMALL_EVALUATION = ('--num_samples=8', '--num_real=8', '--batch_size=8')
+
+
+def prepare_emoji(root, count: int = 16, first: int = 0):
+  """`count` of tests/data's 32x32 Noto emoji (from index `first`), prepared.
+
+  Written as PNGs to ROOT/png and prepared like the card's data set (`python
+  -m cips_jax.data folder ... --resolution=32`) as image_folder/noto_emoji
+  under ROOT/data; returns that data root.
+  """
+  folder = root / 'png'
+  folder.mkdir(parents=True, exist_ok=True)
+  images = np.load(support.DATA / 'noto_emoji_32.npz')['images']
+  images = images[first : first + count]
+  for i, image in enumerate(images):
+    Image.fromarray(image).save(folder / f'{i:03d}.png')
+  data.prepare_image_folder(folder, root / 'data', 32, 'noto_emoji')
+  return root / 'data'
+
+
+@pytest.fixture(scope='module')
+def emoji_data(tmp_path_factory):
+  return prepare_emoji(tmp_path_factory.mktemp('emoji'))
+
+
+@pytest.fixture(scope='module')
+def scored_without_workdir(emoji_data, extractor, tmp_path_factory):
+  """(command result, its --out) of the export against `emoji_data`."""
+  del extractor  # only here to skip without weights
+  out = tmp_path_factory.mktemp('scores') / 'scores.json'
+  result = run_evaluate(
+    f'--checkpoint={PRETRAINED}',
+    '--data=image_folder/noto_emoji',
+    f'--data_dir={emoji_data}',
+    f'--out={out}',
+    *SMALL_EVALUATION,
+  )
+  return result, out
+
+
+def test_evaluate_scores_an_export_against_prepared_data_without_a_workdir(
+  scored_without_workdir, emoji_data
+):
+  pretrained_before = sorted(p.name for p in PRETRAINED.iterdir())
+  result, out = scored_without_workdir
+  assert result.returncode == 0, result.stderr[-3000:]
+  printed = json.loads(result.stdout.strip().splitlines()[-1])
+  assert printed == json.loads(out.read_text())
+  assert printed['label'] == 'noto_emoji'
+  assert printed['dataset'] == 'image_folder/noto_emoji'
+  assert printed['resolution'] == 32  # the generator's own frames
+  assert printed['num_fake'] == 8 and printed['num_real'] == 8
+  assert np.isfinite(printed['fid']) and printed['fid'] > 0
+  # The real statistics are cached beside the prepared data, keyed by the data
+  # set's fingerprint, computed alike in this process.
+  fingerprint = evaluation.data_fingerprint(
+    data.open_source(emoji_data, 'image_folder/noto_emoji')
+  )
+  assert len(fingerprint) == 8
+  assert [p.name for p in (emoji_data / 'fid_stats').iterdir()] == [
+    f'image_folder_noto_emoji_32px_8_seed0_{fingerprint}.npz'
+  ]
+  # Nothing is written beside the checkpoint.
+  assert sorted(p.name for p in PRETRAINED.iterdir()) == pretrained_before
+
+
+def emoji_config(data_dir):
+  """experiments/emoji.py, the config of the run the card's model comes from,
+  reading `data_dir`.
+  """
+  path = support.REPO / 'experiments' / 'emoji.py'
+  spec = importlib.util.spec_from_file_location('emoji_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.data_dir = str(data_dir)
+  return config
+
+
+def test_without_a_workdir_the_scores_equal_the_workdir_routes(
+  scored_without_workdir, emoji_data, tmp_path
+):
+  result, out = scored_without_workdir
+  assert result.returncode == 0, result.stderr[-3000:]
+  without = json.loads(out.read_text())
+  # The card's own command: a workdir of experiments/emoji.py (its config is
+  # all the route reads of it; the state is a placeholder) and the export.
+  workdir = tmp_path / 'emoji'
+  checkpoints.TrainCheckpoints(
+    str(workdir / 'checkpoints'), keep=1, config=emoji_config(emoji_data)
+  ).save(0, {'placeholder': np.zeros(1, np.float32)})
+  result = run_evaluate(
+    f'--workdir={workdir}', f'--checkpoint={PRETRAINED}', *SMALL_EVALUATION
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  with_workdir = json.loads(
+    (workdir / 'eval' / 'scores_noto_emoji_8.json').read_text()
+  )
+  # Its own real statistics, in the workdir's cache under the names runs use.
+  assert [p.name for p in (workdir / 'fid_stats').iterdir()] == [
+    'image_folder_noto_emoji_32px_8_seed0.npz'
+  ]
+  for key in ('fid', 'kid', 'kid_std'):
+    assert with_workdir[key] == pytest.approx(without[key], rel=1e-6), key
+  for key in ('num_real', 'num_fake', 'label', 'dataset', 'resolution'):
+    assert with_workdir[key] == without[key], key
+
+
+def test_the_data_fingerprint_changes_when_the_data_set_is_prepared_anew(
+  tmp_path,
+):
+  name = 'image_folder/noto_emoji'
+  root = prepare_emoji(tmp_path, count=6)
+  fingerprint = evaluation.data_fingerprint(data.open_source(root, name))
+  # Stable: the same prepared data, opened again.
+  assert evaluation.data_fingerprint(data.open_source(root, name)) == (
+    fingerprint
+  )
+  # Deleted and prepared again, from the same folder, root and name, as many
+  # other images: a cache keyed by name, resolution and count alone would
+  # take one set's statistics for the other's.
+  shutil.rmtree(root / 'image_folder')
+  shutil.rmtree(tmp_path / 'png')
+  assert prepare_emoji(tmp_path, count=6, first=6) == root
+  assert evaluation.data_fingerprint(data.open_source(root, name)) != (
+    fingerprint
+  )
+  assert evaluation.data_fingerprint([{'image': None}]) == ''
+
+
+def error_line(result) -> str:
+  """The one line a command's error is, or fails."""
+  assert result.returncode == 1 and 'Traceback' not in result.stderr, (
+    result.stderr[-3000:]
+  )
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith('cips_jax.evaluate: error: '), result.stderr[-3000:]
+  return line
+
+
+def test_evaluate_without_a_workdir_names_missing_flags_in_one_line(tmp_path):
+  assert 'give --workdir=DIR (a training run) or --checkpoint=PATH' in (
+    error_line(run_evaluate())
+  )
+  line = error_line(run_evaluate(f'--checkpoint={PRETRAINED}'))
+  assert (
+    f'--checkpoint={PRETRAINED} without --workdir needs --data=NAME' in line
+  )
+  line = error_line(
+    run_evaluate(
+      f'--checkpoint={PRETRAINED}',
+      '--data=image_folder/noto_emoji',
+      f'--data_dir={tmp_path}',
+    )
+  )
+  assert '--out=FILE.json is required without --workdir' in line
+
+
+def test_evaluate_without_a_workdir_refuses_missing_or_mismatched_data(
+  emoji_data, exported_generators, tmp_path
+):
+  out = f'--out={tmp_path / "scores.json"}'
+  # Not prepared: the data error, naming the command that prepares it.
+  result = run_evaluate(
+    f'--checkpoint={PRETRAINED}',
+    '--data=image_folder/missing',
+    f'--data_dir={emoji_data}',
+    out,
+  )
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert (
+    "cips_jax.evaluate: error: no prepared data set 'image_folder/missing'"
+    in result.stderr
+  )
+  assert 'python -m cips_jax.data folder' in result.stderr
+  # An 8x8 generator against 32x32 images: centre crops would be another scale.
+  line = error_line(
+    run_evaluate(
+      f'--checkpoint={exported_generators[False]}',
+      '--data=image_folder/noto_emoji',
+      f'--data_dir={emoji_data}',
+      out,
+    )
+  )
+  assert (
+    'its images are 32x32, but the generator draws 8x8 frames; prepare the '
+    'data at --resolution=8'
+  ) in line
+  assert not (tmp_path / 'scores.json').exists()
