@@ -51,6 +51,9 @@ setup(
     # benchmarks/tpu_compile.py and tests/test_tpu_compile.py: compiling for
     # TPU slices on a machine without one. About 680 MB.
     'tpu': ['jax[tpu]'],
+    # TensorBoard, to read a workdir's curves and sample grids (training
+    # writes its event files without it).
+    'tensorboard': ['tensorboard'],
     # Preparing a data set from an LMDB (LSUN's own, or the reference
     # prepare_data.py's): python -m cips_jax.data lmdb.
     'lmdb': ['lmdb'],

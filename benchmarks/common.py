@@ -129,14 +129,29 @@ _MACHINE = {
 }
 
 
+def _cpu_model() -> str:
+  """The CPU's model name ('AMD EPYC ...', 'Intel(R) Xeon(R) ...'), or ''."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return ''
+
+
 def machine(*entries: str | tuple[str, str]) -> dict[str, Any]:
   """The machine and JAX install a benchmark ran on, in its JSON's words.
 
-  Each entry is one of `_MACHINE`'s names, or a pair (key, name) that reports
+  The CPU's model name is always there (`cpu`). Each entry is one of
+  `_MACHINE`'s names, or a pair (key, name) that reports
   that name under another key: each script keeps the keys its JSON files
   already have (`('devices', 'device_kinds')` in run_all.py).
   """
-  described = {}
+  # Always the CPU: the project's machines are of two kinds whose speeds
+  # differ about 2x, and a figure must say which made it.
+  described = {'cpu': _cpu_model()}
   for entry in entries:
     key, name = (entry, entry) if isinstance(entry, str) else entry
     described[key] = _MACHINE[name]()

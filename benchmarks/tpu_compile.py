@@ -701,7 +701,7 @@ def ci_programs() -> dict[str, Callable]:
 
 def run(programs, target_names, out_path: Optional[str]) -> dict:
   results = {
-    'machine': {**common.machine('cpu_count', 'jax'), 'cpu': _cpu_model()},
+    'machine': common.machine('cpu_count', 'jax'),
     'libtpu': importlib.metadata.version('libtpu'),
     'targets': {},
   }
@@ -756,17 +756,6 @@ def recount(path: str) -> None:
       own = own_count(PROGRAMS[program](mesh), target)
       found.update(counted(found, own, target))
   _write(path, with_capacity(results))
-
-
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return ''
 
 
 def _write(path: str, results: dict) -> None:

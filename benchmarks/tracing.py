@@ -55,23 +55,12 @@ def trace_seconds(config, staged: bool, repeats: int) -> dict[str, float]:
   return seconds
 
 
-def _cpu_model() -> str:
-  with open('/proc/cpuinfo') as f:
-    for line in f:
-      if line.startswith('model name'):
-        return line.split(':', 1)[1].strip()
-  return ''
-
-
 def main(argv):
   common.check_no_arguments(argv)
   cases = {'tiny_8x8': common.train_config(8, 4, smoke=True)}
   if not _SMOKE.value:
     cases['churches_256'] = common.train_config(256, 4)
-  report = {
-    'machine': {**common.machine('cpu_count', 'jax'), 'cpu': _cpu_model()},
-    'cases': {},
-  }
+  report = {'machine': common.machine('cpu_count', 'jax'), 'cases': {}}
   for name, config in cases.items():
     staged = trace_seconds(config, True, _REPEATS.value)
     pinned = trace_seconds(config, False, _REPEATS.value)

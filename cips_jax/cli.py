@@ -147,10 +147,15 @@ class _OwnInfoOnly(logging_lib.Filter):
   # This package's own folder: its records are kept whatever their level.
   package = os.path.dirname(os.path.abspath(__file__)) + os.sep
   # Warnings that ask nothing of a user of these commands: tfds recommends
-  # OpenCV for decoding (not the bottleneck here), and notes a data set's
-  # missing info file while checking whether it is prepared yet (a partial
-  # one is refused by name: `data.preparation`).
-  not_for_users = ('OpenCV is not installed', 'Variant folder ')
+  # OpenCV for decoding (not the bottleneck here), notes a data set's missing
+  # info file while checking whether it is prepared yet (a partial one is
+  # refused by name: `data.preparation`) and calls every folder or LMDB
+  # builder's configuration custom (it is made per data set by design).
+  not_for_users = (
+    'OpenCV is not installed',
+    'Variant folder ',
+    'Using custom data configuration',
+  )
 
   def filter(self, record):
     if record.pathname.startswith(self.package):

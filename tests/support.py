@@ -16,8 +16,10 @@ import sys
 
 import jax
 import numpy as np
+from PIL import Image
 
 from cips_jax import checkpoints
+from cips_jax import data
 from cips_jax import grids
 from cips_jax import models
 from cips_jax import parallel
@@ -179,3 +181,20 @@ def foreign_console_lines(text: str) -> list[str]:
     ):
       foreign.append(line)
   return foreign
+
+
+def prepare_emoji(root, count: int = 16, first: int = 0):
+  """`count` of tests/data's 32x32 Noto emoji (from index `first`), prepared.
+
+  Written as PNGs to ROOT/png and prepared like the card's data set (`python
+  -m cips_jax.data folder ... --resolution=32`) as image_folder/noto_emoji
+  under ROOT/data; returns that data root.
+  """
+  folder = root / 'png'
+  folder.mkdir(parents=True, exist_ok=True)
+  images = np.load(DATA / 'noto_emoji_32.npz')['images']
+  images = images[first : first + count]
+  for i, image in enumerate(images):
+    Image.fromarray(image).save(folder / f'{i:03d}.png')
+  data.prepare_image_folder(folder, root / 'data', 32, 'noto_emoji')
+  return root / 'data'

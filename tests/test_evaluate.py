@@ -9,7 +9,6 @@ import json
 import shutil
 
 import numpy as np
-from PIL import Image
 import pytest
 
 from cips_jax import checkpoints
@@ -206,26 +205,9 @@ PRETRAINED = support.REPO / 'pretrained' / 'noto_emoji'
 SMALL_EVALUATION = ('--num_samples=8', '--num_real=8', '--batch_size=8')
 
 
-def prepare_emoji(root, count: int = 16, first: int = 0):
-  """`count` of tests/data's 32x32 Noto emoji (from index `first`), prepared.
-
-  Written as PNGs to ROOT/png and prepared like the card's data set (`python
-  -m cips_jax.data folder ... --resolution=32`) as image_folder/noto_emoji
-  under ROOT/data; returns that data root.
-  """
-  folder = root / 'png'
-  folder.mkdir(parents=True, exist_ok=True)
-  images = np.load(support.DATA / 'noto_emoji_32.npz')['images']
-  images = images[first : first + count]
-  for i, image in enumerate(images):
-    Image.fromarray(image).save(folder / f'{i:03d}.png')
-  data.prepare_image_folder(folder, root / 'data', 32, 'noto_emoji')
-  return root / 'data'
-
-
 @pytest.fixture(scope='module')
 def emoji_data(tmp_path_factory):
-  return prepare_emoji(tmp_path_factory.mktemp('emoji'))
+  return support.prepare_emoji(tmp_path_factory.mktemp('emoji'))
 
 
 @pytest.fixture(scope='module')
@@ -315,7 +297,7 @@ def test_the_data_fingerprint_changes_when_the_data_set_is_prepared_anew(
   tmp_path,
 ):
   name = 'image_folder/noto_emoji'
-  root = prepare_emoji(tmp_path, count=6)
+  root = support.prepare_emoji(tmp_path, count=6)
   fingerprint = evaluation.data_fingerprint(data.open_source(root, name))
   # Stable: the same prepared data, opened again.
   assert evaluation.data_fingerprint(data.open_source(root, name)) == (
@@ -326,7 +308,7 @@ def test_the_data_fingerprint_changes_when_the_data_set_is_prepared_anew(
   # take one set's statistics for the other's.
   shutil.rmtree(root / 'image_folder')
   shutil.rmtree(tmp_path / 'png')
-  assert prepare_emoji(tmp_path, count=6, first=6) == root
+  assert support.prepare_emoji(tmp_path, count=6, first=6) == root
   assert evaluation.data_fingerprint(data.open_source(root, name)) != (
     fingerprint
   )

@@ -1,10 +1,11 @@
-"""The demo notebook runs top to bottom (in its TINY mode) and shows every one
-of its pictures.
+"""The demo notebook runs top to bottom and shows every one of its pictures.
 
 notebooks/cips_jax_demo.ipynb is executed in a fresh Jupyter kernel with
-nbclient, with CIPS_DEMO_TINY=1 (a few training steps, small renders) and
-CIPS_DEMO_WORKDIR in a temporary directory. Each picture cell carries a tag
-`picture:<name>` and must display a PNG.
+nbclient, with CIPS_DEMO_WORKDIR in a temporary directory, twice:
+- its default path, as a user meets it: the shipped models, nothing trained;
+- its training path (CIPS_DEMO_TRAIN=1) in TINY mode (CIPS_DEMO_TINY=1: a few
+  training steps of small models, small renders).
+Each picture cell carries a tag `picture:<name>` and must display a PNG.
 """
 
 from __future__ import annotations
@@ -75,14 +76,17 @@ def test_notebook_is_stored_without_outputs():
   assert sorted(tagged) == sorted(f'picture:{name}' for name in PICTURES)
 
 
-def test_notebook_runs_and_shows_every_picture(tmp_path, monkeypatch):
+@pytest.mark.parametrize('path', ['default', 'training'])
+def test_notebook_runs_and_shows_every_picture(tmp_path, monkeypatch, path):
   nbclient, nbformat = _notebook_tools()
   nb = nbformat.read(NOTEBOOK, as_version=4)
 
-  # The kernel inherits this environment: TINY mode, a private workdir, and this
-  # checkout first on its path, so it imports the package under test whatever
-  # else is installed.
-  monkeypatch.setenv('CIPS_DEMO_TINY', '1')
+  # The kernel inherits this environment: the path, a private workdir, and
+  # this checkout first on its path, so it imports the package under test
+  # whatever else is installed.
+  training = path == 'training'
+  monkeypatch.setenv('CIPS_DEMO_TINY', '1' if training else '0')
+  monkeypatch.setenv('CIPS_DEMO_TRAIN', '1' if training else '0')
   monkeypatch.setenv('CIPS_DEMO_WORKDIR', str(tmp_path / 'workdir'))
   monkeypatch.setenv(
     'PYTHONPATH',
@@ -107,7 +111,18 @@ def test_notebook_runs_and_shows_every_picture(tmp_path, monkeypatch):
   assert f'from {REPO / "cips_jax"}' in text, (
     'the kernel did not import this checkout'
   )
-  assert 'TINY=True' in text
+  assert f'TINY={training}' in text
+  workdir = tmp_path / 'workdir'
+  trained = sorted(
+    p.name for p in workdir.iterdir() if (p / 'checkpoints').is_dir()
+  )
+  if training:
+    assert trained == ['panorama_tiny', 'quickstart_tiny'], trained
+  else:
+    # The default path opens the models in the box and trains nothing.
+    assert trained == [], trained
+    for model in ('noto_emoji', 'panorama_cpu'):
+      assert f'opening {REPO / "pretrained" / model}' in text, model
 
   pictures = {}
   for cell in nb.cells:

@@ -31,6 +31,7 @@ import sys
 
 import lmdb
 import numpy as np
+from packaging.requirements import Requirement
 from PIL import Image
 import pytest
 
@@ -117,6 +118,8 @@ class Sandbox:
           )
           transaction.put(f'church{seed:03d}'.encode(), encoded.getvalue())
     shutil.copy(REFERENCE_PT, root / 'churches.pt')
+    # The model card's data set (16 of the emoji), for its evaluate command.
+    self.emoji_data = support.prepare_emoji(root / 'emoji')
     self.port = support.free_port()
 
   def substitute(self, command: str) -> list[str]:
@@ -136,6 +139,8 @@ class Sandbox:
       ('--resolution=256', '--resolution=16'),
     ):
       command = command.replace(old, new)
+    if '--data=image_folder/noto_emoji' in command:
+      command = re.sub(r'\bDATA\b', str(self.emoji_data), command)
     # The session's data root: its procedural sets are already prepared.
     command = re.sub(r'\bDATA\b', str(self.data_dir), command)
     return shlex.split(command)
@@ -277,6 +282,8 @@ def test_pip_and_ci_commands_are_what_ci_runs():
       assert "-e '.[test" in ci  # a superset of the plain install
     elif command == "pip install -e '.[lsun]'":
       assert "'lsun': [" in setup
+    elif command == "pip install -e '.[tensorboard]'":
+      assert "'tensorboard': ['tensorboard']" in setup
     elif command == "pip install -e '.[lmdb]'":
       # CI installs the test extra, which includes lmdb.
       assert "'lmdb': [" in setup and "'lmdb'," in setup
@@ -369,3 +376,55 @@ def test_benchmark_commands(results):
   assert process.returncode != 0 and 'no accelerator' in process.stderr, (
     process.stderr[-2000:]
   )
+
+
+def test_constraints_pin_every_requirement_within_its_bounds():
+  pins = {}
+  for line in (REPO / 'constraints.txt').read_text().splitlines():
+    if line and not line.startswith('#'):
+      name, version = line.split('==')
+      pins[re.sub(r'[-_.]+', '-', name).lower()] = version
+  setup = (REPO / 'setup.py').read_text()
+  extras = re.findall(r"'(?:test|tpu)': \[([^\]]*)\]", setup)
+  wanted = [
+    line.split('#')[0].strip()
+    for line in (REPO / 'requirements.txt').read_text().splitlines()
+  ] + re.findall(r"'([^']+)'", ' '.join(extras))
+  for text in filter(None, wanted):
+    requirement = Requirement(text)
+    name = re.sub(r'[-_.]+', '-', requirement.name).lower()
+    assert name in pins, f'{name} is not pinned in constraints.txt'
+    assert requirement.specifier.contains(pins[name]), (text, pins[name])
+  assert 'libtpu' in pins  # what jax[tpu] brings
+  assert '-c constraints.txt' in (REPO / '.ci' / 'run').read_text()
+
+
+def test_the_library_example_runs_on_the_model_in_the_box(tmp_path):
+  text = README.read_text()
+  section = text[text.index('## Use it as a library') :]
+  block = section[section.index('```python\n') + 10 :]
+  block = block[: block.index('```')]
+  assert "loading.open_generator('pretrained/noto_emoji')" in block
+  script = tmp_path / 'example.py'
+  script.write_text(
+    block.replace(
+      "'pretrained/noto_emoji'", repr(str(REPO / 'pretrained' / 'noto_emoji'))
+    )
+  )
+  process = run(['python', str(script)], tmp_path, timeout=300)
+  assert process.returncode == 0, process.stderr[-3000:]
+  with Image.open(tmp_path / 'samples.png') as grid:
+    assert min(grid.size) > 2 * 32  # eight 32x32 samples, tiled
+  with Image.open(tmp_path / 'big.png') as big:
+    assert big.size == (256, 256)
+    assert np.asarray(big).std() > 0
+
+
+def test_commands_print_only_their_own_lines(results):
+  noisy = {}
+  for command, process in results[1].items():
+    if command.startswith('python -m cips_jax') and process.returncode == 0:
+      lines = support.foreign_console_lines(process.stdout + process.stderr)
+      if lines:
+        noisy[command] = lines[:5]
+  assert not noisy, noisy
