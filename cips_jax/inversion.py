@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Callable, Optional
 
 import jax
@@ -42,13 +41,6 @@ from cips_jax import sampling
 from cips_jax.metrics import inception
 
 SPACES = ('w', 'pixel_w')
-
-# The steps run in compiled chunks, a loop of up to MAX_CHUNK_STEPS steps in
-# one jit call, sized from the measured step time to take about CHUNK_SECONDS:
-# one dispatch and one wait per chunk, not per step, and a progress update
-# (and the losses) every CHUNK_SECONDS or so.
-MAX_CHUNK_STEPS = 64
-CHUNK_SECONDS = 0.5
 
 
 @dataclasses.dataclass
@@ -151,7 +143,7 @@ def invert(
       `(images (1, H, W, 3), targets (1, H, W, 3)) -> scalar`.
     perceptual_weight: its weight.
     seed: seeds the w_avg estimate.
-    progress: called as progress(steps_done, steps) after each chunk, e.g. a
+    progress: called as progress(steps_done, steps) after each step, e.g. a
       `progress.ProgressBar(unit='steps')`; the last call has steps_done ==
       steps.
   Returns:
@@ -187,44 +179,25 @@ def invert(
 
   optimizer = optax.adam(learning_rate)
 
-  # Compiled per call (it closes over gen, the optimizer and `perceptual`), and
-  # once: `count` is traced, so chunks of every length share one program.
+  # Compiled per call: it closes over gen, the optimizer and `perceptual`.
+  # One jitted step per call, not a loop of steps in one program: XLA:CPU ran
+  # the Inception term's convolutions inside a while loop some 50x slower.
   @jax.jit
-  def run_chunk(w, opt_state, count, variables, target, coords):
-    def step(i, carry):
-      w, opt_state, losses, mses = carry
-      (loss, (mse, _)), grad = jax.value_and_grad(objective, has_aux=True)(
-        w, variables, target, coords
-      )
-      updates, opt_state = optimizer.update(grad, opt_state, w)
-      # Loss and mse before the update, in slot i of the chunk's record.
-      losses = losses.at[i].set(loss.astype(jnp.float32))
-      mses = mses.at[i].set(mse.astype(jnp.float32))
-      return optax.apply_updates(w, updates), opt_state, losses, mses
-
-    empty = jnp.zeros((MAX_CHUNK_STEPS,), jnp.float32)
-    return jax.lax.fori_loop(0, count, step, (w, opt_state, empty, empty))
+  def step(w, opt_state, variables, target, coords):
+    (loss, (mse, _)), grad = jax.value_and_grad(objective, has_aux=True)(
+      w, variables, target, coords
+    )
+    updates, opt_state = optimizer.update(grad, opt_state, w)
+    return optax.apply_updates(w, updates), opt_state, loss, mse
 
   losses, mses = [], []
   opt_state = optimizer.init(w)
-  # One step first: that chunk's time is mostly compilation.
-  done, count = 0, 1
-  while done < steps:
-    count = min(count, steps - done)
-    start = time.perf_counter()
-    w, opt_state, chunk_losses, chunk_mses = run_chunk(
-      w, opt_state, np.int32(count), variables, target, coords
-    )
-    # np.asarray waits for the chunk: at most one is in flight.
-    losses.extend(np.asarray(chunk_losses)[:count].tolist())
-    mses.extend(np.asarray(chunk_mses)[:count].tolist())
-    seconds = time.perf_counter() - start
-    if done:  # past the compiling first chunk: size the next from this one
-      next_count = CHUNK_SECONDS * count / max(seconds, 1e-6)
-    else:
-      next_count = count
-    done += count
-    count = int(np.clip(next_count, 1, MAX_CHUNK_STEPS))
+  for done in range(1, steps + 1):
+    # Loss and mse before the update; float() waits for the step, so at most
+    # one is in flight.
+    w, opt_state, loss, mse = step(w, opt_state, variables, target, coords)
+    losses.append(float(loss))
+    mses.append(float(mse))
     if progress is not None:
       progress(done, steps)
   # One more evaluation at the final w, so psnr[-1] and `image` describe the
