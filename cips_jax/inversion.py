@@ -181,7 +181,7 @@ def invert(
 
   # Compiled per call: it closes over gen, the optimizer and `perceptual`.
   # One jitted step per call, not a loop of steps in one program: XLA:CPU ran
-  # the Inception term's convolutions inside a while loop some 50x slower.
+  # the Inception term's convolutions inside a while loop some 17x slower.
   @jax.jit
   def step(w, opt_state, variables, target, coords):
     (loss, (mse, _)), grad = jax.value_and_grad(objective, has_aux=True)(
