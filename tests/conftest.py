@@ -116,6 +116,7 @@ SLOW_MODULES = frozenset(
     'test_sharded_embedding.py',  # an 8-device process
     'test_torch_export.py',  # the shared 120-step run, exported
     'test_tpu_compile.py',  # XLA:TPU compiling for a 16-chip slice
+    'test_console.py',  # first commands as a user runs them, each a process
   }
 )
 

@@ -77,7 +77,9 @@ def test_notebook_is_stored_without_outputs():
 
 
 @pytest.mark.parametrize('path', ['default', 'training'])
-def test_notebook_runs_and_shows_every_picture(tmp_path, monkeypatch, path):
+def test_notebook_runs_and_shows_every_picture(
+  tmp_path, monkeypatch, path, data_dir
+):
   nbclient, nbformat = _notebook_tools()
   nb = nbformat.read(NOTEBOOK, as_version=4)
 
@@ -87,6 +89,8 @@ def test_notebook_runs_and_shows_every_picture(tmp_path, monkeypatch, path):
   training = path == 'training'
   monkeypatch.setenv('CIPS_DEMO_TINY', '1' if training else '0')
   monkeypatch.setenv('CIPS_DEMO_TRAIN', '1' if training else '0')
+  # The session's procedural data, already generated: not again per run.
+  monkeypatch.setenv('CIPS_DEMO_DATA', str(data_dir))
   monkeypatch.setenv('CIPS_DEMO_WORKDIR', str(tmp_path / 'workdir'))
   monkeypatch.setenv(
     'PYTHONPATH',

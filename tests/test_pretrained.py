@@ -47,10 +47,11 @@ def test_the_shipped_model_draws_emoji_not_noise(shipped):
   gen, variables = shipped
   reals = np.load(REALS)['images']
   assert reals.shape == (256, 32, 32, 3) and gen.size == 32
-  trained = swd.sliced_wasserstein(reals, samples(gen, variables, 256), seed=0)
+  reals = reals[:128]  # enough: the two distances differ about 5x
+  trained = swd.sliced_wasserstein(reals, samples(gen, variables, 128), seed=0)
   fresh_variables = models.init(gen, jax.random.PRNGKey(1))
   fresh = swd.sliced_wasserstein(
-    reals, samples(gen, fresh_variables, 256), seed=0
+    reals, samples(gen, fresh_variables, 128), seed=0
   )
   # A broken export or loader renders a fresh model's noise (or worse).
   assert trained['swd_mean'] < 0.5 * fresh['swd_mean'], (trained, fresh)
@@ -111,7 +112,7 @@ def _names_its_software(card: str) -> None:
 def test_the_shipped_panorama_model_closes_and_draws_panoramas():
   gen, variables = loading.open_generator(str(PANORAMA))
   assert gen.cylindrical and gen.size == 64
-  z = jax.random.normal(jax.random.PRNGKey(0), (16, gen.style_dim))
+  z = jax.random.normal(jax.random.PRNGKey(0), (8, gen.style_dim))
   coords = grids.cylindrical(64, 256)
   pictures = images.to_uint8(sampling.generate(gen, variables, z, coords))
   # x = -1 and x = 1 are one place on the cylinder: the same pixels.
@@ -129,7 +130,7 @@ def test_the_shipped_panorama_model_closes_and_draws_panoramas():
   def windows(panoramas):
     return np.concatenate(np.split(np.asarray(panoramas), 4, axis=2))
 
-  reals = np.stack([procedural.panorama(seed, 64, 256) for seed in range(16)])
+  reals = np.stack([procedural.panorama(seed, 64, 256) for seed in range(8)])
   trained = swd.sliced_wasserstein(windows(reals), windows(pictures), seed=0)
   fresh = images.to_uint8(
     sampling.generate(gen, models.init(gen, jax.random.PRNGKey(1)), z, coords)
