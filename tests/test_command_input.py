@@ -5,6 +5,7 @@ the machine, and interruptions: one line each, and nothing half-written.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -193,20 +194,33 @@ def test_help_lists_the_commands_own_flags_and_exits_0(command):
 
 
 def test_a_command_prints_its_own_lines_only(tmp_path):
+  # As a user runs it: without the suite's JAX_PLATFORMS=cpu, jax probes every
+  # backend it has (libtpu, from the `tpu` extra, writes to stderr when no TPU
+  # is there).
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ('JAX_PLATFORMS', 'CIPS_JAX_VERBOSE')
+  }
   out = tmp_path / 'grid.png'
-  result = _command(
+  result = support.run_python(
+    '-m',
     'cips_jax.sample',
     f'--checkpoint={support.REPO / "pretrained" / "noto_emoji"}',
     '--mode=grid',
     '--num_images=4',
     f'--out={out}',
+    cwd=tmp_path,
+    env=env,
+    timeout=300,
   )
   assert result.returncode == 0, result.stderr[-2000:]
-  # absl's INFO lines look like 'I1207 00:50:09.00 123 file.py:42] ...'.
-  library_lines = [
-    line for line in result.stderr.splitlines() if re.match(r'I\d{4} ', line)
-  ]
-  assert library_lines == [], library_lines
+  # stdout: the one JSON line; stderr: the render's progress bar, no other
+  # line (absl's INFO lines look like 'I1207 00:50:09.00 123 file.py:42] ...').
+  (line,) = result.stdout.splitlines()
+  assert json.loads(line)['out'] == str(out)
+  drawn = [s for s in re.split(r'[\r\n]+', result.stderr) if s.strip()]
+  assert drawn and all(s.startswith('rendering ') for s in drawn), drawn
   assert out.exists()
   # CIPS_JAX_VERBOSE=1 brings them back (orbax's, for one).
   verbose = support.run_python(

@@ -1,20 +1,15 @@
 """What a newcomer's first commands print: their own progress and result only.
 
 The commands run as a user runs them: without the suite's JAX_PLATFORMS=cpu,
-so jax probes every backend it has (libtpu, installed here with the `tpu`
-extra, probes for a TPU and writes to stderr when there is none), and on a
-data folder tfds has never seen.
+so jax probes every backend it has, and on a data folder tfds has never seen.
+(The sampling command's console: tests/test_command_input.py.)
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 
 import support
-
-BOX = support.REPO / 'pretrained' / 'noto_emoji'
 
 
 def _as_a_user_runs_it() -> dict[str, str]:
@@ -22,27 +17,6 @@ def _as_a_user_runs_it() -> dict[str, str]:
   env.pop('JAX_PLATFORMS', None)
   env.pop('CIPS_JAX_VERBOSE', None)
   return env
-
-
-def test_sampling_the_model_in_the_box_prints_its_result_only(tmp_path):
-  out = tmp_path / 'grid.png'
-  process = support.run_python(
-    '-m',
-    'cips_jax.sample',
-    f'--checkpoint={BOX}',
-    '--mode=grid',
-    '--num_images=4',
-    f'--out={out}',
-    cwd=tmp_path,
-    env=_as_a_user_runs_it(),
-    timeout=300,
-  )
-  assert process.returncode == 0, process.stderr[-3000:]
-  (line,) = process.stdout.splitlines()
-  assert json.loads(line)['out'] == str(out)
-  # stderr holds the render's progress bar and nothing else.
-  drawn = [s for s in re.split(r'[\r\n]+', process.stderr) if s.strip()]
-  assert drawn and all(s.startswith('rendering ') for s in drawn), drawn
 
 
 def test_the_oracle_names_the_libraries_lines():

@@ -118,8 +118,6 @@ class Sandbox:
           )
           transaction.put(f'church{seed:03d}'.encode(), encoded.getvalue())
     shutil.copy(REFERENCE_PT, root / 'churches.pt')
-    # The model card's data set (16 of the emoji), for its evaluate command.
-    self.emoji_data = support.prepare_emoji(root / 'emoji')
     self.port = support.free_port()
 
   def substitute(self, command: str) -> list[str]:
@@ -139,8 +137,6 @@ class Sandbox:
       ('--resolution=256', '--resolution=16'),
     ):
       command = command.replace(old, new)
-    if '--data=image_folder/noto_emoji' in command:
-      command = re.sub(r'\bDATA\b', str(self.emoji_data), command)
     # The session's data root: its procedural sets are already prepared.
     command = re.sub(r'\bDATA\b', str(self.data_dir), command)
     return shlex.split(command)
