@@ -84,13 +84,26 @@ def pytest_unconfigure(config):
 # their usual order). With `--dist loadscope` a module runs whole on one
 # worker, so a long one collected last would leave the other worker idle.
 _LONGEST_FIRST = (
-  'test_readme.py',  # ~220
-  'test_train_e2e.py',  # ~140
-  'test_evaluate.py',  # ~110
-  'test_lowering.py',  # ~60
-  'test_tpu_compile.py',  # ~50
-  'test_sample_command.py',  # ~70
-  'test_train.py',  # ~70
+  'test_readme.py',  # ~205
+  'test_evaluate.py',  # ~150
+  'test_train_e2e.py',  # ~105
+  'test_run_safety.py',  # ~100
+  'test_sample_command.py',  # ~90
+  'test_train.py',  # ~90
+  'test_generator.py',  # ~85
+  'test_lowering.py',  # ~75
+  'test_command_input.py',  # ~55
+  'test_notebook.py',  # ~45
+  'test_sampling.py',  # ~45
+  'test_device_check.py',  # ~40
+  'test_continue_reference_run.py',  # ~35
+  'test_multihost.py',  # ~30
+  'test_torch_fuzz.py',  # ~27
+  'test_pretrained.py',  # ~25
+  'test_lmdb_data.py',  # ~25
+  'test_host_malloc.py',  # ~25
+  'test_tpu_compile.py',  # ~20
+  'test_torch_export.py',  # ~20
 )
 
 
