@@ -10,12 +10,14 @@ and on the devices the run has. `validate` reports the first broken row as
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Optional
 
 from absl import logging
 import jax
 import ml_collections
 
+from cips_jax import augment
 from cips_jax import configs
 from cips_jax import data
 from cips_jax import encodings
@@ -72,6 +74,16 @@ def _int_at_least(low: int) -> Callable[[Any, _Context], bool]:
 
 def _one_of(choices) -> Callable[[Any, _Context], bool]:
   return lambda v, _: v in choices
+
+
+def _is_policy(value: Any) -> bool:
+  if not isinstance(value, str):
+    return False
+  try:
+    augment.parse_policy(value)
+  except ValueError:
+    return False
+  return True
 
 
 def _boolean(value: Any, _) -> bool:
@@ -171,6 +183,17 @@ RULES: tuple[_Rule, ...] = (
   _Rule('train.r1_every', _int_at_least(1), 'must be >= 1'),
   _Rule('train.r1_gamma', lambda v, _: v >= 0, 'must be >= 0'),
   _Rule('train.ema_decay', lambda v, _: 0 <= v <= 1, 'must be in [0, 1]'),
+  _Rule(
+    'train.ema_rampup',
+    lambda v, _: isinstance(v, (int, float)) and 0 <= v < math.inf,
+    'must be >= 0 (0 = a fixed EMA decay; StyleGAN2-ADA ramps with 0.05)',
+  ),
+  _Rule(
+    'train.augment',
+    lambda v, _: _is_policy(v),
+    'must name DiffAugment policies, comma-separated: '
+    f"{', '.join(augment.POLICIES)}; '' = none",
+  ),
   _Rule(
     'train.compute_dtype',
     _one_of(('float32', 'bfloat16')),

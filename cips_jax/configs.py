@@ -76,6 +76,13 @@ def reference_config() -> ml_collections.ConfigDict:
   train.r1_every = D_REG_EVERY
   # half-life of 10k images at batch 32, per step
   train.ema_decay = 0.5 ** (32 / 10_000)
+  # > 0: the EMA's half-life grows as ema_rampup x the images seen, up to
+  # ema_decay's (StyleGAN2-ADA's ramp-up, 0.05 there); 0 = a fixed decay
+  train.ema_rampup = 0.0
+  # DiffAugment for small data sets: 'color', 'translation' and/or 'cutout',
+  # comma-separated, applied in that order to every batch D sees, real or
+  # generated (cips_jax/augment.py); '' = none, as the reference
+  train.augment = ''
   train.compute_dtype = 'float32'  # 'bfloat16' for matmuls/convolutions in bf16
   train.remat = False  # recompute each G layer in the backward pass
   # how a per-image style reaches the pixels: 'activations' (scaled around
@@ -126,12 +133,22 @@ _RENAMED_VALUES = {
 }
 
 
+# Fields added since the first release, with the value that keeps a run
+# saved before them training as it did.
+_ADDED_FIELDS = {('train', 'ema_rampup'): 0.0, ('train', 'augment'): ''}
+
+
 def upgraded(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A saved config with the values earlier versions wrote under other names
-  renamed (train.embedding_mode 'reference' is now 'table_on_full_grid')."""
+  renamed (train.embedding_mode 'reference' is now 'table_on_full_grid') and
+  the fields they lacked set to what they then did (no augmentation, a fixed
+  EMA decay)."""
   for (section, field), renames in _RENAMED_VALUES.items():
     if section in config and field in config[section]:
       value = config[section][field]
       if isinstance(value, str) and value in renames:
         config[section][field] = renames[value]
+  for (section, field), value in _ADDED_FIELDS.items():
+    if section in config and field not in config[section]:
+      config[section][field] = value
   return config

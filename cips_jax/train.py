@@ -9,6 +9,12 @@ section 3.4):
 3. G step: a new z at the same coordinates; loss softplus(-D(G(z))).
 4. EMA of G's parameters with a fixed per-step decay.
 
+Two options for small data sets, off in every reference recipe (the step is
+then the reference's, bit for bit): `train.augment`, DiffAugment's policies
+(`augment.py`) applied to everything D sees, reals and fakes, in D's, R1's
+and G's losses; and `train.ema_rampup`, StyleGAN2-ADA's EMA ramp-up
+(`ema_decay_at`).
+
 Everything random derives from the config's seed: step i uses
 `fold_in(PRNGKey(seed), i)`, and the input pipeline is a pure function of
 (seed, step), so a resumed run repeats exactly what an uninterrupted one does.
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import shutil
 from typing import Any, Callable, Optional
@@ -39,6 +46,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from cips_jax import augment as augment_lib
 from cips_jax import checkpoints
 from cips_jax import config_validation
 from cips_jax import data as data_lib
@@ -86,7 +94,8 @@ class StepInputs:
   real: (B, H, W, 3) the pixels D sees; coords: (B, H, W, 2) their grid, for
   both G steps; d_z, g_z: (B, style_dim) latents of the D and G steps' fakes;
   d_noise_key, g_noise_key: keys of G's per-pixel noise in those steps, or
-  None for zero noise.
+  None for zero noise; augment_key: the key of the augmentations' draws
+  (`augment_keys`), needed only when the run augments.
   """
 
   real: jax.Array
@@ -95,11 +104,15 @@ class StepInputs:
   g_z: jax.Array
   d_noise_key: Optional[jax.Array] = None
   g_noise_key: Optional[jax.Array] = None
+  augment_key: Optional[jax.Array] = None
 
 
-def _draw_step_inputs(seed: int, step, batch, style_dim: int) -> StepInputs:
+def _draw_step_inputs(
+  seed: int, step, batch, style_dim: int, augmenting: bool
+) -> StepInputs:
   """The inputs of step `step`: latents and noise keys from (seed, step)."""
-  keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), step), 4)
+  step_key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+  keys = jax.random.split(step_key, 4)
   batch_size = batch['image'].shape[0]
   return StepInputs(
     real=batch['image'],
@@ -108,7 +121,15 @@ def _draw_step_inputs(seed: int, step, batch, style_dim: int) -> StepInputs:
     g_z=jax.random.normal(keys[2], (batch_size, style_dim)),
     d_noise_key=keys[1],
     g_noise_key=keys[3],
+    # Its own stream: the other draws stay those of a run without it.
+    augment_key=jax.random.fold_in(step_key, 1) if augmenting else None,
   )
+
+
+def augment_keys(augment_key: jax.Array) -> tuple[jax.Array, ...]:
+  """(reals, the D step's fakes, the G step's fakes): each batch D sees
+  gets its own draws from StepInputs.augment_key. R1 sees the reals' draws."""
+  return tuple(jax.random.split(augment_key, 3))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +142,10 @@ class StepModels:
   (seed, i); embedding_mode: how G reads its embedding (`train_embedding_mode`);
   r1_weight: the lazy R1 penalty's weight, gamma / 2 * r1_every (StyleGAN2's
   lazy regularisation keeps the average strength); ema_decay: per step;
-  d_input_coords: D sees the coordinates beside the pixels.
+  d_input_coords: D sees the coordinates beside the pixels; augment: the
+  DiffAugment policy (`augment.parse_policy`), () for none; ema_rampup: 0 for
+  a fixed EMA decay, else `ema_decay_at`'s ramp; images_per_step: the global
+  batch, for the ramp.
   """
 
   gen: Any
@@ -134,6 +158,9 @@ class StepModels:
   r1_weight: float
   ema_decay: float
   d_input_coords: bool
+  augment: tuple[str, ...] = ()
+  ema_rampup: float = 0.0
+  images_per_step: int = 0
 
 
 def step_models(
@@ -152,6 +179,9 @@ def step_models(
     r1_weight=t.r1_gamma / 2 * t.r1_every,
     ema_decay=t.ema_decay,
     d_input_coords=t.d_input_coords,
+    augment=augment_lib.parse_policy(t.augment),
+    ema_rampup=t.ema_rampup,
+    images_per_step=t.global_batch_size,
   )
 
 
@@ -181,6 +211,42 @@ def _discriminate(models: StepModels, d_params, inputs):
   return models.disc.apply({'params': d_params}, inputs)
 
 
+def _augmented_logits(models: StepModels, d_params, pixels, coords, key):
+  """D's logits of `pixels` at `coords`, augmented by the run's policy with
+  draws from `key` (as given without a policy)."""
+  if models.augment:
+    pixels, coords = augment_lib.diff_augment(
+      pixels, coords, key, models.augment
+    )
+  return _discriminate(models, d_params, _d_inputs(models, pixels, coords))
+
+
+def ema_half_life_images(ema_decay: float, images_per_step: int) -> float:
+  """The EMA's half-life in images: decay = 0.5 ** (batch / half-life)."""
+  if ema_decay <= 0:
+    return 0.0
+  if ema_decay >= 1:
+    return math.inf
+  return images_per_step * math.log(0.5) / math.log(ema_decay)
+
+
+def ema_decay_at(models: StepModels, step) -> Any:
+  """The EMA decay of step `step` (0-based: the images seen before it are
+  step x images_per_step).
+
+  Without a ramp (ema_rampup 0), the fixed models.ema_decay. With one,
+  StyleGAN2-ADA's: the half-life grows as ema_rampup x the images seen until it
+  reaches the configured one, so early EMA weights follow G closely instead of
+  averaging its random start (step 0 copies G).
+  """
+  if not models.ema_rampup:
+    return models.ema_decay
+  half_life = ema_half_life_images(models.ema_decay, models.images_per_step)
+  seen = jnp.asarray(step, jnp.float32) * models.images_per_step
+  ramped = jnp.minimum(half_life, seen * models.ema_rampup)
+  return 0.5 ** (models.images_per_step / jnp.maximum(ramped, 1e-8))
+
+
 def gan_step(
   state: TrainState, inputs: StepInputs, *, models: StepModels, with_r1: bool
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -188,10 +254,16 @@ def gan_step(
 
   Returns (the new state, {'d_loss', 'real_score', 'fake_score', 'g_loss'},
   with 'r1_penalty' when `with_r1`). Not jitted: `train_step` draws the inputs
-  and is what the loop jits.
+  and is what the loop jits. With `models.augment`, every batch D sees is
+  augmented (`augment_keys` gives each its draws); R1 is then the gradient
+  with respect to the real pixels (and coordinates) before augmentation,
+  through the reals' augmentation, as StyleGAN2-ADA takes it.
   """
   coords = inputs.coords
   real_inputs = _d_inputs(models, inputs.real, coords)
+  real_key = d_fake_key = g_fake_key = None
+  if models.augment:
+    real_key, d_fake_key, g_fake_key = augment_keys(inputs.augment_key)
 
   # D step: G frozen.
   fake = jax.lax.stop_gradient(
@@ -199,10 +271,10 @@ def gan_step(
   )
 
   def d_loss_fn(d_params):
-    real_logits = _discriminate(models, d_params, real_inputs)
-    fake_logits = _discriminate(
-      models, d_params, _d_inputs(models, fake, coords)
+    real_logits = _augmented_logits(
+      models, d_params, inputs.real, coords, real_key
     )
+    fake_logits = _augmented_logits(models, d_params, fake, coords, d_fake_key)
     return losses.discriminator_loss(real_logits, fake_logits), (
       real_logits,
       fake_logits,
@@ -226,9 +298,16 @@ def gan_step(
   if with_r1:
 
     def r1_loss_fn(d_params):
-      penalty = losses.r1_penalty(
-        functools.partial(_discriminate, models, d_params), real_inputs
-      )
+      if models.augment:
+
+        def discriminate(inputs):  # D's input before augmentation
+          pixels = inputs[..., :3]
+          at = inputs[..., 3:] if models.d_input_coords else coords
+          return _augmented_logits(models, d_params, pixels, at, real_key)
+
+      else:
+        discriminate = functools.partial(_discriminate, models, d_params)
+      penalty = losses.r1_penalty(discriminate, real_inputs)
       return models.r1_weight * penalty, penalty
 
     (_, penalty), r1_grads = jax.value_and_grad(r1_loss_fn, has_aux=True)(
@@ -242,7 +321,7 @@ def gan_step(
   def g_loss_fn(g_params):
     fake = _render(models, g_params, inputs.g_z, coords, inputs.g_noise_key)
     return losses.generator_loss(
-      _discriminate(models, d_params, _d_inputs(models, fake, coords))
+      _augmented_logits(models, d_params, fake, coords, g_fake_key)
     )
 
   g_loss, g_grads = jax.value_and_grad(g_loss_fn)(state.g_params)
@@ -250,7 +329,7 @@ def gan_step(
     g_grads, state.g_opt_state, state.g_params
   )
   g_params = optax.apply_updates(state.g_params, updates)
-  decay = models.ema_decay
+  decay = ema_decay_at(models, state.step)
   ema_params = jax.tree_util.tree_map(
     lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, g_params
   )
@@ -277,7 +356,7 @@ def train_step(
   `models.mesh`).
   """
   inputs = _draw_step_inputs(
-    models.seed, state.step, batch, models.gen.style_dim
+    models.seed, state.step, batch, models.gen.style_dim, bool(models.augment)
   )
   if models.mesh is None:
     return gan_step(state, inputs, models=models, with_r1=with_r1)
