@@ -11,10 +11,11 @@ import shutil
 import numpy as np
 import pytest
 
-from cips_jax import checkpoints
 from cips_jax import data
 from cips_jax import evaluation
 from cips_jax import inversion
+from cips_jax import loading
+from cips_jax import parallel
 from cips_jax import train
 from cips_jax.data import procedural
 from cips_jax.metrics import fid
@@ -270,27 +271,36 @@ def test_without_a_workdir_the_scores_equal_the_workdir_routes(
   result, out = scored_without_workdir
   assert result.returncode == 0, result.stderr[-3000:]
   without = json.loads(out.read_text())
-  # The card's own command: a workdir of experiments/emoji.py (its config is
-  # all the route reads of it; the state is a placeholder) and the export.
+  # The route of a run of experiments/emoji.py, the card's own (the evaluate
+  # command's --workdir resolves to it; the README runs that form), here in
+  # this process: the run's data, grid and statistics cache, the export's G.
   workdir = tmp_path / 'emoji'
-  checkpoints.TrainCheckpoints(
-    str(workdir / 'checkpoints'), keep=1, config=emoji_config(emoji_data)
-  ).save(0, {'placeholder': np.zeros(1, np.float32)})
-  result = run_evaluate(
-    f'--workdir={workdir}', f'--checkpoint={PRETRAINED}', *SMALL_EVALUATION
+  config = emoji_config(emoji_data)
+  gen, variables = loading.open_generator(str(PRETRAINED))
+  evaluator = evaluation.evaluator_for_run(
+    config,
+    str(workdir),
+    data.open_source(emoji_data, config.data.name),
+    num_real=8,
+    batch_size=8,
+    seed=0,
+    # As the command builds it: its compiled programs are then in the
+    # session's cache.
+    mesh=parallel.make_mesh(),
   )
-  assert result.returncode == 0, result.stderr[-3000:]
-  with_workdir = json.loads(
-    (workdir / 'eval' / 'scores_noto_emoji_8.json').read_text()
-  )
+  with_workdir = evaluator.evaluate(gen, variables['params'], 8)
   # Its own real statistics, in the workdir's cache under the names runs use.
   assert [p.name for p in (workdir / 'fid_stats').iterdir()] == [
     'image_folder_noto_emoji_32px_8_seed0.npz'
   ]
   for key in ('fid', 'kid', 'kid_std'):
     assert with_workdir[key] == pytest.approx(without[key], rel=1e-6), key
-  for key in ('num_real', 'num_fake', 'label', 'dataset', 'resolution'):
+  for key in ('num_real', 'num_fake'):
     assert with_workdir[key] == without[key], key
+  assert (without['resolution'], without['dataset']) == (
+    config.data.resolution,
+    config.data.name,
+  )
 
 
 def test_the_data_fingerprint_changes_when_the_data_set_is_prepared_anew(
