@@ -96,6 +96,7 @@ _LONGEST_FIRST = (
   'test_notebook.py',  # ~45
   'test_sampling.py',  # ~45
   'test_device_check.py',  # ~40
+  'test_augment.py',  # ~40
   'test_continue_reference_run.py',  # ~35
   'test_multihost.py',  # ~30
   'test_torch_fuzz.py',  # ~27
