@@ -202,7 +202,8 @@ def step():
   )
   gen, disc = train_state.build_models(config)
   g_tx, d_tx = train_state.make_optimizers(config)
-  state = train_state.create_state(gen, disc, g_tx, d_tx, 0)
+  # Jitted: eager, the initialisation runs op by op.
+  state = jax.jit(lambda: train_state.create_state(gen, disc, g_tx, d_tx, 0))()
   models = train.step_models(config, gen, disc, g_tx, d_tx)
   batch = support.fake_batch(config)
   b = config.train.global_batch_size
