@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import importlib.metadata
 import importlib.util
 import os
@@ -47,17 +48,33 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 
-def accelerator_installed() -> bool:
-  """Whether a JAX accelerator backend (a PJRT plugin or libtpu) is installed.
+# Device nodes of the accelerators JAX's backends drive: TPU chips (accel on
+# v2-v5e, vfio on v5p and v6e), NVIDIA and AMD GPUs.
+ACCELERATOR_DEVICE_FILES = (
+  '/dev/accel*',
+  '/dev/vfio/[0-9]*',
+  '/dev/nvidia[0-9]*',
+  '/dev/kfd',
+)
 
-  Decided without importing JAX, from the installed packages and JAX_PLATFORMS.
+
+def accelerator_available() -> bool:
+  """Whether JAX will run on an accelerator here: a backend for one (a PJRT
+  plugin or libtpu) is installed and the machine has its device files.
+
+  Decided without importing JAX, from JAX_PLATFORMS, the installed packages and
+  `ACCELERATOR_DEVICE_FILES`. An installed libtpu alone (for compiling TPU
+  programs on a CPU machine, `pip install -e .[tpu]`) leaves JAX on the CPU.
   """
   platforms = os.environ.get('JAX_PLATFORMS', '')
   if platforms:
     return platforms.strip().lower() != 'cpu'
-  if list(importlib.metadata.entry_points(group='jax_plugins')):
-    return True
-  return importlib.util.find_spec('libtpu') is not None
+  installed = bool(
+    list(importlib.metadata.entry_points(group='jax_plugins'))
+  ) or (importlib.util.find_spec('libtpu') is not None)
+  return installed and any(
+    glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES
+  )
 
 
 def jax_backend_started() -> bool:
@@ -98,13 +115,13 @@ def reuse_freed_memory(cpu_only: bool = True) -> bool:
   Does nothing (returns False) when: the C library is not glibc; a JAX backend
   has already started (its threads hold their own arenas, and changing the
   settings under them makes faults worse, not better);
-  `CIPS_JAX_SYSTEM_MALLOC=1` is set; or, with `cpu_only`, an accelerator backend
-  is installed (its device memory is not malloc's, and a single arena could slow
-  the host's input pipeline).
+  `CIPS_JAX_SYSTEM_MALLOC=1` is set; or, with `cpu_only`, JAX will run on an
+  accelerator (`accelerator_available`: its device memory is not malloc's, and a
+  single arena could slow the host's input pipeline).
   """
   if os.environ.get(OPT_OUT_VARIABLE, '') not in ('', '0'):
     return False
-  if cpu_only and accelerator_installed():
+  if cpu_only and accelerator_available():
     return False
   if jax_backend_started():
     logging.warning(

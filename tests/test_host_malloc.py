@@ -122,6 +122,35 @@ def test_does_nothing_once_a_backend_runs_or_when_opted_out(
 
 def test_accelerator_detection_follows_jax_platforms(monkeypatch):
   monkeypatch.setenv('JAX_PLATFORMS', 'cuda')
-  assert host_malloc.accelerator_installed()
+  assert host_malloc.accelerator_available()
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
-  assert not host_malloc.accelerator_installed()
+  assert not host_malloc.accelerator_available()
+
+
+def test_an_installed_libtpu_without_a_chip_leaves_the_cpu_settings(
+  monkeypatch, tmp_path
+):
+  # The suite's own environment installs libtpu to compile TPU programs; a
+  # machine without a chip still runs JAX, and so training, on its CPU.
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  real_find_spec = host_malloc.importlib.util.find_spec
+  monkeypatch.setattr(
+    host_malloc.importlib.util,
+    'find_spec',
+    lambda name: object() if name == 'libtpu' else real_find_spec(name),
+  )
+  monkeypatch.setattr(
+    host_malloc.importlib.metadata, 'entry_points', lambda group: []
+  )
+  chip = tmp_path / 'accel0'
+  monkeypatch.setattr(
+    host_malloc, 'ACCELERATOR_DEVICE_FILES', (str(tmp_path / 'accel*'),)
+  )
+  assert not host_malloc.accelerator_available()
+  chip.touch()
+  assert host_malloc.accelerator_available()
+  # Without a backend installed, a device file alone is no accelerator.
+  monkeypatch.setattr(
+    host_malloc.importlib.util, 'find_spec', lambda name: None
+  )
+  assert not host_malloc.accelerator_available()
