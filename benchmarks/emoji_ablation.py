@@ -48,6 +48,13 @@ _DIFFAUG = {
   'train.ema_rampup': 0.05,
 }
 
+# Width 64 in G and D alike.
+_WIDTH_64 = {
+  'model.hidden_size': 64,
+  'model.max_channels': 64,
+  'model.d_max_channels': 64,
+}
+
 # name -> (what it changes, config overrides on experiments/emoji.py)
 VARIANTS = {
   'card': ('the recipe of the model in the box', {}),
@@ -59,32 +66,11 @@ VARIANTS = {
     'DiffAugment translation and cutout only (no colour)',
     {**_DIFFAUG, 'train.augment': 'translation,cutout'},
   ),
-  'diffaug_w64': (
-    'diffaug at width 64 (G and D)',
-    {
-      **_DIFFAUG,
-      'model.hidden_size': 64,
-      'model.max_channels': 64,
-      'model.d_max_channels': 64,
-    },
-  ),
-  'w64': (
-    'the card recipe at width 64 (G and D), no DiffAugment',
-    {
-      'model.hidden_size': 64,
-      'model.max_channels': 64,
-      'model.d_max_channels': 64,
-    },
-  ),
+  'diffaug_w64': ('diffaug at width 64 (G and D)', {**_DIFFAUG, **_WIDTH_64}),
+  'w64': ('the card recipe at width 64 (G and D), no DiffAugment', _WIDTH_64),
   'diffaug_w64_gamma001': (
     'diffaug at width 64 with R1 gamma 0.01',
-    {
-      **_DIFFAUG,
-      'model.hidden_size': 64,
-      'model.max_channels': 64,
-      'model.d_max_channels': 64,
-      'train.r1_gamma': 0.01,
-    },
+    {**_DIFFAUG, **_WIDTH_64, 'train.r1_gamma': 0.01},
   ),
   'diffaug_gamma001': (
     'diffaug with R1 gamma 0.01 (StyleGAN2-ADA rule: 0.0002 * 32^2 / 16)',
