@@ -57,7 +57,7 @@ _WIDTH_64 = {
 
 # name -> (what it changes, config overrides on experiments/emoji.py)
 VARIANTS = {
-  'card': ('the recipe of the model in the box', {}),
+  'card': ("the first model's recipe (emoji.py)", {}),
   'diffaug': (
     '+ DiffAugment colour, translation, cutout; EMA ramp-up',
     _DIFFAUG,

@@ -16,9 +16,12 @@ and five FID evaluations of 500 samples), 80,000 images seen.
 Result: samples a person reads as emoji (round faces, people, hands and
 objects on white, blurry at this budget); the sliced Wasserstein distance of
 EMA samples falls 15x (912.8 -> 61.6), FID of 500 samples against 2,000 real
-emoji 291.5 (step 1000) -> 135.2 (step 5000). Its EMA generator is the model
-in the box, pretrained/noto_emoji: by the evaluate command on all 3,786 emoji
-against 3,786 samples, FID 104.1 and KID 0.0595 +- 0.0016.
+emoji 291.5 (step 1000) -> 135.2 (step 5000). Its EMA generator was the first
+model in the box (pretrained/noto_emoji up to commit 0c7ae0e): by the evaluate
+command on all 3,786 emoji against 3,786 samples, FID 104.1 and KID 0.0595 +-
+0.0016. The model in the box now comes from experiments/emoji_diffaug.py, this
+recipe with the changes that won the equal-time ablation
+(benchmarks/emoji_ablation.py, whose variants are overrides of this file).
 """
 
 from cips_jax import configs

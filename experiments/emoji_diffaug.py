@@ -22,6 +22,12 @@ pretrained/noto_emoji, is this run stopped at its wall-clock budget (SIGTERM,
 which saves a checkpoint); its model card gives the step, the time and the
 CPU. The FID curve during training is of 500 samples against all 3,786 emoji,
 whose statistics the evaluate command then reuses from the run's fid_stats/.
+
+Measured (the model in the box): stopped at 135 minutes on both cores of the
+project's 2-core AMD EPYC, at step 18,236 (about 2.25 steps/s, statistics and
+evaluations included); by the evaluate command on all 3,786 emoji against
+3,786 samples, FID 72.2 and KID 0.0391 +- 0.0014 (the first model, emoji.py's
+recipe: 104.1 and 0.0595).
 """
 
 import importlib.util

@@ -253,10 +253,10 @@ def test_evaluate_scores_an_export_against_prepared_data_without_a_workdir(
 
 
 def emoji_config(data_dir):
-  """experiments/emoji.py, the config of the run the card's model comes from,
-  reading `data_dir`.
+  """experiments/emoji_diffaug.py, the config of the run the card's model
+  comes from, reading `data_dir`.
   """
-  path = support.REPO / 'experiments' / 'emoji.py'
+  path = support.REPO / 'experiments' / 'emoji_diffaug.py'
   spec = importlib.util.spec_from_file_location('emoji_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -271,9 +271,10 @@ def test_without_a_workdir_the_scores_equal_the_workdir_routes(
   result, out = scored_without_workdir
   assert result.returncode == 0, result.stderr[-3000:]
   without = json.loads(out.read_text())
-  # The route of a run of experiments/emoji.py, the card's own (the evaluate
-  # command's --workdir resolves to it; the README runs that form), here in
-  # this process: the run's data, grid and statistics cache, the export's G.
+  # The route of a run of experiments/emoji_diffaug.py, the card's own (the
+  # evaluate command's --workdir resolves to it; the README runs that form),
+  # here in this process: the run's data, grid and statistics cache, the
+  # export's G.
   workdir = tmp_path / 'emoji'
   config = emoji_config(emoji_data)
   gen, variables = loading.open_generator(str(PRETRAINED))

@@ -47,14 +47,15 @@ def test_the_shipped_model_draws_emoji_not_noise(shipped):
   gen, variables = shipped
   reals = np.load(REALS)['images']
   assert reals.shape == (256, 32, 32, 3) and gen.size == 32
-  reals = reals[:128]  # enough: the two distances differ about 5x
+  reals = reals[:128]  # enough: the two distances differ about 4x
   trained = swd.sliced_wasserstein(reals, samples(gen, variables, 128), seed=0)
   fresh_variables = models.init(gen, jax.random.PRNGKey(1))
   fresh = swd.sliced_wasserstein(
     reals, samples(gen, fresh_variables, 128), seed=0
   )
-  # A broken export or loader renders a fresh model's noise (or worse).
-  assert trained['swd_mean'] < 0.5 * fresh['swd_mean'], (trained, fresh)
+  # A broken export or loader renders a fresh model's noise (or worse). The
+  # shipped model earns 0.27 of a fresh one's distance (132.3 against 491.4).
+  assert trained['swd_mean'] < 0.35 * fresh['swd_mean'], (trained, fresh)
   # Emoji sit on white: most of every border is light, unlike noise.
   pictures = samples(gen, variables, 64, seed=3)
   border = np.concatenate(
@@ -69,7 +70,7 @@ def test_the_model_card_names_data_license_recipe_and_scores():
   for needed in (
     'Apache License 2.0',
     'emoji-datasource-google@16.0.0',
-    'experiments/emoji.py',
+    'experiments/emoji_diffaug.py',
     'FID',
     'KID',
     'steps',
