@@ -21,7 +21,6 @@ flags would clash with them. So what more than one script measures lives here:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -236,10 +235,7 @@ def matmul_gflops(
 
 def load_config(path: str):
   """`get_config()` of an experiment config file (experiments/*.py)."""
-  spec = importlib.util.spec_from_file_location('experiment', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return configs.from_file(path)
 
 
 def train_config(

@@ -8,6 +8,9 @@ global batch 32, Adam with StyleGAN2's lazy-regularisation corrections, R1 gamma
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 BASE_LR = 0.002
@@ -25,6 +28,18 @@ def lazy_regularisation_adam(
   """
   ratio = reg_every / (reg_every + 1)
   return BASE_LR * ratio, (0.0**ratio, 0.99**ratio)
+
+
+def from_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file such as experiments/emoji.py.
+
+  The file is read as the training command's --config flag reads it, so one
+  config file can build on another (experiments/ is not a package).
+  """
+  spec = importlib.util.spec_from_file_location('config_file', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def reference_config() -> ml_collections.ConfigDict:

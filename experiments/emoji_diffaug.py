@@ -30,22 +30,15 @@ evaluations included); by the evaluate command on all 3,786 emoji against
 recipe: 104.1 and 0.0595).
 """
 
-import importlib.util
 import pathlib
 
-
-def _emoji_config():
-  # experiments/ is a folder of config files, not a package: read the base
-  # recipe from its file, as the training command would.
-  path = pathlib.Path(__file__).with_name('emoji.py')
-  spec = importlib.util.spec_from_file_location('experiments_emoji', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from cips_jax import configs
 
 
 def get_config():
-  config = _emoji_config()
+  # experiments/ is a folder of config files, not a package: the base
+  # recipe is read from its file, as the training command would.
+  config = configs.from_file(pathlib.Path(__file__).with_name('emoji.py'))
   m = config.model
   m.hidden_size = m.max_channels = m.d_max_channels = 64
   t = config.train

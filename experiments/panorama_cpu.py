@@ -19,22 +19,15 @@ ground) that close without a seam at any budget: the generator is periodic
 in x by construction.
 """
 
-import importlib.util
 import pathlib
 
-
-def _panorama_config():
-  # experiments/ is a folder of config files, not a package: read the full
-  # recipe from its file, as the training command would.
-  path = pathlib.Path(__file__).with_name('panorama.py')
-  spec = importlib.util.spec_from_file_location('experiments_panorama', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from cips_jax import configs
 
 
 def get_config():
-  config = _panorama_config()
+  # experiments/ is a folder of config files, not a package: the base
+  # recipe is read from its file, as the training command would.
+  config = configs.from_file(pathlib.Path(__file__).with_name('panorama.py'))
   m = config.model
   m.hidden_size = m.style_dim = m.max_channels = m.d_max_channels = 64
   m.n_mlp = 2

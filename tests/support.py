@@ -6,7 +6,6 @@ test module imports another.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 import re
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from cips_jax import checkpoints
+from cips_jax import configs
 from cips_jax import data
 from cips_jax import grids
 from cips_jax import models
@@ -41,10 +41,7 @@ def tiny_config(data_dir, **overrides):
   overrides: {'section.field': value}, e.g. tiny_config(d, **{'train.num_steps':
     5}).
   """
-  spec = importlib.util.spec_from_file_location('tiny_config', TINY_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = configs.from_file(TINY_CONFIG)
   config.data.data_dir = str(data_dir)
   for dotted, value in overrides.items():
     section, key = dotted.split('.')

@@ -7,7 +7,6 @@ refuses would only show once its run starts, minutes into the ablation.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 
@@ -15,6 +14,7 @@ from absl import flags
 import pytest
 
 from cips_jax import config_validation
+from cips_jax import configs
 import support
 
 sys.path.insert(0, str(support.REPO / 'benchmarks'))
@@ -22,11 +22,7 @@ import emoji_ablation  # noqa: E402
 
 
 def _emoji_config():
-  path = support.REPO / 'experiments' / 'emoji.py'
-  spec = importlib.util.spec_from_file_location('emoji_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return configs.from_file(support.REPO / 'experiments' / 'emoji.py')
 
 
 def _overridden(arguments: list[str]):

@@ -4,13 +4,13 @@ scores.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
 import numpy as np
 import pytest
 
+from cips_jax import configs
 from cips_jax import data
 from cips_jax import evaluation
 from cips_jax import inversion
@@ -257,10 +257,7 @@ def emoji_config(data_dir):
   comes from, reading `data_dir`.
   """
   path = support.REPO / 'experiments' / 'emoji_diffaug.py'
-  spec = importlib.util.spec_from_file_location('emoji_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = configs.from_file(path)
   config.data.data_dir = str(data_dir)
   return config
 
