@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -56,6 +58,49 @@ def test_frechet_distance_by_hand_for_commuting_covariances():
   assert fid.frechet_distance(stats1, stats2) == pytest.approx(
     expected, rel=1e-10
   )
+
+
+def test_few_samples_take_the_low_rank_route_to_the_same_distance():
+  """N <= D vectors keep their centred features; the distance through them
+  equals the D x D route and a hand-derived oracle: for cov_i = F_i^T F_i,
+  tr((cov1 cov2)^(1/2)) is the sum of the singular values of F1 F2^T.
+  """
+  rng = np.random.default_rng(5)
+  dim = 32
+  features1 = 3.0 + rng.standard_normal((6, dim)) @ rng.standard_normal(
+    (dim, dim)
+  )
+  features2 = rng.standard_normal((9, dim))
+  stats = []
+  for features in (features1, features2):
+    running = fid.RunningStatistics(dim)
+    for chunk in np.array_split(features, 3):
+      running.update(chunk)
+    stats.append(running.result())
+  for s, features in zip(stats, (features1, features2)):
+    assert s.factor.shape == features.shape
+    np.testing.assert_allclose(s.factor.T @ s.factor, s.cov, atol=1e-9)
+  centred = [
+    (f - f.mean(0)) / np.sqrt(len(f) - 1) for f in (features1, features2)
+  ]
+  oracle = (
+    np.sum((features1.mean(0) - features2.mean(0)) ** 2)
+    + np.sum(centred[0] ** 2)
+    + np.sum(centred[1] ** 2)
+    - 2 * np.linalg.svd(centred[0] @ centred[1].T, compute_uv=False).sum()
+  )
+  full = [dataclasses.replace(s, factor=None) for s in stats]
+  for pair in (stats, (stats[0], full[1]), (full[0], stats[1])):
+    assert fid.frechet_distance(*pair) == pytest.approx(oracle, rel=1e-8)
+  # Both routes take square roots of eigenvalues that rounding leaves near 0
+  # instead of 0 (centred rows are rank-deficient; the D x D route has many
+  # more of them): close to the oracle, not to the last digit.
+  assert fid.frechet_distance(*full) == pytest.approx(oracle, rel=1e-7)
+  # More vectors than dimensions: no factor is kept.
+  running = fid.RunningStatistics(dim)
+  for chunk in np.array_split(rng.standard_normal((40, dim)), 4):
+    running.update(chunk)
+  assert running.result().factor is None
 
 
 def test_statistics_stream_like_numpy():

@@ -10,8 +10,12 @@ features: |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)). The trace of
 the matrix square root is computed from symmetric eigendecompositions,
 tr((S1 S2)^(1/2)) = sum sqrt(eig(A S2 A)) with A = S1^(1/2), which is real and
 stable for covariance matrices (no complex `sqrtm`, no "imaginary component"
-failures). KID (Binkowski et al. 2018) is the unbiased MMD^2 with the polynomial
-kernel k(x, y) = (x.y / d + 1)^3, averaged over random subsets.
+failures). Statistics of at most D vectors keep their centred features F
+(S = F^T F); then tr((S1 S2)^(1/2)) = sum sqrt(eig(F S2 F^T)), an N x N
+problem instead of two D x D eigendecompositions (about 3 s in float64 on a
+2-core CPU for D = 2048): the same number, to rounding. KID (Binkowski et
+al. 2018) is the unbiased MMD^2 with the polynomial kernel
+k(x, y) = (x.y / d + 1)^3, averaged over random subsets.
 """
 
 from __future__ import annotations
@@ -27,11 +31,17 @@ from cips_jax import errors
 
 @dataclasses.dataclass
 class Statistics:
-  """Mean (D,) and covariance (D, D) of N feature vectors, in float64."""
+  """Mean (D,) and covariance (D, D) of N feature vectors, in float64.
+
+  `factor` (N, D), kept when N <= D: the centred features over sqrt(N - 1),
+  so that cov = factor.T @ factor; the Frechet distance then needs no D x D
+  eigendecomposition. Not saved (`save` writes mean, cov and count).
+  """
 
   mean: np.ndarray
   cov: np.ndarray
   count: int
+  factor: Optional[np.ndarray] = None
 
   @classmethod
   def from_features(cls, features) -> 'Statistics':
@@ -84,6 +94,9 @@ class RunningStatistics:
     self._shift = None
     self._sum = np.zeros(dim, np.float64)
     self._outer = np.zeros((dim, dim), np.float64)
+    # The shifted rows themselves while there are no more than `dim` of them:
+    # the covariance's low-rank factor (Statistics.factor).
+    self._rows = []
 
   def update(self, features) -> None:
     # float64, like np.cov in the standard FID code: float32 sums over tens of
@@ -103,6 +116,10 @@ class RunningStatistics:
     self.count += len(x)
     self._sum += x.sum(axis=0)
     self._outer += x.T @ x
+    if self._rows is not None:
+      self._rows.append(x)
+      if self.count > self.dim:
+        self._rows = None
 
   def result(self) -> Statistics:
     if self.count < 2:
@@ -115,10 +132,18 @@ class RunningStatistics:
     cov = (self._outer - self.count * np.outer(centred_mean, centred_mean)) / (
       self.count - 1
     )
+    factor = None
+    if self._rows is not None:
+      factor = (np.concatenate(self._rows) - centred_mean) / np.sqrt(
+        self.count - 1
+      )
     # Symmetrised: rounding leaves cov and cov.T a few ulp apart, and eigh
     # reads only one triangle.
     return Statistics(
-      mean=centred_mean + self._shift, cov=(cov + cov.T) / 2, count=self.count
+      mean=centred_mean + self._shift,
+      cov=(cov + cov.T) / 2,
+      count=self.count,
+      factor=factor,
     )
 
 
@@ -130,15 +155,24 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
   return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
 
 
-def _trace_sqrt_product(cov1: np.ndarray, cov2: np.ndarray) -> float:
+def _trace_sqrt_product(stats1: Statistics, stats2: Statistics) -> float:
   """tr((cov1 cov2)^(1/2)) for covariance matrices.
 
   Computed via sqrt(cov1) cov2 sqrt(cov1): cov1 cov2 is similar to the symmetric
   PSD matrix A cov2 A (A = cov1^(1/2)), so their eigenvalues agree and are real
-  and non-negative.
+  and non-negative. Where one side has a factor F (cov = F^T F, N rows), the
+  non-zero eigenvalues of cov1 cov2 are those of the N x N matrix F cov2 F^T
+  (the product's order does not change them).
   """
-  root = _psd_sqrt(cov1)
-  values = np.linalg.eigvalsh(root @ cov2 @ root)
+  if stats1.factor is None and stats2.factor is not None:
+    stats1, stats2 = stats2, stats1
+  if stats1.factor is not None:
+    factor = stats1.factor
+    product = factor @ stats2.cov @ factor.T
+  else:
+    root = _psd_sqrt(stats1.cov)
+    product = root @ stats2.cov @ root
+  values = np.linalg.eigvalsh((product + product.T) / 2)
   return float(np.sum(np.sqrt(np.clip(values, 0.0, None))))
 
 
@@ -153,7 +187,7 @@ def frechet_distance(stats1: Statistics, stats2: Statistics) -> float:
     diff @ diff
     + np.trace(stats1.cov)
     + np.trace(stats2.cov)
-    - 2.0 * _trace_sqrt_product(stats1.cov, stats2.cov)
+    - 2.0 * _trace_sqrt_product(stats1, stats2)
   )
   return float(max(value, 0.0))  # rounding can leave -1e-12 for identical sets
 
