@@ -40,6 +40,7 @@ import jax
 from cips_jax import errors
 from cips_jax import host_malloc
 from cips_jax import networks
+from cips_jax import platforms
 
 # Errors with a message meant for the user (see the module docstring).
 USER_ERRORS = (errors.Error, OSError)
@@ -182,9 +183,17 @@ def run(
 
   def main_reporting_errors(argv):
     try:
-      if devices_first:
-        start_devices()
-      return main(argv)
+      if not devices_first:
+        return main(argv)
+      start_devices()
+      # A command's programs run on this process's devices and are never
+      # exported: the per-platform choices are made for them while tracing,
+      # instead of every branch being traced (platforms.dispatch).
+      backend = jax.default_backend()
+      if backend not in platforms.PLATFORMS_OF_BACKEND:
+        return main(argv)  # a platform the choices do not name: staged
+      with platforms.pinned_to(backend):
+        return main(argv)
     except KeyboardInterrupt:
       # Ctrl-C: one line and the shell's status for SIGINT, no traceback.
       sys.stderr.write(f'{name}: interrupted\n')

@@ -26,6 +26,10 @@ from cips_jax import sampling
 import lowering
 import support
 
+# Lowering for other platforms from this CPU: every choice staged, as a user's
+# export sees it (conftest pins the other modules' tests to the CPU's).
+pytestmark = pytest.mark.staged_choices
+
 PLATFORMS = ('cuda', 'tpu')
 KERNEL_CALL = {'cuda': '__gpu$xla.gpu.triton', 'tpu': 'tpu_custom_call'}
 BATCH_SPLIT = '[{"data"}, {}, {}, {}]'
@@ -60,8 +64,6 @@ def test_every_program_lowers_for_both_platforms(lowered):
   names = set(lowered)
   for expected in (
     'train_step_float32',
-    'train_step_float32_r1',
-    'train_step_bfloat16',
     'train_step_bfloat16_r1',
     'generate_activations_bfloat16',
     'generate_weights_float32',
@@ -104,7 +106,7 @@ def test_bfloat16_programs_multiply_bfloat16_and_sum_in_float32(lowered):
 
 def test_training_steps_split_the_batch_and_donate_the_state(lowered):
   steps = programs(lowered, 'train_step')
-  assert len(steps) == 4 * len(PLATFORMS)
+  assert len(steps) == 2 * len(PLATFORMS)
   for name, platform, found in steps:
     leaves = lowered[name]['state_leaves']
     assert found['inputs'] == leaves + 2  # the state, then image and coords
