@@ -582,9 +582,10 @@ def compile_program(program: Program, target: Slice) -> dict[str, Any]:
   own_flops = own_count(program, target)
   lowered = program.fn.lower(*program.args)
   lowered_s = time.perf_counter() - start
-  start = time.perf_counter()
+  start, start_cpu = time.perf_counter(), time.process_time()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
+  compile_cpu_s = time.process_time() - start_cpu
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
   if isinstance(cost, list):  # older jax: one dict per program
@@ -614,6 +615,10 @@ def compile_program(program: Program, target: Slice) -> dict[str, Any]:
     **program.notes,
     'lower_seconds': round(lowered_s, 1),
     'compile_seconds': round(compile_s, 1),
+    'compile_cpu_seconds': round(compile_cpu_s, 1),
+    # Less than 4/5 of a core on average: the compiler waited for the CPU
+    # (other work, or a paused run), so the wall time is not the compiler's.
+    'compile_seconds_unreliable': compile_cpu_s < 0.8 * compile_s,
     'memory_bytes': per_device,
     'memory_total_bytes': total,
     'flops': flops,
@@ -852,9 +857,11 @@ def markdown_table(results: dict) -> str:
     f'{machine["cpu_count"]} cores, no TPU: `python benchmarks/tpu_compile.py` '
     '(resumable; the JSON is benchmarks/results/tpu_compile.json), then '
     '`python benchmarks/tpu_compile.py --table=docs/tpu_compile.md`. '
-    "Compile seconds are that CPU's; in parentheses, a compile that ran "
-    'beside other work and was paused, whose wall time is not the '
-    "compiler's. Memory is XLA:TPU's "
+    "Compile seconds are that CPU's wall time; "
+    'in parentheses where the compile ran beside other work '
+    'or was paused, so that the wall time is not the compiler\'s. "On 1 '
+    'core": the compiler\'s CPU time in a run pinned to one core (its '
+    "wall time alone on that core, whatever else ran). Memory is XLA:TPU's "
     '`memory_analysis()` per device: arguments + outputs not aliased to '
     'them + temporaries + code, against the device\'s HBM; "plan" is '
     "`memory_plan.plan`'s estimate from shapes. TFLOP is XLA:TPU's "
@@ -919,8 +926,10 @@ def markdown_table(results: dict) -> str:
 
 
 def _compile_seconds(r: dict) -> str:
-  # A compile whose wall time is not the compiler's (paused, or sharing the
-  # machine) is shown in parentheses; the page's notes say why.
+  # The compiler's own CPU time where recorded; else the wall time, in
+  # parentheses where it is not the compiler's (paused, or sharing a core).
+  if 'compile_cpu_seconds' in r:
+    return f'{r["compile_cpu_seconds"]:.0f} on 1 core'
   seconds = f'{r["compile_seconds"]:.0f}'
   return f'({seconds})' if r.get('compile_seconds_unreliable') else seconds
 
