@@ -7,7 +7,9 @@ CIPSskip; the paper reports FID 4.38.
     python -m cips_jax.main --config=experiments/ffhq256.py --workdir=$WORKDIR \
         --config.data.data_dir=$DATA
 
-Hardware: as churches.py (global batch 32; 8 GPUs or a TPU v3-8 upwards).
+Hardware: as churches.py (global batch 32; 8 GPUs, or a TPU v4-8, v5e-8,
+v5p-8 or v6e-8: the same programs as churches, compiled in
+docs/tpu_compile.md).
 Expected result: FID about 4.4 at 50k samples after 1.2M steps.
 """
 

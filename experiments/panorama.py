@@ -19,7 +19,9 @@ Data: the embedded procedural panoramas (64 x 256, generated on first use), or
 your own equirectangular panoramas with --config.data.name=image_folder/NAME
 (prepare them with the folder builder at --resolution=H; they must span 360
 degrees).
-Hardware: one GPU (30k steps at batch 16 of 64 x 64 windows); not yet trained to
+Hardware: one GPU (30k steps at batch 16 of 64 x 64 windows), or any TPU slice
+of docs/tpu_compile.md (XLA:TPU compiles the step at 2 windows per device into
+under 0.4 GiB per device on v4, v5e, v5p and v6e); not yet trained to
 convergence in this project, so the expectation is unmeasured. A 64-wide version
 (hidden/style/channels 64, n_mlp 2, batch 8) trained 1200 steps in 20 min on 2
 CPU cores gives blurry panoramas whose wrap-around step is 1.01-1.28x the mean
