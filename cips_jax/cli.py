@@ -189,10 +189,7 @@ def run(
       # A command's programs run on this process's devices and are never
       # exported: the per-platform choices are made for them while tracing,
       # instead of every branch being traced (platforms.dispatch).
-      backend = jax.default_backend()
-      if backend not in platforms.PLATFORMS_OF_BACKEND:
-        return main(argv)  # a platform the choices do not name: staged
-      with platforms.pinned_to(backend):
+      with platforms.built_for(jax.default_backend()):
         return main(argv)
     except KeyboardInterrupt:
       # Ctrl-C: one line and the shell's status for SIGINT, no traceback.

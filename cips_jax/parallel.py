@@ -84,14 +84,11 @@ def tracing_over(mesh: Mesh) -> Iterator[None]:
   calls are opaque to it) splits itself over the 'data' axis
   (`splittable_data_shards`). The program is built for the platform of the
   mesh's devices, so the per-platform choices are made for it while tracing
-  (`platforms.pinned_to`).
+  (`platforms.built_for`).
   """
   backend = mesh.devices.flat[0].platform
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-    if backend in platforms.PLATFORMS_OF_BACKEND:
-      with platforms.pinned_to(backend):
-        yield
-    else:  # a platform the choices do not name: leave them staged
+    with platforms.built_for(backend):
       yield
 
 

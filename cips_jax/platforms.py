@@ -118,6 +118,21 @@ def pinned_to(backend: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def built_for(backend: str) -> Iterator[None]:
+  """Within: `pinned_to(backend)` where the choices name that backend; else
+  the choices stay staged (a platform they do not name, such as a plugin's).
+
+  For code that builds programs for its own devices: a command's process
+  (`cli.run`), a program jitted over a mesh (`parallel.tracing_over`).
+  """
+  if backend not in PLATFORMS_OF_BACKEND:
+    yield
+    return
+  with pinned_to(backend):
+    yield
+
+
+@contextlib.contextmanager
 def exporting_for(backend: Optional[str] = None) -> Iterator[None]:
   """Within: `dispatch` makes `backend`'s choice, even under `pinned_to`; with
   no backend, it stages every choice out.

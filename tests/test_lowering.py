@@ -220,6 +220,13 @@ def test_a_program_jitted_over_a_mesh_traces_only_its_platforms_choice():
     with pytest.raises(ValueError, match='backend must be one of'):
       with context('metal'):
         pass
+  # A builder for its own devices pins where the choices name its backend,
+  # and leaves them staged on a platform they do not name.
+  apply = lambda v, x: disc.apply(v, x)  # noqa: E731
+  with platforms.built_for('tpu'):
+    assert staged_choices(apply) == 0
+  with platforms.built_for('metal'):
+    assert staged_choices(apply) > 0
 
 
 def test_the_generators_auto_form_follows_the_lowering_platform(monkeypatch):
