@@ -200,60 +200,63 @@ def results(tmp_path_factory, data_dir):
   # the others write: it starts now, beside everything, and fills the time a
   # core would otherwise wait (the data, the quickstart alone).
   benchmarks = [c for c in commands if c.startswith('python benchmarks/')]
-  beside = concurrent.futures.ThreadPoolExecutor(1)
-  benchmarked = beside.submit(lambda: [go(c) for c in benchmarks])
-  # First what the others read: the data, the quickstart and panorama workdirs,
-  # the photos' data sets.
-  first = [
-    c
-    for c in commands
-    if c.startswith(
-      ('python -m cips_jax.data procedural', 'python -m cips_jax.data lmdb')
-    )
-  ]
-  for command in first:
-    go(command)
-  two_processes = [c for c in commands if '--num_processes=2' in c]
-  # Continued runs read what a convert command writes from another run.
-  continued = [c for c in commands if _continues(c)]
-  training = [
-    c
-    for c in commands
-    if _is_main(c) and c not in two_processes and c not in continued
-  ]
-  folders = [
-    c for c in commands if c.startswith('python -m cips_jax.data folder')
-  ]
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    list(pool.map(go, folders))
-    # The quickstart first, alone: the runs of the same architecture find its
-    # programs compiled.
-    go(training[0])
-    list(pool.map(go, training[1:]))
-    # The two processes of one run must start together.
-    list(concurrent.futures.ThreadPoolExecutor(2).map(go, two_processes))
-    # The evaluations one after the other, beside the rest: the second finds
-    # the Inception network compiled in the session's cache.
-    evaluations = [
-      c for c in commands if c.startswith('python -m cips_jax.eval')
-    ]
-    rest = [
+  with concurrent.futures.ThreadPoolExecutor(1) as beside:
+    benchmarked = beside.submit(lambda: [go(c) for c in benchmarks])
+    # First what the others read: the data, the quickstart and panorama
+    # workdirs, the photos' data sets.
+    first = [
       c
       for c in commands
-      if c not in outcome and c not in evaluations and c not in continued
+      if c.startswith(
+        ('python -m cips_jax.data procedural', 'python -m cips_jax.data lmdb')
+      )
     ]
-
-    def then_continue(command):
+    for command in first:
       go(command)
-      if '--to_torch' in command:  # what the continued runs start from
-        for other in continued:
-          go(other)
+    two_processes = [c for c in commands if '--num_processes=2' in c]
+    # Continued runs read what a convert command writes from another run.
+    continued = [c for c in commands if _continues(c)]
+    training = [
+      c
+      for c in commands
+      if _is_main(c) and c not in two_processes and c not in continued
+    ]
+    folders = [
+      c for c in commands if c.startswith('python -m cips_jax.data folder')
+    ]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      list(pool.map(go, folders))
+      # The quickstart first, alone: the runs of the same architecture find its
+      # programs compiled.
+      go(training[0])
+      list(pool.map(go, training[1:]))
+      # The two processes of one run must start together.
+      with concurrent.futures.ThreadPoolExecutor(2) as together:
+        list(together.map(go, two_processes))
+      # The evaluations one after the other, beside the rest: the second finds
+      # the Inception network compiled in the session's cache.
+      evaluations = [
+        c for c in commands if c.startswith('python -m cips_jax.eval')
+      ]
+      rest = [
+        c
+        for c in commands
+        if c not in outcome
+        and c not in benchmarks
+        and c not in evaluations
+        and c not in continued
+      ]
 
-    in_turn = pool.submit(lambda: [go(c) for c in evaluations])
-    list(pool.map(then_continue, [c for c in rest if c not in benchmarks]))
-    in_turn.result()
-  benchmarked.result()
-  beside.shutdown()
+      def then_continue(command):
+        go(command)
+        if '--to_torch' in command:  # what the continued runs start from
+          for other in continued:
+            go(other)
+
+      in_turn = pool.submit(lambda: [go(c) for c in evaluations])
+      list(pool.map(then_continue, rest))
+      in_turn.result()
+    benchmarked.result()
   return sandbox, outcome
 
 
